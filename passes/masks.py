@@ -1,0 +1,308 @@
+"""Read the structure of the attention mask transformers builds under tracing.
+
+Under dynamo, transformers materialises a boolean (B, 1, Lq, Lk) mask from aranges:
+
+    q_idx  = (arange(Lq) + q_offset)[None, None, :, None]
+    kv_idx = (arange(Lk) + kv_offset)[None, None, None, :]
+    mask   = (kv_idx <= q_idx) [& (kv_idx > q_idx - window)] [& padding[b_idx, kv_idx]] .expand(B, 1, Lq, Lk)
+
+`analyze_mask` interprets the mask's subgraph abstractly (each node becomes a position vector,
+a predicate or a padding lookup) and returns a `MaskMatch` — the structure the fused node takes
+instead of the tensor — or a reason why it cannot prove one. It only reads the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from sparse_compile.passes.graph import meta_value, op_name, shape_of
+
+# Offsets are ints, or FX nodes producing SymInts (e.g. the cache length in decode graphs).
+Offset = Any
+
+
+@dataclass(frozen=True)
+class Positions:
+    """arange(length) + offset, later placed on an axis ('b', 'q' or 'kv') by indexing; `shift` is
+    a constant added afterwards (q_idx - window)."""
+
+    offset: tuple[Offset, ...] = ()
+    axis: str | None = None
+    shift: int = 0
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """A conjunction of mask atoms."""
+
+    causal: bool = False
+    window: int = 0
+    q_offset: tuple[Offset, ...] = ()
+    kv_offset: tuple[Offset, ...] = ()
+    padding: fx.Node | None = None
+    padding_kv_offset: tuple[Offset, ...] = ()
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A tensor the analysis does not look into (e.g. the 2-D padding mask)."""
+
+    node: fx.Node
+
+
+@dataclass
+class MaskMatch:
+    """The mask of one SDPA call as structure.
+
+    q_offset_terms / kv_offset_terms: offsets as sums of ints and SymInt nodes; the node's
+    q_offset argument is sum(q_offset_terms) - sum(kv_offset_terms).
+    key_valid: node producing the (B, Lk) bool padding mask, or None.
+    key_valid_from_4d: True when key_valid is taken from a (B, 1, 1, Lk) decode mask input.
+    dense_mask: the SDPA mask node kept as a tensor (structure unproven), or None.
+    """
+
+    causal: bool
+    window: int = 0
+    q_offset_terms: tuple[Offset, ...] = ()
+    kv_offset_terms: tuple[Offset, ...] = ()
+    key_valid: fx.Node | None = None
+    key_valid_from_4d: bool = False
+    dense_mask: fx.Node | None = None
+    reason: str = ""
+    nodes: set[fx.Node] = field(default_factory=set)
+
+    def describe(self) -> str:
+        if self.dense_mask is not None:
+            return "tensor"
+        parts = []
+        if self.causal:
+            terms = [str(t) for t in self.q_offset_terms if t != 0]
+            minus = [str(t) for t in self.kv_offset_terms if t != 0]
+            off = "+".join(terms) or "0"
+            if minus:
+                off += "-" + "-".join(minus)
+            parts.append(f"causal(q_offset={off})")
+        else:
+            parts.append("full")
+        if self.window:
+            parts.append(f"window={self.window}")
+        if self.key_valid is not None:
+            parts.append("padding")
+        return "+".join(parts)
+
+
+class Unsupported(Exception):
+    pass
+
+
+def is_symint_or_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    if isinstance(value, fx.Node):
+        return isinstance(meta_value(value), (int, torch.SymInt))
+    return False
+
+
+AXIS_OF_INDEX = {
+    (None, None, "s", None): "q",
+    (None, None, None, "s"): "kv",
+    ("s", None, None, None): "b",
+}
+
+
+def index_pattern(index: Any) -> tuple | None:
+    if not isinstance(index, tuple):
+        return None
+    out = []
+    for item in index:
+        if item is None:
+            out.append(None)
+        elif isinstance(item, slice) and item == slice(None, None, None):
+            out.append("s")
+        else:
+            return None
+    return tuple(out)
+
+
+def conjoin(a: Predicate, b: Predicate) -> Predicate:
+    def pick(x, y, name):
+        if x and y and x != y:
+            raise Unsupported(f"two different {name} atoms in one mask")
+        return x or y
+
+    if a.padding is not None and b.padding is not None and a.padding is not b.padding:
+        raise Unsupported("two different padding masks")
+    return Predicate(
+        causal=a.causal or b.causal,
+        window=pick(a.window, b.window, "window"),
+        q_offset=pick(a.q_offset, b.q_offset, "query offset"),
+        kv_offset=pick(a.kv_offset, b.kv_offset, "key offset"),
+        padding=a.padding if a.padding is not None else b.padding,
+        padding_kv_offset=pick(a.padding_kv_offset, b.padding_kv_offset, "padding offset"),
+    )
+
+
+def compare(name: str, lhs: Any, rhs: Any) -> Predicate:
+    """kv <= q (causal) or kv > q - w (window), in either operand order."""
+    flipped = {"le": "ge", "ge": "le", "lt": "gt", "gt": "lt"}
+    if isinstance(lhs, Positions) and lhs.axis == "q":
+        lhs, rhs, name = rhs, lhs, flipped[name]
+    if not (isinstance(lhs, Positions) and lhs.axis == "kv" and isinstance(rhs, Positions) and rhs.axis == "q"):
+        raise Unsupported(f"comparison '{name}' is not between key and query positions")
+    if lhs.shift:
+        raise Unsupported("shifted key positions")
+    if name == "le" and rhs.shift == 0:
+        return Predicate(causal=True, q_offset=rhs.offset, kv_offset=lhs.offset)
+    if name == "lt" and rhs.shift == 1:
+        return Predicate(causal=True, q_offset=rhs.offset, kv_offset=lhs.offset)
+    if name == "gt" and rhs.shift < 0:
+        return Predicate(window=-rhs.shift, q_offset=rhs.offset, kv_offset=lhs.offset)
+    raise Unsupported(f"comparison kv {name} q{rhs.shift:+d} is neither causal nor a sliding window")
+
+
+def interpret(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    """The abstract value of one node of the mask subgraph."""
+    name = op_name(node)
+    args = list(fx.node.map_arg(node.args, lambda a: env.get(a, a)))
+    if name == "arange":
+        if len(node.args) != 1 or node.kwargs.get("dtype") not in (None, torch.int64):
+            raise Unsupported("arange with a start/step or dtype")
+        return Positions()
+    if name in ("add", "sub") and isinstance(args[0], Positions):
+        pos, other = args[0], node.args[1]
+        if not is_symint_or_int(other):
+            raise Unsupported("a position offset that is a tensor (data-dependent), not an int/SymInt")
+        if pos.axis is None and name == "add":
+            return Positions(offset=pos.offset + (other,))
+        if pos.axis == "q" and isinstance(other, int):
+            return Positions(pos.offset, "q", pos.shift + (other if name == "add" else -other))
+        raise Unsupported(f"'{name}' on placed positions with a symbolic operand")
+    if name == "getitem":
+        base, index = args
+        if isinstance(base, Positions) and base.axis is None:
+            axis = AXIS_OF_INDEX.get(index_pattern(index))
+            if axis is None:
+                raise Unsupported(f"position indexing {index!r}")
+            return Positions(base.offset, axis, base.shift)
+        if isinstance(base, Leaf) and isinstance(index, tuple) and len(index) == 2:
+            b_pos, kv_pos = index
+            if isinstance(b_pos, Positions) and b_pos.axis == "b" and b_pos.offset in ((), (0,)) and (
+                isinstance(kv_pos, Positions) and kv_pos.axis == "kv" and kv_pos.shift == 0
+            ):
+                return Predicate(padding=base.node, padding_kv_offset=kv_pos.offset)
+        raise Unsupported("indexing that is neither position placement nor padding[b_idx, kv_idx]")
+    if name in ("le", "lt", "ge", "gt"):
+        return compare(name, args[0], args[1])
+    if name == "and":
+        a, b = args
+        if a is True:
+            return b
+        if b is True:
+            return a
+        if isinstance(a, Predicate) and isinstance(b, Predicate):
+            return conjoin(a, b)
+        raise Unsupported("'&' of non-predicates")
+    if name == "new_ones":
+        if tuple(node.args[1:]) in (((),), ()) and node.kwargs.get("dtype") == torch.bool:
+            return True
+        raise Unsupported("new_ones of a non-scalar")
+    if name in ("to", "expand", "contiguous"):
+        base = args[0]
+        if isinstance(base, Leaf):
+            return Leaf(node)
+        if name == "to" and any(isinstance(a, torch.dtype) and a != torch.bool for a in node.args[1:]):
+            raise Unsupported("mask cast to a non-bool dtype")
+        if name == "to" and node.kwargs.get("dtype") not in (None, torch.bool):
+            raise Unsupported("mask cast to a non-bool dtype")
+        return base
+    raise Unsupported(f"unsupported op in the mask subgraph: {node.target}")
+
+
+def offsets_equal(a: tuple, b: tuple) -> bool:
+    return tuple(t for t in a if t != 0) == tuple(t for t in b if t != 0)
+
+
+def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
+    """Structure of SDPA's `attn_mask` node (never None here); falls back to a kept tensor."""
+    q_shape, k_shape, m_shape = shape_of(q), shape_of(k), shape_of(mask)
+    value = meta_value(mask)
+    if m_shape is None or q_shape is None or k_shape is None:
+        return MaskMatch(causal=False, dense_mask=mask, reason="mask, q or k has no recorded shape")
+    # A (B, 1, 1, Lk) boolean mask in a decode graph is exactly per-batch key validity.
+    if mask.op == "placeholder" or not mask.all_input_nodes:
+        if value.dtype == torch.bool and len(m_shape) == 4 and m_shape[1] == 1 and m_shape[2] == 1 and q_shape[2] == 1:
+            return MaskMatch(causal=False, key_valid=mask, key_valid_from_4d=True)
+        return MaskMatch(causal=False, dense_mask=mask, reason="mask is a graph input, not a (B,1,1,Lk) bool decode mask")
+    if value.dtype != torch.bool:
+        return MaskMatch(causal=False, dense_mask=mask, reason=f"mask dtype {value.dtype} (only bool masks are read)")
+    # Collect the subgraph: ancestors down to aranges, SymInt inputs and the 2-D padding mask (a leaf).
+    order: list[fx.Node] = []
+    leaves: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+
+    def visit(node: fx.Node) -> None:
+        if node in seen:
+            return
+        seen.add(node)
+        if not isinstance(meta_value(node), torch.Tensor):
+            return  # SymInt / int producers are read as offsets
+        name = op_name(node)
+        is_index = name == "getitem" and isinstance(node.args[1], tuple) and len(node.args[1]) == 2 and all(
+            isinstance(a, fx.Node) for a in node.args[1]
+        )
+        for inp in node.all_input_nodes:
+            if is_index and inp is node.args[0]:
+                leaves.add(inp)  # padding[b_idx, kv_idx]: do not look inside the padding mask
+                continue
+            visit(inp)
+        order.append(node)
+
+    visit(mask)
+    env: dict[fx.Node, Any] = {leaf: Leaf(leaf) for leaf in leaves}
+    try:
+        for node in order:
+            if node in env:
+                continue
+            env[node] = interpret(node, env)
+        result = env[mask]
+        if result is True:
+            result = Predicate()
+        if not isinstance(result, Predicate):
+            raise Unsupported("the mask does not reduce to a predicate")
+        if result.window and not result.causal:
+            raise Unsupported("a sliding window without causality")
+        if result.padding is not None:
+            pad_shape = shape_of(result.padding)
+            if pad_shape is None or len(pad_shape) != 2:
+                raise Unsupported("the padding mask is not 2-D")
+            if not offsets_equal(result.padding_kv_offset, ()) or not sym_equal(pad_shape[1], k_shape[2]):
+                raise Unsupported("the padding mask does not line up with the keys (offset or length)")
+            if result.kv_offset and not offsets_equal(result.kv_offset, result.padding_kv_offset):
+                raise Unsupported("padding and causal key offsets differ")
+    except Unsupported as err:
+        return MaskMatch(causal=False, dense_mask=mask, reason=str(err))
+    nodes = {n for n in order if n not in leaves}
+    return MaskMatch(
+        causal=result.causal,
+        window=result.window,
+        q_offset_terms=result.q_offset,
+        kv_offset_terms=result.kv_offset,
+        key_valid=result.padding,
+        nodes=nodes,
+    )
+
+
+def sym_equal(a: Any, b: Any) -> bool:
+    """True only when a == b is provable (ints or SymInts with the same expression)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 - unprovable comparisons are simply not equal here
+        return False

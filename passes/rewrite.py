@@ -1,0 +1,135 @@
+"""Replace each proven attention site by one call of `torch.ops.sparse_compile.attention`.
+
+`rewrite_attention(gm, policy, graph_index)` -> (gm, sites, rejections, density_layers). It edits only
+what it matched: the SDPA call, the GQA expansion feeding it, and the mask subgraph once no
+other node uses it. Each node's density output is appended to the graph's outputs so the
+backend can record it (see backend.py); `density_layers` says which layer each one belongs to.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from sparse_compile.attention_mask import SiteFacts
+from sparse_compile.ops import node_config
+from sparse_compile.passes.masks import MaskMatch
+from sparse_compile.passes.sites import SiteMatch, find_sites
+from sparse_compile.policy import Policy
+from sparse_compile.report import Rejection, Site
+
+# Importing registers the op with torch.library.
+OP = torch.ops.sparse_compile.attention.default
+
+
+def offset_argument(graph: fx.Graph, mask: MaskMatch) -> Any:
+    """sum(q terms) - sum(kv terms), as an int or a new SymInt node."""
+    value: Any = 0
+    for term in mask.q_offset_terms:
+        if isinstance(term, int) and isinstance(value, int):
+            value += term
+        elif term != 0:
+            value = graph.call_function(operator.add, (value, term))
+    for term in mask.kv_offset_terms:
+        if isinstance(term, int) and isinstance(value, int):
+            value -= term
+        elif term != 0:
+            value = graph.call_function(operator.sub, (value, term))
+    return value
+
+
+def site_record(site: SiteMatch, graph_index: int, method: str, params: Any) -> Site:
+    from sparse_compile.params import params_to_dict
+
+    return Site(
+        graph=graph_index, layer=site.layer, phase=site.phase, rope=site.rope.layout,
+        rotary_dim=site.rope.rotary_dim, num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
+        head_dim=site.head_dim, causal=site.mask.causal, window=site.mask.window or None, method=method,
+        params=params_to_dict(params), mask=site.mask.describe(), cache=site.cache, gqa=site.gqa,
+        q_len=str(site.q_len), kv_len=str(site.kv_len),
+    )
+
+
+def rewrite_site(graph: fx.Graph, site: SiteMatch, method: str, params: Any, min_seq_len: int) -> fx.Node:
+    """Insert the fused node for one site, rewire SDPA's users to it; returns the density node."""
+    mask = site.mask
+    facts = SiteFacts(
+        layer=site.layer, rope=site.rope.layout, rotary_dim=site.rope.rotary_dim, head_dim=site.head_dim,
+        num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
+    )
+    with graph.inserting_before(site.sdpa):
+        key_valid = mask.key_valid
+        if key_valid is not None and mask.key_valid_from_4d:
+            key_valid = graph.call_function(operator.getitem, (key_valid, (slice(None), 0, 0)))
+        fused = graph.call_function(
+            OP,
+            (site.q, site.k, site.v, key_valid, mask.dense_mask, site.scale, mask.causal,
+             offset_argument(graph, mask), int(mask.window), node_config(method, params, min_seq_len, facts)),
+        )
+        out = graph.call_function(operator.getitem, (fused, 0))
+        density = graph.call_function(operator.getitem, (fused, 1))
+    out.meta.update({k: v for k, v in site.sdpa.meta.items() if k in ("val", "example_value", "stack_trace")})
+    site.sdpa.replace_all_uses_with(out)
+    graph.erase_node(site.sdpa)
+    return density
+
+
+def erase_unused(graph: fx.Graph, candidates: set[fx.Node]) -> None:
+    """Erase matched nodes left without users (the L x L mask construction, GQA expansions)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(candidates):
+            if node.graph is graph and not node.users and node.op not in ("placeholder", "output"):
+                graph.erase_node(node)
+                candidates.discard(node)
+                changed = True
+
+
+def rewrite_attention(
+    gm: fx.GraphModule, policy: Policy, graph_index: int = 0
+) -> tuple[fx.GraphModule, list[Site], list[Rejection], list[int]]:
+    """Rewrite every proven site of `gm` per `policy`. Returns (gm, sites, rejections, density layers)."""
+    matches, candidates = find_sites(gm)
+    rejections = [Rejection(graph_index, c.layer, c.sdpa.name, c.reason) for c in candidates]
+    sites: list[Site] = []
+    densities: list[fx.Node] = []
+    layers: list[int] = []
+    dead: set[fx.Node] = set()
+    for site in matches:
+        phase = policy.phase(site.phase)
+        method, params = phase.for_layer(site.layer)
+        if site.mask.dense_mask is not None and method != "dense":
+            rejections.append(Rejection(
+                graph_index, site.layer, site.sdpa.name,
+                f"mask not recognised ({site.mask.reason}): runs exact attention with the mask tensor instead of "
+                f"{method}",
+            ))
+            from sparse_compile.methods import dense
+
+            method, params = "dense", dense.Params()
+        elif site.mask.dense_mask is not None:
+            rejections.append(Rejection(
+                graph_index, site.layer, site.sdpa.name,
+                f"mask not recognised ({site.mask.reason}): kept as a tensor argument of the fused node",
+            ))
+        sites.append(site_record(site, graph_index, method, params))
+        dense_mask = site.sdpa.kwargs.get("attn_mask", site.sdpa.args[3] if len(site.sdpa.args) > 3 else None)
+        densities.append(rewrite_site(gm.graph, site, method, params, phase.min_seq_len))
+        layers.append(site.layer)
+        dead |= site.mask.nodes | set(site.expansion_nodes)
+        if isinstance(dense_mask, fx.Node):
+            dead.add(dense_mask)
+    erase_unused(gm.graph, dead)
+    if densities:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        results = output.args[0]
+        if not isinstance(results, (tuple, list)):
+            results = (results,)
+        output.args = (tuple(results) + tuple(densities),)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, sites, rejections, layers

@@ -1,0 +1,151 @@
+"""Assemble attention sites: RoPE(q), RoPE(k) -> [KV-cache update] -> [GQA expansion] -> SDPA.
+
+`find_sites(gm)` only reads the graph. Every SDPA call becomes either a `SiteMatch` (proven)
+or a `Candidate` rejection with the reason. The rewrite (passes/rewrite.py) acts on matches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from sparse_compile.passes.graph import GraphView, op_name, sdpa_args, shape_of, skip_transparent
+from sparse_compile.passes.masks import MaskMatch, analyze_mask
+from sparse_compile.passes.rope import RopeMatch, match_rope
+
+
+@dataclass
+class SiteMatch:
+    """A proven attention site. k/v are the tensors *before* GQA expansion (after the cache)."""
+
+    sdpa: fx.Node
+    layer: int
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    rope: RopeMatch
+    mask: MaskMatch
+    scale: float
+    phase: str
+    cache: str
+    gqa: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_len: object
+    kv_len: object
+    expansion_nodes: tuple[fx.Node, ...] = ()
+
+
+@dataclass
+class Candidate:
+    """An SDPA call left untouched."""
+
+    sdpa: fx.Node
+    layer: int
+    reason: str
+
+
+def strip_gqa(node: fx.Node) -> tuple[fx.Node, str, tuple[fx.Node, ...]]:
+    """repeat_kv (x[:, :, None].expand(B, Hkv, g, L, D).reshape(B, H, L, D)) or
+    repeat_interleave(x, g, dim=1) -> (x, kind, expansion nodes); else (node, 'none', ())."""
+    if op_name(node) == "reshape":
+        expand = node.args[0]
+        if op_name(expand) == "expand" and op_name(expand.args[0]) == "getitem":
+            getitem = expand.args[0]
+            index = getitem.args[1]
+            if (
+                isinstance(index, tuple)
+                and len(index) == 5
+                and index[2] is None
+                and all(isinstance(i, slice) and i == slice(None) for i in (index[0], index[1], index[3], index[4]))
+            ):
+                base = getitem.args[0]
+                bs, ns = shape_of(base), shape_of(node)
+                if bs is not None and ns is not None and len(bs) == 4 and len(ns) == 4 and bs[3] == ns[3]:
+                    return base, "repeat_kv", (node, expand, getitem)
+    if op_name(node) == "repeat_interleave":
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if dim == 1:
+            return node.args[0], "repeat_kv", (node,)
+    return node, "none", ()
+
+
+def strip_cache(node: fx.Node, sdpa: fx.Node, view: GraphView) -> tuple[fx.Node, str]:
+    """The freshly projected+RoPE'd tensor written into the cache that `node` reads, and the cache kind."""
+    if op_name(node) == "cat":
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if isinstance(tensors, (list, tuple)) and len(tensors) == 2 and dim in (-2, 2):
+            return tensors[1], "dynamic"
+    writes = [
+        u for u in node.users
+        if op_name(u) == "index_copy_" and u.args[0] is node and u.args[1] == 2 and view.before(u, sdpa)
+    ]
+    if writes:
+        return max(writes, key=lambda u: view.order[u]).args[3], "static"
+    return node, "none"
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[Candidate]]:
+    view = GraphView(gm.graph)
+    sites: list[SiteMatch] = []
+    rejected: list[Candidate] = []
+    for layer, sdpa in enumerate(view.sdpa_nodes()):
+        result = match_site(sdpa, layer, view)
+        (sites if isinstance(result, SiteMatch) else rejected).append(result)
+    return sites, rejected
+
+
+def match_site(sdpa: fx.Node, layer: int, view: GraphView) -> SiteMatch | Candidate:
+    args = sdpa_args(sdpa)
+    q, k_in, v_in = args["query"], args["key"], args["value"]
+    if args["dropout_p"] not in (0, 0.0):
+        return Candidate(sdpa, layer, f"dropout_p={args['dropout_p']} (only inference graphs are rewritten)")
+    qs, ks, vs = shape_of(q), shape_of(k_in), shape_of(v_in)
+    if qs is None or ks is None or vs is None or len(qs) != 4 or len(ks) != 4:
+        return Candidate(sdpa, layer, "q/k/v are not 4-D tensors with recorded shapes")
+    if args["enable_gqa"]:
+        k, gqa_k, k_exp = k_in, "enable_gqa", ()
+        v, v_exp = v_in, ()
+    else:
+        k, gqa_k, k_exp = strip_gqa(k_in)
+        v, gqa_v, v_exp = strip_gqa(v_in)
+        if gqa_k != gqa_v:
+            return Candidate(sdpa, layer, "keys and values are expanded differently")
+    k_new, cache = strip_cache(k, sdpa, view)
+    q_rope = match_rope(q, view)
+    if isinstance(q_rope, str):
+        return Candidate(sdpa, layer, f"query: {q_rope}")
+    k_rope = match_rope(k_new, view)
+    if isinstance(k_rope, str):
+        return Candidate(sdpa, layer, f"key: {k_rope}")
+    if (q_rope.layout, q_rope.rotary_dim) != (k_rope.layout, k_rope.rotary_dim):
+        return Candidate(sdpa, layer, "query and key use different RoPE layouts")
+    B, H, Lq, D = qs
+    kvs = shape_of(k)
+    Hkv, Lk = kvs[1], kvs[2]
+    if not isinstance(H, int) or not isinstance(Hkv, int) or not isinstance(D, int) or H % Hkv:
+        return Candidate(sdpa, layer, f"heads {H} / kv heads {Hkv} / head_dim {D} not static or not a GQA ratio")
+    scale = args["scale"]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if not isinstance(scale, (int, float)):
+        return Candidate(sdpa, layer, "softmax scale is not a constant")
+    if args["attn_mask"] is None:
+        mask = MaskMatch(causal=bool(args["is_causal"]), q_offset_terms=(0,))
+    elif args["is_causal"]:
+        return Candidate(sdpa, layer, "both attn_mask and is_causal are set")
+    else:
+        mask = analyze_mask(args["attn_mask"], q, k)
+    phase = "decode" if Lq == 1 else "prefill"
+    return SiteMatch(
+        sdpa=sdpa, layer=layer, q=q, k=k, v=v, rope=q_rope, mask=mask, scale=float(scale), phase=phase,
+        cache=cache, gqa=gqa_k, num_heads=H, num_kv_heads=Hkv, head_dim=D, q_len=Lq, kv_len=Lk,
+        expansion_nodes=k_exp + v_exp,
+    )
+
+
+__all__ = ["SiteMatch", "Candidate", "find_sites", "match_site", "skip_transparent"]

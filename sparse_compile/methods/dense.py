@@ -1,0 +1,97 @@
+"""Exact attention from the mask's structure, without an L x L mask tensor.
+
+CUDA: the fastest exact path for the structure: SDPA (cuDNN, then flash) for plain causal /
+unmasked attention; the block-sparse engine (every allowed block) for padding, windows and
+chunked prefill. CPU: SDPA math on the reference mask, which is what the eager model runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
+
+PHASES = ("prefill", "decode")
+FAST_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+@dataclass(frozen=True)
+class Params:
+    """The dense method has no parameters."""
+
+
+def expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, Hkv, L, D) -> (B, H, L, D), as transformers' repeat_kv does."""
+    groups = num_heads // k.shape[1]
+    if groups == 1:
+        return k
+    B, Hkv, L, D = k.shape
+    return k[:, :, None].expand(B, Hkv, groups, L, D).reshape(B, Hkv * groups, L, D)
+
+
+def sdpa_with_mask(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
+    """SDPA on the materialised reference mask (CPU path and unrecognised masks)."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    kk, vv = expand_kv(k, H), expand_kv(v, H)
+    structured = mask.causal or mask.window or mask.key_valid is not None
+    attn_mask = visible_keys(mask, B, Lq, Lk, device=q.device) if structured else None
+    if mask.dense_mask is not None:
+        dm = mask.dense_mask
+        if attn_mask is None:
+            attn_mask = dm
+        elif dm.dtype == torch.bool:
+            attn_mask = attn_mask & dm
+        else:
+            attn_mask = torch.zeros_like(dm).masked_fill(~attn_mask, float("-inf")) + dm
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, scale=scale)
+
+
+def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    plain = mask.window == 0 and mask.key_valid is None and mask.dense_mask is None
+    if plain and (not mask.causal or (Lq == 1 and mask.q_offset == Lk - 1)):
+        with sdpa_kernel(FAST_BACKENDS + [SDPBackend.MATH], set_priority=True):
+            return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), scale=scale)
+    if plain and mask.q_offset == 0 and Lq == Lk:
+        with sdpa_kernel(FAST_BACKENDS + [SDPBackend.MATH], set_priority=True):
+            return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), is_causal=True, scale=scale)
+    if mask.dense_mask is None and q.dtype in (torch.float16, torch.bfloat16) and D in (64, 128, 256):
+        from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
+
+        return block_sparse_attention(
+            q, k, v, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
+            key_valid=mask.key_valid, scale=scale,
+        )
+    return sdpa_with_mask(q, k, v, mask, scale)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    site: SiteFacts,
+    params: Params | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention. q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D). Returns (out, density=ones (B, H))."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, H, Lq, _ = q.shape
+    plain_causal = (
+        mask.causal and mask.q_offset == 0 and Lq == k.shape[2] and mask.window == 0
+        and mask.key_valid is None and mask.dense_mask is None
+    )
+    if q.is_cuda:
+        out = cuda_attention(q, k, v, mask, scale)
+    elif plain_causal:
+        out = F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), is_causal=True, scale=scale)
+    else:
+        out = sdpa_with_mask(q, k, v, mask, scale)
+    return out, torch.ones(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)

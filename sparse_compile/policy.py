@@ -1,0 +1,229 @@
+"""Policies: which attention method runs where, loaded from TOML into frozen dataclasses.
+
+A policy file::
+
+    name = "prism"
+    description = "Prism block-sparse prefill above 4K tokens; dense decode."
+
+    [prefill]
+    method = "prism"          # a registered method: see sparse_compile.methods.METHODS
+    min_seq_len = 4096        # key length below which this phase stays dense (checked at run time)
+    [prefill.params]          # the method's parameters (unknown keys are errors)
+    threshold_high = 0.95
+
+    [[prefill.overrides]]     # per-layer exceptions, first match wins
+    layers = [0, "2-3"]       # layer indices and inclusive ranges
+    method = "dense"
+
+    [decode]
+    method = "dense"
+
+Shipped policies live in `sparse_compile/policies/<name>.toml` and load by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sparse_compile.params import PolicyError, canonical_json, params_from_mapping, params_to_dict
+
+PHASES = ("prefill", "decode")
+TOP_LEVEL_KEYS = ("name", "description", "prefill", "decode")
+PHASE_KEYS = ("method", "min_seq_len", "params", "overrides")
+OVERRIDE_KEYS = ("layers", "method", "params")
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Layers `layers` run `method` with `params` instead of the phase's default."""
+
+    layers: frozenset[int]
+    method: str
+    params: Any
+
+
+@dataclass(frozen=True)
+class PhasePolicy:
+    """What runs in one phase (prefill: q_len > 1; decode: q_len == 1)."""
+
+    method: str = "dense"
+    params: Any = None
+    min_seq_len: int = 0
+    overrides: tuple[LayerOverride, ...] = ()
+
+    def for_layer(self, layer: int) -> tuple[str, Any]:
+        """(method, params) for one layer: the first matching override, else the phase default."""
+        for override in self.overrides:
+            if layer in override.layers:
+                return override.method, override.params
+        return self.method, self.params
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build with `load_policy` (file or shipped name) or `Policy.from_mapping`."""
+
+    name: str = "dense"
+    prefill: PhasePolicy = PhasePolicy()
+    decode: PhasePolicy = PhasePolicy()
+    description: str = ""
+    source: str = "<default>"
+
+    def phase(self, phase: str) -> PhasePolicy:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        return self.prefill if phase == "prefill" else self.decode
+
+    def to_dict(self) -> dict[str, Any]:
+        def phase_dict(p: PhasePolicy) -> dict[str, Any]:
+            return {
+                "method": p.method,
+                "min_seq_len": p.min_seq_len,
+                "params": params_to_dict(p.params),
+                "overrides": [
+                    {"layers": sorted(o.layers), "method": o.method, "params": params_to_dict(o.params)}
+                    for o in p.overrides
+                ],
+            }
+
+        return {"name": self.name, "prefill": phase_dict(self.prefill), "decode": phase_dict(self.decode)}
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes what runs (not the name or description)."""
+        data = self.to_dict()
+        data.pop("name")
+        return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "<mapping>") -> Policy:
+        """Validate a parsed TOML document (or any mapping of the same shape)."""
+        check_keys(data, TOP_LEVEL_KEYS, f"{source}: top level")
+        name = data.get("name", Path(source).stem if source.endswith(".toml") else "custom")
+        if not isinstance(name, str):
+            raise PolicyError(f"{source}: key 'name' must be a string, got {name!r}")
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise PolicyError(f"{source}: key 'description' must be a string, got {description!r}")
+        phases = {}
+        for phase in PHASES:
+            table = data.get(phase, {})
+            if not isinstance(table, Mapping):
+                raise PolicyError(f"{source}: [{phase}] must be a table, got {type(table).__name__}")
+            phases[phase] = phase_from_mapping(table, phase, source)
+        return cls(name=name, description=description, source=source, **phases)
+
+
+def check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise PolicyError(f"{where}: unknown key '{key}'; allowed keys: {', '.join(allowed)}")
+
+
+def method_params(method: str, table: Any, phase: str, where: str) -> Any:
+    from sparse_compile.methods import METHODS
+
+    if not isinstance(method, str) or method not in METHODS:
+        raise PolicyError(f"{where}: key 'method' = {method!r} is not a method; allowed: {', '.join(METHODS)}")
+    module = METHODS[method]
+    if phase not in module.PHASES:
+        raise PolicyError(
+            f"{where}: method '{method}' does not run in the {phase} phase; it supports: {', '.join(module.PHASES)}"
+        )
+    if not isinstance(table, Mapping):
+        raise PolicyError(f"{where}.params must be a table, got {type(table).__name__}")
+    return params_from_mapping(module.Params, table, f"{where}.params")
+
+
+def parse_layers(value: Any, where: str) -> frozenset[int]:
+    """[0, 3, "5-7"] -> {0, 3, 5, 6, 7}."""
+    if not isinstance(value, list) or not value:
+        raise PolicyError(f"{where}: key 'layers' must be a non-empty list of ints or 'a-b' ranges, got {value!r}")
+    layers: set[int] = set()
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            layers.add(item)
+        elif isinstance(item, str) and item.count("-") == 1:
+            lo, hi = (part.strip() for part in item.split("-"))
+            if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
+                raise PolicyError(f"{where}: layer range {item!r} must look like 'a-b' with 0 <= a <= b")
+            layers.update(range(int(lo), int(hi) + 1))
+        else:
+            raise PolicyError(f"{where}: layer {item!r} must be an int >= 0 or an 'a-b' range")
+    return frozenset(layers)
+
+
+def phase_from_mapping(table: Mapping[str, Any], phase: str, source: str) -> PhasePolicy:
+    where = f"{source}: [{phase}]"
+    check_keys(table, PHASE_KEYS, where)
+    method = table.get("method", "dense")
+    params = method_params(method, table.get("params", {}), phase, where)
+    min_seq_len = table.get("min_seq_len", 0)
+    if not isinstance(min_seq_len, int) or isinstance(min_seq_len, bool) or min_seq_len < 0:
+        raise PolicyError(f"{where}: key 'min_seq_len' = {min_seq_len!r} must be an int >= 0")
+    overrides = []
+    raw_overrides = table.get("overrides", [])
+    if not isinstance(raw_overrides, list):
+        raise PolicyError(f"{where}: key 'overrides' must be an array of tables ([[{phase}.overrides]])")
+    for i, item in enumerate(raw_overrides):
+        owhere = f"{source}: [[{phase}.overrides]] #{i}"
+        if not isinstance(item, Mapping):
+            raise PolicyError(f"{owhere}: must be a table")
+        check_keys(item, OVERRIDE_KEYS, owhere)
+        if "layers" not in item:
+            raise PolicyError(f"{owhere}: missing key 'layers'")
+        o_method = item.get("method", method)
+        o_params = method_params(o_method, item.get("params", {}), phase, owhere)
+        overrides.append(LayerOverride(parse_layers(item["layers"], owhere), o_method, o_params))
+    return PhasePolicy(method=method, params=params, min_seq_len=min_seq_len, overrides=tuple(overrides))
+
+
+def shipped_policies() -> list[str]:
+    """Names of the policies shipped inside the package."""
+    folder = resources.files("sparse_compile") / "policies"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_policy(policy: str | Path | Policy | Mapping[str, Any] | None = None) -> Policy:
+    """A Policy from a shipped name ("dense", "prism", ...), a TOML path, a mapping or a Policy.
+
+    None means the shipped "dense" policy. Raises PolicyError naming the file and key on bad input.
+    """
+    if policy is None:
+        policy = "dense"
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, Mapping):
+        return Policy.from_mapping(policy)
+    if not isinstance(policy, (str, Path)):
+        raise PolicyError(f"policy must be a name, a path, a mapping or a Policy, got {type(policy).__name__}")
+    text = str(policy)
+    if text in shipped_policies():
+        resource = resources.files("sparse_compile") / "policies" / f"{text}.toml"
+        return parse_toml(resource.read_text(), f"{text}.toml")
+    path = Path(text)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise PolicyError(f"policy file {text!r} does not exist")
+        return parse_toml(path.read_text(), str(path))
+    raise PolicyError(f"unknown policy {text!r}: not a shipped policy ({', '.join(shipped_policies())}) nor a .toml file")
+
+
+def parse_toml(text: str, source: str) -> Policy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise PolicyError(f"{source}: not valid TOML: {err}") from err
+    return Policy.from_mapping(data, source)
+
+
+def replace_phase(policy: Policy, phase: str, **changes: Any) -> Policy:
+    """A copy of `policy` with fields of one phase replaced (e.g. a threshold sweep)."""
+    new_phase = dataclasses.replace(policy.phase(phase), **changes)
+    return dataclasses.replace(policy, **{phase: new_phase})
