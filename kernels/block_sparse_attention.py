@@ -1,0 +1,515 @@
+"""Block-sparse prefill attention: the one engine every prefill method ends in.
+
+Exact flash attention of each query block over a list of key blocks (FlexAttention `BlockMask`
+layout, see `sparse_compile.kernels.block_mask`), with causality, a sliding window and key
+padding applied inside the blocks that straddle them, GQA without expanding K/V, and permuted
+keys (PBS-Attn) through `kv_order`, the original position of each key.
+
+Reads top to bottom: the jit kernel, the launcher with its input checks, the PyTorch reference.
+
+Semantics (query i sits at key position q_offset + i, default q_offset = Lk - Lq):
+  pos(j) = j, or kv_order[b, hkv, j] when keys were permuted;
+  key j is visible to query i of head h iff
+      key block j // block_size is listed for query block i // block_size (all blocks when the
+      lists are None)
+  and (not causal  or pos(j) <= q_offset + i)
+  and (window == 0 or pos(j) >  q_offset + i - window)
+  and (key_valid is None or key_valid[b, j]).
+  A query row with no visible key returns zeros.
+With full lists this equals `sparse_compile.attention_mask.exact_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from sparse_compile.kernels.block_mask import _cdiv
+from torch import Tensor
+
+_SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NEG_INIT = -1.0e30  # finite running-max init: fully masked chunks then give p = 0, alpha = 1, no NaN
+
+
+@triton.jit
+def _attend_chunk(
+    it, acc, l_i, m_i, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+    idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
+    KeyValid, valid_base, stride_vln, qk_scale, kv_len, window,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+    EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """One BLOCK_N chunk of keys for one query tile: returns the updated (acc, l_i, m_i)."""
+    # 4. this chunk's first key
+    if HAS_LISTS:
+        kb = tl.load(idx_base + (it // CHUNKS) * stride_ik)
+        start_n = kb * KV_BLOCK + (it % CHUNKS) * BLOCK_N
+    else:
+        kb = 0
+        start_n = lo + it * BLOCK_N
+    cols = start_n + offs_n
+
+    # 5. S = Q K^T (keys past kv_len load as zeros and are masked below)
+    k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if EVEN_D:
+        kv_mask = cols[:, None] < kv_len
+    else:
+        kv_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    if IEEE_DOT:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * qk_scale
+
+    # 6. does any element of this chunk need masking? (scalar test; full chunks skip it)
+    need_mask = start_n + BLOCK_N > kv_len
+    if HAS_KV_ORDER:
+        pos = tl.load(KvOrder + order_base + cols * stride_pn, mask=cols < kv_len, other=0)
+        if HAS_LISTS:
+            blk = blk_base + kb * stride_bk
+            pos_min = tl.load(KvBlockMin + blk)
+            pos_max = tl.load(KvBlockMax + blk)
+        else:
+            pos_min = -1  # dense engine over permuted keys: always mask
+            pos_max = q_first + 1 + window
+            need_mask = need_mask | (start_n >= 0)
+    else:
+        pos = cols
+        pos_min = start_n
+        pos_max = start_n + BLOCK_N - 1
+    if CAUSAL:
+        need_mask = need_mask | (pos_max > q_first)
+    if HAS_WINDOW:
+        need_mask = need_mask | (pos_min <= q_last - window)
+    if HAS_KEY_VALID:  # padding is not tracked per block: always mask
+        need_mask = need_mask | (start_n >= 0)
+    if need_mask:
+        vis = cols[None, :] < kv_len
+        q_pos = q_offset + offs_m
+        if CAUSAL:
+            vis = vis & (pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            vis = vis & (pos[None, :] > q_pos[:, None] - window)
+        if HAS_KEY_VALID:
+            kvalid = tl.load(KeyValid + valid_base + cols * stride_vln, mask=cols < kv_len, other=0)
+            vis = vis & (kvalid[None, :] != 0)
+        qk = tl.where(vis, qk, float("-inf"))
+
+    # 7. online softmax in base 2, then acc += P V
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if IEEE_DOT:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_sparse_attn_fwd(
+    Q, K, V, Out,
+    KvNum, KvIdx,  # (B, Hm, nq) / (B, Hm, nq, max_blocks) int32 block lists (unused when HAS_LISTS=False)
+    KvOrder,  # (B, Hkv, Lk) int32 original key positions (HAS_KV_ORDER)
+    KvBlockMin, KvBlockMax,  # (B, Hkv, nk) int32 min / max original position per key block (HAS_KV_ORDER)
+    KeyValid,  # (B, Lk) int8, 0 at padded keys (HAS_KEY_VALID)
+    qk_scale,  # softmax scale * log2(e)
+    q_len, kv_len, q_offset, window,
+    num_heads, num_q_tiles, group, list_head_div,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im, stride_ik,
+    stride_pb, stride_ph, stride_pn,
+    stride_bb, stride_bh, stride_bk,
+    stride_vlb, stride_vln,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+    REVERSE_TILES: tl.constexpr, IEEE_DOT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    tl.static_assert(KV_BLOCK % BLOCK_M == 0, "a query block must split into whole BLOCK_M tiles")
+    tl.static_assert(KV_BLOCK % BLOCK_N == 0, "a key block must split into whole BLOCK_N chunks")
+    CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    # 1. which (batch, head, query tile) this program owns; causal: longest tiles first
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    tile = (num_q_tiles - 1 - pid_m) if REVERSE_TILES else pid_m
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    off_hkv = off_h // group
+    off_hm = off_h // list_head_div
+    start_m = tile * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
+
+    # 2. load the query tile once (rows past q_len are zeros and never stored)
+    q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    # 3. the key chunks to visit: listed blocks, or the causal/window range (dense engine)
+    q_first = q_offset + start_m  # position of the tile's first and last query
+    q_last = q_offset + tl.minimum(start_m + BLOCK_M, q_len) - 1
+    if HAS_LISTS:
+        q_block = start_m // KV_BLOCK
+        list_off = off_b.to(tl.int64) * stride_nb + off_hm.to(tl.int64) * stride_nh + q_block * stride_nm
+        num_blocks = tl.load(KvNum + list_off)
+        idx_base = KvIdx + (off_b.to(tl.int64) * stride_ib + off_hm.to(tl.int64) * stride_ih
+                            + q_block * stride_im)
+        lo = 0
+        n_iter = num_blocks * CHUNKS
+    else:
+        idx_base = KvIdx
+        lo = 0
+        hi = kv_len
+        if not HAS_KV_ORDER:  # positions are indices: the visible range is contiguous
+            if CAUSAL:
+                hi = tl.minimum(hi, q_last + 1)
+            if HAS_WINDOW:
+                lo = tl.maximum(0, q_first - window + 1)
+                lo = (lo // BLOCK_N) * BLOCK_N
+        n_iter = tl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
+
+    m_i = tl.full([BLOCK_M], _NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    order_base = off_b.to(tl.int64) * stride_pb + off_hkv.to(tl.int64) * stride_ph
+    blk_base = off_b.to(tl.int64) * stride_bb + off_hkv.to(tl.int64) * stride_bh
+    valid_base = off_b.to(tl.int64) * stride_vlb
+    if INTERPRET:  # the interpreter cannot take a run-time `range` bound with numpy >= 2.4
+        it = 0
+        while it < n_iter:
+            acc, l_i, m_i = _attend_chunk(
+                it, acc, l_i, m_i, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+                idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
+                KeyValid, valid_base, stride_vln, qk_scale, kv_len, window,
+                HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT,
+            )
+            it += 1
+    else:  # a `for` loop so that the compiler software-pipelines the K/V loads
+        for it in range(0, n_iter):
+            acc, l_i, m_i = _attend_chunk(
+                it, acc, l_i, m_i, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+                idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
+                KeyValid, valid_base, stride_vln, qk_scale, kv_len, window,
+                HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT,
+            )
+
+    # 8. normalise; rows that saw no visible key have l_i == 0 and are written as zeros
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+    if EVEN_D:
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < q_len)
+    else:
+        o_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(head_dim: int, block_size: int, device_type: str) -> dict:
+    """Tile sizes and launch parameters (tuned on H100, see KERNEL_NOTES.md)."""
+    if device_type != "cuda":  # interpreter: fewer, larger programs are faster
+        bm = min(block_size, 64)
+        return {"BLOCK_M": bm, "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1}
+    if head_dim <= 64:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
+    return cfg
+
+
+def _check_inputs(q, k, v, kv_num_blocks, kv_indices, block_size, q_offset, window, key_valid, kv_order,
+                  validate) -> tuple[int, int]:
+    """Raise ValueError on bad inputs; returns (Hm, q_offset). Hm = 0 when there are no lists."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, heads, L, D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _KERNEL_DTYPES + (torch.float64,):
+        raise ValueError(f"dtype {q.dtype} not supported (float16, bfloat16, float32; float64 on CPU)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    if Bk != B or Dk != D:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
+                         "in batch or head_dim")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head_dim {D} not supported (1..256; tuned for 64 and 128)")
+    if block_size not in _SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} not supported, expected one of {_SUPPORTED_BLOCK_SIZES}")
+    if q_offset is not None and not isinstance(q_offset, int):
+        raise ValueError(f"q_offset must be an int or None, got {type(q_offset).__name__}")
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0, got {window!r}")
+    if key_valid is not None:
+        ok = isinstance(key_valid, Tensor) and key_valid.dtype == torch.bool
+        if not ok or tuple(key_valid.shape) != (B, Lk):
+            raise ValueError(f"key_valid must be a bool tensor of shape (B, Lk) = {(B, Lk)}, got "
+                             f"{getattr(key_valid, 'dtype', None)} {tuple(getattr(key_valid, 'shape', ()))}")
+        if key_valid.device != q.device:
+            raise ValueError(f"key_valid is on {key_valid.device}, q on {q.device}")
+    if kv_order is not None:
+        if not isinstance(kv_order, Tensor) or kv_order.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kv_order must be an int32/int64 tensor, got "
+                             f"{getattr(kv_order, 'dtype', None)}")
+        if tuple(kv_order.shape) != (B, Hkv, Lk):
+            raise ValueError(f"kv_order shape {tuple(kv_order.shape)}, "
+                             f"expected (B, Hkv, Lk) = {(B, Hkv, Lk)}")
+        if kv_order.device != q.device:
+            raise ValueError(f"kv_order is on {kv_order.device}, q on {q.device}")
+    if (kv_num_blocks is None) != (kv_indices is None):
+        raise ValueError("pass both kv_num_blocks and kv_indices, or neither (dense engine)")
+    if kv_num_blocks is None:
+        return 0, Lk - Lq if q_offset is None else q_offset
+    nq, nk = _cdiv(Lq, block_size), _cdiv(Lk, block_size)
+    for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int32:
+            raise ValueError(f"{name} must be an int32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if kv_num_blocks.dim() != 3 or kv_num_blocks.shape[0] != B or kv_num_blocks.shape[2] != nq \
+            or kv_num_blocks.shape[1] not in (H, Hkv):
+        raise ValueError(f"kv_num_blocks shape {tuple(kv_num_blocks.shape)}, expected (B, H or Hkv, nq) with "
+                         f"B={B}, H={H}, Hkv={Hkv}, nq=ceil({Lq}/{block_size})={nq}")
+    Hm = kv_num_blocks.shape[1]
+    if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, Hm, nq) or kv_indices.shape[3] < 1:
+        raise ValueError(f"kv_indices shape {tuple(kv_indices.shape)}, expected (B, Hm, nq, max_blocks) = "
+                         f"({B}, {Hm}, {nq}, >=1)")
+    if validate:
+        # data checks: one device sync and one sort of the lists (O(B*Hm*nq*max_blocks*log))
+        max_blocks = kv_indices.shape[3]
+        bad_num = (kv_num_blocks < 0) | (kv_num_blocks > min(nk, max_blocks))
+        if bool(bad_num.any()):
+            raise ValueError(f"kv_num_blocks out of range [0, min(nk={nk}, max_blocks={max_blocks})]: "
+                             f"e.g. {int(kv_num_blocks[bad_num][0])}")
+        slot = torch.arange(max_blocks, device=kv_indices.device)
+        defined = slot < kv_num_blocks[..., None]
+        bad_idx = defined & ((kv_indices < 0) | (kv_indices >= nk))
+        if bool(bad_idx.any()):
+            raise ValueError(f"kv_indices out of range [0, nk={nk}): e.g. {int(kv_indices[bad_idx][0])}")
+        # undefined entries get distinct negative sentinels, then equal neighbours after a sort are duplicates
+        keyed = torch.where(defined, kv_indices.long(), -1 - slot.long())
+        srt = torch.sort(keyed, dim=-1).values
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+            raise ValueError("kv_indices has duplicate key blocks in a row (each block may be listed once)")
+    return Hm, Lk - Lq if q_offset is None else q_offset
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor | None = None,
+    kv_indices: Tensor | None = None,
+    *,
+    block_size: int = 128,
+    causal: bool = True,
+    q_offset: int | None = None,
+    window: int = 0,
+    key_valid: Tensor | None = None,
+    scale: float | None = None,
+    kv_order: Tensor | None = None,
+    out: Tensor | None = None,
+    validate: bool = True,
+    impl: str = "auto",
+    config: dict | None = None,
+) -> Tensor:
+    """Exact attention of each query block over its listed key blocks (module docstring: semantics).
+
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D), H % Hkv == 0, one dtype (fp16/bf16/fp32; fp64 on CPU).
+    kv_num_blocks: (B, Hm, nq) int32, kv_indices: (B, Hm, nq, max_blocks) int32, Hm in {H, Hkv},
+      nq = ceil(Lq / block_size); entries past kv_num_blocks undefined; any order, no duplicates.
+      Both None: every key block the causal/window structure allows (the dense engine).
+    q_offset: key position of query 0 (default Lk - Lq). window: sliding window (0 = none).
+    key_valid: (B, Lk) bool, False keys are never attended.
+    kv_order: (B, Hkv, Lk) int32/int64 original positions of permuted keys; causal/window compare them.
+    scale: softmax scale (default 1/sqrt(D)). out: optional (B, H, Lq, D) q.dtype output buffer.
+    validate: check list contents (range, duplicates): one sort of the lists and a device sync;
+      pass False in hot loops once the producer is trusted. Shapes/dtypes are always checked.
+    impl: "auto" (Triton on CUDA, reference on CPU), "triton" (also on CPU under TRITON_INTERPRET=1)
+      or "reference". config: optional {BLOCK_M, BLOCK_N, num_warps, num_stages} override.
+    Returns (B, H, Lq, D) in q's dtype; rows with no visible key are zeros.
+    """
+    Hm, q_off = _check_inputs(q, k, v, kv_num_blocks, kv_indices, block_size, q_offset, window, key_valid,
+                              kv_order, validate)
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    use_triton = impl == "triton" or (impl == "auto" and q.is_cuda)
+    if use_triton and not (q.is_cuda or _interpreting()):
+        raise ValueError("impl='triton' needs CUDA tensors or TRITON_INTERPRET=1")
+    if use_triton and q.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"the Triton kernel takes float16/bfloat16/float32, got {q.dtype}")
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if out is not None and (tuple(out.shape) != (B, H, Lq, D) or out.dtype != q.dtype
+                            or out.device != q.device):
+        raise ValueError(f"out must be {(B, H, Lq, D)} {q.dtype} on {q.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if not use_triton:
+        res = block_sparse_attention_reference(
+            q, k, v, kv_num_blocks, kv_indices, block_size=block_size, causal=causal, q_offset=q_off,
+            window=window, key_valid=key_valid, scale=scale, kv_order=kv_order)
+        if out is None:
+            return res
+        out.copy_(res)
+        return out
+
+    cfg = default_config(D, block_size, "cuda" if q.is_cuda else "cpu")
+    cfg.update(config or {})
+    BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if block_size % BLOCK_M or block_size % BLOCK_N:
+        raise ValueError(f"BLOCK_M={BLOCK_M} and BLOCK_N={BLOCK_N} must divide block_size={block_size}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+
+    has_lists = kv_num_blocks is not None
+    if not has_lists:
+        kv_num_blocks, kv_indices = dummy.view(1, 1, 1), dummy.view(1, 1, 1, 1)
+        Hm = H
+    # permuted keys: original positions plus per-key-block min/max so that blocks wholly in the
+    # past (or inside the window) skip masking
+    if kv_order is not None:
+        order32 = kv_order.to(torch.int32).contiguous()
+        nk = _cdiv(Lk, block_size)
+        pad = nk * block_size - Lk
+        lo_pad = torch.nn.functional.pad(order32, (0, pad), value=torch.iinfo(torch.int32).max)
+        hi_pad = torch.nn.functional.pad(order32, (0, pad), value=-1)
+        blk_min = lo_pad.view(B, Hkv, nk, block_size).amin(-1).contiguous()
+        blk_max = hi_pad.view(B, Hkv, nk, block_size).amax(-1).contiguous()
+    else:
+        order32, blk_min, blk_max = dummy.view(1, 1, 1), dummy.view(1, 1, 1), dummy.view(1, 1, 1)
+    valid8 = key_valid.to(torch.int8) if key_valid is not None else dummy.view(1, 1)
+
+    num_q_tiles = _cdiv(Lq, BLOCK_M)
+    grid = (num_q_tiles, B * H)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    _block_sparse_attn_fwd[grid](
+        q, k, v, out,
+        kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8,
+        scale * 1.4426950408889634,
+        Lq, Lk, q_off, window,
+        H, num_q_tiles, H // Hkv, 1 if Hm == H else H // Hkv,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *kv_num_blocks.stride(), *kv_indices.stride(),
+        *order32.stride(), *blk_min.stride(), *valid8.stride(),
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KV_BLOCK=block_size,
+        HAS_LISTS=has_lists, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
+        HAS_KV_ORDER=kv_order is not None, HAS_KEY_VALID=key_valid is not None,
+        REVERSE_TILES=bool(causal), IEEE_DOT=q.dtype == torch.float32, INTERPRET=not q.is_cuda,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def block_sparse_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor | None = None,
+    kv_indices: Tensor | None = None,
+    *,
+    block_size: int = 128,
+    causal: bool = True,
+    q_offset: int | None = None,
+    window: int = 0,
+    key_valid: Tensor | None = None,
+    scale: float | None = None,
+    kv_order: Tensor | None = None,
+) -> Tensor:
+    """Pure-PyTorch reference of `block_sparse_attention` (same arguments), float32 math (float64 for
+    float64 inputs), one query block at a time so memory stays O(B * H * block_size * Lk).
+
+    Returns (B, H, Lq, D) in q's dtype; rows with no visible key are zeros.
+    """
+    from sparse_compile.kernels.block_mask import BlockList
+
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
+    group = H // Hkv
+    q_offset = Lk - Lq if q_offset is None else q_offset
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    kk = k.to(work).repeat_interleave(group, dim=1)  # (B, H, Lk, D)
+    vv = v.to(work).repeat_interleave(group, dim=1)
+    # key positions per (b, h): (B, H, Lk) or (1, 1, Lk)
+    if kv_order is not None:
+        pos = kv_order.long().repeat_interleave(group, dim=1)
+    else:
+        pos = torch.arange(Lk, device=dev)[None, None]
+    # block mask per query head: (B, H, nq, nk)
+    if kv_num_blocks is not None:
+        blocks = BlockList(kv_num_blocks, kv_indices, block_size, Lq, Lk).to_dense()
+        if blocks.shape[1] != H:
+            blocks = blocks.repeat_interleave(group, dim=1)
+    else:
+        blocks = None
+    key_block = torch.arange(Lk, device=dev) // block_size
+    out = torch.zeros(B, H, Lq, D, dtype=work, device=dev)
+    for m in range(_cdiv(Lq, block_size)):
+        rows = slice(m * block_size, min((m + 1) * block_size, Lq))
+        q_pos = q_offset + torch.arange(rows.start, rows.stop, device=dev)  # (r,)
+        # token visibility (B, H, r, Lk): listed blocks & causal & window & padding
+        vis = torch.ones(B, H, rows.stop - rows.start, Lk, dtype=torch.bool, device=dev)
+        if blocks is not None:
+            vis &= blocks[:, :, m][:, :, None, :].gather(-1, key_block.expand(B, H, 1, Lk))
+        if causal:
+            vis &= pos[:, :, None, :] <= q_pos[:, None]
+        if window > 0:
+            vis &= pos[:, :, None, :] > q_pos[:, None] - window
+        if key_valid is not None:
+            vis &= key_valid[:, None, None, :]
+        logits = torch.matmul(q[:, :, rows].to(work), kk.transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~vis, float("-inf"))
+        probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # fully masked rows -> zeros
+        out[:, :, rows] = torch.matmul(probs, vv)
+    return out.to(q.dtype)
