@@ -62,6 +62,8 @@ class MaskMatch:
     q_offset argument is sum(q_offset_terms) - sum(kv_offset_terms).
     key_valid: node producing the (B, Lk) bool padding mask, or None.
     key_valid_from_4d: True when key_valid is taken from a (B, 1, 1, Lk) decode mask input.
+    key_valid_needs_cut: the padding mask's width is not provably Lk; the node gets its first Lk
+      columns (what padding[b_idx, arange(Lk)] reads; eager fails the same way if it is shorter).
     dense_mask: the SDPA mask node kept as a tensor (structure unproven), or None.
     """
 
@@ -71,6 +73,7 @@ class MaskMatch:
     kv_offset_terms: tuple[Offset, ...] = ()
     key_valid: fx.Node | None = None
     key_valid_from_4d: bool = False
+    key_valid_needs_cut: bool = False
     dense_mask: fx.Node | None = None
     reason: str = ""
     nodes: set[fx.Node] = field(default_factory=set)
@@ -281,8 +284,8 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
             pad_shape = shape_of(result.padding)
             if pad_shape is None or len(pad_shape) != 2:
                 raise Unsupported("the padding mask is not 2-D")
-            if not offsets_equal(result.padding_kv_offset, ()) or not sym_equal(pad_shape[1], k_shape[2]):
-                raise Unsupported("the padding mask does not line up with the keys (offset or length)")
+            if not offsets_equal(result.padding_kv_offset, ()):
+                raise Unsupported("the padding mask is read at a key offset")
             if result.kv_offset and not offsets_equal(result.kv_offset, result.padding_kv_offset):
                 raise Unsupported("padding and causal key offsets differ")
     except Unsupported as err:
@@ -294,6 +297,7 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
         q_offset_terms=result.q_offset,
         kv_offset_terms=result.kv_offset,
         key_valid=result.padding,
+        key_valid_needs_cut=result.padding is not None and not sym_equal(shape_of(result.padding)[1], k_shape[2]),
         nodes=nodes,
     )
 

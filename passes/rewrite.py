@@ -64,6 +64,9 @@ def rewrite_site(graph: fx.Graph, site: SiteMatch, method: str, params: Any, min
         key_valid = mask.key_valid
         if key_valid is not None and mask.key_valid_from_4d:
             key_valid = graph.call_function(operator.getitem, (key_valid, (slice(None), 0, 0)))
+        if key_valid is not None and mask.key_valid_needs_cut:
+            kv_len = graph.call_method("size", (site.k, 2))
+            key_valid = graph.call_function(operator.getitem, (key_valid, (slice(None), slice(None, kv_len))))
         fused = graph.call_function(
             OP,
             (site.q, site.k, site.v, key_valid, mask.dense_mask, site.scale, mask.causal,
