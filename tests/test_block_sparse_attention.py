@@ -1,0 +1,199 @@
+"""block_sparse_attention: the Triton kernel (under TRITON_INTERPRET=1) equals its PyTorch reference,
+dense attention with the equivalent token mask, and SDPA / exact_attention_reference on full lists.
+
+Outputs are poisoned with NaN (via `out=`) so unwritten rows fail; NaN never passes.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from sparse_compile.kernels import BlockList, block_sparse_attention, block_sparse_attention_reference
+
+from sparse_compile.attention_mask import AttentionMask, exact_attention_reference
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3)}  # (atol, rtol); bf16 is tested on GPU
+
+
+def _close(out, ref, dtype):
+    assert not out.isnan().any(), "NaN in output (unwritten rows or a bad softmax)"
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def _run(q, k, v, *args, **kw):
+    """The Triton kernel on CPU (interpreter) with a NaN-poisoned output buffer."""
+    out = torch.full_like(q, float("nan"))
+    res = block_sparse_attention(q, k, v, *args, out=out, impl="triton", **kw)
+    assert res is out
+    return out
+
+
+def _shuffle_rows(bl: BlockList, g: torch.Generator) -> torch.Tensor:
+    """The same lists with each row's defined entries in random order (and junk past the count)."""
+    slot = torch.arange(bl.kv_indices.shape[-1])
+    defined = slot < bl.kv_num_blocks[..., None]
+    key = torch.rand(bl.kv_indices.shape, generator=g) + (~defined).float()  # undefined entries last
+    shuffled = torch.gather(bl.kv_indices, -1, torch.argsort(key, dim=-1))
+    return torch.where(defined, shuffled, torch.full_like(shuffled, -7)).contiguous()
+
+
+def _token_mask(bl_dense, H, Lq, Lk, bs, causal, q_offset, window, key_valid, kv_order):
+    """(B, H, Lq, Lk) bool: the token mask that block lists + structure stand for."""
+    B, Hm = bl_dense.shape[:2]
+    blocks = bl_dense.repeat_interleave(H // Hm, dim=1)
+    tok = blocks.repeat_interleave(bs, dim=2).repeat_interleave(bs, dim=3)[:, :, :Lq, :Lk]
+    pos = torch.arange(Lk)[None, None] if kv_order is None else kv_order.repeat_interleave(
+        H // kv_order.shape[1], dim=1)
+    qpos = q_offset + torch.arange(Lq)
+    if causal:
+        tok = tok & (pos[:, :, None, :] <= qpos[:, None])
+    if window:
+        tok = tok & (pos[:, :, None, :] > qpos[:, None] - window)
+    if key_valid is not None:
+        tok = tok & key_valid[:, None, None, :]
+    return tok
+
+
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
+    Lq=st.integers(1, 120), dk=st.integers(-40, 80), D=st.sampled_from([16, 32, 48]),
+    bs=st.sampled_from([16, 32]), split_m=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+    causal=st.booleans(), per_kv=st.booleans(), p=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    permuted=st.booleans(), window=st.sampled_from([0, 0, 24]), padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_reference_and_token_masked_attention(
+    B, Hkv, group, Lq, dk, D, bs, split_m, dtype, causal, per_kv, p, permuted, window, padded, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    H, Lk = Hkv * group, max(1, Lq + dk)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    nq, nk = math.ceil(Lq / bs), math.ceil(Lk / bs)
+    dense_blocks = torch.rand(B, Hkv if per_kv else H, nq, nk, generator=g) < p  # p = 0: every row empty
+    bl = BlockList.from_dense(dense_blocks, bs, Lq, Lk)
+    kv_order = None
+    if permuted:  # PBS-Attn: keys permuted inside segments of 2 blocks, original positions kept
+        kv_order = torch.arange(Lk).repeat(B, Hkv, 1)
+        for s0 in range(0, Lk - 2 * bs + 1, 2 * bs):
+            kv_order[..., s0:s0 + 2 * bs] = s0 + torch.argsort(torch.rand(B, Hkv, 2 * bs, generator=g), dim=-1)
+    key_valid = torch.rand(B, Lk, generator=g) < 0.8 if padded else None
+    kw = dict(block_size=bs, causal=causal, window=window, key_valid=key_valid, kv_order=kv_order)
+    config = {"BLOCK_M": bs // 2, "BLOCK_N": bs // 2} if split_m else None
+    out = _run(q, k, v, bl.kv_num_blocks, _shuffle_rows(bl, g), config=config, **kw)
+    ref = block_sparse_attention_reference(q, k, v, bl.kv_num_blocks, bl.kv_indices, **kw)
+    _close(out, ref, dtype)
+    # the same function as dense attention under the equivalent token mask
+    tok = _token_mask(dense_blocks, H, Lq, Lk, bs, causal, Lk - Lq, window, key_valid, kv_order)
+    dense = exact_attention_reference(q, k, v, AttentionMask(causal=False, dense_mask=tok))
+    _close(out, dense, dtype)
+
+
+@given(
+    Lq=st.integers(1, 150), extra=st.integers(0, 60), Hkv=st.integers(1, 2), group=st.sampled_from([1, 4]),
+    bs=st.sampled_from([16, 32, 64]), dtype=st.sampled_from([torch.float32, torch.float16]),
+    window=st.sampled_from([0, 40]), padded=st.booleans(), lists=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_full_lists_and_dense_engine_equal_exact_attention(Lq, extra, Hkv, group, bs, dtype, window, padded,
+                                                           lists, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, H, D, Lk = 2, Hkv * group, 32, Lq + extra
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    key_valid = torch.rand(B, Lk, generator=g) < 0.7 if padded else None
+    mask = AttentionMask(causal=True, q_offset=Lk - Lq, window=window, key_valid=key_valid)
+    args = ()
+    if lists:
+        bl = BlockList.causal_full(B, Hkv, Lq, Lk, bs, device=q.device)
+        args = (bl.kv_num_blocks, bl.kv_indices)
+    out = _run(q, k, v, *args, block_size=bs, window=window, key_valid=key_valid)
+    _close(out, exact_attention_reference(q, k, v, mask), dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_full_lists_equal_sdpa(causal, dtype):
+    g = torch.Generator().manual_seed(1)
+    B, H, Hkv, L, D, bs = 1, 4, 2, 100, 64, 32
+    q = torch.randn(B, H, L, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    nq = math.ceil(L / bs)
+    blocks = torch.ones(B, H, nq, nq, dtype=torch.bool)
+    if causal:
+        blocks = blocks.tril()
+    bl = BlockList.from_dense(blocks, bs, L, L)
+    out = _run(q, k, v, bl.kv_num_blocks, bl.kv_indices, block_size=bs, causal=causal, scale=0.1)
+    ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(2, 1),
+                                         v.float().repeat_interleave(2, 1), is_causal=causal, scale=0.1)
+    _close(out, ref, dtype)
+
+
+def test_empty_rows_are_zeros_and_q_offset():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    num = torch.tensor([[[0, 1, 0]]], dtype=torch.int32).expand(1, 2, 3).contiguous()
+    idx = torch.tensor([[[[0], [0], [2]]]], dtype=torch.int32).expand(1, 2, 3, 1).contiguous()
+    out = _run(q, k, v, num, idx, block_size=16)
+    assert torch.equal(out[:, :, :16], torch.zeros_like(out[:, :, :16]))
+    assert torch.equal(out[:, :, 32:], torch.zeros_like(out[:, :, 32:]))
+    # q_offset < 0: queries before every key see nothing (zeros), the rest see a causal prefix
+    out = _run(q, k, v, block_size=16, q_offset=-5)
+    ref = exact_attention_reference(q, k, v, AttentionMask(causal=True, q_offset=-5))
+    assert torch.equal(out[:, :, :5], torch.zeros_like(out[:, :, :5]))
+    _close(out, ref, torch.float32)
+
+
+def test_cpu_auto_uses_reference():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 50, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    bl = BlockList.causal_full(1, 2, 50, 50, 16)
+    out = block_sparse_attention(q, k, v, bl.kv_num_blocks, bl.kv_indices, block_size=16)
+    assert out.dtype == torch.float64
+    ref = exact_attention_reference(q, k, v, AttentionMask(causal=True))
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+def _inputs():
+    q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    bl = BlockList.causal_full(1, 4, 64, 64, 16)
+    return q, k, v, bl.kv_num_blocks, bl.kv_indices
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: {**a, "q": a["q"].half()}, "share a dtype"),
+    (lambda a: {**a, "k": torch.randn(1, 3, 64, 16), "v": torch.randn(1, 3, 64, 16)}, "multiple of"),
+    (lambda a: {**a, "q": torch.randn(4, 64, 16)}, "4-D"),
+    (lambda a: {**a, "v": torch.randn(1, 2, 63, 16)}, "v shape"),
+    (lambda a: {**a, "kv_num_blocks": a["kv_num_blocks"].long()}, "int32"),
+    (lambda a: {**a, "kv_indices": None}, "both"),
+    (lambda a: {**a, "kv_num_blocks": a["kv_num_blocks"][:, :3]}, "kv_num_blocks shape"),
+    (lambda a: {**a, "kv_indices": a["kv_indices"][:, :2]}, "kv_indices shape"),
+    (lambda a: {**a, "kv_num_blocks": a["kv_num_blocks"] + 1}, "kv_num_blocks out of range"),
+    (lambda a: {**a, "kv_indices": a["kv_indices"] + 1}, "kv_indices out of range"),
+    (lambda a: {**a, "kv_indices": torch.zeros_like(a["kv_indices"])}, "duplicate"),
+    (lambda a: {**a, "block_size": 48}, "block_size"),
+    (lambda a: {**a, "window": -1}, "window"),
+    (lambda a: {**a, "key_valid": torch.ones(1, 64)}, "key_valid"),
+    (lambda a: {**a, "kv_order": torch.zeros(1, 4, 64, dtype=torch.long)}, "kv_order shape"),
+    (lambda a: {**a, "kv_order": torch.zeros(1, 2, 64)}, "kv_order must be"),
+    (lambda a: {**a, "impl": "cuda"}, "impl"),
+])
+def test_bad_inputs_raise_value_error(mutate, match):
+    q, k, v, num, idx = _inputs()
+    args = mutate({"q": q, "k": k, "v": v, "kv_num_blocks": num, "kv_indices": idx, "block_size": 16})
+    with pytest.raises(ValueError, match=match):
+        block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("kv_num_blocks"),
+                               args.pop("kv_indices"), **args)
+
+
+def test_validate_false_skips_content_checks():
+    q, k, v, num, idx = _inputs()
+    dup = torch.zeros_like(idx)  # duplicates are only caught by validate=True
+    block_sparse_attention(q, k, v, num.clamp(max=1), dup, block_size=16, validate=False)
