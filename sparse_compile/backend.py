@@ -37,7 +37,9 @@ def check_options(options: dict[str, Any] | None) -> dict[str, Any]:
         raise PolicyError(f"backend='sparse': option 'inner' = {inner!r}; allowed: {', '.join(INNER_COMPILERS)}")
     report = options.get("report")
     if report is not None and not isinstance(report, Report):
-        raise PolicyError(f"backend='sparse': option 'report' must be a sparse_compile.Report, got {type(report).__name__}")
+        raise PolicyError(
+            f"backend='sparse': option 'report' must be a sparse_compile.Report, got {type(report).__name__}"
+        )
     return options
 
 
@@ -67,8 +69,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy, rep
     if grads_needed(example_inputs):
         from sparse_compile.passes.sites import find_sites
 
-        _, candidates = find_sites(gm)
-        matches, _ = find_sites(gm)
+        matches, candidates = find_sites(gm)
         for node in [m.sdpa for m in matches] + [c.sdpa for c in candidates]:
             report.rejected.append(Rejection(
                 index, None, node.name, "gradients are enabled: sparse_compile rewrites inference graphs only "

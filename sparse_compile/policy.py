@@ -212,7 +212,9 @@ def load_policy(policy: str | Path | Policy | Mapping[str, Any] | None = None) -
         if not path.is_file():
             raise PolicyError(f"policy file {text!r} does not exist")
         return parse_toml(path.read_text(), str(path))
-    raise PolicyError(f"unknown policy {text!r}: not a shipped policy ({', '.join(shipped_policies())}) nor a .toml file")
+    raise PolicyError(
+        f"unknown policy {text!r}: not a shipped policy ({', '.join(shipped_policies())}) nor a .toml file"
+    )
 
 
 def parse_toml(text: str, source: str) -> Policy:

@@ -101,6 +101,34 @@ class Report:
         per_layer = self.layer_density(phase)
         return sum(per_layer.values()) / len(per_layer) if per_layer else None
 
+    def site_table(self, per_layer: bool = True) -> list[str]:
+        """The sites as aligned text rows; per_layer=False merges runs of layers that agree."""
+        header = ("graph", "layers", "phase", "method", "rope", "rot", "H", "Hkv", "D", "mask", "cache", "gqa",
+                  "density")
+        groups: list[list] = []
+        for s in self.sites:
+            d = self.densities.get((s.graph, s.layer))
+            dens = "-" if d is None else f"{float(d.float().mean()):.3f}"
+            key = (str(s.graph), s.phase, s.method, s.rope, str(s.rotary_dim), str(s.num_heads),
+                   str(s.num_kv_heads), str(s.head_dim), s.mask, s.cache, s.gqa)
+            last = groups[-1] if groups else None
+            if not per_layer and last and last[0] == key and last[2] == s.layer - 1 and (dens == "-") == (
+                    last[3] == "-"):
+                last[2] = s.layer
+                last[4].append(d)
+            else:
+                groups.append([key, s.layer, s.layer, dens, [d]])
+        rows = []
+        for key, first, last, dens, values in groups:
+            if first != last and values[0] is not None:
+                dens = f"{sum(float(v.float().mean()) for v in values) / len(values):.3f}"
+            layers = str(first) if first == last else f"{first}-{last}"
+            rows.append((key[0], layers) + key[1:] + (dens,))
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+        out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+        return out
+
     def __str__(self) -> str:
         lines = [f"sparse_compile report — policy {self.policy or '?'}"]
         for g in self.graphs:
@@ -109,17 +137,7 @@ class Report:
                 f"{g.nodes_before} -> {g.nodes_after} FX nodes"
             )
         if self.sites:
-            header = ("graph", "layer", "phase", "method", "rope", "rot", "H", "Hkv", "D", "mask", "cache", "gqa",
-                      "density")
-            rows = []
-            for s in self.sites:
-                d = self.densities.get((s.graph, s.layer))
-                dens = "-" if d is None else f"{float(d.float().mean()):.3f}"
-                rows.append((str(s.graph), str(s.layer), s.phase, s.method, s.rope, str(s.rotary_dim),
-                             str(s.num_heads), str(s.num_kv_heads), str(s.head_dim), s.mask, s.cache, s.gqa, dens))
-            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-            lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-            lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+            lines.extend(self.site_table(per_layer=False))
             methods = {(s.method, tuple(sorted(s.params.items()))) for s in self.sites if s.params}
             for method, params in sorted(methods, key=str):
                 lines.append(f"{method} params: " + ", ".join(f"{k}={v}" for k, v in params))

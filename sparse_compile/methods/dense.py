@@ -52,16 +52,27 @@ def sdpa_with_mask(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
     return F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, scale=scale)
 
 
+def decode_key_mask(mask: AttentionMask, batch: int, kv_len: int, device) -> torch.Tensor:
+    """(B, 1, 1, Lk) bool visibility for one query: linear in Lk, never L x L."""
+    return visible_keys(mask, batch, 1, kv_len, device=device)
+
+
 def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    if mask.key_valid is not None and Lq > 1 and bool(mask.key_valid.all()):
+        # Padding masks of unpadded batches (generate() always passes one): one sync buys the fast path.
+        mask = AttentionMask(mask.causal, mask.q_offset, mask.window, None, mask.dense_mask)
     plain = mask.window == 0 and mask.key_valid is None and mask.dense_mask is None
-    if plain and (not mask.causal or (Lq == 1 and mask.q_offset == Lk - 1)):
-        with sdpa_kernel(FAST_BACKENDS + [SDPBackend.MATH], set_priority=True):
-            return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), scale=scale)
-    if plain and mask.q_offset == 0 and Lq == Lk:
-        with sdpa_kernel(FAST_BACKENDS + [SDPBackend.MATH], set_priority=True):
-            return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), is_causal=True, scale=scale)
+    kk, vv = expand_kv(k, H), expand_kv(v, H)
+    with sdpa_kernel(FAST_BACKENDS + [SDPBackend.MATH], set_priority=True):
+        if plain and (not mask.causal or (Lq == 1 and mask.q_offset >= Lk - 1)):
+            return F.scaled_dot_product_attention(q, kk, vv, scale=scale)
+        if plain and mask.q_offset == 0 and Lq == Lk:
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale)
+        if Lq == 1 and mask.dense_mask is None:
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=decode_key_mask(mask, B, Lk, q.device),
+                                                  scale=scale)
     if mask.dense_mask is None and q.dtype in (torch.float16, torch.bfloat16) and D in (64, 128, 256):
         from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
 
