@@ -1,0 +1,299 @@
+"""`run_eval`: perplexity and needle retrieval of a model under one or more policies.
+
+    from sparse_compile.evaluation import EvalConfig, run_eval, write_outputs
+    results = run_eval(EvalConfig(policies=("dense", "prism"), lengths=(2048, 4096)))
+    write_outputs(results, Path("results/eval"))
+
+The baseline is the eager model (no torch.compile), cached per model fingerprint and exact input
+ids; every policy runs through `torch.compile(model, backend="sparse")` with the eager inner
+compiler on CPU. dPPL is relative to the baseline; densities come from the backend's Report.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparse_compile.evaluation import needle as niah
+from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR, ResultCache, ids_digest
+from sparse_compile.evaluation.corpus import DEFAULT_CORPUS, load_corpus, tokenize, windows
+from sparse_compile.evaluation.models import DEFAULT_MODEL, describe_model, load_model, model_fingerprint
+from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
+from sparse_compile.evaluation.policies import PolicyRun, Sweep, expand_policies
+from sparse_compile.report import Report
+
+TASKS = ("ppl", "niah")
+BASELINE = "eager"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that decides an evaluation's numbers (recorded in the results)."""
+
+    model: str = DEFAULT_MODEL
+    policies: tuple[str, ...] = ("dense",)
+    sweeps: tuple[Sweep, ...] = ()
+    corpus: str = DEFAULT_CORPUS
+    lengths: tuple[int, ...] = (2048, 4096, 8192)
+    tokens_per_length: int = 16384
+    windows: int | None = None
+    tasks: tuple[str, ...] = TASKS
+    niah_lengths: tuple[int, ...] | None = None
+    niah_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    niah_samples: int = 1
+    niah_max_new_tokens: int = 12
+    seed: int = 0
+    inner: str = "eager"
+    cache_dir: str | None = str(DEFAULT_CACHE_DIR)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {', '.join(TASKS)}; got {', '.join(self.tasks)}")
+        if not self.policies:
+            raise ValueError("give at least one policy")
+        bad = [n for n in (*self.lengths, *(self.niah_lengths or ())) if n < 16]
+        if bad or not self.lengths:
+            raise ValueError(f"lengths must be >= 16 tokens; got {bad or 'none'}")
+        if any(not 0.0 <= d <= 1.0 for d in self.niah_depths) or not self.niah_depths:
+            raise ValueError(f"NIAH depths must lie in [0, 1]; got {self.niah_depths}")
+        for name in ("tokens_per_length", "niah_samples", "niah_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.windows is not None and self.windows < 1:
+            raise ValueError(f"windows must be >= 1, got {self.windows}")
+
+    def window_count(self, length: int) -> int:
+        """Windows per length: `windows` if set, else tokens_per_length // length (at least 1)."""
+        return self.windows if self.windows is not None else max(1, self.tokens_per_length // length)
+
+    def needle_lengths(self) -> tuple[int, ...]:
+        return self.niah_lengths if self.niah_lengths is not None else self.lengths
+
+
+def compile_with_policy(model: Any, policy: Any, report: Report, inner: str = "eager") -> Any:
+    """`torch.compile(model, backend="sparse")` with `policy`, filling `report`.
+
+    Dynamo's caches are reset first, so a graph compiled for an earlier policy is never reused.
+    """
+    torch._dynamo.reset()
+    return torch.compile(model, backend="sparse", options={"policy": policy, "inner": inner, "report": report})
+
+
+def environment(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command, machine, versions and date: what EVAL.md must state next to the numbers."""
+    import transformers
+
+    import sparse_compile
+
+    revision = "unknown"
+    head = Path(sparse_compile.__file__).resolve().parent.parent / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        revision = (head.parent / ref[5:]).read_text().strip()[:10] if ref.startswith("ref: ") else ref[:10]
+    except OSError:
+        pass
+    return {
+        "command": "python -m sparse_compile " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sparse_compile_revision": revision,
+    }
+
+
+def mean_layer_density(records: list[dict[int, float]]) -> dict[str, float]:
+    """Per-layer mean over calls of `Report.layer_density` dicts (keys as strings, for JSON)."""
+    layers = sorted({layer for r in records for layer in r})
+    return {str(layer): sum(r[layer] for r in records if layer in r) / sum(layer in r for r in records)
+            for layer in layers}
+
+
+def overall(per_layer: dict[str, float]) -> float | None:
+    return sum(per_layer.values()) / len(per_layer) if per_layer else None
+
+
+@dataclass
+class Evaluator:
+    """Holds what one evaluation shares across runs: model, tokens, cache, progress settings."""
+
+    config: EvalConfig
+    model: Any
+    tokenizer: Any
+    corpus_ids: torch.Tensor
+    fingerprint: str
+    cache: ResultCache
+    samples: list[niah.NeedleSample] = field(default_factory=list)
+
+    def cache_key(self, kind: str, ids: Any, **extra: Any) -> dict[str, Any]:
+        return {"kind": kind, "model": self.fingerprint, "torch": torch.__version__, "ids": ids_digest(ids), **extra}
+
+    def bar(self, items: list, desc: str) -> Any:
+        return tqdm(items, desc=desc, disable=not self.config.progress, leave=False, dynamic_ncols=True)
+
+    # -- perplexity -------------------------------------------------------------------------
+    def ppl_windows(self, length: int) -> list[tuple[int, torch.Tensor]]:
+        return windows(self.corpus_ids, length, self.config.window_count(length))
+
+    def baseline_ppl(self, length: int) -> dict[str, Any]:
+        """The eager model's PPL at `length` (windows cached one by one)."""
+        forward = logits_fn(self.model)
+        rows = []
+        for start, ids in self.bar(self.ppl_windows(length), f"ppl {BASELINE} L={length}"):
+            key = self.cache_key("ppl_window", ids)
+            row = self.cache.get(key)
+            if row is None:
+                t0 = time.perf_counter()
+                row = {**nll_summary(window_nll(forward, ids)), "seconds": time.perf_counter() - t0}
+                self.cache.put(key, row)
+            rows.append({"start": start, **row})
+        return {"ppl": perplexity(rows), "windows": rows}
+
+    def policy_ppl(self, compiled: Any, report: Report, length: int) -> dict[str, Any]:
+        """PPL of the compiled model at `length`, with the per-layer prefill density of each window."""
+        forward = logits_fn(compiled)
+        rows, densities = [], []
+        t_all = time.perf_counter()
+        for start, ids in self.bar(self.ppl_windows(length), f"ppl L={length}"):
+            t0 = time.perf_counter()
+            row = nll_summary(window_nll(forward, ids))
+            density = report.layer_density("prefill")
+            densities.append(density)
+            rows.append({"start": start, **row, "seconds": time.perf_counter() - t0,
+                         "mean_density": overall({str(k): v for k, v in density.items()})})
+        per_layer = mean_layer_density(densities)
+        return {"ppl": perplexity(rows), "windows": rows, "layer_density": per_layer,
+                "mean_density": overall(per_layer), "wall_s": time.perf_counter() - t_all}
+
+    # -- needle in a haystack ---------------------------------------------------------------
+    def answer(self, model: Any, sample: niah.NeedleSample, after_prefill: Callable[[], None] | None = None
+               ) -> dict[str, Any]:
+        ids = torch.tensor(sample.input_ids, dtype=torch.long)
+        eos = niah.eos_token_ids(self.tokenizer, self.model.config)
+        t0 = time.perf_counter()
+        new = niah.greedy_generate(model, self.model.config, ids, self.config.niah_max_new_tokens, eos, after_prefill)
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return {"length": sample.length, "depth": sample.depth, "index": sample.index, "key": sample.key,
+                "value": sample.value, "answer": text, "score": niah.score(text, sample.value),
+                "seconds": time.perf_counter() - t0}
+
+    def baseline_niah(self) -> dict[str, Any]:
+        rows = []
+        for sample in self.bar(self.samples, f"niah {BASELINE}"):
+            key = self.cache_key("niah", sample.input_ids, max_new_tokens=self.config.niah_max_new_tokens,
+                                 value=sample.value)
+            row = self.cache.get(key)
+            if row is None:
+                row = self.answer(self.model, sample)
+                self.cache.put(key, row)
+            rows.append(row)
+        return summarize_niah(rows)
+
+    def policy_niah(self, compiled: Any, report: Report) -> dict[str, Any]:
+        rows, prefill, decode = [], [], []
+        t_all = time.perf_counter()
+        for sample in self.bar(self.samples, "niah"):
+            row = self.answer(compiled, sample, lambda: prefill.append(report.layer_density("prefill")))
+            decode.append(report.layer_density("decode"))
+            rows.append(row)
+        result = summarize_niah(rows)
+        per_layer = mean_layer_density(prefill)
+        result.update({"layer_density": per_layer, "mean_density": overall(per_layer),
+                       "decode_layer_density": mean_layer_density([d for d in decode if d]),
+                       "wall_s": time.perf_counter() - t_all})
+        result["decode_mean_density"] = overall(result["decode_layer_density"])
+        return result
+
+    # -- one policy -------------------------------------------------------------------------
+    def run_policy(self, run: PolicyRun, baseline: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = {"label": run.label, "base": run.base, "policy": run.policy.to_dict(),
+                                  "fingerprint": run.policy.fingerprint(),
+                                  "sweep": {p: v for p, v in run.assignments}, "compile": {}}
+        t0 = time.perf_counter()
+        if "ppl" in self.config.tasks:
+            report = Report()
+            compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
+            result["ppl"] = {}
+            for length in self.config.lengths:
+                row = self.policy_ppl(compiled, report, length)
+                base = baseline["ppl"][str(length)]["ppl"]
+                row["dppl"] = row["ppl"] - base
+                row["dppl_pct"] = 100.0 * (row["ppl"] - base) / base
+                result["ppl"][str(length)] = row
+            result["compile"]["ppl"] = site_summary(report)
+        if "niah" in self.config.tasks:
+            report = Report()
+            compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
+            result["niah"] = self.policy_niah(compiled, report)
+            result["compile"]["niah"] = site_summary(report)
+        torch._dynamo.reset()
+        result["wall_s"] = time.perf_counter() - t0
+        return result
+
+
+def site_summary(report: Report) -> dict[str, Any]:
+    """How many attention sites were rewritten / left alone, and the report's table."""
+    return {"sites": len(report.sites), "rejected": len(report.rejected), "report": str(report)}
+
+
+def summarize_niah(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean score per (length, depth) cell, per length, and overall."""
+    grid: dict[str, dict[str, float]] = {}
+    for length in sorted({r["length"] for r in rows}):
+        cells = {}
+        for depth in sorted({r["depth"] for r in rows if r["length"] == length}):
+            scores = [r["score"] for r in rows if r["length"] == length and r["depth"] == depth]
+            cells[f"{depth:g}"] = sum(scores) / len(scores)
+        grid[str(length)] = cells
+    by_length = {L: sum(c.values()) / len(c) for L, c in grid.items()}
+    return {"samples": rows, "grid": grid, "by_length": by_length,
+            "score": sum(r["score"] for r in rows) / len(rows) if rows else None}
+
+
+def run_eval(
+    config: EvalConfig, model: Any = None, tokenizer: Any = None, argv: list[str] | None = None
+) -> dict[str, Any]:
+    """Evaluate `config.policies` (swept by `config.sweeps`) against the eager baseline.
+
+    model/tokenizer: pass them to skip loading `config.model`. Returns the results dict that
+    `write_outputs` renders (JSON-serialisable). Deterministic: same config, same numbers.
+    """
+    runs = expand_policies(list(config.policies), list(config.sweeps))  # fail fast on bad policies
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(config.model)
+    model.eval()
+    corpus = load_corpus(config.corpus)
+    ids = tokenize(tokenizer, corpus.text)
+    ev = Evaluator(config, model, tokenizer, ids, model_fingerprint(model), ResultCache(config.cache_dir))
+    if "niah" in config.tasks:
+        ev.samples = niah.make_grid(tokenizer, ids, config.needle_lengths(), config.niah_depths,
+                                    config.niah_samples, config.seed)
+    for length in config.lengths:
+        ev.ppl_windows(length)  # fail before any model run if the corpus is too short
+    meta = {"env": environment(argv), "config": {**asdict(config), "sweeps": [asdict(s) for s in config.sweeps]},
+            "model": {**describe_model(config.model, model), "fingerprint": ev.fingerprint[:16]},
+            "corpus": {**corpus.describe(), "tokens": int(ids.numel())}}
+    baseline: dict[str, Any] = {"label": BASELINE}
+    t0 = time.perf_counter()
+    if "ppl" in config.tasks:
+        baseline["ppl"] = {str(length): ev.baseline_ppl(length) for length in config.lengths}
+    if "niah" in config.tasks:
+        baseline["niah"] = ev.baseline_niah()
+    baseline["wall_s"] = time.perf_counter() - t0
+    results = [ev.run_policy(run, baseline) for run in tqdm(runs, desc="policies", disable=not config.progress)]
+    return {"meta": meta, "baseline": baseline, "runs": results}
