@@ -1,0 +1,454 @@
+"""Prism block estimation in Triton: pooling, dual-band calibrated scores, top-p into block lists.
+
+Three launches, nothing of size L x L (only (L / b)^2 block scores):
+
+  1. `_prism_pool_kernel`, grid (cdiv(B * Hx * n_blocks, NB),), once for q and once for k: the mean of each
+     block over its valid tokens (fp32) and the block's squared norm in the full head, the high
+     band and the low band (for the energy calibration).
+  2. `_prism_scores_kernel`, grid (cdiv(nq, BLOCK_QB), B * H): per (batch, head) the calibrated
+     band temperatures, then both bands' block logits (tl.dot, fp32) and their log-sum-exp over
+     the allowed key blocks (online, one pass).
+  3. `_prism_select_kernel`, grid (cdiv(B * Hm * nq, BLOCK_M),): per query block, each band's
+     probabilities, a top-p by a 31-step bisection over the fp32 bit patterns (no sort), the union
+     (over the bands and, for per_kv_head, over the group's heads), the forced sink/recent
+     blocks, and the compacted ascending list written straight into kv_num_blocks / kv_indices.
+
+The reference these kernels equal (up to fp32 rounding at the top-p boundary) is
+`sparse_compile.methods.prism.select_blocks_reference`, re-exported here as `reference`;
+`prism_select_triton` takes exactly its arguments. Allowed blocks, sinks and recent blocks follow
+`allowed_blocks`, `sink_block` and `recent_blocks` in the same module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sparse_compile.attention_mask import AttentionMask
+from sparse_compile.methods.prism import CALIBRATION_EPS, MIN_TEMPERATURE
+from sparse_compile.methods.prism import select_blocks_reference as reference
+
+__all__ = ["prism_select_triton", "reference"]
+
+MAX_KV_BLOCKS = 8192  # one query block's row of key-block scores is sorted inside one program
+RMS_EPS: tl.constexpr = tl.constexpr(CALIBRATION_EPS)
+TEMPERATURE_FLOOR: tl.constexpr = tl.constexpr(MIN_TEMPERATURE)
+
+
+@triton.jit
+def _allowed_blocks(CUM_b, p0, p1, n, NK, LK, window, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_VALID: tl.constexpr):
+    """Key blocks n holding a valid key visible to some query at positions [p0, p1] (broadcast)."""
+    lo = n * BLOCK
+    hi = tl.minimum(lo + BLOCK, LK) - 1
+    if CAUSAL:
+        hi = tl.minimum(hi, p1)
+    lo = tl.where(window > 0, tl.maximum(lo, p0 - window + 1), lo)
+    lo_c = tl.minimum(tl.maximum(lo, 0), LK)
+    hi_c = tl.minimum(tl.maximum(hi + 1, 0), LK)
+    ok = (hi_c > lo_c) & (n < NK)
+    if HAS_VALID:
+        # valid keys in [lo_c, hi_c) from the prefix sums of key_valid
+        count = tl.load(CUM_b + hi_c, mask=ok, other=0) - tl.load(CUM_b + lo_c, mask=ok, other=0)
+        ok = ok & (count > 0)
+    return ok
+
+
+@triton.jit
+def _prism_pool_kernel(
+    X, CUM, OUT, ENERGY, BAND,
+    L, LK, pos_offset, H_X, n_blocks, n_rows,
+    stride_xb, stride_xh, stride_xl, stride_xd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_eb, stride_eh, stride_en,
+    stride_cb,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NB: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+):
+    """OUT[b, h, blk] = mean of X[b, h, tokens of blk] over the valid tokens; ENERGY[b, h, blk, :3]
+    = the squared norms (full head, high band, low band) of that mean. One program pools NB
+    blocks of the flattened (b, h, blk) index."""
+    tl.static_assert(BLOCK % ROWS == 0, "ROWS must divide BLOCK")
+    r = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    r_ok = r < n_rows
+    blk = r % n_blocks
+    b = (r // n_blocks) // H_X
+    h = (r // n_blocks) % H_X
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    x_base = X + b * stride_xb + h * stride_xh
+    acc = tl.zeros([NB, D_PAD], dtype=tl.float32)
+    count = tl.zeros([NB, ROWS], dtype=tl.int32)
+    # step 1: sum each block's valid tokens, ROWS at a time
+    for r0 in tl.static_range(0, BLOCK, ROWS):
+        tok = blk[:, None] * BLOCK + r0 + tl.arange(0, ROWS)[None, :]  # (NB, ROWS)
+        valid = (tok < L) & r_ok[:, None]
+        if HAS_VALID:
+            pos = tok + pos_offset
+            inside = valid & (pos >= 0) & (pos < LK)
+            pos_c = tl.minimum(tl.maximum(pos, 0), LK - 1)
+            cum_b = CUM + b[:, None] * stride_cb
+            # key_valid[pos] = cum[pos + 1] - cum[pos]; positions outside the keys count as valid
+            is_valid = tl.load(cum_b + pos_c + 1, mask=inside, other=1) - tl.load(cum_b + pos_c, mask=inside, other=0)
+            valid = valid & (is_valid > 0)
+        x_ptrs = x_base[:, None, None] + tok[:, :, None] * stride_xl + d[None, None, :] * stride_xd
+        x = tl.load(x_ptrs, mask=valid[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x, axis=1)
+        count += valid.to(tl.int32)
+    # step 2: the means (zeros for a block without valid tokens)
+    mean = acc / tl.maximum(tl.sum(count, axis=1), 1).to(tl.float32)[:, None]
+    o_ptrs = OUT + (b * stride_ob + h * stride_oh + blk * stride_on)[:, None] + d[None, :] * stride_od
+    tl.store(o_ptrs, mean, mask=r_ok[:, None] & d_ok[None, :])
+    # step 3: squared norms per band (BAND bit 0: high band, bit 1: low band)
+    band = tl.load(BAND + d, mask=d_ok, other=0)[None, :]
+    sq = mean * mean
+    e_ptr = ENERGY + b * stride_eb + h * stride_eh + blk * stride_en
+    tl.store(e_ptr + 0, tl.sum(sq, axis=1), mask=r_ok)
+    tl.store(e_ptr + 1, tl.sum(tl.where((band & 1) != 0, sq, 0.0), axis=1), mask=r_ok)
+    tl.store(e_ptr + 2, tl.sum(tl.where((band & 2) != 0, sq, 0.0), axis=1), mask=r_ok)
+
+
+@triton.jit
+def _prism_scores_kernel(
+    QP, KP, QE, KE, HIGH_IDX, LOW_IDX, CUM, LOGITS, LSE,
+    nq, nk, n_max, LQ, LK, q_offset, window, temperature_high, temperature_low, sqrt_high, sqrt_low, H, G,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_qeb, stride_qeh, stride_qen,
+    stride_keb, stride_keh, stride_ken,
+    stride_lb, stride_lh, stride_lband, stride_lm, stride_ln,
+    stride_sb, stride_sh, stride_sband, stride_sm,
+    stride_cb,
+    D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr, HIGH_PAD: tl.constexpr, LOW_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_QB: tl.constexpr, BLOCK_KB: tl.constexpr, ECHUNK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, CALIBRATE: tl.constexpr,
+):
+    """LOGITS[b, h, band, m, n] = band logits of query block m and key block n (only allowed
+    entries are meaningful); LSE[b, h, band, m] = their log-sum-exp over the allowed key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G  # the KV head this query head reads
+    # step 3: band temperatures, calibrated from the pooled energies of all blocks of (b, h)
+    if CALIBRATE:
+        acc_q = tl.zeros([ECHUNK, 4], dtype=tl.float32)
+        acc_k = tl.zeros([ECHUNK, 4], dtype=tl.float32)
+        col = tl.arange(0, 4)
+        i0 = 0
+        while i0 < n_max:  # (while: runtime-bound for-loops break the interpreter with numpy >= 2.4)
+            i = i0 + tl.arange(0, ECHUNK)
+            # columns of ENERGY: squared norm in the full head, the high band, the low band
+            acc_q += tl.load(QE + b * stride_qeb + h * stride_qeh + i[:, None] * stride_qen + col[None, :],
+                             mask=(i < nq)[:, None] & (col < 3)[None, :], other=0.0)
+            acc_k += tl.load(KE + b * stride_keb + hk * stride_keh + i[:, None] * stride_ken + col[None, :],
+                             mask=(i < nk)[:, None] & (col < 3)[None, :], other=0.0)
+            i0 += ECHUNK
+        e_q = tl.sum(acc_q, axis=0)
+        e_k = tl.sum(acc_k, axis=0)
+        qf = tl.sum(tl.where(col == 0, e_q, 0.0), axis=0)
+        qh_e = tl.sum(tl.where(col == 1, e_q, 0.0), axis=0)
+        ql_e = tl.sum(tl.where(col == 2, e_q, 0.0), axis=0)
+        kf = tl.sum(tl.where(col == 0, e_k, 0.0), axis=0)
+        kh_e = tl.sum(tl.where(col == 1, e_k, 0.0), axis=0)
+        kl_e = tl.sum(tl.where(col == 2, e_k, 0.0), axis=0)
+        rq = tl.maximum(tl.sqrt(qf / (nq * D)), RMS_EPS)
+        rk = tl.maximum(tl.sqrt(kf / (nk * D)), RMS_EPS)
+        # t = sqrt(n_band / D) * (rms(q_band) / rms(q)) * (rms(k_band) / rms(k))
+        t_high = tl.sqrt(qh_e / (nq * N_HIGH) * (kh_e / (nk * N_HIGH)) * N_HIGH / D) / (rq * rk)
+        t_low = tl.sqrt(ql_e / (nq * N_LOW) * (kl_e / (nk * N_LOW)) * N_LOW / D) / (rq * rk)
+    else:
+        t_high = temperature_high
+        t_low = temperature_low
+    inv_high = 1.0 / (sqrt_high * tl.maximum(t_high, TEMPERATURE_FLOOR))
+    inv_low = 1.0 / (sqrt_low * tl.maximum(t_low, TEMPERATURE_FLOOR))
+
+    # step 2: this program's query blocks, gathered into the two bands
+    m = pid_m * BLOCK_QB + tl.arange(0, BLOCK_QB)
+    m_ok = m < nq
+    dh = tl.arange(0, HIGH_PAD)
+    dl = tl.arange(0, LOW_PAD)
+    idx_h = tl.load(HIGH_IDX + dh, mask=dh < N_HIGH, other=0)
+    idx_l = tl.load(LOW_IDX + dl, mask=dl < N_LOW, other=0)
+    q_base = QP + b * stride_qb + h * stride_qh + m[:, None] * stride_qn
+    q_high = tl.load(q_base + idx_h[None, :] * stride_qd, mask=m_ok[:, None] & (dh < N_HIGH)[None, :], other=0.0)
+    q_low = tl.load(q_base + idx_l[None, :] * stride_qd, mask=m_ok[:, None] & (dl < N_LOW)[None, :], other=0.0)
+    p0 = (q_offset + m * BLOCK)[:, None]
+    p1 = (q_offset + tl.minimum((m + 1) * BLOCK, LQ) - 1)[:, None]
+
+    # step 4: logits per key tile, online max / sum of exp over allowed blocks
+    max_h = tl.full([BLOCK_QB], -1.0e30, dtype=tl.float32)
+    max_l = tl.full([BLOCK_QB], -1.0e30, dtype=tl.float32)
+    sum_h = tl.zeros([BLOCK_QB], dtype=tl.float32)
+    sum_l = tl.zeros([BLOCK_QB], dtype=tl.float32)
+    k_base = KP + b * stride_kb + hk * stride_kh
+    l_base = LOGITS + b * stride_lb + h * stride_lh + m[:, None] * stride_lm
+    n0 = 0
+    while n0 < nk:
+        n = n0 + tl.arange(0, BLOCK_KB)
+        n_ok = n < nk
+        k_high = tl.load(k_base + n[None, :] * stride_kn + idx_h[:, None] * stride_kd,
+                         mask=(dh < N_HIGH)[:, None] & n_ok[None, :], other=0.0)
+        k_low = tl.load(k_base + n[None, :] * stride_kn + idx_l[:, None] * stride_kd,
+                        mask=(dl < N_LOW)[:, None] & n_ok[None, :], other=0.0)
+        logit_h = tl.dot(q_high, k_high, input_precision="ieee") * inv_high
+        logit_l = tl.dot(q_low, k_low, input_precision="ieee") * inv_low
+        ok = _allowed_blocks(CUM + b * stride_cb, p0, p1, n[None, :], nk, LK, window, BLOCK, CAUSAL, HAS_VALID)
+        ok = ok & m_ok[:, None]
+        store_ok = m_ok[:, None] & n_ok[None, :]
+        tl.store(l_base + n[None, :] * stride_ln, logit_h, mask=store_ok)
+        tl.store(l_base + stride_lband + n[None, :] * stride_ln, logit_l, mask=store_ok)
+        new_h = tl.maximum(max_h, tl.max(tl.where(ok, logit_h, -1.0e30), axis=1))
+        new_l = tl.maximum(max_l, tl.max(tl.where(ok, logit_l, -1.0e30), axis=1))
+        exp_h = tl.exp(tl.where(ok, logit_h - new_h[:, None], -float("inf")))
+        exp_l = tl.exp(tl.where(ok, logit_l - new_l[:, None], -float("inf")))
+        sum_h = sum_h * tl.exp(max_h - new_h) + tl.sum(exp_h, axis=1)
+        sum_l = sum_l * tl.exp(max_l - new_l) + tl.sum(exp_l, axis=1)
+        max_h = new_h
+        max_l = new_l
+        n0 += BLOCK_KB
+    s_base = LSE + b * stride_sb + h * stride_sh + m * stride_sm
+    # (a row without allowed blocks gets a finite dummy: select never reads it)
+    tl.store(s_base, max_h + tl.log(tl.maximum(sum_h, 1.0e-30)), mask=m_ok)
+    tl.store(s_base + stride_sband, max_l + tl.log(tl.maximum(sum_l, 1.0e-30)), mask=m_ok)
+
+
+@triton.jit
+def _top_p(p, ok, threshold, BLOCK_M: tl.constexpr):
+    """Blocks kept by top-p in each row: ranked by probability (desc, ties by lower index), a
+    block is kept while the mass ranked before it is < threshold. p: (BLOCK_M, NK_PAD) fp32, zero
+    where not ok.
+
+    A threshold search instead of a sort: for the fp32 bit pattern x of a probability, the mass
+    G(x) of the blocks with larger probabilities falls as x grows, so a bisection over the 31 bits
+    finds the smallest x with G(x) < threshold; the blocks at or above it are kept, except in the
+    group tied at the smallest kept value, which is cut in index order.
+    """
+    bits = p.to(tl.int32, bitcast=True)  # non-negative floats order like their bit patterns
+    lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+    hi = tl.full([BLOCK_M], 0x7F800000, tl.int32)  # +inf
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        mass_above = tl.sum(tl.where(bits > mid[:, None], p, 0.0), axis=1)
+        below = mass_above < threshold
+        hi = tl.where(below, mid, hi)
+        lo = tl.where(below, lo, mid + 1)
+    kept = ok & (bits >= hi[:, None])
+    # ties at the smallest kept value v: mass before = G(v) + (rank among the tied) * v
+    v_min = tl.min(tl.where(kept, p, float("inf")), axis=1)[:, None]
+    tied = kept & (p == v_min)
+    tie_rank = tl.cumsum(tied.to(tl.int32), axis=1) - 1
+    mass_gt = tl.sum(tl.where(p > v_min, p, 0.0), axis=1)[:, None]
+    kept = kept & ((~tied) | (mass_gt + tie_rank.to(tl.float32) * v_min < threshold))
+    return ok & (kept | (threshold >= 1.0))
+
+
+@triton.jit
+def _prism_select_kernel(
+    LOGITS, LSE, CUM, SINK, KV_NUM, KV_IDX,
+    nq, nk, LQ, LK, q_offset, window, threshold_high, threshold_low, Hm, n_rows,
+    stride_lb, stride_lh, stride_lband, stride_lm, stride_ln,
+    stride_sb, stride_sh, stride_sband, stride_sm,
+    stride_cb,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im, stride_in,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, NK_PAD: tl.constexpr, G_SEL: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, FORCE_SINK: tl.constexpr, FORCE_RECENT: tl.constexpr,
+    ANY_FULL: tl.constexpr,
+):
+    """kv_num_blocks[b, hm, m] and kv_indices[b, hm, m, :count] (ascending) for BLOCK_M rows of
+    the flattened (b, hm, m) index."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = r < n_rows
+    m = r % nq
+    b = (r // nq) // Hm
+    hm = (r // nq) % Hm
+    n = tl.arange(0, NK_PAD)[None, :]
+    p0 = (q_offset + m * BLOCK)[:, None]
+    p1 = (q_offset + tl.minimum((m + 1) * BLOCK, LQ) - 1)[:, None]
+    cum_b = CUM + (b * stride_cb)[:, None]
+    ok = _allowed_blocks(cum_b, p0, p1, n, nk, LK, window, BLOCK, CAUSAL, HAS_VALID) & r_ok[:, None]
+    # steps 5-6: top-p of each band of each head of the group, united
+    selected = ok & (n < 0)
+    for g in tl.static_range(G_SEL):
+        h = hm * G_SEL + g
+        l_ptr = LOGITS + (b * stride_lb + h * stride_lh + m * stride_lm)[:, None] + n * stride_ln
+        s_ptr = LSE + b * stride_sb + h * stride_sh + m * stride_sm
+        lse_h = tl.load(s_ptr, mask=r_ok, other=0.0)[:, None]
+        lse_l = tl.load(s_ptr + stride_sband, mask=r_ok, other=0.0)[:, None]
+        prob_h = tl.exp(tl.where(ok, tl.load(l_ptr, mask=ok, other=0.0) - lse_h, -float("inf")))
+        prob_l = tl.exp(tl.where(ok, tl.load(l_ptr + stride_lband, mask=ok, other=0.0) - lse_l, -float("inf")))
+        selected = selected | _top_p(prob_h, ok, threshold_high, BLOCK_M)
+        selected = selected | _top_p(prob_l, ok, threshold_low, BLOCK_M)
+    # a query block of padding only keeps just the forced blocks (unless a threshold is 1)
+    if HAS_VALID and not ANY_FULL:
+        lo = tl.minimum(tl.maximum(p0, 0), LK)
+        hi = tl.minimum(tl.maximum(p1 + 1, 0), LK)
+        outside = (p0 < 0) | (p1 >= LK)
+        n_valid = tl.load(cum_b + hi, mask=r_ok[:, None], other=0) - tl.load(cum_b + lo, mask=r_ok[:, None], other=0)
+        selected = selected & (outside | (n_valid > 0))
+    # step 6: forced blocks: the sink (block of the first valid key), the blocks holding the query
+    # block's own positions and the most recent allowed block
+    if FORCE_SINK:
+        sink = tl.load(SINK + b, mask=r_ok, other=0)[:, None]
+        selected = selected | (ok & (n == sink))
+    if FORCE_RECENT:
+        last = tl.max(tl.where(ok, n, -1), axis=1)[:, None]
+        own = (n >= p0 // BLOCK) & (n <= p1 // BLOCK)
+        selected = selected | (ok & (own | (n == last)))
+    # step 7: compact each row into an ascending list
+    slot = tl.cumsum(selected.to(tl.int32), axis=1) - 1
+    row = (b * stride_ib + hm * stride_ih + m * stride_im)[:, None]
+    tl.store(KV_IDX + row + slot * stride_in, n.to(tl.int32) + slot * 0, mask=selected)
+    count = tl.sum(selected.to(tl.int32), axis=1)
+    tl.store(KV_NUM + b * stride_nb + hm * stride_nh + m * stride_nm, count, mask=r_ok)
+
+
+def _check_inputs(q: Tensor, k: Tensor, high_idx: Tensor, low_idx: Tensor, mask: AttentionMask, block_size: int):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-D (B, H, L, D); got shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    B, H, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if (Bk, Dk) != (B, D):
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch/head_dim")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
+    if Lq == 0 or Lk == 0:
+        raise ValueError(f"empty sequence: q_len {Lq}, kv_len {Lk}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
+        raise ValueError(f"q/k dtype must be one of float16/bfloat16/float32 and equal; got {q.dtype}/{k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"q is on {q.device} but k is on {k.device}")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"prism_select_triton needs CUDA tensors (got {q.device}); use the reference on CPU")
+    if block_size < 2 or block_size & (block_size - 1) or block_size > 256:
+        raise ValueError(f"block_size must be a power of two in [2, 256], got {block_size}")
+    nk = -(-Lk // block_size)
+    if nk > MAX_KV_BLOCKS:
+        raise ValueError(f"kv_len {Lk} gives {nk} key blocks of {block_size}; at most {MAX_KV_BLOCKS} are supported")
+    for name, idx in (("high_idx", high_idx), ("low_idx", low_idx)):
+        if idx.dim() != 1 or idx.numel() == 0 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be a non-empty 1-D integer tensor, got {idx.dtype} {tuple(idx.shape)}")
+        if int(idx.min()) < 0 or int(idx.max()) >= D:
+            raise ValueError(f"{name} holds dims outside [0, head_dim={D})")
+    if mask.dense_mask is not None:
+        raise ValueError("mask.dense_mask is set: Prism selection needs a structured mask (run exact attention)")
+    if mask.q_offset < 0 or mask.window < 0:
+        raise ValueError(f"mask.q_offset ({mask.q_offset}) and mask.window ({mask.window}) must be >= 0")
+    if mask.key_valid is not None and (tuple(mask.key_valid.shape) != (B, Lk) or mask.key_valid.dtype != torch.bool):
+        raise ValueError(f"mask.key_valid must be a (B, Lk) = ({B}, {Lk}) bool tensor, got "
+                         f"{mask.key_valid.dtype} {tuple(mask.key_valid.shape)}")
+
+
+def prism_select_triton(
+    q: Tensor,
+    k: Tensor,
+    high_idx: Tensor,
+    low_idx: Tensor,
+    mask: AttentionMask,
+    *,
+    block_size: int,
+    threshold_high: float,
+    threshold_low: float,
+    temperature_high: float | None,
+    temperature_low: float | None,
+    force_sink: bool = True,
+    force_recent: bool = True,
+    per_kv_head: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Prism block lists with the Triton kernels; the arguments of `reference` (select_blocks_reference).
+
+    q: (B, H, Lq, D), k: (B, Hkv, Lk, D), fp16/bf16/fp32, any strides, CUDA (or the Triton
+    interpreter). high_idx / low_idx: 1-D int band dims. temperature_* None: energy calibration.
+    Returns kv_num_blocks (B, Hm, nq) int32 and kv_indices (B, Hm, nq, nk) int32 (ascending,
+    entries past the count undefined), Hm = Hkv if per_kv_head else H.
+    """
+    _check_inputs(q, k, high_idx, low_idx, mask, block_size)
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    Hm = Hkv if per_kv_head else H
+    nq, nk = triton.cdiv(Lq, block_size), triton.cdiv(Lk, block_size)
+    dev = q.device
+    f32 = torch.float32
+
+    # inputs of the kernels: band dims and membership, key-validity prefix sums, sink blocks
+    high_idx = high_idx.to(device=dev, dtype=torch.int32).contiguous()
+    low_idx = low_idx.to(device=dev, dtype=torch.int32).contiguous()
+    band = torch.zeros(D, dtype=torch.int32, device=dev)
+    band[high_idx.long()] |= 1
+    band[low_idx.long()] |= 2
+    has_valid = mask.key_valid is not None
+    if has_valid:
+        cum = torch.zeros(B, Lk + 1, dtype=torch.int32, device=dev)
+        cum[:, 1:] = mask.key_valid.to(torch.int32).cumsum(-1)
+        sink = (torch.argmax(mask.key_valid.to(torch.int32), dim=1) // block_size).to(torch.int32)
+    else:
+        cum = torch.zeros(B, 1, dtype=torch.int32, device=dev)
+        sink = torch.zeros(B, dtype=torch.int32, device=dev)
+
+    # 1. pooling (fp32 means) and block energies, for q (positions q_offset + i) and k
+    d_pad = triton.next_power_of_2(D)
+    rows = min(block_size, max(1, 4096 // d_pad))
+    pooled = {}
+    for name, x, pos_offset in (("q", q, mask.q_offset), ("k", k, 0)):
+        n_blocks = triton.cdiv(x.shape[2], block_size)
+        n_rows = B * x.shape[1] * n_blocks
+        nb = max(1, min(triton.next_power_of_2(n_rows), 4096 // (rows * d_pad)))  # blocks per program
+        out = torch.empty(B, x.shape[1], n_blocks, D, dtype=f32, device=dev)
+        energy = torch.empty(B, x.shape[1], n_blocks, 4, dtype=f32, device=dev)
+        _prism_pool_kernel[(triton.cdiv(n_rows, nb),)](
+            x, cum, out, energy, band,
+            x.shape[2], Lk, pos_offset, x.shape[1], n_blocks, n_rows,
+            *x.stride(), *out.stride(), *energy.stride()[:3], cum.stride(0),
+            D=D, D_PAD=d_pad, BLOCK=block_size, ROWS=rows, NB=nb, HAS_VALID=has_valid, num_warps=4,
+        )
+        pooled[name] = (out, energy)
+    (q_pool, q_energy), (k_pool, k_energy) = pooled["q"], pooled["k"]
+
+    # 2. band logits and their log-sum-exp over allowed key blocks
+    n_high, n_low = high_idx.numel(), low_idx.numel()
+    logits = torch.empty(B, H, 2, nq, nk, dtype=f32, device=dev)
+    lse = torch.empty(B, H, 2, nq, dtype=f32, device=dev)
+    calibrate = temperature_high is None or temperature_low is None
+    block_qb, block_kb = 16, (16 if nk <= 16 else 64)
+    _prism_scores_kernel[(triton.cdiv(nq, block_qb), B * H)](
+        q_pool, k_pool, q_energy, k_energy, high_idx, low_idx, cum, logits, lse,
+        nq, nk, max(nq, nk), Lq, Lk, mask.q_offset, mask.window,
+        1.0 if temperature_high is None else float(temperature_high),
+        1.0 if temperature_low is None else float(temperature_low),
+        math.sqrt(n_high), math.sqrt(n_low), H, G,
+        *q_pool.stride(), *k_pool.stride(), *q_energy.stride()[:3], *k_energy.stride()[:3],
+        *logits.stride(), *lse.stride(), cum.stride(0),
+        D=D, N_HIGH=n_high, N_LOW=n_low,
+        HIGH_PAD=max(16, triton.next_power_of_2(n_high)), LOW_PAD=max(16, triton.next_power_of_2(n_low)),
+        BLOCK=block_size, BLOCK_QB=block_qb, BLOCK_KB=block_kb, ECHUNK=256,
+        CAUSAL=mask.causal, HAS_VALID=has_valid, CALIBRATE=calibrate, num_warps=4,
+    )
+
+    # 3. top-p per band, union, forced blocks, compacted lists
+    kv_num_blocks = torch.empty(B, Hm, nq, dtype=torch.int32, device=dev)
+    kv_indices = torch.empty(B, Hm, nq, nk, dtype=torch.int32, device=dev)
+    nk_pad = max(2, triton.next_power_of_2(nk))
+    n_rows = B * Hm * nq
+    block_m = max(1, min(64, 4096 // nk_pad, triton.next_power_of_2(n_rows)))  # rows per program
+    _prism_select_kernel[(triton.cdiv(n_rows, block_m),)](
+        logits, lse, cum, sink, kv_num_blocks, kv_indices,
+        nq, nk, Lq, Lk, mask.q_offset, mask.window, float(threshold_high), float(threshold_low),
+        Hm, n_rows,
+        *logits.stride(), *lse.stride(), cum.stride(0), *kv_num_blocks.stride(), *kv_indices.stride(),
+        BLOCK=block_size, BLOCK_M=block_m, NK_PAD=nk_pad, G_SEL=G if per_kv_head else 1,
+        CAUSAL=mask.causal, HAS_VALID=has_valid, FORCE_SINK=force_sink, FORCE_RECENT=force_recent,
+        ANY_FULL=max(threshold_high, threshold_low) >= 1.0, num_warps=4 if nk_pad * block_m <= 2048 else 8,
+    )
+    return kv_num_blocks, kv_indices
+
+
+def estimation_flops(B: int, H: int, Lq: int, Lk: int, block_size: int, n_high: int, n_low: int) -> float:
+    """FLOPs of the band logits (2 per multiply-add): 2 * B * H * nq * nk * (n_high + n_low)."""
+    return 2.0 * B * H * math.ceil(Lq / block_size) * math.ceil(Lk / block_size) * (n_high + n_low)
