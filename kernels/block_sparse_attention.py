@@ -32,18 +32,19 @@ from torch import Tensor
 
 _SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_NEG_INIT = -1.0e30  # finite running-max init: fully masked chunks then give p = 0, alpha = 1, no NaN
+_NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max init: fully masked chunks then give p = 0, alpha = 1, no NaN
 
 
 @triton.jit
 def _attend_chunk(
     it, acc, l_i, m_i, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
     idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    desc_k, desc_v, kv_row0,
     KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
     KeyValid, valid_base, stride_vln, qk_scale, kv_len, window,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One BLOCK_N chunk of keys for one query tile: returns the updated (acc, l_i, m_i)."""
     # 4. this chunk's first key
@@ -62,7 +63,10 @@ def _attend_chunk(
         kv_mask = cols[:, None] < kv_len
     else:
         kv_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    if USE_TMA:  # bulk tensor copy; rows past kv_len belong to the next head (or are zero) and get masked
+        k = desc_k.load([kv_row0 + start_n, 0])
+    else:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     if IEEE_DOT:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -109,7 +113,10 @@ def _attend_chunk(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if USE_TMA:
+        v = desc_v.load([kv_row0 + start_n, 0])
+    else:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if IEEE_DOT:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
     else:
@@ -121,6 +128,7 @@ def _attend_chunk(
 @triton.jit
 def _block_sparse_attn_fwd(
     Q, K, V, Out,
+    desc_k, desc_v,  # TMA descriptors over K, V viewed as (B * Hkv * Lk, D) (USE_TMA), else unused
     KvNum, KvIdx,  # (B, Hm, nq) / (B, Hm, nq, max_blocks) int32 block lists (unused when HAS_LISTS=False)
     KvOrder,  # (B, Hkv, Lk) int32 original key positions (HAS_KV_ORDER)
     KvBlockMin, KvBlockMax,  # (B, Hkv, nk) int32 min / max original position per key block (HAS_KV_ORDER)
@@ -141,7 +149,7 @@ def _block_sparse_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    REVERSE_TILES: tl.constexpr, IEEE_DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    REVERSE_TILES: tl.constexpr, IEEE_DOT: tl.constexpr, INTERPRET: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     tl.static_assert(KV_BLOCK % BLOCK_M == 0, "a query block must split into whole BLOCK_M tiles")
     tl.static_assert(KV_BLOCK % BLOCK_N == 0, "a key block must split into whole BLOCK_N chunks")
@@ -202,16 +210,18 @@ def _block_sparse_attn_fwd(
     order_base = off_b.to(tl.int64) * stride_pb + off_hkv.to(tl.int64) * stride_ph
     blk_base = off_b.to(tl.int64) * stride_bb + off_hkv.to(tl.int64) * stride_bh
     valid_base = off_b.to(tl.int64) * stride_vlb
+    kv_row0 = (off_b * (num_heads // group) + off_hkv) * kv_len  # first row of this head in the 2-D view
     if INTERPRET:  # the interpreter cannot take a run-time `range` bound with numpy >= 2.4
         it = 0
         while it < n_iter:
             acc, l_i, m_i = _attend_chunk(
                 it, acc, l_i, m_i, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
                 idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            desc_k, desc_v, kv_row0,
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
                 KeyValid, valid_base, stride_vln, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA,
             )
             it += 1
     else:  # a `for` loop so that the compiler software-pipelines the K/V loads
@@ -219,10 +229,11 @@ def _block_sparse_attn_fwd(
             acc, l_i, m_i = _attend_chunk(
                 it, acc, l_i, m_i, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
                 idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            desc_k, desc_v, kv_row0,
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
                 KeyValid, valid_base, stride_vln, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA,
             )
 
     # 8. normalise; rows that saw no visible key have l_i == 0 and are written as zeros
@@ -241,15 +252,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(head_dim: int, block_size: int, device_type: str) -> dict:
-    """Tile sizes and launch parameters (tuned on H100, see KERNEL_NOTES.md)."""
+def default_config(head_dim: int, block_size: int, device_type: str, capability: int = 0) -> dict:
+    """Tile sizes and launch parameters (tuned on H100, see KERNEL_NOTES.md).
+
+    capability: the CUDA major compute capability; >= 9 (Hopper) turns on TMA loads of K/V.
+    """
     if device_type != "cuda":  # interpreter: fewer, larger programs are faster
         bm = min(block_size, 64)
-        return {"BLOCK_M": bm, "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": bm, "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1, "USE_TMA": False}
     if head_dim <= 64:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
     else:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    cfg["USE_TMA"] = capability >= 9
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
     return cfg
@@ -372,7 +387,7 @@ def block_sparse_attention(
     validate: check list contents (range, duplicates): one sort of the lists and a device sync;
       pass False in hot loops once the producer is trusted. Shapes/dtypes are always checked.
     impl: "auto" (Triton on CUDA, reference on CPU), "triton" (also on CPU under TRITON_INTERPRET=1)
-      or "reference". config: optional {BLOCK_M, BLOCK_N, num_warps, num_stages} override.
+      or "reference". config: optional {BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA} override.
     Returns (B, H, Lq, D) in q's dtype; rows with no visible key are zeros.
     """
     Hm, q_off = _check_inputs(q, k, v, kv_num_blocks, kv_indices, block_size, q_offset, window, key_valid,
@@ -399,7 +414,8 @@ def block_sparse_attention(
         out.copy_(res)
         return out
 
-    cfg = default_config(D, block_size, "cuda" if q.is_cuda else "cpu")
+    cap = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 0
+    cfg = default_config(D, block_size, "cuda" if q.is_cuda else "cpu", cap)
     cfg.update(config or {})
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if block_size % BLOCK_M or block_size % BLOCK_N:
@@ -427,11 +443,21 @@ def block_sparse_attention(
         order32, blk_min, blk_max = dummy.view(1, 1, 1), dummy.view(1, 1, 1), dummy.view(1, 1, 1)
     valid8 = key_valid.to(torch.int8) if key_valid is not None else dummy.view(1, 1)
 
+    # TMA (Hopper+): K/V contiguous, 16-bit, power-of-two head_dim; otherwise masked pointer loads
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    use_tma = bool(cfg.get("USE_TMA", False)) and q.is_cuda and D == BLOCK_D and q.dtype != torch.float32 \
+        and k.is_contiguous() and v.is_contiguous()
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        desc_k = TensorDescriptor(k, [B * Hkv * Lk, D], [D, 1], [BLOCK_N, D])
+        desc_v = TensorDescriptor(v, [B * Hkv * Lk, D], [D, 1], [BLOCK_N, D])
+    else:
+        desc_k, desc_v = k, v
     num_q_tiles = _cdiv(Lq, BLOCK_M)
     grid = (num_q_tiles, B * H)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
     _block_sparse_attn_fwd[grid](
-        q, k, v, out,
+        q, k, v, out, desc_k, desc_v,
         kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8,
         scale * 1.4426950408889634,
         Lq, Lk, q_off, window,
@@ -443,6 +469,7 @@ def block_sparse_attention(
         HAS_LISTS=has_lists, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
         HAS_KV_ORDER=kv_order is not None, HAS_KEY_VALID=key_valid is not None,
         REVERSE_TILES=bool(causal), IEEE_DOT=q.dtype == torch.float32, INTERPRET=not q.is_cuda,
+        USE_TMA=use_tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

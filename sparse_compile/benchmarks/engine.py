@@ -164,6 +164,7 @@ def run_engine_benchmark(
     with_flex: bool = True,
     with_sdpa: bool = True,
     config: dict | None = None,
+    alt_config: dict | None = None,
     seed: int = 0,
 ) -> dict:
     """Time ours / FlexAttention / SDPA flash / SDPA cuDNN; returns {"env", "rows"} (times in ms)."""
@@ -176,17 +177,19 @@ def run_engine_benchmark(
     rows = []
     for L in lengths:
         rows += _bench_length(L, densities, heads, kv_heads, head_dim, dtype, rep_ms, with_flex, with_sdpa,
-                              config, flex, BlockMask, SDPBackend, sdpa_kernel, g)
+                              config, alt_config, flex, BlockMask, SDPBackend, sdpa_kernel, g)
         torch.cuda.empty_cache()
-    return {"env": _env(), "config": config or default_config(head_dim, BLOCK, "cuda"), "rows": rows}
+    cap = torch.cuda.get_device_capability()[0]
+    return {"env": _env(), "config": config or default_config(head_dim, BLOCK, "cuda", cap),
+            "alt_config": alt_config, "rows": rows}
 
 
 def _causal_mod(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def _bench_length(L, densities, H, Hkv, D, dtype, rep_ms, with_flex, with_sdpa, config, flex, BlockMask,
-                  SDPBackend, sdpa_kernel, g) -> list[dict]:
+def _bench_length(L, densities, H, Hkv, D, dtype, rep_ms, with_flex, with_sdpa, config, alt_config, flex,
+                  BlockMask, SDPBackend, sdpa_kernel, g) -> list[dict]:
     """All rows of one sequence length (SDPA rows are density-independent and timed once)."""
     dev, B = "cuda", 1
     q = torch.randn(B, H, L, D, device=dev, dtype=dtype, generator=g)
@@ -221,6 +224,14 @@ def _bench_length(L, densities, H, Hkv, D, dtype, rep_ms, with_flex, with_sdpa, 
             return block_sparse_attention(q, k, v, num, idx, block_size=BLOCK, causal=True,
                                           validate=False, config=config)
         row["ours"] = _bench(run_ours, rep_ms)
+        if alt_config is not None:  # a second kernel config on the same inputs (version comparison)
+            def run_alt(num=num, idx=idx):
+                return block_sparse_attention(q, k, v, num, idx, block_size=BLOCK, validate=False,
+                                              config=alt_config)
+            row["ours_alt"] = _bench(run_alt, rep_ms)
+            if L <= 32768:
+                row["ours_vs_alt_rel_err"] = ((run_ours().float() - run_alt().float()).norm()
+                                              / run_alt().float().norm()).item()
         if with_flex:
             diag = torch.eye(n, dtype=torch.bool, device=dev).expand_as(mask)
             f_num, f_idx = _lists_full_width(mask & ~diag)
@@ -254,10 +265,11 @@ def _fmt_row(r: dict) -> str:
     ratio_f = r["ours"] / r["flex"] if r.get("flex") else float("nan")
     ratio_c = r["ours"] / r["sdpa_cudnn"] if r.get("sdpa_cudnn") else float("nan")
     flex_tflops = r.get("flex_tflops", float("nan"))
+    alt = f" | {ms(r['ours_alt'])}" if "ours_alt" in r else ""
     return (f"| {r['L'] // 1024}K | {100 * r['density_target']:.0f}% ({100 * r['density']:.1f}%) | "
             f"{ms(r['ours'])} | {ms(r.get('flex'))} | {ms(r.get('sdpa_flash'))} | "
             f"{ms(r.get('sdpa_cudnn'))} | {ratio_f:.2f} | {ratio_c:.2f} | {r['ours_tflops']:.0f} | "
-            f"{flex_tflops:.0f} |")
+            f"{flex_tflops:.0f}{alt} |")
 
 
 def markdown_table(result: dict) -> str:
@@ -266,7 +278,12 @@ def markdown_table(result: dict) -> str:
             f"cuDNN {env['cudnn']}, {env['date']}\n\nCommand: `{env['command']}`\n\n"
             f"Kernel config: `{result['config']}`\n\n"
             "| L | density target (actual) | ours ms | Flex ms | SDPA flash ms | SDPA cuDNN ms | ours/Flex | "
-            "ours/cuDNN | ours TFLOP/s | Flex TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "ours/cuDNN | ours TFLOP/s | Flex TFLOP/s |")
+    if result.get("alt_config"):
+        head = head.replace("Kernel config:", f"Alt config (last column): `{result['alt_config']}`; kernel config:")
+        head += " ours (alt config) ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    else:
+        head += "\n|---|---|---|---|---|---|---|---|---|---|\n"
     return head + "\n".join(_fmt_row(r) for r in result["rows"]) + "\n"
 
 
@@ -280,12 +297,11 @@ def sweep_configs(L: int = 32768, densities=(1.0, 0.1), rep_ms: float = 100.0) -
     v = torch.randn(B, Hkv, L, D, device=dev, dtype=torch.bfloat16, generator=g)
     n = L // BLOCK
     configs = [
-        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "USE_TMA": True},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "USE_TMA": False},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "USE_TMA": True},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "USE_TMA": True},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "USE_TMA": True},
     ]
     out = []
     for dens in densities:
@@ -327,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sdpa", action="store_true", help="skip dense SDPA")
     ap.add_argument("--config", default=None, help="kernel config override as JSON, e.g. "
                     '\'{"BLOCK_M":128,"BLOCK_N":64,"num_warps":8,"num_stages":3}\'')
+    ap.add_argument("--alt-config", default=None, help="a second kernel config (JSON) timed on the same "
+                    "inputs, printed in the last column (version comparison)")
     ap.add_argument("--check", action="store_true", help="run GPU correctness checks first")
     ap.add_argument("--sweep", action="store_true", help="time tile configs at 32K before the benchmark")
     ap.add_argument("--skip-bench", action="store_true", help="only --check / --sweep")
@@ -353,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, rep_ms=args.rep_ms,
         with_flex=not args.no_flex, with_sdpa=not args.no_sdpa,
         config=json.loads(args.config) if args.config else None,
+        alt_config=json.loads(args.alt_config) if args.alt_config else None,
     )
     result.update(extra)
     table = markdown_table(result)
