@@ -460,14 +460,13 @@ def attention(
     Lk = k.shape[2]
     if Lk < params.min_seq_len or Lq == 1 or mask.dense_mask is not None:
         return dense.attention(q, k, v, mask, site, None, scale)
+    from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
+
     blocks = prism_select(q, k, mask, site, params, block_size=block_size)
-    if q.is_cuda:
-        from sparse_compile.kernels.block_sparse_attention import block_sparse_attention as engine
-    else:
-        from sparse_compile.kernels.block_sparse_attention import block_sparse_attention_reference as engine
-    out = engine(
+    # the engine: Triton on CUDA, its reference on CPU; our lists are well formed (no validation sync)
+    out = block_sparse_attention(
         q, k, v, blocks.kv_num_blocks, blocks.kv_indices,
         block_size=blocks.block_size, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
-        key_valid=mask.key_valid, scale=scale,
+        key_valid=mask.key_valid, scale=scale, validate=not q.is_cuda,
     )
     return out, selection_density(blocks, mask, H)
