@@ -105,3 +105,19 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         if path is not None:
             written[name] = path
     return written
+
+
+def update_markdown_section(path: Path, section: str, body: str) -> None:
+    """Replace the text between `<!-- BEGIN section -->` and `<!-- END section -->` in `path` with
+    `body`, or append a new marked section (creating the file) when there is none."""
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else ""
+    start = text.find(begin)
+    stop = text.find(end, start)
+    if start >= 0 and stop >= 0:
+        rest = text[stop + len(end):].lstrip("\n")
+        text = text[:start] + block + ("\n" + rest if rest else "")
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block
+    path.write_text(text)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sparse_compile.evaluation import needle as niah
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR, ResultCache, ids_digest
-from sparse_compile.evaluation.corpus import DEFAULT_CORPUS, load_corpus, tokenize, windows
+from sparse_compile.evaluation.corpus import DEFAULT_CORPUS, Corpus, load_corpus, tokenize, windows
 from sparse_compile.evaluation.models import DEFAULT_MODEL, describe_model, load_model, model_fingerprint
 from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
 from sparse_compile.evaluation.policies import PolicyRun, Sweep, expand_policies
@@ -138,6 +138,7 @@ class Evaluator:
     corpus_ids: torch.Tensor
     fingerprint: str
     cache: ResultCache
+    corpus: Corpus
     samples: list[niah.NeedleSample] = field(default_factory=list)
 
     def cache_key(self, kind: str, ids: Any, **extra: Any) -> dict[str, Any]:
@@ -265,29 +266,31 @@ def summarize_niah(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "score": sum(r["score"] for r in rows) / len(rows) if rows else None}
 
 
-def run_eval(
-    config: EvalConfig, model: Any = None, tokenizer: Any = None, argv: list[str] | None = None
-) -> dict[str, Any]:
-    """Evaluate `config.policies` (swept by `config.sweeps`) against the eager baseline.
-
-    model/tokenizer: pass them to skip loading `config.model`. Returns the results dict that
-    `write_outputs` renders (JSON-serialisable). Deterministic: same config, same numbers.
-    """
-    runs = expand_policies(list(config.policies), list(config.sweeps))  # fail fast on bad policies
+def prepare(config: EvalConfig, model: Any = None, tokenizer: Any = None) -> tuple[Evaluator, list[PolicyRun]]:
+    """Everything that can fail on bad input, before any model run: policies and sweeps, the model,
+    the corpus (long enough for every window) and the NIAH samples. Raises PolicyError, ValueError,
+    CorpusError or ModelLoadError with a message naming what is wrong."""
+    runs = expand_policies(list(config.policies), list(config.sweeps))
+    corpus = load_corpus(config.corpus)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(config.model)
     model.eval()
-    corpus = load_corpus(config.corpus)
     ids = tokenize(tokenizer, corpus.text)
-    ev = Evaluator(config, model, tokenizer, ids, model_fingerprint(model), ResultCache(config.cache_dir))
+    ev = Evaluator(config, model, tokenizer, ids, model_fingerprint(model), ResultCache(config.cache_dir), corpus)
+    for length in config.lengths if "ppl" in config.tasks else ():
+        ev.ppl_windows(length)
     if "niah" in config.tasks:
         ev.samples = niah.make_grid(tokenizer, ids, config.needle_lengths(), config.niah_depths,
                                     config.niah_samples, config.seed)
-    for length in config.lengths:
-        ev.ppl_windows(length)  # fail before any model run if the corpus is too short
+    return ev, runs
+
+
+def execute(ev: Evaluator, runs: list[PolicyRun], argv: list[str] | None = None) -> dict[str, Any]:
+    """The eager baseline (cached), then every policy run; returns the results dict."""
+    config = ev.config
     meta = {"env": environment(argv), "config": {**asdict(config), "sweeps": [asdict(s) for s in config.sweeps]},
-            "model": {**describe_model(config.model, model), "fingerprint": ev.fingerprint[:16]},
-            "corpus": {**corpus.describe(), "tokens": int(ids.numel())}}
+            "model": {**describe_model(config.model, ev.model), "fingerprint": ev.fingerprint[:16]},
+            "corpus": {**ev.corpus.describe(), "tokens": int(ev.corpus_ids.numel())}}
     baseline: dict[str, Any] = {"label": BASELINE}
     t0 = time.perf_counter()
     if "ppl" in config.tasks:
@@ -297,3 +300,15 @@ def run_eval(
     baseline["wall_s"] = time.perf_counter() - t0
     results = [ev.run_policy(run, baseline) for run in tqdm(runs, desc="policies", disable=not config.progress)]
     return {"meta": meta, "baseline": baseline, "runs": results}
+
+
+def run_eval(
+    config: EvalConfig, model: Any = None, tokenizer: Any = None, argv: list[str] | None = None
+) -> dict[str, Any]:
+    """Evaluate `config.policies` (swept by `config.sweeps`) against the eager baseline.
+
+    model/tokenizer: pass them to skip loading `config.model`. Returns the results dict that
+    `write_outputs` renders (JSON-serialisable). Deterministic: same config, same numbers.
+    """
+    ev, runs = prepare(config, model, tokenizer)
+    return execute(ev, runs, argv)
