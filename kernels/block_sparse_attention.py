@@ -17,6 +17,10 @@ Semantics (query i sits at key position q_offset + i, default q_offset = Lk - Lq
   and (key_valid is None or key_valid[b, j]).
   A query row with no visible key returns zeros.
 With full lists this equals `sparse_compile.attention_mask.exact_attention_reference`.
+
+Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the reference (`impl="triton"` runs the
+kernel on CPU under TRITON_INTERPRET=1, where the key loop is a `while` because the interpreter cannot
+take a run-time `range` bound with numpy >= 2.4). Performance notes per version: KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
