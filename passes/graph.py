@@ -24,6 +24,8 @@ FUNCTION_NAMES = {
     operator.ge: "ge", operator.gt: "gt", torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt",
     operator.and_: "and", torch.logical_and: "and", torch.bitwise_and: "and", torch.cos: "cos",
     torch.sin: "sin", torch.repeat_interleave: "repeat_interleave", torch.reshape: "reshape",
+    operator.setitem: "setitem", torch.roll: "roll", torch.tensor: "tensor", torch.chunk: "chunk",
+    torch.split: "split", torch.transpose: "transpose", torch.unsqueeze: "unsqueeze",
 }
 METHOD_NAMES = {
     "add": "add", "__add__": "add", "mul": "mul", "__mul__": "mul", "sub": "sub", "neg": "neg",
@@ -31,7 +33,8 @@ METHOD_NAMES = {
     "__and__": "and", "logical_and": "and", "bitwise_and": "and", "expand": "expand", "reshape": "reshape",
     "view": "reshape", "to": "to", "float": "to", "type": "to", "contiguous": "contiguous", "clone": "clone",
     "new_ones": "new_ones", "repeat_interleave": "repeat_interleave", "index_copy_": "index_copy_",
-    "unsqueeze": "unsqueeze", "transpose": "transpose",
+    "unsqueeze": "unsqueeze", "transpose": "transpose", "roll": "roll", "copy_": "copy_", "chunk": "chunk",
+    "split": "split",
 }
 
 

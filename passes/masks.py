@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-
 from sparse_compile.passes.graph import meta_value, op_name, shape_of
 
 # Offsets are ints, or FX nodes producing SymInts (e.g. the cache length in decode graphs).
@@ -45,6 +44,7 @@ class Predicate:
     kv_offset: tuple[Offset, ...] = ()
     padding: fx.Node | None = None
     padding_kv_offset: tuple[Offset, ...] = ()
+    padding_read: fx.Node | None = None  # the padding[b_idx, kv_idx] gather itself, (B, 1, 1, Lk)
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,10 @@ class MaskMatch:
     q_offset_terms / kv_offset_terms: offsets as sums of ints and SymInt nodes; the node's
     q_offset argument is sum(q_offset_terms) - sum(kv_offset_terms).
     key_valid: node producing the (B, Lk) bool padding mask, or None.
-    key_valid_from_4d: True when key_valid is taken from a (B, 1, 1, Lk) decode mask input.
+    key_valid_from_4d: True when key_valid is a (B, 1, 1, Lk) tensor whose [:, 0, 0] is the key
+      validity: a decode mask input of StaticCache graphs, or the gather padding[b_idx, kv_idx]
+      itself when the padding mask is read at a key offset (sliding-window DynamicCache decode,
+      where the cache holds only the last keys: positions kv_offset .. kv_offset + Lk - 1).
     key_valid_needs_cut: the padding mask's width is not provably Lk; the node gets its first Lk
       columns (what padding[b_idx, arange(Lk)] reads; eager fails the same way if it is shorter).
     dense_mask: the SDPA mask node kept as a tensor (structure unproven), or None.
@@ -148,6 +151,7 @@ def conjoin(a: Predicate, b: Predicate) -> Predicate:
         kv_offset=pick(a.kv_offset, b.kv_offset, "key offset"),
         padding=a.padding if a.padding is not None else b.padding,
         padding_kv_offset=pick(a.padding_kv_offset, b.padding_kv_offset, "padding offset"),
+        padding_read=a.padding_read if a.padding_read is not None else b.padding_read,
     )
 
 
@@ -156,7 +160,8 @@ def compare(name: str, lhs: Any, rhs: Any) -> Predicate:
     flipped = {"le": "ge", "ge": "le", "lt": "gt", "gt": "lt"}
     if isinstance(lhs, Positions) and lhs.axis == "q":
         lhs, rhs, name = rhs, lhs, flipped[name]
-    if not (isinstance(lhs, Positions) and lhs.axis == "kv" and isinstance(rhs, Positions) and rhs.axis == "q"):
+    placed = isinstance(lhs, Positions) and isinstance(rhs, Positions)
+    if not (placed and lhs.axis == "kv" and rhs.axis == "q"):
         raise Unsupported(f"comparison '{name}' is not between key and query positions")
     if lhs.shift:
         raise Unsupported("shifted key positions")
@@ -198,7 +203,7 @@ def interpret(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
             if isinstance(b_pos, Positions) and b_pos.axis == "b" and b_pos.offset in ((), (0,)) and (
                 isinstance(kv_pos, Positions) and kv_pos.axis == "kv" and kv_pos.shift == 0
             ):
-                return Predicate(padding=base.node, padding_kv_offset=kv_pos.offset)
+                return Predicate(padding=base.node, padding_kv_offset=kv_pos.offset, padding_read=node)
         raise Unsupported("indexing that is neither position placement nor padding[b_idx, kv_idx]")
     if name in ("le", "lt", "ge", "gt"):
         return compare(name, args[0], args[1])
@@ -239,11 +244,15 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
         return MaskMatch(causal=False, dense_mask=mask, reason="mask, q or k has no recorded shape")
     # A (B, 1, 1, Lk) boolean mask in a decode graph is exactly per-batch key validity.
     if mask.op == "placeholder" or not mask.all_input_nodes:
-        if value.dtype == torch.bool and len(m_shape) == 4 and m_shape[1] == 1 and m_shape[2] == 1 and q_shape[2] == 1:
+        decode_shape = len(m_shape) == 4 and m_shape[1] == 1 and m_shape[2] == 1 and q_shape[2] == 1
+        if value.dtype == torch.bool and decode_shape:
             return MaskMatch(causal=False, key_valid=mask, key_valid_from_4d=True)
-        return MaskMatch(causal=False, dense_mask=mask, reason="mask is a graph input, not a (B,1,1,Lk) bool decode mask")
+        return MaskMatch(
+            causal=False, dense_mask=mask, reason="mask is a graph input, not a (B,1,1,Lk) bool decode mask"
+        )
     if value.dtype != torch.bool:
-        return MaskMatch(causal=False, dense_mask=mask, reason=f"mask dtype {value.dtype} (only bool masks are read)")
+        reason = f"mask dtype {value.dtype} (only bool masks are read)"
+        return MaskMatch(causal=False, dense_mask=mask, reason=reason)
     # Collect the subgraph: ancestors down to aranges, SymInt inputs and the 2-D padding mask (a leaf).
     order: list[fx.Node] = []
     leaves: set[fx.Node] = set()
@@ -280,26 +289,51 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
             raise Unsupported("the mask does not reduce to a predicate")
         if result.window and not result.causal:
             raise Unsupported("a sliding window without causality")
+        gathered = False
         if result.padding is not None:
             pad_shape = shape_of(result.padding)
             if pad_shape is None or len(pad_shape) != 2:
                 raise Unsupported("the padding mask is not 2-D")
-            if not offsets_equal(result.padding_kv_offset, ()):
-                raise Unsupported("the padding mask is read at a key offset")
             if result.kv_offset and not offsets_equal(result.kv_offset, result.padding_kv_offset):
                 raise Unsupported("padding and causal key offsets differ")
+            if not offsets_equal(result.padding_kv_offset, ()):
+                # Read at a key offset: keep the O(B * Lk) gather padding[b_idx, kv_idx] as key validity.
+                read_shape = shape_of(result.padding_read)
+                if read_shape is None or len(read_shape) != 4 or read_shape[1:3] != (1, 1) or not (
+                    sym_equal(read_shape[3], k_shape[2]) and sym_equal(read_shape[0], q_shape[0])
+                ):
+                    raise Unsupported(
+                        f"the padding mask is read at a key offset as {read_shape}, not (B, 1, 1, Lk)"
+                    )
+                gathered = True
     except Unsupported as err:
         return MaskMatch(causal=False, dense_mask=mask, reason=str(err))
-    nodes = {n for n in order if n not in leaves}
+    kept = set()
+    if gathered:  # the gather and what it reads stay in the graph
+        kept = {result.padding_read} | ancestors_within(result.padding_read, order)
+    nodes = {n for n in order if n not in leaves and n not in kept}
     return MaskMatch(
         causal=result.causal,
         window=result.window,
         q_offset_terms=result.q_offset,
         kv_offset_terms=result.kv_offset,
-        key_valid=result.padding,
-        key_valid_needs_cut=result.padding is not None and not sym_equal(shape_of(result.padding)[1], k_shape[2]),
+        key_valid=result.padding_read if gathered else result.padding,
+        key_valid_from_4d=gathered,
+        key_valid_needs_cut=result.padding is not None and not gathered
+        and not sym_equal(shape_of(result.padding)[1], k_shape[2]),
         nodes=nodes,
     )
+
+
+def ancestors_within(node: fx.Node, scope: list[fx.Node]) -> set[fx.Node]:
+    """The ancestors of `node` among the nodes of `scope`."""
+    allowed, out, stack = set(scope), set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in allowed and n not in out:
+            out.add(n)
+            stack.extend(n.all_input_nodes)
+    return out
 
 
 def sym_equal(a: Any, b: Any) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
-
 from sparse_compile.passes.graph import GraphView, op_name, shape_of, skip_transparent
 
 
@@ -73,10 +72,12 @@ def rotation_source(node: object) -> tuple[str, fx.Node] | None:
         if op_name(stacked) == "stack" and start == -2:
             tensors = stacked.args[0] if stacked.args else stacked.kwargs.get("tensors")
             dim = stacked.args[1] if len(stacked.args) > 1 else stacked.kwargs.get("dim", 0)
-            if isinstance(tensors, (list, tuple)) and len(tensors) == 2 and dim == -1 and op_name(tensors[0]) == "neg":
+            pair = isinstance(tensors, (list, tuple)) and len(tensors) == 2
+            if pair and dim == -1 and op_name(tensors[0]) == "neg":
                 odd, even = last_dim_slice(tensors[0].args[0]), last_dim_slice(tensors[1])
                 if odd and even and odd[0] is even[0]:
-                    if (odd[1].start, odd[1].step) == (1, 2) and (even[1].start in (None, 0)) and even[1].step == 2:
+                    odd_ok = (odd[1].start, odd[1].step) == (1, 2)
+                    if odd_ok and even[1].start in (None, 0) and even[1].step == 2:
                         return "interleaved", odd[0]
     return None
 
@@ -91,7 +92,8 @@ def match_full_rope(node: fx.Node, view: GraphView) -> tuple[str, fx.Node, fx.No
     """x*cos + rot(x)*sin -> (layout, x, cos, sin), or a reason."""
     node = skip_transparent(node)
     if op_name(node) != "add" or len(node.args) != 2:
-        return f"not RoPE: the tensor comes from {node.target if isinstance(node, fx.Node) else node!r}, not x*cos + rot(x)*sin"
+        source = node.target if isinstance(node, fx.Node) else node
+        return f"not RoPE: the tensor comes from {source!r}, not x*cos + rot(x)*sin"
     left, right = mul_operands(node.args[0]), mul_operands(node.args[1])
     if left is None or right is None:
         return "not RoPE: an add whose operands are not both products"

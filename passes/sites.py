@@ -7,10 +7,10 @@ or a `Candidate` rejection with the reason. The rewrite (passes/rewrite.py) acts
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch.fx as fx
-
 from sparse_compile.passes.graph import GraphView, op_name, sdpa_args, shape_of, skip_transparent
 from sparse_compile.passes.masks import MaskMatch, analyze_mask
 from sparse_compile.passes.rope import RopeMatch, match_rope
@@ -60,7 +60,7 @@ def strip_gqa(node: fx.Node) -> tuple[fx.Node, str, tuple[fx.Node, ...]]:
                 isinstance(index, tuple)
                 and len(index) == 5
                 and index[2] is None
-                and all(isinstance(i, slice) and i == slice(None) for i in (index[0], index[1], index[3], index[4]))
+                and all(isinstance(i, slice) and i == slice(None) for i in index[:2] + index[3:])
             ):
                 base = getitem.args[0]
                 bs, ns = shape_of(base), shape_of(node)
@@ -73,19 +73,83 @@ def strip_gqa(node: fx.Node) -> tuple[fx.Node, str, tuple[fx.Node, ...]]:
     return node, "none", ()
 
 
+def prefix_slice_base(node: fx.Node) -> fx.Node | None:
+    """buf[:, :, :n] (or buf[:, :, :n, :]) -> buf: StaticCache prefill reads a prefix of its buffer."""
+    if op_name(node) != "getitem" or not isinstance(node.args[1], tuple):
+        return None
+    index = node.args[1]
+    full = slice(None)
+    if len(index) not in (3, 4) or index[:2] != (full, full) or (len(index) == 4 and index[3] != full):
+        return None
+    cut = index[2]
+    if not isinstance(cut, slice) or cut.start not in (None, 0) or cut.step not in (None, 1):
+        return None
+    return node.args[0]
+
+
+def is_last_position_index(index: Any) -> bool:
+    """(:, :, -1) or (:, :, torch.tensor([-1])): the last slot along the sequence dim."""
+    if not isinstance(index, tuple) or len(index) != 3 or index[0] != slice(None) or index[1] != slice(None):
+        return False
+    slot = index[2]
+    if slot == -1 and isinstance(slot, int):
+        return True
+    return op_name(slot) == "tensor" and slot.args[:1] in (([-1],), ((-1,),))
+
+
+def rolling_write(buffer: fx.Node, sdpa: fx.Node, view: GraphView) -> fx.Node | None:
+    """The new key written into a sliding-window StaticCache buffer, or None. transformers emits
+
+        new = buf.roll(-1, dims=-2); new[:, :, tensor([-1])] = k_new; buf.copy_(new)
+
+    so the buffer holds the last W positions in order, the newest in the last slot."""
+    copies = [
+        u for u in buffer.users if op_name(u) == "copy_" and u.args[0] is buffer and view.before(u, sdpa)
+    ]
+    if not copies:
+        return None
+    copy = max(copies, key=lambda u: view.order[u])
+    rolled = copy.args[1] if len(copy.args) > 1 else copy.kwargs.get("src")
+    if op_name(rolled) != "roll" or rolled.args[0] is not buffer:
+        return None
+    shifts = rolled.args[1] if len(rolled.args) > 1 else rolled.kwargs.get("shifts")
+    dims = rolled.args[2] if len(rolled.args) > 2 else rolled.kwargs.get("dims")
+    if shifts not in (-1, (-1,), [-1]) or dims not in (-2, 2, (-2,), [-2], (2,), [2]):
+        return None
+    writes = [
+        u for u in rolled.users
+        if op_name(u) == "setitem" and u.args[0] is rolled and view.before(u, copy)
+        and is_last_position_index(u.args[1])
+    ]
+    if len(writes) != 1 or len(rolled.users) != 2:
+        return None  # something else reads or writes the rolled buffer
+    return writes[0].args[2]
+
+
 def strip_cache(node: fx.Node, sdpa: fx.Node, view: GraphView) -> tuple[fx.Node, str]:
-    """The freshly projected+RoPE'd tensor written into the cache that `node` reads, and the cache kind."""
+    """The freshly projected+RoPE'd tensor written into the cache that `node` reads, and the cache kind:
+
+      dynamic:        torch.cat([past, k_new], dim=-2)                      (DynamicCache)
+      static:         buf.index_copy_(2, cache_position, k_new); buf or buf[:, :, :n]   (StaticCache)
+      static_sliding: buf.copy_(roll(buf, -1) with k_new in the last slot)  (sliding-window StaticCache)
+      none:           `node` itself (no cache, or a form not recognised: RoPE is then checked on it)
+    """
     if op_name(node) == "cat":
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if isinstance(tensors, (list, tuple)) and len(tensors) == 2 and dim in (-2, 2):
             return tensors[1], "dynamic"
+    buffer = prefix_slice_base(node) or node
     writes = [
-        u for u in node.users
-        if op_name(u) == "index_copy_" and u.args[0] is node and u.args[1] == 2 and view.before(u, sdpa)
+        u for u in buffer.users
+        if op_name(u) == "index_copy_" and u.args[0] is buffer and u.args[1] == 2 and view.before(u, sdpa)
     ]
     if writes:
         return max(writes, key=lambda u: view.order[u]).args[3], "static"
+    if buffer is node:
+        rolled = rolling_write(node, sdpa, view)
+        if rolled is not None:
+            return rolled, "static_sliding"
     return node, "none"
 
 
@@ -128,7 +192,8 @@ def match_site(sdpa: fx.Node, layer: int, view: GraphView) -> SiteMatch | Candid
     kvs = shape_of(k)
     Hkv, Lk = kvs[1], kvs[2]
     if not isinstance(H, int) or not isinstance(Hkv, int) or not isinstance(D, int) or H % Hkv:
-        return Candidate(sdpa, layer, f"heads {H} / kv heads {Hkv} / head_dim {D} not static or not a GQA ratio")
+        reason = f"heads {H} / kv heads {Hkv} / head_dim {D} not static or not a GQA ratio"
+        return Candidate(sdpa, layer, reason)
     scale = args["scale"]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -141,11 +206,22 @@ def match_site(sdpa: fx.Node, layer: int, view: GraphView) -> SiteMatch | Candid
     else:
         mask = analyze_mask(args["attn_mask"], q, k)
     phase = "decode" if Lq == 1 else "prefill"
+    if cache == "static_sliding" and phase == "decode" and isinstance(Lk, int):
+        mask = rolling_window_mask(mask, Lk)
     return SiteMatch(
         sdpa=sdpa, layer=layer, q=q, k=k, v=v, rope=q_rope, mask=mask, scale=float(scale), phase=phase,
         cache=cache, gqa=gqa_k, num_heads=H, num_kv_heads=Hkv, head_dim=D, q_len=Lq, kv_len=Lk,
         expansion_nodes=k_exp + v_exp,
     )
+
+
+def rolling_window_mask(mask: MaskMatch, width: int) -> MaskMatch:
+    """A decode query over a rolling buffer of `width` slots sits at the last slot and sees at most the
+    buffer: causal(q_offset=width-1) + window=width is exact (it hides nothing) and records the window.
+    Only applied to a structured (B,1,1,Lk) key-validity mask; a kept tensor stays as it is."""
+    if mask.dense_mask is not None or mask.causal or mask.window or not mask.key_valid_from_4d:
+        return mask
+    return replace(mask, causal=True, window=width, q_offset_terms=(width - 1,), kv_offset_terms=())
 
 
 __all__ = ["SiteMatch", "Candidate", "find_sites", "match_site", "skip_transparent"]
