@@ -17,3 +17,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo's recompile limit (8) is per code object and shared by every test compiling the same
+    model class: start each test from empty caches."""
+    torch._dynamo.reset()
+    yield

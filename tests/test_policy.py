@@ -1,0 +1,138 @@
+"""Policies: shipped ones load, files validate, and every error names file, key and what is allowed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sparse_compile
+from sparse_compile.params import PolicyError, param, params_from_mapping
+from sparse_compile.policy import Policy, load_policy, replace_phase
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "my.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_dense_loads_by_name_and_default():
+    policy = load_policy("dense")
+    assert policy.name == "dense"
+    assert policy.prefill.method == "dense" and policy.decode.method == "dense"
+    assert load_policy(None) == policy
+    assert "dense" in sparse_compile.shipped_policies()
+
+
+def test_every_shipped_policy_validates():
+    for name in sparse_compile.shipped_policies():
+        assert load_policy(name).name == name
+
+
+def test_policy_object_passes_through():
+    policy = Policy()
+    assert load_policy(policy) is policy
+
+
+def test_file_with_overrides(tmp_path):
+    path = write(tmp_path, """
+name = "mine"
+[prefill]
+method = "dense"
+min_seq_len = 1024
+[[prefill.overrides]]
+layers = [0, "3-5"]
+method = "dense"
+""")
+    policy = load_policy(path)
+    assert policy.name == "mine" and policy.prefill.min_seq_len == 1024
+    assert policy.prefill.overrides[0].layers == frozenset({0, 3, 4, 5})
+    assert policy.prefill.for_layer(4)[0] == "dense"
+    assert policy.source == str(path)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[prefill]\nmethod = 'nope'", "key 'method' = 'nope' is not a method; allowed: dense"),
+        ("[prefill]\nmethd = 'dense'", "unknown key 'methd'; allowed keys: method, min_seq_len, params, overrides"),
+        ("colour = 1", "top level: unknown key 'colour'"),
+        ("[prefill]\nmin_seq_len = -1", "key 'min_seq_len' = -1 must be an int >= 0"),
+        ("[prefill]\nmin_seq_len = 'long'", "key 'min_seq_len' = 'long' must be an int >= 0"),
+        ("[prefill.params]\nfoo = 1", "[prefill].params: unknown key 'foo'"),
+        ("[[prefill.overrides]]\nmethod = 'dense'", "missing key 'layers'"),
+        ("[[prefill.overrides]]\nlayers = ['5-2']", "layer range '5-2' must look like 'a-b'"),
+        ("[[prefill.overrides]]\nlayers = [-1]", "layer -1 must be an int >= 0"),
+        ("[[prefill.overrides]]\nlayers = []", "key 'layers' must be a non-empty list"),
+        ("prefill = 3", "[prefill] must be a table"),
+        ("name = 3", "key 'name' must be a string"),
+        ("[prefill\n", "not valid TOML"),
+    ],
+)
+def test_policy_errors_name_file_and_key(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    assert str(path) in str(err.value)
+    assert needle in str(err.value)
+
+
+def test_unknown_policy_name_and_missing_file(tmp_path):
+    with pytest.raises(PolicyError, match="unknown policy 'nonsense'.*dense"):
+        load_policy("nonsense")
+    with pytest.raises(PolicyError, match="does not exist"):
+        load_policy(tmp_path / "absent.toml")
+    with pytest.raises(PolicyError, match="must be a name, a path"):
+        load_policy(3.5)
+
+
+@dataclass(frozen=True)
+class Example:
+    p: float = param(0.5, help="a probability", range=(0.0, 1.0))
+    n: int = param(4, help="a count", range=(1, None), even=True)
+    mode: str = param("a", help="a mode", choices=("a", "b"))
+    flag: bool = param(True, help="a flag")
+    maybe: int | None = param(None, help="optional", type=int, range=(0, 8))
+
+    def validate(self) -> str | None:
+        return "p must be > 0 when mode is 'b'" if self.mode == "b" and self.p == 0 else None
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_range_checks_follow_the_declared_range(value):
+    if 0.0 <= value <= 1.0:
+        assert params_from_mapping(Example, {"p": value}, "x.toml: [t]").p == value
+    else:
+        with pytest.raises(PolicyError, match=r"x.toml: \[t\]: key 'p' = .* out of range; allowed: int/float in \[0.0, 1.0\]"):
+            params_from_mapping(Example, {"p": value}, "x.toml: [t]")
+
+
+@pytest.mark.parametrize(
+    "mapping, needle",
+    [
+        ({"n": 3}, "must be even"),
+        ({"n": 0}, "out of range"),
+        ({"n": 2.0}, "wrong type; allowed: int"),
+        ({"mode": "c"}, "allowed: one of 'a', 'b'"),
+        ({"flag": 1}, "wrong type; allowed: bool"),
+        ({"p": True}, "wrong type"),
+        ({"maybe": 9}, "out of range"),
+        ({"mode": "b", "p": 0.0}, "p must be > 0 when mode is 'b'"),
+        ({"q": 1}, "unknown key 'q'; allowed keys: flag, maybe, mode, n, p"),
+    ],
+)
+def test_param_errors(mapping, needle):
+    with pytest.raises(PolicyError, match="f.toml") as err:
+        params_from_mapping(Example, mapping, "f.toml: [prefill.params]")
+    assert needle in str(err.value)
+
+
+def test_fingerprint_changes_with_what_runs_not_with_name():
+    a = load_policy("dense")
+    b = replace_phase(a, "prefill", min_seq_len=7)
+    assert a.fingerprint() != b.fingerprint()
+    renamed = Policy.from_mapping({"name": "other"})
+    assert renamed.fingerprint() == a.fingerprint()
