@@ -78,7 +78,7 @@ def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
 
         return block_sparse_attention(
             q, k, v, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
-            key_valid=mask.key_valid, scale=scale,
+            key_valid=mask.key_valid, scale=scale, validate=False,
         )
     return sdpa_with_mask(q, k, v, mask, scale)
 
