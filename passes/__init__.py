@@ -1,0 +1,1 @@
+"""FX graph passes of sparse_compile (installed as `sparse_compile.passes`): find and rewrite attention sites."""
