@@ -105,3 +105,38 @@ def describe_model(name_or_path: str, model: torch.nn.Module) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
+
+
+def save_tiny_llama(directory: Path | str, seed: int = 0, layers: int = 2, hidden: int = 64,
+                    max_positions: int = 1024) -> Path:
+    """Save a tiny random Llama (4 heads, 2 KV heads, head_dim hidden/4) and a byte-level tokenizer
+    (256 byte tokens + `<eos>`) to `directory`, loadable with `load_model(directory)`.
+
+    For tests and for trying the CLI without a real model: it runs in milliseconds on a CPU; its
+    perplexity is that of random weights (about the vocabulary size).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    eos = len(vocab)
+    vocab["<eos>"] = eos
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    config = LlamaConfig(
+        vocab_size=eos + 8, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        eos_token_id=eos, bos_token_id=eos, pad_token_id=eos,
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

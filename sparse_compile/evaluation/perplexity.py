@@ -18,10 +18,14 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def logits_fn(model: Any) -> LogitsFn:
-    """input_ids (B, L) -> logits (B, L, V) of an HF causal LM (eager or compiled), without a KV cache."""
+    """input_ids (B, L) -> logits (B, L, V) of an HF causal LM (eager or compiled).
+
+    The call is the plain `model(input_ids)` a user makes (with the model's default `use_cache`),
+    so the graph the backend sees is the one a user's prefill produces.
+    """
 
     def run(input_ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=input_ids, use_cache=False).logits
+        return model(input_ids=input_ids).logits
 
     return run
 

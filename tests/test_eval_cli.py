@@ -1,0 +1,154 @@
+"""`python -m sparse_compile`: argument errors exit 2 with a message that names the problem; a tiny
+end-to-end eval (random 2-layer Llama, lengths <= 400) writes JSON, markdown and plots, gives the
+same numbers twice and reuses the cached eager baseline."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from sparse_compile.__main__ import main, parse_length, parse_lengths
+from sparse_compile.evaluation.models import save_tiny_llama
+from sparse_compile.methods import METHODS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> str:
+    rng = random.Random(0)
+    words = "the of attention sparse block query key value token layer head window sink".split()
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(400)]
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def test_parse_length():
+    assert parse_length("8K") == 8192 and parse_length("8k") == 8192 and parse_length("4096") == 4096
+    assert parse_lengths("2K, 4K,8192") == (2048, 4096, 8192)
+    for bad in ("0", "x", "-1", "1.5K", "K"):
+        with pytest.raises(Exception, match="invalid length"):
+            parse_length(bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "required"),
+        (["eval", "--lengths", "2X"], "invalid length '2X'"),
+        (["eval", "--tasks", "ppl,foo"], "invalid task 'foo'"),
+        (["eval", "--niah-depths", "a,b"], "invalid number list"),
+        (["eval", "--windows", "0"], "must be >= 1"),
+        (["eval", "--inner", "tvm"], "invalid choice"),
+        (["explain"], "required: model"),
+    ],
+)
+def test_argparse_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--policy", "nope"], "unknown policy 'nope'"),
+        (["--sweep", "threshold"], "PATTERN=V1,V2"),
+        (["--sweep", "no_such_param*=1,2"], "matches no parameter"),
+        (["--niah-depths", "0,1.5"], "[0, 1]"),
+        (["--lengths", "8"], "lengths must be >= 16"),
+        (["--corpus", "/nonexistent/corpus.txt"], "no such file: /nonexistent/corpus.txt"),
+        (["--model", "/nonexistent/model_dir"], "cannot load model '/nonexistent/model_dir'"),
+        (["--lengths", "100000"], "fewer than one window of 100000"),
+    ],
+)
+def test_eval_usage_errors_exit_2(extra, message, tiny_model, corpus_file, tmp_path, capsys):
+    argv = ["eval", "--model", tiny_model, "--corpus", corpus_file, "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", *extra]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after any model-loading progress bar
+    assert last.startswith("error: ") and message in last, last
+    assert not (tmp_path / "out").exists()  # nothing written on a usage error
+
+
+def test_bench_usage_errors(capsys):
+    assert main(["bench", "--what", "everything"]) == 2
+    assert "--what 'everything'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_explain_prints_the_site_report(tiny_model, capsys):
+    assert main(["explain", tiny_model, "--length", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "2/2 attention calls rewritten" in out and "prefill" in out and "dense" in out
+    assert main(["explain", tiny_model, "--length", "64", "--decode"]) == 0
+    out = capsys.readouterr().out
+    assert "(decode): 2/2 attention calls rewritten" in out
+    assert main(["explain", "/nonexistent/model_dir"]) == 2
+
+
+def run_eval_cli(tiny_model: str, corpus_file: str, out, cache, *extra: str) -> dict:
+    argv = ["eval", "--model", tiny_model, "--corpus", corpus_file, "--lengths", "64,128", "--windows", "2",
+            "--niah-lengths", "400", "--niah-depths", "0,1", "--niah-max-new-tokens", "3",
+            "--cache-dir", str(cache), "--out", str(out), "--no-progress", *extra]
+    assert main(argv) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_eval_end_to_end_dense_equals_eager(tiny_model, corpus_file, tmp_path, capsys):
+    md = tmp_path / "EVAL.md"
+    md.write_text("# Evaluation results\n")
+    res = run_eval_cli(tiny_model, corpus_file, tmp_path / "a", tmp_path / "cache", "--write-md", str(md),
+                       "--section", "tiny")
+    (run,) = res["runs"]
+    assert run["label"] == "dense"
+    for length in ("64", "128"):
+        base, dense = res["baseline"]["ppl"][length], run["ppl"][length]
+        assert len(dense["windows"]) == 2 and dense["windows"][0]["tokens"] == int(length) - 1
+        assert dense["ppl"] == base["ppl"] and dense["dppl"] == 0.0  # exact, not approximately
+        assert dense["mean_density"] == 1.0 and set(dense["layer_density"]) == {"0", "1"}
+    assert run["compile"]["ppl"]["sites"] == 4 and run["compile"]["ppl"]["rejected"] == 0
+    grid = run["niah"]["grid"]
+    assert list(grid) == ["400"] and list(grid["400"]) == ["0", "1"]
+    assert [s["answer"] for s in run["niah"]["samples"]] == [s["answer"] for s in res["baseline"]["niah"]["samples"]]
+    assert run["niah"]["decode_mean_density"] == 1.0
+    for name in ("ppl_vs_density.png", "niah.png"):
+        assert (tmp_path / "a" / name).read_bytes()[:8] == PNG_MAGIC
+    report = (tmp_path / "a" / "results.md").read_text()
+    assert "| dense | 64 | 2 |" in report and "| eager | 128 | 2 |" in report
+    assert "<!-- BEGIN tiny -->" in md.read_text() and "| dense | 128 | 2 |" in md.read_text()
+    assert "| dense | 64 |" in capsys.readouterr().out
+
+    # rerun: same numbers; the eager baseline comes from the cache (its recorded timings too)
+    again = run_eval_cli(tiny_model, corpus_file, tmp_path / "b", tmp_path / "cache", "--tasks", "ppl",
+                         "--lengths", "128")
+    assert again["runs"][0]["ppl"]["128"]["ppl"] == run["ppl"]["128"]["ppl"]
+    assert again["baseline"]["ppl"]["128"] == res["baseline"]["ppl"]["128"]
+    assert "niah" not in again["runs"][0] and not (tmp_path / "b" / "niah.png").exists()
+
+
+@pytest.mark.skipif("prism" not in METHODS, reason="prism is not registered yet")
+def test_eval_prism_threshold_sweep_gives_a_curve(tiny_model, corpus_file, tmp_path):
+    res = run_eval_cli(tiny_model, corpus_file, tmp_path / "out", tmp_path / "cache", "--tasks", "ppl",
+                       "--lengths", "256", "--windows", "1", "--policy", "dense", "--policy", "prism",
+                       "--sweep", "min_seq_len=0", "--sweep", "block_size=64", "--threshold-sweep", "0.3,1.0")
+    labels = [r["label"] for r in res["runs"]]
+    assert labels == ["dense", "prism[min_seq_len=0,block_size=64,threshold*=0.3]",
+                      "prism[min_seq_len=0,block_size=64,threshold*=1.0]"]
+    low, full = (r["ppl"]["256"] for r in res["runs"][1:])
+    assert full["mean_density"] == 1.0 and full["ppl"] == pytest.approx(res["baseline"]["ppl"]["256"]["ppl"],
+                                                                        rel=1e-5)
+    assert low["mean_density"] < 1.0
+    assert (tmp_path / "out" / "ppl_vs_density.png").read_bytes()[:8] == PNG_MAGIC

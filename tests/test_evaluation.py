@@ -1,0 +1,185 @@
+"""Evaluation building blocks: NIAH samples, policy sweeps, the baseline cache, markdown sections,
+and the methods benchmark's CPU path (synthetic structured q/k, Flex block masks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sparse_compile.kernels.block_mask import BlockList
+
+from sparse_compile.benchmarks import methods as mbench
+from sparse_compile.evaluation import needle
+from sparse_compile.evaluation.cache import ResultCache
+from sparse_compile.evaluation.output import update_markdown_section
+from sparse_compile.evaluation.policies import expand_policies, parse_sweep
+from sparse_compile.methods import METHODS
+from sparse_compile.params import PolicyError
+
+needs_prism = pytest.mark.skipif("prism" not in METHODS, reason="prism is not registered yet")
+
+
+class CharTokenizer:
+    """One token per character (ord), enough to test sample layout."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+HAYSTACK = torch.tensor([ord(c) for c in ("lorem ipsum dolor sit amet " * 200)])
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_needle_sample_layout(depth):
+    tok = CharTokenizer()
+    s = needle.make_sample(tok, HAYSTACK, 1000, depth, index=2, seed=5)
+    text = tok.decode(s.input_ids)
+    needle_text = needle.NEEDLE.format(key=s.key, value=s.value)
+    assert len(s.input_ids) == 1000
+    assert text.startswith(needle.PREFIX)
+    assert text.endswith(needle.QUESTION.format(key=s.key))
+    assert text[s.needle_start:].startswith(needle_text)
+    hay = 1000 - len(needle.PREFIX) - len(needle_text) - len(needle.QUESTION.format(key=s.key))
+    assert s.needle_start - len(needle.PREFIX) == round(depth * hay)
+    assert len(s.value) == 7 and s.value.isdigit() and s.key in needle.KEYS
+    assert s == needle.make_sample(tok, HAYSTACK, 1000, depth, index=2, seed=5)  # deterministic
+    assert needle.make_sample(tok, HAYSTACK, 1000, depth, index=3, seed=5) != s
+
+
+def test_needle_errors_and_grid():
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        needle.make_sample(tok, HAYSTACK, 1000, 1.5)
+    with pytest.raises(ValueError, match="shorter than the prompt"):
+        needle.make_sample(tok, HAYSTACK, 100, 0.5)
+    with pytest.raises(ValueError, match="fewer than"):
+        needle.make_sample(tok, HAYSTACK[:50], 1000, 0.5)
+    grid = needle.make_grid(tok, HAYSTACK, (600, 800), (0.0, 1.0), samples=2)
+    assert [(s.length, s.depth, s.index) for s in grid] == [
+        (L, d, i) for L in (600, 800) for d in (0.0, 1.0) for i in range(2)
+    ]
+
+
+def test_needle_score_is_string_match():
+    assert needle.score(" 1234567.", "1234567") == 1.0
+    assert needle.score(" 123456.", "1234567") == 0.0
+    assert needle.score("", "1234567") == 0.0
+
+
+def test_parse_sweep():
+    s = parse_sweep("threshold*=0.9, 0.95,1")
+    assert s.pattern == "threshold*" and s.values == (0.9, 0.95, 1)
+    assert parse_sweep("prefill.params.gqa=per_kv_head").values == ("per_kv_head",)
+    assert parse_sweep("calibrate=true,false").values == (True, False)
+    for bad in ("threshold", "=1", "x="):
+        with pytest.raises(ValueError, match="PATTERN=V1"):
+            parse_sweep(bad)
+
+
+def test_sweep_that_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match="matches no parameter"):
+        expand_policies(["dense"], [parse_sweep("threshold*=0.9")])
+    runs = expand_policies(["dense"], [])
+    assert [r.label for r in runs] == ["dense"]
+    with pytest.raises(ValueError, match="given twice"):
+        expand_policies(["dense", "dense"], [])
+
+
+@needs_prism
+def test_threshold_sweep_sets_both_bands_and_keeps_dense_once():
+    runs = expand_policies(["dense", "prism"], [parse_sweep("threshold*=0.9,0.99")])
+    assert [r.label for r in runs] == ["dense", "prism[threshold*=0.9]", "prism[threshold*=0.99]"]
+    for run, value in zip(runs[1:], (0.9, 0.99), strict=True):
+        assert run.base == "prism"
+        assert run.policy.prefill.params.threshold_high == value
+        assert run.policy.prefill.params.threshold_low == value
+    assert runs[1].policy.fingerprint() != runs[2].policy.fingerprint()
+    dotted = expand_policies(["prism"], [parse_sweep("prefill.min_seq_len=0,128")])
+    assert [r.policy.prefill.min_seq_len for r in dotted] == [0, 128]
+    with pytest.raises(PolicyError, match="threshold_high"):
+        expand_policies(["prism"], [parse_sweep("threshold_high=1.5")])
+
+
+def test_result_cache_roundtrip(tmp_path):
+    cache = ResultCache(tmp_path)
+    key = {"kind": "ppl_window", "model": "abc", "ids": "123"}
+    assert cache.get(key) is None
+    cache.put(key, {"nll_sum": 1.25, "tokens": 3})
+    assert cache.get(key) == {"nll_sum": 1.25, "tokens": 3}
+    assert cache.get({**key, "ids": "124"}) is None
+    disabled = ResultCache(None)
+    disabled.put(key, 1)
+    assert disabled.get(key) is None
+
+
+def test_update_markdown_section_replaces_in_place(tmp_path):
+    path = tmp_path / "EVAL.md"
+    path.write_text("# Title\n\nintro\n")
+    update_markdown_section(path, "a", "first")
+    update_markdown_section(path, "b", "second")
+    update_markdown_section(path, "a", "first, again")
+    text = path.read_text()
+    assert text.startswith("# Title\n\nintro\n")
+    assert text.count("<!-- BEGIN a -->") == 1 and "first, again" in text and "first\n" not in text
+    assert text.index("first, again") < text.index("second")
+
+
+def test_structured_qk_has_sinks_locality_and_verticals():
+    g = torch.Generator().manual_seed(0)
+    q, k, _ = mbench.structured_qkv(1, 2, 1, 1024, 1024, 64, dtype=torch.float32, device="cpu", generator=g)
+    scores = (q[0, 0] @ k[0, 0].T) / 8.0  # (L, L)
+    i = torch.arange(1024)
+    near = scores[i[64:], i[64:] - 1].mean()
+    far = scores[i[512:], i[512:] - 500].mean()
+    sink = scores[512:, 0].mean()
+    assert near > far + 3.0 and sink > far + 3.0
+
+
+def test_flex_block_mask_selects_the_same_blocks():
+    from torch.nn.attention.flex_attention import BlockMask  # noqa: F401  (Flex is in torch)
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.rand(1, 2, 6, 6, generator=g) < 0.5
+    dense |= torch.eye(6, dtype=torch.bool)
+    blocks = BlockList.from_dense(dense.tril(), 128, 768, 768)
+    bm = mbench.flex_block_mask(blocks, heads=4)
+    assert torch.equal(bm.to_dense().bool(), blocks.to_dense().repeat_interleave(2, dim=1))
+
+
+def test_methods_benchmark_runs_on_cpu():
+    result = mbench.run_methods_benchmark(
+        prefill_lengths=(256,), decode_lengths=(256,), heads=4, kv_heads=2, head_dim=64, dtype=torch.float32,
+        rep_ms=1.0, with_flex=False, device="cpu", methods=("dense", "prism", "not_a_method"), log=lambda s: None,
+    )
+    impls = {(r["phase"], r["impl"]) for r in result["rows"]}
+    assert {("prefill", "sdpa_flash"), ("prefill", "dense"), ("decode", "dense")} <= impls
+    assert "not_a_method" in result["skipped"]
+    for r in result["rows"]:
+        if r["impl"] in ("sdpa_flash", "dense"):
+            assert r["ms"] > 0 and r["density"] == 1.0
+    table = mbench.markdown_table(result)
+    assert "| prefill | 256 | dense |" in table and "skipped not_a_method" in table
+
+
+@needs_prism
+def test_methods_benchmark_times_prism_end_to_end_and_selection():
+    result = mbench.run_methods_benchmark(
+        prefill_lengths=(512,), decode_lengths=(), heads=4, kv_heads=2, head_dim=64, dtype=torch.float32,
+        rep_ms=1.0, with_flex=False, device="cpu", methods=("prism",), log=lambda s: None,
+    )
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["prism"]["ms"] > 0 and 0.0 < rows["prism"]["density"] <= 1.0
+    if mbench.selector("prism", METHODS["prism"]) is not None:
+        assert rows["prism:select"]["ms"] > 0
+
+
+def test_bench_fails_fast_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(mbench.BenchmarkUnavailable, match="needs a CUDA GPU"):
+        mbench.run_benchmarks(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # failed before writing anything
