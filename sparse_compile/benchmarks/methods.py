@@ -376,6 +376,17 @@ def engine_plot_rows(result: dict[str, Any]) -> list[dict]:
     return [r for r in rows if r["ms"] is not None and not math.isnan(r["ms"])]
 
 
+def plot_if_possible(result: dict[str, Any], path: Path) -> list[Path]:
+    """[path] after drawing `plot_bench`, or [] when matplotlib is missing (GPU images may lack it)."""
+    try:
+        from sparse_compile.evaluation.plots import plot_bench
+    except ImportError as err:
+        print(f"no plot {path.name}: {err} (pip install matplotlib)", flush=True)
+        return []
+    png = plot_bench(result, path)
+    return [png] if png else []
+
+
 def run_benchmarks(
     out_dir: Path, *, what: tuple[str, ...] = ("engine", "methods"),
     prefill_lengths: tuple[int, ...] = PREFILL_LENGTHS, decode_lengths: tuple[int, ...] = DECODE_LENGTHS,
@@ -387,7 +398,6 @@ def run_benchmarks(
     PNG under out_dir (bench_engine.*, bench_methods.*, bench.md) and, when md_file is given,
     replace its "bench" section. Returns the paths written. CUDA only."""
     from sparse_compile.evaluation.output import update_markdown_section
-    from sparse_compile.evaluation.plots import plot_bench
 
     check_cuda()
     engine = engine_module() if "engine" in what else None
@@ -404,8 +414,7 @@ def run_benchmarks(
         written += [out_dir / "bench_engine.json", out_dir / "bench_engine.md"]
         written[-2].write_text(json.dumps(result, indent=1, default=str) + "\n")
         written[-1].write_text(table)
-        png = plot_bench({"rows": engine_plot_rows(result)}, out_dir / "bench_engine.png")
-        written += [png] if png else []
+        written += plot_if_possible({"rows": engine_plot_rows(result)}, out_dir / "bench_engine.png")
         sections += ["#### Block-sparse engine (random causal block masks)", "", table, ""]
     if "methods" in what:
         t0 = time.perf_counter()
@@ -416,8 +425,7 @@ def run_benchmarks(
         written += [out_dir / "bench_methods.json", out_dir / "bench_methods.md"]
         written[-2].write_text(json.dumps(result, indent=1, default=str) + "\n")
         written[-1].write_text(table)
-        png = plot_bench(result, out_dir / "bench_methods.png")
-        written += [png] if png else []
+        written += plot_if_possible(result, out_dir / "bench_methods.png")
         sections += ["#### Methods end to end (estimation + attention, structured q/k)", "", table, ""]
     (out_dir / "bench.md").write_text("\n".join(sections))
     written.append(out_dir / "bench.md")
