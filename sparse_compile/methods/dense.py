@@ -57,12 +57,47 @@ def decode_key_mask(mask: AttentionMask, batch: int, kv_len: int, device) -> tor
     return visible_keys(mask, batch, 1, kv_len, device=device)
 
 
+def left_padding_starts(key_valid: torch.Tensor) -> list[int] | None:
+    """For key_valid (B, Lk) of the form [False]*s_b + [True]*(Lk - s_b): the list of s_b; else None.
+
+    One device sync. Left padding is what batched generation sends."""
+    Lk = key_valid.shape[1]
+    starts = (~key_valid).sum(dim=1)
+    expected = torch.arange(Lk, device=key_valid.device)[None, :] >= starts[:, None]
+    if not bool((key_valid == expected).all()):
+        return None
+    return starts.tolist()
+
+
+def left_padded_causal_attention(q, k, v, starts: list[int], scale: float) -> torch.Tensor:
+    """Causal self-attention (Lq == Lk, q_offset 0) of a left-padded batch, one SDPA call per row on
+    its unpadded part, so the fast causal kernels run and padding costs nothing. Rows of padded
+    queries (which see no valid key) are zeros, as in the reference.
+
+    q: (B, H, L, D); k, v: (B, Hkv, L, D); starts: first valid position per batch row."""
+    B, H, L, _ = q.shape
+    out = torch.zeros(B, H, L, v.shape[-1], dtype=q.dtype, device=q.device)
+    for b, s in enumerate(starts):
+        if s >= L:
+            continue
+        kk, vv = expand_kv(k[b : b + 1, :, s:], H), expand_kv(v[b : b + 1, :, s:], H)
+        out[b : b + 1, :, s:] = F.scaled_dot_product_attention(q[b : b + 1, :, s:], kk, vv, is_causal=True,
+                                                               scale=scale)
+    return out
+
+
 def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    if mask.key_valid is not None and Lq > 1 and bool(mask.key_valid.all()):
-        # Padding masks of unpadded batches (generate() always passes one): one sync buys the fast path.
-        mask = AttentionMask(mask.causal, mask.q_offset, mask.window, None, mask.dense_mask)
+    if mask.key_valid is not None and Lq > 1:
+        starts = left_padding_starts(mask.key_valid)
+        if starts is not None and not any(starts):
+            # Padding masks of unpadded batches (generate() always passes one): the fast path below.
+            mask = AttentionMask(mask.causal, mask.q_offset, mask.window, None, mask.dense_mask)
+        elif (starts is not None and mask.causal and mask.q_offset == 0 and Lq == Lk and mask.window == 0
+              and mask.dense_mask is None):
+            with sdpa_kernel(FAST_BACKENDS + [SDPBackend.MATH], set_priority=True):
+                return left_padded_causal_attention(q, k, v, starts, scale)
     plain = mask.window == 0 and mask.key_valid is None and mask.dense_mask is None
     kk, vv = expand_kv(k, H), expand_kv(v, H)
     with sdpa_kernel(FAST_BACKENDS + [SDPBackend.MATH], set_priority=True):
