@@ -9,7 +9,8 @@ they score high from everywhere (attention sinks and vertical lines). RoPE theta
 rotate-half layout, as Llama 3.
 
 Rows (one per phase, length, implementation), times are medians of `triton.testing.do_bench`:
-  sdpa_flash, sdpa_cudnn   dense SDPA on K/V expanded to H heads (what repeat_kv feeds it)
+  sdpa_flash, sdpa_cudnn   dense SDPA; prefill on K/V expanded to H heads (what repeat_kv feeds
+                           it), decode with enable_gqa=True (K/V read once)
   flex_causal              FlexAttention with every causal block (prefill only)
   <method>                 METHODS[<method>].attention(q, k, v, mask, site, Params(), scale):
                            what the fused node runs, estimation + attention
@@ -163,16 +164,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure_sdpa(rows: list[dict], base: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  rep_ms: float, device: str) -> None:
-    """Dense SDPA rows (flash, cuDNN) on K/V expanded to H heads; causal when Lq == Lk (prefill)."""
+    """Dense SDPA rows (flash, cuDNN). Prefill (Lq == Lk): causal, K/V expanded to H heads outside
+    the timing (what repeat_kv feeds SDPA in HF models). Decode: `enable_gqa=True` on the Hkv heads,
+    so each K/V byte is read once (the fastest dense decode; expanding would read it H/Hkv times)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    prefill = q.shape[2] == k.shape[2]
     groups = q.shape[1] // k.shape[1]
-    kx, vx = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    causal = q.shape[2] == k.shape[2]
+    kx, vx = (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if prefill else (k, v)
     for impl, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
         def run_sdpa(backend: Any = backend) -> torch.Tensor:
             with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=causal, scale=scale)
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, kx, vx, is_causal=prefill, scale=scale, enable_gqa=not prefill)
 
         measure(rows, base, impl, run_sdpa, rep_ms, device, density=1.0)
 
