@@ -119,6 +119,7 @@ def test_eval_end_to_end_dense_equals_eager(tiny_model, corpus_file, tmp_path, c
         assert len(dense["windows"]) == 2 and dense["windows"][0]["tokens"] == int(length) - 1
         assert dense["ppl"] == base["ppl"] and dense["dppl"] == 0.0  # exact, not approximately
         assert dense["mean_density"] == 1.0 and set(dense["layer_density"]) == {"0", "1"}
+        assert all(w["ran_sites"] for w in dense["windows"])  # every window ran the rewritten graph
     assert run["compile"]["ppl"]["sites"] == 4 and run["compile"]["ppl"]["rejected"] == 0
     grid = run["niah"]["grid"]
     assert list(grid) == ["400"] and list(grid["400"]) == ["0", "1"]

@@ -74,6 +74,10 @@ def site_lines(results: dict[str, Any]) -> list[str]:
             note = "" if info["sites"] else "  **no site rewritten: the policy did not apply**"
             lines.append(f"- {run['label']} ({task}): {info['sites']} attention sites rewritten, "
                          f"{info['rejected']} left alone{note}")
+        skipped = sum(not w["ran_sites"] for row in run.get("ppl", {}).values() for w in row["windows"])
+        if skipped and any(info["sites"] for info in run["compile"].values()):
+            lines.append(f"- {run['label']}: **{skipped} PPL window(s) ran without a rewritten graph** "
+                         "(dynamo fell back to eager code)")
     return lines
 
 

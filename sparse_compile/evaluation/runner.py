@@ -172,10 +172,12 @@ class Evaluator:
         t_all = time.perf_counter()
         for start, ids in self.bar(self.ppl_windows(length), f"ppl L={length}"):
             t0 = time.perf_counter()
+            calls = sum(report.calls.values())
             row = nll_summary(window_nll(forward, ids))
-            density = report.layer_density("prefill")
+            ran_sites = sum(report.calls.values()) > calls  # False: no rewritten graph ran (eager fallback)
+            density = report.layer_density("prefill") if ran_sites else {}
             densities.append(density)
-            rows.append({"start": start, **row, "seconds": time.perf_counter() - t0,
+            rows.append({"start": start, **row, "seconds": time.perf_counter() - t0, "ran_sites": ran_sites,
                          "mean_density": overall({str(k): v for k, v in density.items()})})
         per_layer = mean_layer_density(densities)
         return {"ppl": perplexity(rows), "windows": rows, "layer_density": per_layer,
