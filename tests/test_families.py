@@ -152,7 +152,7 @@ def draws(draw: Callable, family: Family) -> Draw:
     heads = draw(st.sampled_from([2, 4]))
     kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0])) if family.gqa else heads
     head_dim = draw(st.sampled_from([16, 32]))
-    layers = draw(st.integers(1, 3))
+    layers = draw(st.integers(1, 2))
     window = None
     flags: tuple[bool, ...] = ()
     if family.name == "mistral":
@@ -161,7 +161,7 @@ def draws(draw: Callable, family: Family) -> Draw:
         window = draw(st.sampled_from([3, 5, 64]))
         flags = tuple(draw(st.lists(st.booleans(), min_size=layers, max_size=layers)))
     if family.name == "smollm3":
-        layers = draw(st.integers(2, 4))
+        layers = draw(st.integers(2, 3))
         flags = tuple(draw(st.lists(st.booleans(), min_size=layers, max_size=layers)))
     return Draw(heads, kv_heads, head_dim, layers, window, flags)
 
@@ -257,8 +257,10 @@ def test_matcher_finds_rope_layers_and_compiled_equals_eager(name: str, data: st
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_generate_tokens_equal_eager(name: str, cache: str | None) -> None:
     family = FAMILIES[name]
-    flags = {"smollm3": (True, False, True), "gemma3": (True, False, True)}.get(name, ())
-    shape = Draw(heads=4, kv_heads=2 if family.gqa else 4, head_dim=16, layers=3, window=4, layer_flags=flags)
+    # One layer (tracing time grows with depth), two where layers differ: RoPE/NoPE, sliding/full.
+    flags = {"smollm3": (True, False), "gemma3": (True, False)}.get(name, ())
+    kv_heads = 2 if family.gqa else 4
+    shape = Draw(4, kv_heads, 16, layers=max(1, len(flags)), window=4, layer_flags=flags)
     model = build_model(family_config(family, shape))
     ids, mask = padded_batch(2, 7, 2, "left", seed=1)
     ref = generate_tokens(model, ids, mask, cache, None)
