@@ -95,7 +95,7 @@ def plot_bench(bench: dict[str, Any], path: Path) -> Path | None:
     fig = Figure(figsize=(5.0 * len(phases), 3.8))
     axes = fig.subplots(1, len(phases), squeeze=False)[0]
     for ax, phase in zip(axes, phases, strict=True):
-        impls = sorted({r["impl"] for r in rows if r["phase"] == phase})
+        impls = list(dict.fromkeys(r["impl"] for r in rows if r["phase"] == phase))  # first-seen order
         for impl in impls:
             pts = sorted((r["length"], r["ms"]) for r in rows
                          if r["phase"] == phase and r["impl"] == impl and r.get("ms") is not None)
