@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparse_compile.kernels.block_mask import BlockList, causal_block_mask
 from sparse_compile.kernels.prism import prism_select_triton
@@ -83,11 +83,25 @@ def _forced_present(sel, mask, Lq, Lk, b) -> None:
     assert (~sel | allowed).all(), "a block with no visible valid key was selected"
 
 
-def _rand_qk(B, H, Hkv, Lq, Lk, D, dtype, seed):
+def _rand_qk(B, H, Hkv, Lq, Lk, D, dtype, seed, strength=1.5, key_valid=None):
+    """Post-RoPE-like q (B, H, Lq, D), k (B, Hkv, Lk, D) with block structure: keys carry a topic
+    vector per segment of 4 tokens; each query segment takes the topic of a random earlier key
+    segment, so pooled scores are peaked (strength sets how much). Padding tokens (key_valid
+    False) are one large constant vector, which must not leak into the pooling."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
-    k = (torch.randn(B, Hkv, Lk, D, generator=g) + 0.5 * torch.randn(1, Hkv, 1, D, generator=g)).to(dtype)
-    return q, k
+    G = H // Hkv
+    n_seg = -(-Lk // 4)
+    topics = torch.randn(B, Hkv, n_seg, D, generator=g)
+    k = torch.randn(B, Hkv, Lk, D, generator=g) + strength * topics.repeat_interleave(4, dim=2)[:, :, :Lk]
+    q_pos = torch.arange(Lq) + (Lk - Lq)
+    src = (torch.rand(B, H, n_seg, generator=g) * (torch.arange(n_seg) + 1)).long()  # earlier segment
+    q_topic = torch.gather(topics.repeat_interleave(G, dim=1), 2, src[..., None].expand(-1, -1, -1, D))
+    q = torch.randn(B, H, Lq, D, generator=g) + strength * q_topic[:, :, q_pos // 4]
+    if key_valid is not None:
+        junk = 4.0 * torch.randn(D, generator=g)
+        k = torch.where(key_valid[:, None, :, None], k, junk)
+        q = torch.where(key_valid[:, None, q_pos, None], q, junk)
+    return q.to(dtype), k.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,8 +256,9 @@ def test_reference_properties(seed, Lk, chunk, pad, side, window, gqa):
     keys never selected; threshold 1 selects every allowed block; per_kv_head = union of the group."""
     B, H, Hkv, D, b = 2, 4, 2, 16, 4
     Lq = max(2, int(Lk * chunk))
-    q, k = _rand_qk(B, H, Hkv, Lq, Lk, D, torch.float32, seed)
-    mask = AttentionMask(q_offset=Lk - Lq, window=window, key_valid=_key_valid(B, Lk, min(pad, Lk - 1), side))
+    key_valid = _key_valid(B, Lk, min(pad, Lk - 1), side)
+    q, k = _rand_qk(B, H, Hkv, Lq, Lk, D, torch.float32, seed, key_valid=key_valid)
+    mask = AttentionMask(q_offset=Lk - Lq, window=window, key_valid=key_valid)
     site = _site(D)
     prev = None
     for p in (0.0, 0.3, 0.8, 0.95, 1.0):
@@ -309,17 +324,19 @@ def test_padding_only_blocks_and_sink_with_left_padding():
     causal=st.sampled_from([True, True, False]),
     gqa=st.sampled_from(["per_head", "per_kv_head"]),
     dtype=st.sampled_from([torch.float32, torch.float16]),
+    strength=st.sampled_from([0.5, 1.5, 3.0]),
 )
+@settings(max_examples=40)
 def test_kernel_matches_reference(seed, shape, D, rope, b, Lk, chunk, p, calibrate, pad, window, causal, gqa,
-                                  dtype):
+                                  dtype, strength):
     B, H, Hkv = shape
     Lq = max(1, int(Lk * chunk))
-    q, k = _rand_qk(B, H, Hkv, Lq, Lk, D, dtype, seed)
+    key_valid = _key_valid(B, Lk, min(pad[0], Lk - 1), pad[1])
+    q, k = _rand_qk(B, H, Hkv, Lq, Lk, D, dtype, seed, strength=strength, key_valid=key_valid)
     site = _site(D, R=D // 2 if rope == "partial" else D, rope="rotate_half" if rope == "partial" else rope)
     params = PrismParams(threshold_high=p[0], threshold_low=p[1], calibrate=calibrate, gqa=gqa,
                          temperature_high=1.0 if calibrate else 0.5, temperature_low=1.0 if calibrate else 2.0)
-    mask = AttentionMask(causal=causal, q_offset=Lk - Lq, window=window,
-                         key_valid=_key_valid(B, Lk, min(pad[0], Lk - 1), pad[1]))
+    mask = AttentionMask(causal=causal, q_offset=Lk - Lq, window=window, key_valid=key_valid)
     kw = selection_kwargs(site, params, block_size=b)
     got = _kernel(q, k, mask, kw)
     low = _reference(q, k, mask, kw, threshold_high=p[0] - BOUNDARY, threshold_low=p[1] - BOUNDARY)
