@@ -166,8 +166,17 @@ def draws(draw: Callable, family: Family) -> Draw:
     return Draw(heads, kv_heads, head_dim, layers, window, flags)
 
 
+def fresh_dynamo() -> None:
+    """Forget compiled code before a compile that must fill its own Report. Dynamo reuses a cached
+    graph when the backends compare equal, and torch.compile's wrapper compares `options` by value:
+    two Reports that are still equal (e.g. both empty) make a second compile reuse the first one's
+    code, so the second Report stays empty (Hypothesis examples within one test hit this)."""
+    torch._dynamo.reset()
+
+
 def compile_dense(model: Any, report: Report) -> Any:
-    """`torch.compile` with the sparse backend, dense policy, eager inner compiler."""
+    """`torch.compile` with the sparse backend, dense policy, eager inner compiler (fresh dynamo)."""
+    fresh_dynamo()
     options = {"policy": "dense", "inner": "eager", "report": report}
     return torch.compile(model, backend="sparse", options=options)
 
@@ -206,6 +215,7 @@ def generate_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: st
         kw["cache_implementation"] = cache
     forward = model.forward
     if report is not None:
+        fresh_dynamo()
         model.forward = torch.compile(
             forward, backend="sparse", options={"policy": "dense", "inner": "eager", "report": report}
         )
