@@ -42,13 +42,14 @@ TEMPERATURE_FLOOR: tl.constexpr = tl.constexpr(MIN_TEMPERATURE)
 
 @triton.jit
 def _allowed_blocks(CUM_b, p0, p1, n, NK, LK, window, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
-                    HAS_VALID: tl.constexpr):
+                    HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr):
     """Key blocks n holding a valid key visible to some query at positions [p0, p1] (broadcast)."""
     lo = n * BLOCK
     hi = tl.minimum(lo + BLOCK, LK) - 1
     if CAUSAL:
         hi = tl.minimum(hi, p1)
-    lo = tl.where(window > 0, tl.maximum(lo, p0 - window + 1), lo)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, p0 - window + 1)
     lo_c = tl.minimum(tl.maximum(lo, 0), LK)
     hi_c = tl.minimum(tl.maximum(hi + 1, 0), LK)
     ok = (hi_c > lo_c) & (n < NK)
@@ -126,7 +127,7 @@ def _prism_scores_kernel(
     stride_cb,
     D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr, HIGH_PAD: tl.constexpr, LOW_PAD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_QB: tl.constexpr, BLOCK_KB: tl.constexpr, ECHUNK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, CALIBRATE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, CALIBRATE: tl.constexpr,
 ):
     """LOGITS[b, h, band, m, n] = band logits of query block m and key block n (only allowed
     entries are meaningful); LSE[b, h, band, m] = their log-sum-exp over the allowed key blocks."""
@@ -198,7 +199,8 @@ def _prism_scores_kernel(
                         mask=(dl < N_LOW)[:, None] & n_ok[None, :], other=0.0)
         logit_h = tl.dot(q_high, k_high, input_precision="ieee") * inv_high
         logit_l = tl.dot(q_low, k_low, input_precision="ieee") * inv_low
-        ok = _allowed_blocks(CUM + b * stride_cb, p0, p1, n[None, :], nk, LK, window, BLOCK, CAUSAL, HAS_VALID)
+        ok = _allowed_blocks(CUM + b * stride_cb, p0, p1, n[None, :], nk, LK, window, BLOCK, CAUSAL, HAS_WINDOW,
+                             HAS_VALID)
         ok = ok & m_ok[:, None]
         store_ok = m_ok[:, None] & n_ok[None, :]
         tl.store(l_base + n[None, :] * stride_ln, logit_h, mask=store_ok)
@@ -258,8 +260,8 @@ def _prism_select_kernel(
     stride_nb, stride_nh, stride_nm,
     stride_ib, stride_ih, stride_im, stride_in,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, NK_PAD: tl.constexpr, G_SEL: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, FORCE_SINK: tl.constexpr, FORCE_RECENT: tl.constexpr,
-    ANY_FULL: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, FORCE_SINK: tl.constexpr,
+    FORCE_RECENT: tl.constexpr, ANY_FULL: tl.constexpr,
 ):
     """kv_num_blocks[b, hm, m] and kv_indices[b, hm, m, :count] (ascending) for BLOCK_M rows of
     the flattened (b, hm, m) index."""
@@ -272,7 +274,7 @@ def _prism_select_kernel(
     p0 = (q_offset + m * BLOCK)[:, None]
     p1 = (q_offset + tl.minimum((m + 1) * BLOCK, LQ) - 1)[:, None]
     cum_b = CUM + (b * stride_cb)[:, None]
-    ok = _allowed_blocks(cum_b, p0, p1, n, nk, LK, window, BLOCK, CAUSAL, HAS_VALID) & r_ok[:, None]
+    ok = _allowed_blocks(cum_b, p0, p1, n, nk, LK, window, BLOCK, CAUSAL, HAS_WINDOW, HAS_VALID) & r_ok[:, None]
     # steps 5-6: top-p of each band of each head of the group, united
     selected = ok & (n < 0)
     for g in tl.static_range(G_SEL):
@@ -428,7 +430,7 @@ def prism_select_triton(
         D=D, N_HIGH=n_high, N_LOW=n_low,
         HIGH_PAD=max(16, triton.next_power_of_2(n_high)), LOW_PAD=max(16, triton.next_power_of_2(n_low)),
         BLOCK=block_size, BLOCK_QB=block_qb, BLOCK_KB=block_kb, ECHUNK=256,
-        CAUSAL=mask.causal, HAS_VALID=has_valid, CALIBRATE=calibrate, num_warps=4,
+        CAUSAL=mask.causal, HAS_WINDOW=mask.window > 0, HAS_VALID=has_valid, CALIBRATE=calibrate, num_warps=4,
     )
 
     # 3. top-p per band, union, forced blocks, compacted lists
@@ -443,8 +445,9 @@ def prism_select_triton(
         Hm, n_rows,
         *logits.stride(), *lse.stride(), cum.stride(0), *kv_num_blocks.stride(), *kv_indices.stride(),
         BLOCK=block_size, BLOCK_M=block_m, NK_PAD=nk_pad, G_SEL=G if per_kv_head else 1,
-        CAUSAL=mask.causal, HAS_VALID=has_valid, FORCE_SINK=force_sink, FORCE_RECENT=force_recent,
-        ANY_FULL=max(threshold_high, threshold_low) >= 1.0, num_warps=4 if nk_pad * block_m <= 2048 else 8,
+        CAUSAL=mask.causal, HAS_WINDOW=mask.window > 0, HAS_VALID=has_valid, FORCE_SINK=force_sink,
+        FORCE_RECENT=force_recent, ANY_FULL=max(threshold_high, threshold_low) >= 1.0,
+        num_warps=4 if nk_pad * block_m <= 2048 else 8,
     )
     return kv_num_blocks, kv_indices
 

@@ -1,0 +1,219 @@
+"""GPU self-check and timing of Prism's Triton block estimation (CUDA only).
+
+1. Correctness: the Triton selection (`prism_select_triton`) against the float64 reference
+   (`select_blocks_reference`) on random and structured inputs (topic segments, left/right padding,
+   chunked prefill, sliding windows, GQA in both modes, fp16/bf16/fp32, head_dim 64/128). The
+   kernel computes in fp32, so a block is allowed to differ only where the reference itself flips
+   between thresholds p - 1e-4 and p + 1e-4; at p = 1 the lists must equal the allowed blocks exactly.
+2. Timing (medians of `triton.testing.do_bench`): the estimation alone at 32K and 128K
+   (B=1, H=32, Hkv=8, D=128, bf16, block 128, p=0.95), per kernel (torch.profiler) and in total,
+   next to dense SDPA (cuDNN and flash) and Prism attention end to end. Estimation GFLOP/s counts
+   the band logits: 2 * B * H * nq * nk * (high_dims + low_dims).
+
+    python -m sparse_compile.benchmarks.prism_check                 # check + timing
+    python -m sparse_compile.benchmarks.prism_check --no-timing     # check only
+    python -m sparse_compile.benchmarks.prism_check --out prism_gpu.json
+Exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparse_compile.attention_mask import AttentionMask, SiteFacts
+from sparse_compile.kernels.block_mask import BlockList
+from sparse_compile.kernels.prism import estimation_flops, prism_select_triton
+from sparse_compile.methods import prism
+from sparse_compile.methods.prism import PrismParams, select_blocks_reference, selection_kwargs
+
+BOUNDARY = 1e-4
+
+
+def structured_qk(B, H, Hkv, Lq, Lk, D, dtype, seed, strength=1.5, key_valid=None, device="cuda"):
+    """q (B, H, Lq, D), k (B, Hkv, Lk, D): keys carry a topic vector per 64-token segment, each query
+    segment copies the topic of a random earlier key segment; padding is one large constant vector."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    seg = 64
+    n_seg = -(-Lk // seg)
+    topics = torch.randn(B, Hkv, n_seg, D, generator=g)
+    k = torch.randn(B, Hkv, Lk, D, generator=g) + strength * topics.repeat_interleave(seg, 2)[:, :, :Lk]
+    q_pos = torch.arange(Lq) + (Lk - Lq)
+    src = (torch.rand(B, H, n_seg, generator=g) * (torch.arange(n_seg) + 1)).long()
+    q_topic = torch.gather(topics.repeat_interleave(H // Hkv, 1), 2, src[..., None].expand(-1, -1, -1, D))
+    q = torch.randn(B, H, Lq, D, generator=g) + strength * q_topic[:, :, q_pos // seg]
+    if key_valid is not None:
+        junk = 4.0 * torch.randn(D, generator=g)
+        kv = key_valid.cpu()
+        k = torch.where(kv[:, None, :, None], k, junk)
+        q = torch.where(kv[:, None, q_pos, None], q, junk)
+    return q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype)
+
+
+def check_case(name, q, k, mask, site, params, block_size) -> dict:
+    """One comparison; returns a result row with `ok`."""
+    kw = selection_kwargs(site, params, block_size=block_size)
+    n, idx = prism_select_triton(q, k, mask=mask, **kw)
+    got = BlockList(n, idx, block_size, q.shape[2], k.shape[2]).to_dense()
+    ph, pl = kw["threshold_high"], kw["threshold_low"]
+    lo = select_blocks_reference(q, k, mask=mask, **{**kw, "threshold_high": ph - BOUNDARY,
+                                                     "threshold_low": pl - BOUNDARY})
+    hi = select_blocks_reference(q, k, mask=mask, **{**kw, "threshold_high": ph + BOUNDARY,
+                                                     "threshold_low": pl + BOUNDARY})
+    exact = select_blocks_reference(q, k, mask=mask, **kw)
+    missing = int((lo & ~got).sum())
+    extra = int((got & ~hi).sum())
+    row = {"case": name, "selected": int(got.sum()), "reference": int(exact.sum()),
+           "differ_exact": int((got ^ exact).sum()), "missing": missing, "extra": extra,
+           "ok": missing == 0 and extra == 0}
+    if max(ph, pl) >= 1.0:
+        row["ok"] = row["ok"] and bool(torch.equal(got, exact))
+    return row
+
+
+def run_checks(device="cuda") -> list[dict]:
+    rows = []
+    seed = 0
+    for D, dtype, (B, H, Hkv), L, chunk, pad, window, gqa, p, strength, rope in [
+        (128, torch.bfloat16, (1, 8, 2), 4096, 1.0, 0, 0, "per_head", 0.95, 1.5, "rotate_half"),
+        (128, torch.float16, (2, 8, 2), 3000, 1.0, 700, 0, "per_kv_head", 0.9, 1.5, "rotate_half"),
+        (64, torch.float32, (2, 9, 3), 2500, 0.3, 300, 0, "per_head", 0.95, 0.5, "interleaved"),
+        (128, torch.bfloat16, (1, 4, 4), 8192, 1.0, 0, 1024, "per_head", 0.8, 3.0, "rotate_half"),
+        (64, torch.bfloat16, (1, 8, 8), 5000, 0.5, 0, 0, "per_head", 1.0, 1.5, "rotate_half"),
+        (128, torch.float16, (1, 8, 2), 2048, 1.0, 0, 0, "per_head", 0.95, 0.0, "rotate_half"),  # random
+    ]:
+        for block_size in (128, 64):
+            seed += 1
+            Lq = max(1, int(L * chunk))
+            key_valid = None
+            if pad:
+                key_valid = torch.ones(B, L, dtype=torch.bool, device=device)
+                key_valid[-1, :pad] = False  # left padding in the last row
+                if B > 1:
+                    key_valid[0, L - pad // 2:] = False  # right padding in the first
+            q, k = structured_qk(B, H, Hkv, Lq, L, D, dtype, seed, strength, key_valid, device)
+            mask = AttentionMask(q_offset=L - Lq, window=window, key_valid=key_valid)
+            site = SiteFacts(rope=rope, rotary_dim=D, head_dim=D, num_heads=H, num_kv_heads=Hkv)
+            params = PrismParams(threshold_high=p, threshold_low=p, gqa=gqa, block_size=block_size)
+            name = (f"D={D} {str(dtype)[6:]} B={B} H={H}/{Hkv} L={L} Lq={Lq} pad={pad} win={window} "
+                    f"{gqa} p={p} s={strength} {rope} b={block_size}")
+            rows.append(check_case(name, q, k, mask, site, params, block_size))
+            print(("ok  " if rows[-1]["ok"] else "FAIL") + f"  {name}: " +
+                  ", ".join(f"{key}={rows[-1][key]}" for key in ("selected", "differ_exact", "missing", "extra")))
+    return rows
+
+
+def kernel_times(fn, iters=10) -> dict[str, float]:
+    """Mean CUDA time per call (ms) of each kernel launched by fn, via torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA or getattr(evt, "self_device_time_total", 0):
+            t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+            if t:
+                out[evt.key[:60]] = t / 1000.0 / iters
+    return out
+
+
+def time_length(L: int, device="cuda") -> list[dict]:
+    """Timing rows (per_head and per_kv_head) at one length L (B=1, H=32, Hkv=8, D=128, bf16)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    B, H, Hkv, D = 1, 32, 8, 128
+    q, k = structured_qk(B, H, Hkv, L, L, D, torch.bfloat16, seed=L, device=device)
+    v = torch.randn_like(k)
+    mask = AttentionMask()
+    site = SiteFacts(rotary_dim=D, head_dim=D, num_heads=H, num_kv_heads=Hkv)
+    kk, vv = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    dense = {}
+    for backend, name in ((SDPBackend.CUDNN_ATTENTION, "sdpa_cudnn_ms"), (SDPBackend.FLASH_ATTENTION, "sdpa_flash_ms")):
+        try:
+            with sdpa_kernel([backend]):
+                dense[name] = do_bench(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True),
+                                       warmup=3, rep=30)
+        except RuntimeError as exc:  # backend unavailable
+            dense[name] = float("nan")
+            print(f"{name}: {exc}")
+    rows = []
+    for gqa in ("per_head", "per_kv_head"):
+        params = PrismParams(gqa=gqa, min_seq_len=0)
+        kw = selection_kwargs(site, params)
+
+        def est(kw=kw):
+            return prism_select_triton(q, k, mask=mask, **kw)
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        est()
+        torch.cuda.synchronize()
+        extra_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+        t_est = do_bench(est, warmup=5, rep=50)
+        blocks = prism.prism_select(q, k, mask, site, params)
+        density = float(prism.selection_density(blocks, mask, H).mean())
+        t_attn = do_bench(lambda params=params: prism.attention(q, k, v, mask, site, params), warmup=3, rep=30)
+        flops = estimation_flops(B, H, L, L, params.block_size, int(kw["high_idx"].numel()),
+                                 int(kw["low_idx"].numel()))
+        row = {"L": L, "gqa": gqa, "estimation_ms": t_est, "estimation_gflops": flops / t_est / 1e6,
+               "estimation_extra_gib": extra_gib, "density": density, "prism_attention_ms": t_attn,
+               **dense, "kernels_ms": kernel_times(est)}
+        rows.append(row)
+        print(f"L={L} {gqa}: estimation {t_est:.3f} ms ({row['estimation_gflops']:.0f} GFLOP/s, "
+              f"+{extra_gib:.2f} GiB), density {density:.3f}, prism attention {t_attn:.2f} ms, "
+              f"SDPA cuDNN {dense['sdpa_cudnn_ms']:.2f} / flash {dense['sdpa_flash_ms']:.2f} ms")
+        for name, ms in sorted(row["kernels_ms"].items(), key=lambda kv: -kv[1])[:6]:
+            print(f"    {ms:8.3f} ms  {name}")
+    return rows
+
+
+def run_timing(lengths=(32768, 131072), device="cuda") -> list[dict]:
+    rows = []
+    for L in lengths:
+        rows += time_length(L, device)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-timing", action="store_true", help="run the correctness checks only")
+    parser.add_argument("--no-check", action="store_true", help="run the timing only")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072], help="timed sequence lengths")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("prism_check needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    result = {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "command": "python -m sparse_compile.benchmarks.prism_check " + " ".join(argv or sys.argv[1:])}
+    failed = False
+    if not args.no_check:
+        result["checks"] = run_checks()
+        failed = not all(row["ok"] for row in result["checks"])
+    if not args.no_timing:
+        result["timing"] = run_timing(tuple(args.lengths))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=1))
+    print("FAILED" if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
