@@ -97,22 +97,14 @@ def selector(name: str, module: Any) -> Callable | None:
     return getattr(module, "select", None) or getattr(module, f"{name}_select", None)
 
 
-def full_width_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """kv_num_blocks (B, H, nq) and kv_indices (B, H, nq, nk) of a bool block mask, selected first."""
-    num = mask.sum(-1, dtype=torch.int32)
-    idx = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
-    return num.contiguous(), idx.contiguous()
-
-
-def causal_mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-    return q_idx >= kv_idx
-
-
 def flex_block_mask(blocks: BlockList, heads: int) -> Any:
     """A FlexAttention BlockMask selecting the same blocks as `blocks` (per-KV-head lists are
     repeated over their query heads). Prefill (q_len == kv_len): diagonal blocks partial with a
     causal mask_mod, others full. Decode (q_len < kv_len, queries at the end): all blocks full."""
     from torch.nn.attention.flex_attention import BlockMask
+
+    from sparse_compile.benchmarks.engine import _causal_mod as causal_mod
+    from sparse_compile.benchmarks.engine import _lists_full_width as lists_full_width
 
     dense = blocks.to_dense()
     if dense.shape[1] != heads:
@@ -121,12 +113,12 @@ def flex_block_mask(blocks: BlockList, heads: int) -> Any:
     if blocks.q_len == blocks.kv_len:
         diag = torch.eye(nq, nk, dtype=torch.bool, device=dense.device).expand_as(dense)
         partial, full = dense & diag, dense & ~diag
-        mask_mod = causal_mask_mod
+        mask_mod = causal_mod
     else:
         partial, full = torch.zeros_like(dense), dense
         mask_mod = None
-    p_num, p_idx = full_width_lists(partial)
-    f_num, f_idx = full_width_lists(full)
+    p_num, p_idx = lists_full_width(partial)
+    f_num, f_idx = lists_full_width(full)
     return BlockMask.from_kv_blocks(p_num, p_idx, f_num, f_idx, BLOCK_SIZE=blocks.block_size, mask_mod=mask_mod,
                                     seq_lengths=(blocks.q_len, blocks.kv_len), compute_q_blocks=False)
 
