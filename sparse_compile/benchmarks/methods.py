@@ -126,9 +126,9 @@ def flex_block_mask(blocks: BlockList, heads: int) -> Any:
 def time_ms(fn: Callable[[], Any], rep_ms: float, device: str) -> float:
     """Median milliseconds of fn(): triton's do_bench on CUDA; a plain timer elsewhere (tests)."""
     if device == "cuda":
-        import triton
+        from sparse_compile.benchmarks.engine import _bench
 
-        return float(triton.testing.do_bench(fn, warmup=max(10.0, rep_ms / 4), rep=rep_ms, return_mode="median"))
+        return _bench(fn, rep_ms)
     fn()
     times = []
     for _ in range(3):
