@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from sparse_compile.methods import dense
+from sparse_compile.methods import dense, prism
 
-METHODS: dict[str, ModuleType] = {"dense": dense}
+METHODS: dict[str, ModuleType] = {"dense": dense, "prism": prism}
