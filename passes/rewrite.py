@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from sparse_compile.passes.masks import MaskMatch
+from sparse_compile.passes.sites import SiteMatch, find_sites
 
 from sparse_compile.attention_mask import SiteFacts
 from sparse_compile.ops import node_config
-from sparse_compile.passes.masks import MaskMatch
-from sparse_compile.passes.sites import SiteMatch, find_sites
 from sparse_compile.policy import Policy
 from sparse_compile.report import Rejection, Site
 
