@@ -2,8 +2,8 @@
 
 Three launches, nothing of size L x L (only (L / b)^2 block scores):
 
-  1. `_prism_pool_kernel`, grid (cdiv(B * Hx * n_blocks, NB),), once for q and once for k: the mean of each
-     block over its valid tokens (fp32) and the block's squared norm in the full head, the high
+  1. `_prism_pool_kernel`, grid (cdiv(B * Hx * n_blocks, NB),), once for q and once for k: the mean of
+     each block over its valid tokens (fp32) and the block's squared norm in the full head, the high
      band and the low band (for the energy calibration).
   2. `_prism_scores_kernel`, grid (cdiv(nq, BLOCK_QB), B * H): per (batch, head) the calibrated
      band temperatures, then both bands' block logits (tl.dot, fp32) and their log-sum-exp over
@@ -35,7 +35,7 @@ from sparse_compile.methods.prism import select_blocks_reference as reference
 
 __all__ = ["prism_select_triton", "reference"]
 
-MAX_KV_BLOCKS = 8192  # one query block's row of key-block scores is sorted inside one program
+MAX_KV_BLOCKS = 8192  # one query block's row of key-block probabilities is held by one program
 RMS_EPS: tl.constexpr = tl.constexpr(CALIBRATION_EPS)
 TEMPERATURE_FLOOR: tl.constexpr = tl.constexpr(MIN_TEMPERATURE)
 
