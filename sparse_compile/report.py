@@ -22,7 +22,8 @@ class Site:
     layer: index of the attention call in graph order (== the model's layer index).
     rope: "rotate_half" | "interleaved"; rotary_dim: dims RoPE rotates (< head_dim: partial).
     window: sliding window size or None. mask: the recognised mask structure.
-    cache: "none" | "dynamic" (torch.cat) | "static" (index_copy_). gqa: "none" | "repeat_kv" | "enable_gqa".
+    cache: "none" | "dynamic" (torch.cat) | "static" (index_copy_) | "static_sliding" (rolling buffer).
+    gqa: "none" | "repeat_kv" | "enable_gqa".
     """
 
     graph: int
@@ -65,9 +66,12 @@ class GraphRecord:
     policy: str
 
 
-@dataclass
+@dataclass(eq=False)
 class Report:
-    """Sites rewritten, candidates rejected, per-graph summaries and run-time densities."""
+    """Sites rewritten, candidates rejected, per-graph summaries and run-time densities.
+
+    Compared by identity: torch.compile compares backend options to decide whether a cached compile
+    can be reused, and two distinct (even empty) reports must not count as the same option."""
 
     policy: str = ""
     sites: list[Site] = field(default_factory=list)
