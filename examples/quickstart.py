@@ -47,7 +47,8 @@ def long_prompt(tokenizer, n_tokens: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", action="append", help="policy name or TOML path (repeatable); default: dense, prism")
+    parser.add_argument("--policy", action="append",
+                        help="policy name or TOML path (repeatable); default: dense, prism")
     parser.add_argument("--inner", default="inductor", choices=["inductor", "eager"], help="compiler after the rewrite")
     parser.add_argument("--long", type=int, default=4096, help="tokens of the long prompt used for sparse policies")
     args = parser.parse_args()
