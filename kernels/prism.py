@@ -36,6 +36,15 @@ from sparse_compile.methods.prism import select_blocks_reference as reference
 __all__ = ["prism_select_triton", "reference"]
 
 MAX_KV_BLOCKS = 8192  # one query block's row of key-block probabilities is held by one program
+PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot input precisions of the band logits
+# launch configuration (H100-tuned, KERNEL_NOTES.md "Prism estimation"); sizes are upper bounds,
+# clipped to the problem: pool_elems elements (tokens x dims) per load step / pool_warps, scores tile of query x key
+# blocks / scores_warps, select rows per program (at most select_elems / nk_pad) / select_warps
+DEFAULT_TUNING: dict[str, int] = {
+    "pool_elems": 8192, "pool_warps": 8,
+    "scores_qb": 64, "scores_kb": 64, "scores_warps": 4,
+    "select_rows": 4, "select_elems": 4096, "select_warps": 4,
+}
 RMS_EPS: tl.constexpr = tl.constexpr(CALIBRATION_EPS)
 TEMPERATURE_FLOOR: tl.constexpr = tl.constexpr(MIN_TEMPERATURE)
 
@@ -128,9 +137,12 @@ def _prism_scores_kernel(
     D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr, HIGH_PAD: tl.constexpr, LOW_PAD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_QB: tl.constexpr, BLOCK_KB: tl.constexpr, ECHUNK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, CALIBRATE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """LOGITS[b, h, band, m, n] = band logits of query block m and key block n (only allowed
-    entries are meaningful); LSE[b, h, band, m] = their log-sum-exp over the allowed key blocks."""
+    """LOGITS[b, h, band, m, n] = band logits of query block m and key block n (only the allowed
+    entries are written and meaningful: key tiles wholly past the causal frontier or before the
+    window of this program's query blocks are skipped); LSE[b, h, band, m] = their log-sum-exp over
+    the allowed key blocks. PRECISION: tl.dot's input_precision ("ieee", "tf32x3" or "tf32")."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -189,16 +201,24 @@ def _prism_scores_kernel(
     sum_l = tl.zeros([BLOCK_QB], dtype=tl.float32)
     k_base = KP + b * stride_kb + hk * stride_kh
     l_base = LOGITS + b * stride_lb + h * stride_lh + m[:, None] * stride_lm
+    # key tiles that can hold an allowed block of some query block of this program
+    n_end = nk
+    if CAUSAL:
+        last_pos = q_offset + tl.minimum((pid_m + 1) * BLOCK_QB * BLOCK, LQ) - 1
+        n_end = tl.minimum(nk, last_pos // BLOCK + 1)
     n0 = 0
-    while n0 < nk:
+    if HAS_WINDOW:
+        first_pos = q_offset + pid_m * BLOCK_QB * BLOCK - window + 1
+        n0 = tl.maximum(first_pos, 0) // BLOCK // BLOCK_KB * BLOCK_KB
+    while n0 < n_end:
         n = n0 + tl.arange(0, BLOCK_KB)
         n_ok = n < nk
         k_high = tl.load(k_base + n[None, :] * stride_kn + idx_h[:, None] * stride_kd,
                          mask=(dh < N_HIGH)[:, None] & n_ok[None, :], other=0.0)
         k_low = tl.load(k_base + n[None, :] * stride_kn + idx_l[:, None] * stride_kd,
                         mask=(dl < N_LOW)[:, None] & n_ok[None, :], other=0.0)
-        logit_h = tl.dot(q_high, k_high, input_precision="ieee") * inv_high
-        logit_l = tl.dot(q_low, k_low, input_precision="ieee") * inv_low
+        logit_h = tl.dot(q_high, k_high, input_precision=PRECISION) * inv_high
+        logit_l = tl.dot(q_low, k_low, input_precision=PRECISION) * inv_low
         ok = _allowed_blocks(CUM + b * stride_cb, p0, p1, n[None, :], nk, LK, window, BLOCK, CAUSAL, HAS_WINDOW,
                              HAS_VALID)
         ok = ok & m_ok[:, None]
@@ -224,22 +244,31 @@ def _prism_scores_kernel(
 def _top_p(p, ok, threshold, BLOCK_M: tl.constexpr):
     """Blocks kept by top-p in each row: ranked by probability (desc, ties by lower index), a
     block is kept while the mass ranked before it is < threshold. p: (BLOCK_M, NK_PAD) fp32, zero
-    where not ok.
+    where not ok. Returns (BLOCK_M, NK_PAD) bool.
 
     A threshold search instead of a sort: for the fp32 bit pattern x of a probability, the mass
-    G(x) of the blocks with larger probabilities falls as x grows, so a bisection over the 31 bits
-    finds the smallest x with G(x) < threshold; the blocks at or above it are kept, except in the
-    group tied at the smallest kept value, which is cut in index order.
+    G(x) of the blocks with larger probabilities falls as x grows; a bisection over the bit
+    patterns finds the smallest x with G(x) < threshold (invariant: the answer lies in [lo, hi]).
+    The blocks at or above it are kept, except in the group tied at the smallest kept value,
+    which is cut in index order.
+
+    Early exit: G only changes at the rows' own values, so once no allowed value lies in
+    [lo, hi) the answer is hi (G(lo - 1) = G(hi - 1) >= threshold) and the kept set is final. The
+    search stops when every row of the program has converged: about log2(range / gap) steps,
+    ~10-14 on real rows of 1K blocks instead of 31 (31 at most, as before).
     """
     bits = p.to(tl.int32, bitcast=True)  # non-negative floats order like their bit patterns
     lo = tl.zeros([BLOCK_M], dtype=tl.int32)
     hi = tl.full([BLOCK_M], 0x7F800000, tl.int32)  # +inf
-    for _ in range(31):
+    open_rows = 1
+    while open_rows > 0:
         mid = lo + (hi - lo) // 2
         mass_above = tl.sum(tl.where(bits > mid[:, None], p, 0.0), axis=1)
         below = mass_above < threshold
         hi = tl.where(below, mid, hi)
         lo = tl.where(below, lo, mid + 1)
+        inside = ok & (bits >= lo[:, None]) & (bits < hi[:, None])
+        open_rows = tl.max(tl.max(inside.to(tl.int32), axis=1), axis=0)
     kept = ok & (bits >= hi[:, None])
     # ties at the smallest kept value v: mass before = G(v) + (rank among the tied) * v
     v_min = tl.min(tl.where(kept, p, float("inf")), axis=1)[:, None]
@@ -362,15 +391,28 @@ def prism_select_triton(
     force_sink: bool = True,
     force_recent: bool = True,
     per_kv_head: bool = False,
+    precision: str = "auto",
+    tuning: dict[str, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prism block lists with the Triton kernels; the arguments of `reference` (select_blocks_reference).
 
     q: (B, H, Lq, D), k: (B, Hkv, Lk, D), fp16/bf16/fp32, any strides, CUDA (or the Triton
     interpreter). high_idx / low_idx: 1-D int band dims. temperature_* None: energy calibration.
+    precision: input precision of the band-logit dots, one of PRECISIONS; "auto" = "tf32x3" on
+    CUDA (tensor cores, fp32-level error: PRISM_NOTES.md) and "ieee" under the interpreter.
+    tuning: overrides of the launch configuration (keys of DEFAULT_TUNING; benchmarks only).
     Returns kv_num_blocks (B, Hm, nq) int32 and kv_indices (B, Hm, nq, nk) int32 (ascending,
     entries past the count undefined), Hm = Hkv if per_kv_head else H.
     """
     _check_inputs(q, k, high_idx, low_idx, mask, block_size)
+    if precision == "auto":
+        precision = "tf32x3" if q.is_cuda else "ieee"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
+    unknown = set(tuning or {}) - set(DEFAULT_TUNING)
+    if unknown:
+        raise ValueError(f"unknown tuning keys {sorted(unknown)}; allowed: {sorted(DEFAULT_TUNING)}")
+    tune = {**DEFAULT_TUNING, **(tuning or {})}
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -396,19 +438,19 @@ def prism_select_triton(
 
     # 1. pooling (fp32 means) and block energies, for q (positions q_offset + i) and k
     d_pad = triton.next_power_of_2(D)
-    rows = min(block_size, max(1, 4096 // d_pad))
+    rows = min(block_size, max(1, tune["pool_elems"] // d_pad))
     pooled = {}
     for name, x, pos_offset in (("q", q, mask.q_offset), ("k", k, 0)):
         n_blocks = triton.cdiv(x.shape[2], block_size)
         n_rows = B * x.shape[1] * n_blocks
-        nb = max(1, min(triton.next_power_of_2(n_rows), 4096 // (rows * d_pad)))  # blocks per program
+        nb = max(1, min(triton.next_power_of_2(n_rows), tune["pool_elems"] // (rows * d_pad)))  # blocks per program
         out = torch.empty(B, x.shape[1], n_blocks, D, dtype=f32, device=dev)
         energy = torch.empty(B, x.shape[1], n_blocks, 4, dtype=f32, device=dev)
         _prism_pool_kernel[(triton.cdiv(n_rows, nb),)](
             x, cum, out, energy, band,
             x.shape[2], Lk, pos_offset, x.shape[1], n_blocks, n_rows,
             *x.stride(), *out.stride(), *energy.stride()[:3], cum.stride(0),
-            D=D, D_PAD=d_pad, BLOCK=block_size, ROWS=rows, NB=nb, HAS_VALID=has_valid, num_warps=4,
+            D=D, D_PAD=d_pad, BLOCK=block_size, ROWS=rows, NB=nb, HAS_VALID=has_valid, num_warps=tune["pool_warps"],
         )
         pooled[name] = (out, energy)
     (q_pool, q_energy), (k_pool, k_energy) = pooled["q"], pooled["k"]
@@ -418,7 +460,8 @@ def prism_select_triton(
     logits = torch.empty(B, H, 2, nq, nk, dtype=f32, device=dev)
     lse = torch.empty(B, H, 2, nq, dtype=f32, device=dev)
     calibrate = temperature_high is None or temperature_low is None
-    block_qb, block_kb = 16, (16 if nk <= 16 else 64)
+    block_qb = max(16, min(tune["scores_qb"], triton.next_power_of_2(nq)))
+    block_kb = max(16, min(tune["scores_kb"], triton.next_power_of_2(nk)))
     _prism_scores_kernel[(triton.cdiv(nq, block_qb), B * H)](
         q_pool, k_pool, q_energy, k_energy, high_idx, low_idx, cum, logits, lse,
         nq, nk, max(nq, nk), Lq, Lk, mask.q_offset, mask.window,
@@ -430,7 +473,8 @@ def prism_select_triton(
         D=D, N_HIGH=n_high, N_LOW=n_low,
         HIGH_PAD=max(16, triton.next_power_of_2(n_high)), LOW_PAD=max(16, triton.next_power_of_2(n_low)),
         BLOCK=block_size, BLOCK_QB=block_qb, BLOCK_KB=block_kb, ECHUNK=256,
-        CAUSAL=mask.causal, HAS_WINDOW=mask.window > 0, HAS_VALID=has_valid, CALIBRATE=calibrate, num_warps=4,
+        CAUSAL=mask.causal, HAS_WINDOW=mask.window > 0, HAS_VALID=has_valid, CALIBRATE=calibrate,
+        PRECISION=precision, num_warps=tune["scores_warps"],
     )
 
     # 3. top-p per band, union, forced blocks, compacted lists
@@ -438,7 +482,10 @@ def prism_select_triton(
     kv_indices = torch.empty(B, Hm, nq, nk, dtype=torch.int32, device=dev)
     nk_pad = max(2, triton.next_power_of_2(nk))
     n_rows = B * Hm * nq
-    block_m = max(1, min(64, 4096 // nk_pad, triton.next_power_of_2(n_rows)))  # rows per program
+    if q.is_cuda:  # rows per program: few, so the bisection's row reductions stay short
+        block_m = max(1, min(tune["select_rows"], tune["select_elems"] // nk_pad, triton.next_power_of_2(n_rows)))
+    else:  # the interpreter's cost is per operation: many rows per program
+        block_m = max(1, min(64, 4096 // nk_pad, triton.next_power_of_2(n_rows)))
     _prism_select_kernel[(triton.cdiv(n_rows, block_m),)](
         logits, lse, cum, sink, kv_num_blocks, kv_indices,
         nq, nk, Lq, Lk, mask.q_offset, mask.window, float(threshold_high), float(threshold_low),
@@ -447,7 +494,7 @@ def prism_select_triton(
         BLOCK=block_size, BLOCK_M=block_m, NK_PAD=nk_pad, G_SEL=G if per_kv_head else 1,
         CAUSAL=mask.causal, HAS_WINDOW=mask.window > 0, HAS_VALID=has_valid, FORCE_SINK=force_sink,
         FORCE_RECENT=force_recent, ANY_FULL=max(threshold_high, threshold_low) >= 1.0,
-        num_warps=4 if nk_pad * block_m <= 2048 else 8,
+        num_warps=tune["select_warps"],
     )
     return kv_num_blocks, kv_indices
 
