@@ -192,8 +192,7 @@ def test_band_dims_errors():
         ({"force_sink": 1}, "key 'force_sink' = 1 has the wrong type"),
         ({"force_recent": "no"}, "key 'force_recent' = 'no' has the wrong type"),
         ({"gqa": "per_group"}, "key 'gqa' = 'per_group' is not allowed; allowed: one of 'per_head', 'per_kv_head'"),
-        ({"min_seq_len": -1}, "key 'min_seq_len' = -1 is out of range"),
-        ({"min_seq_len": 1.5}, "key 'min_seq_len' = 1.5 has the wrong type"),
+        ({"min_seq_len": 4096}, "unknown key 'min_seq_len'"),  # the policy's phase-level key is the one gate
         ({"temperature_high": 2.0}, "only used when 'calibrate' = false"),
         (
             {"threshold_high": 0.0, "threshold_low": 0, "force_sink": False, "force_recent": False},
@@ -406,13 +405,13 @@ def test_attention_full_threshold_equals_dense_and_sparse_equals_masked(seed, Lk
     mask = AttentionMask(q_offset=Lk - Lq, window=window, key_valid=_key_valid(B, Lk, min(pad, Lk - 1), "left"))
     site = SiteFacts(rotary_dim=D, head_dim=D, num_heads=H, num_kv_heads=Hkv)
     atol, rtol = TOL[dtype]
-    full = PrismParams(threshold_high=1.0, threshold_low=1.0, min_seq_len=0, gqa=gqa)
+    full = PrismParams(threshold_high=1.0, threshold_low=1.0, gqa=gqa)
     out, density = prism.attention(q, k, v, mask, site, full, block_size=b)
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), exact_attention_reference(q, k, v, mask).float(), atol=atol, rtol=rtol)
     assert density.shape == (B, H) and torch.allclose(density, torch.ones(B, H))
     # sparse: exact attention restricted to the selected blocks, with the method's density
-    sparse = PrismParams(threshold_high=0.4, threshold_low=0.4, min_seq_len=0, gqa=gqa)
+    sparse = PrismParams(threshold_high=0.4, threshold_low=0.4, gqa=gqa)
     out, density = prism.attention(q, k, v, mask, site, sparse, scale=0.3, block_size=b)
     blocks = prism.prism_select(q, k, mask, site, sparse, block_size=b)
     dense_mask = _token_mask(blocks.to_dense(), H, Lq, Lk, b)
@@ -429,12 +428,13 @@ def test_attention_dense_fallbacks():
     q, k = _rand_qk(B, H, H, 8, 40, D, torch.float32, seed=2)
     v = torch.randn_like(k)
     site = _site(D)
-    params = PrismParams(threshold_high=0.1, threshold_low=0.1, min_seq_len=41)
-    cases = [(q, AttentionMask(q_offset=32)),  # Lk < min_seq_len
-             (q[:, :, -1:], AttentionMask(q_offset=39)),  # decode
+    params = PrismParams(threshold_high=0.1, threshold_low=0.1)
+    cases = [(q[:, :, -1:], AttentionMask(q_offset=39)),  # decode
              (q, AttentionMask(q_offset=32, dense_mask=torch.ones(1, 1, 8, 40, dtype=torch.bool)))]
     for qq, mask in cases:
-        out, density = prism.attention(qq, k, v, mask, site, params if mask.dense_mask is None else
-                                       PrismParams(min_seq_len=0))
+        out, density = prism.attention(qq, k, v, mask, site, params)
         torch.testing.assert_close(out, exact_attention_reference(qq, k, v, mask), atol=2e-5, rtol=2e-5)
         assert torch.equal(density, torch.ones(B, H))
+    # no length gate inside the method (the policy's phase-level min_seq_len is the one gate): 40 keys run sparse
+    _, density = prism.attention(q, k, v, AttentionMask(q_offset=32), site, params, block_size=16)
+    assert (density < 1).all()

@@ -150,7 +150,7 @@ def time_length(L: int, device="cuda") -> list[dict]:
             print(f"{name}: {exc}")
     rows = []
     for gqa in ("per_head", "per_kv_head"):
-        params = PrismParams(gqa=gqa, min_seq_len=0)
+        params = PrismParams(gqa=gqa)
         kw = selection_kwargs(site, params)
 
         def est(kw=kw):

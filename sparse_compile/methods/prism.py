@@ -82,7 +82,6 @@ class PrismParams:
         help="per_head: one selection per query head (the authors'); per_kv_head: the union over the "
         "group, so each K/V block is loaded once per group",
     )
-    min_seq_len: int = param(4096, range=(0, None), help="key length below which the site runs dense")
 
     def __post_init__(self) -> None:
         # programmatic construction gets the same per-field checks as a policy table
@@ -453,12 +452,12 @@ def attention(
 
     q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D), post-RoPE, fp16/bf16 (CUDA) or any float (CPU).
     Returns (out (B, H, Lq, D) in q's dtype, density (B, H) float32 = selected / allowed blocks).
-    Runs exact attention (density 1) when Lk < params.min_seq_len, Lq == 1 or the mask could not
-    be recognised (mask.dense_mask set).
+    Runs exact attention (density 1) when Lq == 1 or the mask could not be recognised
+    (mask.dense_mask set). The length gate is the policy's phase-level `min_seq_len`, applied by
+    sparse_compile/ops.py before this is called (there is no second gate here).
     """
     B, H, Lq, _ = q.shape
-    Lk = k.shape[2]
-    if Lk < params.min_seq_len or Lq == 1 or mask.dense_mask is not None:
+    if Lq == 1 or mask.dense_mask is not None:
         return dense.attention(q, k, v, mask, site, None, scale)
     from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
 
