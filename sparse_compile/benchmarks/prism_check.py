@@ -3,8 +3,11 @@
 1. Correctness: the Triton selection (`prism_select_triton`) against the float64 reference
    (`select_blocks_reference`) on random and structured inputs (topic segments, left/right padding,
    chunked prefill, sliding windows, GQA in both modes, fp16/bf16/fp32, head_dim 64/128). The
-   kernel computes in fp32, so a block is allowed to differ only where the reference itself flips
-   between thresholds p - 1e-4 and p + 1e-4; at p = 1 the lists must equal the allowed blocks exactly.
+   kernel computes in fp32 (band logits on tensor cores: tl.dot input precision tf32x3 by default,
+   also checked: ieee and tf32), so a block may differ only where the reference itself flips between
+   thresholds p - eps and p + eps, eps = max(1e-4, expm1(2 * Delta)) with Delta the bound on the
+   logit error of the precision (`boundary_eps`, PRISM_NOTES.md); at p = 1 the lists must equal
+   the allowed blocks exactly.
 2. Timing (medians of `triton.testing.do_bench`): the estimation alone at 32K and 128K
    (B=1, H=32, Hkv=8, D=128, bf16, block 128, p=0.95), per kernel (torch.profiler) and in total,
    next to dense SDPA (cuDNN and flash) and Prism attention end to end. Estimation GFLOP/s counts
@@ -13,6 +16,7 @@
     python -m sparse_compile.benchmarks.prism_check                 # check + timing
     python -m sparse_compile.benchmarks.prism_check --no-timing     # check only
     python -m sparse_compile.benchmarks.prism_check --out prism_gpu.json
+    python -m sparse_compile.benchmarks.prism_check --tune          # + a sweep of launch configs
 Exits non-zero when a check fails.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +38,12 @@ from sparse_compile.kernels.prism import estimation_flops, prism_select_triton
 from sparse_compile.methods import prism
 from sparse_compile.methods.prism import PrismParams, select_blocks_reference, selection_kwargs
 
-BOUNDARY = 1e-4
+BOUNDARY = 1e-4  # fp32 softmax / log-sum-exp / accumulation: the floor of the boundary tolerance
+# relative error bound of one product q_i * k_i in tl.dot, per input precision: ieee exact (fp32
+# accumulation is in BOUNDARY), tf32x3 drops the lo * lo term of the 3-pass split (~2^-22 each,
+# bounded by 2^-21), tf32 rounds both operands to 10 mantissa bits (2 * 2^-11)
+PRODUCT_REL_ERROR = {"ieee": 0.0, "tf32x3": 2.0**-21, "tf32": 2.0**-10}
+PRECISIONS = ("tf32x3", "tf32", "ieee")
 
 
 def structured_qk(B, H, Hkv, Lq, Lk, D, dtype, seed, strength=1.5, key_valid=None, device="cuda"):
@@ -56,28 +66,53 @@ def structured_qk(B, H, Hkv, Lq, Lk, D, dtype, seed, strength=1.5, key_valid=Non
     return q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype)
 
 
-def check_case(name, q, k, mask, site, params, block_size) -> dict:
+def boundary_eps(q, k, mask, kw, precision: str) -> float:
+    """Half-width of the threshold band the kernel's selection must lie in (see the module doc).
+
+    A logit error |dz| <= Delta moves every probability by a factor in [exp(-2 Delta), exp(2 Delta)],
+    so the mass of any set of blocks by at most expm1(2 Delta). Delta = PRODUCT_REL_ERROR[precision]
+    * max over (b, h, m, n) and both bands of sum_i |q_i k_i| / scale, from the float64 pooled
+    blocks and temperatures of the reference. q: (B, H, Lq, D), k: (B, Hkv, Lk, D)."""
+    rel = PRODUCT_REL_ERROR[precision]
+    if rel == 0.0:
+        return BOUNDARY
+    b = kw["block_size"]
+    kv_valid = prism.key_valid_or_ones(mask, q.shape[0], k.shape[2], q.device)
+    qb = prism.pool_blocks(q, prism.query_valid(mask, kv_valid, q.shape[2]), b, torch.float64)
+    kb = prism.pool_blocks(k, kv_valid, b, torch.float64).repeat_interleave(q.shape[1] // k.shape[1], 1)
+    delta = 0.0
+    for idx, temp in ((kw["high_idx"], kw["temperature_high"]), (kw["low_idx"], kw["temperature_low"])):
+        idx = idx.to(q.device)
+        t = prism.band_temperature(qb, kb, idx) if temp is None else torch.tensor(temp, dtype=torch.float64)
+        scale = idx.numel() ** 0.5 * torch.clamp(t, min=prism.MIN_TEMPERATURE)
+        bound = torch.matmul(qb[..., idx].abs(), kb[..., idx].abs().transpose(-1, -2)) / scale
+        delta = max(delta, rel * float(bound.max()))
+    return max(BOUNDARY, math.expm1(2.0 * delta))
+
+
+def check_case(name, q, k, mask, site, params, block_size, precision="tf32x3") -> dict:
     """One comparison; returns a result row with `ok`."""
     kw = selection_kwargs(site, params, block_size=block_size)
-    n, idx = prism_select_triton(q, k, mask=mask, **kw)
+    n, idx = prism_select_triton(q, k, mask=mask, precision=precision, **kw)
     got = BlockList(n, idx, block_size, q.shape[2], k.shape[2]).to_dense()
     ph, pl = kw["threshold_high"], kw["threshold_low"]
-    lo = select_blocks_reference(q, k, mask=mask, **{**kw, "threshold_high": ph - BOUNDARY,
-                                                     "threshold_low": pl - BOUNDARY})
-    hi = select_blocks_reference(q, k, mask=mask, **{**kw, "threshold_high": ph + BOUNDARY,
-                                                     "threshold_low": pl + BOUNDARY})
+    eps = boundary_eps(q, k, mask, kw, precision)
+    lo = select_blocks_reference(q, k, mask=mask, **{**kw, "threshold_high": ph - eps,
+                                                     "threshold_low": pl - eps})
+    hi = select_blocks_reference(q, k, mask=mask, **{**kw, "threshold_high": ph + eps,
+                                                     "threshold_low": pl + eps})
     exact = select_blocks_reference(q, k, mask=mask, **kw)
     missing = int((lo & ~got).sum())
     extra = int((got & ~hi).sum())
-    row = {"case": name, "selected": int(got.sum()), "reference": int(exact.sum()),
-           "differ_exact": int((got ^ exact).sum()), "missing": missing, "extra": extra,
-           "ok": missing == 0 and extra == 0}
+    row = {"case": name, "precision": precision, "eps": eps, "selected": int(got.sum()),
+           "reference": int(exact.sum()), "differ_exact": int((got ^ exact).sum()), "missing": missing,
+           "extra": extra, "ok": missing == 0 and extra == 0}
     if max(ph, pl) >= 1.0:
         row["ok"] = row["ok"] and bool(torch.equal(got, exact))
     return row
 
 
-def run_checks(device="cuda") -> list[dict]:
+def run_checks(device="cuda", precisions=PRECISIONS) -> list[dict]:
     rows = []
     seed = 0
     for D, dtype, (B, H, Hkv), L, chunk, pad, window, gqa, p, strength, rope in [
@@ -103,9 +138,11 @@ def run_checks(device="cuda") -> list[dict]:
             params = PrismParams(threshold_high=p, threshold_low=p, gqa=gqa, block_size=block_size)
             name = (f"D={D} {str(dtype)[6:]} B={B} H={H}/{Hkv} L={L} Lq={Lq} pad={pad} win={window} "
                     f"{gqa} p={p} s={strength} {rope} b={block_size}")
-            rows.append(check_case(name, q, k, mask, site, params, block_size))
-            print(("ok  " if rows[-1]["ok"] else "FAIL") + f"  {name}: " +
-                  ", ".join(f"{key}={rows[-1][key]}" for key in ("selected", "differ_exact", "missing", "extra")))
+            for precision in precisions:
+                rows.append(check_case(name, q, k, mask, site, params, block_size, precision))
+                print(("ok  " if rows[-1]["ok"] else "FAIL") + f"  {precision:6s} {name}: " +
+                      ", ".join(f"{key}={rows[-1][key]}" for key in ("selected", "differ_exact", "missing", "extra"))
+                      + f", eps={rows[-1]['eps']:.1e}")
     return rows
 
 
@@ -168,7 +205,16 @@ def time_length(L: int, device="cuda") -> list[dict]:
         t_attn = do_bench(lambda params=params: prism.attention(q, k, v, mask, site, params), warmup=3, rep=30)
         flops = estimation_flops(B, H, L, L, params.block_size, int(kw["high_idx"].numel()),
                                  int(kw["low_idx"].numel()))
-        row = {"L": L, "gqa": gqa, "estimation_ms": t_est, "estimation_gflops": flops / t_est / 1e6,
+        by_precision = {}
+        if gqa == "per_head":
+            for precision in PRECISIONS:
+                by_precision[precision] = do_bench(
+                    lambda kw=kw, precision=precision: prism_select_triton(q, k, mask=mask, precision=precision, **kw),
+                    warmup=5, rep=50)
+            print(f"L={L} {gqa}: estimation by precision: " +
+                  ", ".join(f"{key} {ms:.3f} ms" for key, ms in by_precision.items()))
+        row = {"L": L, "gqa": gqa, "estimation_ms": t_est,
+               "estimation_by_precision_ms": by_precision, "estimation_gflops": flops / t_est / 1e6,
                "estimation_extra_gib": extra_gib, "density": density, "prism_attention_ms": t_attn,
                **dense, "kernels_ms": kernel_times(est)}
         rows.append(row)
@@ -177,6 +223,51 @@ def time_length(L: int, device="cuda") -> list[dict]:
               f"SDPA cuDNN {dense['sdpa_cudnn_ms']:.2f} / flash {dense['sdpa_flash_ms']:.2f} ms")
         for name, ms in sorted(row["kernels_ms"].items(), key=lambda kv: -kv[1])[:6]:
             print(f"    {ms:8.3f} ms  {name}")
+    return rows
+
+
+TUNE_CONFIGS = [  # one kernel's knobs at a time, the others at DEFAULT_TUNING
+    {"pool_elems": 4096, "pool_warps": 4}, {"pool_elems": 8192, "pool_warps": 4},
+    {"pool_elems": 16384, "pool_warps": 8},
+    {"scores_qb": 32, "scores_kb": 64}, {"scores_qb": 64, "scores_kb": 128}, {"scores_qb": 128, "scores_kb": 64,
+                                                                              "scores_warps": 8},
+    {"scores_qb": 64, "scores_kb": 64, "scores_warps": 8}, {"scores_qb": 128, "scores_kb": 128, "scores_warps": 8},
+    {"select_rows": 1, "select_warps": 1}, {"select_rows": 2, "select_warps": 2}, {"select_rows": 1, "select_warps": 2},
+    {"select_rows": 2, "select_warps": 4}, {"select_rows": 4, "select_warps": 8}, {"select_rows": 8, "select_warps": 8},
+    {"select_rows": 1, "select_warps": 4},
+]
+
+
+def run_tuning(lengths=(32768, 131072), device="cuda") -> list[dict]:
+    """Estimation time (per_head, bf16, B=1, H=32, Hkv=8, D=128) and per-kernel times for each
+    config of TUNE_CONFIGS; `same` says whether the lists equal those of the default config."""
+    from triton.testing import do_bench
+
+    B, H, Hkv, D = 1, 32, 8, 128
+    rows = []
+    for L in lengths:
+        q, k = structured_qk(B, H, Hkv, L, L, D, torch.bfloat16, seed=L, device=device)
+        mask = AttentionMask()
+        kw = selection_kwargs(SiteFacts(rotary_dim=D, head_dim=D, num_heads=H, num_kv_heads=Hkv), PrismParams())
+        base_n, base_idx = prism_select_triton(q, k, mask=mask, **kw)
+        base = BlockList(base_n, base_idx, 128, L, L).to_dense()
+        for cfg in [{}] + TUNE_CONFIGS:
+            try:
+                def est(q=q, k=k, mask=mask, kw=kw, cfg=cfg):
+                    return prism_select_triton(q, k, mask=mask, tuning=cfg, **kw)
+
+                n, idx = est()
+                same = bool(torch.equal(BlockList(n, idx, 128, L, L).to_dense(), base))
+                ms = do_bench(est, warmup=3, rep=30)
+                kernels = kernel_times(est, 5)
+                kernels = {name: t for name, t in kernels.items() if "_prism_" in name}
+            except Exception as exc:  # a config that does not compile or fit
+                ms, same, kernels = float("nan"), False, {"error": str(exc)[:200]}
+            rows.append({"L": L, "config": cfg, "estimation_ms": ms, "same": same, "kernels_ms": kernels})
+            print(f"tune L={L} {cfg}: {ms:.3f} ms same={same} " +
+                  " ".join(f"{name.split('_prism_')[-1][:8]}={t:.3f}" for name, t in kernels.items()
+                           if isinstance(t, float)))
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -194,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="run the timing only")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072], help="timed sequence lengths")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--tune", action="store_true", help="also sweep TUNE_CONFIGS at the longest length")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS,
+                        help="dot input precisions the correctness checks run")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("prism_check needs a CUDA device", file=sys.stderr)
@@ -205,10 +299,12 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m sparse_compile.benchmarks.prism_check " + " ".join(argv or sys.argv[1:])}
     failed = False
     if not args.no_check:
-        result["checks"] = run_checks()
+        result["checks"] = run_checks(precisions=tuple(args.precisions))
         failed = not all(row["ok"] for row in result["checks"])
     if not args.no_timing:
         result["timing"] = run_timing(tuple(args.lengths))
+    if args.tune:
+        result["tuning"] = run_tuning((max(args.lengths),))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))
     print("FAILED" if failed else "all checks passed")
