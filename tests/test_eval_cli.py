@@ -144,10 +144,11 @@ def test_eval_end_to_end_dense_equals_eager(tiny_model, corpus_file, tmp_path, c
 def test_eval_prism_threshold_sweep_gives_a_curve(tiny_model, corpus_file, tmp_path):
     res = run_eval_cli(tiny_model, corpus_file, tmp_path / "out", tmp_path / "cache", "--tasks", "ppl",
                        "--lengths", "256", "--windows", "1", "--policy", "dense", "--policy", "prism",
-                       "--sweep", "min_seq_len=0", "--sweep", "block_size=64", "--threshold-sweep", "0.3,1.0")
+                       "--sweep", "prefill.min_seq_len=0", "--sweep", "block_size=64", "--threshold-sweep", "0.3,1.0")
     labels = [r["label"] for r in res["runs"]]
-    assert labels == ["dense", "prism[min_seq_len=0,block_size=64,threshold*=0.3]",
-                      "prism[min_seq_len=0,block_size=64,threshold*=1.0]"]
+    assert labels == ["dense[prefill.min_seq_len=0]",  # a dotted path matches every policy that has it
+                      "prism[prefill.min_seq_len=0,block_size=64,threshold*=0.3]",
+                      "prism[prefill.min_seq_len=0,block_size=64,threshold*=1.0]"]
     low, full = (r["ppl"]["256"] for r in res["runs"][1:])
     assert full["mean_density"] == 1.0 and full["ppl"] == pytest.approx(res["baseline"]["ppl"]["256"]["ppl"],
                                                                         rel=1e-5)
