@@ -38,12 +38,13 @@ __all__ = ["prism_select_triton", "reference"]
 MAX_KV_BLOCKS = 8192  # one query block's row of key-block probabilities is held by one program
 PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot input precisions of the band logits
 # launch configuration (H100-tuned, KERNEL_NOTES.md "Prism estimation"); sizes are upper bounds,
-# clipped to the problem: pool_elems elements (tokens x dims) per load step / pool_warps, scores tile of query x key
-# blocks / scores_warps, select rows per program (at most select_elems / nk_pad) / select_warps
+# clipped to the problem: pool_elems elements (tokens x dims) per load step / pool_warps, scores
+# tile of query x key blocks / scores_warps, select rows per program (at most select_elems /
+# nk_pad) / select_warps, smallest causal bucket select_min_pad key blocks
 DEFAULT_TUNING: dict[str, int] = {
-    "pool_elems": 8192, "pool_warps": 8,
+    "pool_elems": 16384, "pool_warps": 8,
     "scores_qb": 64, "scores_kb": 64, "scores_warps": 4,
-    "select_rows": 4, "select_elems": 4096, "select_warps": 4,
+    "select_rows": 16, "select_elems": 1024, "select_warps": 2, "select_min_pad": 64,
 }
 RMS_EPS: tl.constexpr = tl.constexpr(CALIBRATION_EPS)
 TEMPERATURE_FLOOR: tl.constexpr = tl.constexpr(MIN_TEMPERATURE)
@@ -246,43 +247,48 @@ def _top_p(p, ok, threshold, BLOCK_M: tl.constexpr):
     block is kept while the mass ranked before it is < threshold. p: (BLOCK_M, NK_PAD) fp32, zero
     where not ok. Returns (BLOCK_M, NK_PAD) bool.
 
-    A threshold search instead of a sort: for the fp32 bit pattern x of a probability, the mass
-    G(x) of the blocks with larger probabilities falls as x grows; a bisection over the bit
-    patterns finds the smallest x with G(x) < threshold (invariant: the answer lies in [lo, hi]).
-    The blocks at or above it are kept, except in the group tied at the smallest kept value,
-    which is cut in index order.
-
-    Early exit: G only changes at the rows' own values, so once no allowed value lies in
-    [lo, hi) the answer is hi (G(lo - 1) = G(hi - 1) >= threshold) and the kept set is final. The
-    search stops when every row of the program has converged: about log2(range / gap) steps,
-    ~10-14 on real rows of 1K blocks instead of 31 (31 at most, as before).
+    A threshold search instead of a sort: over the fp32 bit patterns x of the probabilities
+    (non-negative floats order like their bits), the mass G(x) of the blocks above x falls as x
+    grows. The bisection keeps lo, hi with G(lo) >= threshold > G(hi) and the counts of blocks
+    above each; the cut z (the largest x with G(x) >= threshold) lies in [lo, hi). Early exit:
+    once a row has the same count above lo and above hi, no value lies in (lo, hi], so the kept
+    set {bits > z} = {bits > lo} is final. The loop runs until every row of the program has
+    converged: about log2(range / gap between the values near the cut) steps, 31 at most. Then
+    the group tied at the smallest kept value is cut in index order (a scan only when a row of the
+    program has such ties).
     """
-    bits = p.to(tl.int32, bitcast=True)  # non-negative floats order like their bit patterns
-    lo = tl.zeros([BLOCK_M], dtype=tl.int32)
-    hi = tl.full([BLOCK_M], 0x7F800000, tl.int32)  # +inf
-    open_rows = 1
+    bits = tl.where(ok, p.to(tl.int32, bitcast=True), -1)  # blocks not allowed are never "above"
+    lo = tl.full([BLOCK_M], -1, tl.int32)
+    hi = tl.max(bits, axis=1)  # G(row max) = 0 < threshold (threshold <= 0: nothing kept, below)
+    cnt_lo = tl.sum(ok.to(tl.int32), axis=1)
+    cnt_hi = tl.zeros([BLOCK_M], dtype=tl.int32)
+    open_rows = tl.max(((cnt_lo != cnt_hi) & (hi - lo > 1)).to(tl.int32), axis=0)
     while open_rows > 0:
         mid = lo + (hi - lo) // 2
-        mass_above = tl.sum(tl.where(bits > mid[:, None], p, 0.0), axis=1)
-        below = mass_above < threshold
-        hi = tl.where(below, mid, hi)
-        lo = tl.where(below, lo, mid + 1)
-        inside = ok & (bits >= lo[:, None]) & (bits < hi[:, None])
-        open_rows = tl.max(tl.max(inside.to(tl.int32), axis=1), axis=0)
-    kept = ok & (bits >= hi[:, None])
+        above = bits > mid[:, None]
+        mass_above = tl.sum(tl.where(above, p, 0.0), axis=1)
+        cnt_above = tl.sum(above.to(tl.int32), axis=1)
+        at_or_above_cut = mass_above >= threshold
+        lo = tl.where(at_or_above_cut, mid, lo)
+        cnt_lo = tl.where(at_or_above_cut, cnt_above, cnt_lo)
+        hi = tl.where(at_or_above_cut, hi, mid)
+        cnt_hi = tl.where(at_or_above_cut, cnt_hi, cnt_above)
+        open_rows = tl.max(((cnt_lo != cnt_hi) & (hi - lo > 1)).to(tl.int32), axis=0)
+    kept = bits > lo[:, None]
     # ties at the smallest kept value v: mass before = G(v) + (rank among the tied) * v
     v_min = tl.min(tl.where(kept, p, float("inf")), axis=1)[:, None]
     tied = kept & (p == v_min)
-    tie_rank = tl.cumsum(tied.to(tl.int32), axis=1) - 1
-    mass_gt = tl.sum(tl.where(p > v_min, p, 0.0), axis=1)[:, None]
-    kept = kept & ((~tied) | (mass_gt + tie_rank.to(tl.float32) * v_min < threshold))
-    return ok & (kept | (threshold >= 1.0))
+    if tl.max(tl.sum(tied.to(tl.int32), axis=1), axis=0) > 1:
+        tie_rank = tl.cumsum(tied.to(tl.int32), axis=1) - 1
+        mass_gt = tl.sum(tl.where(p > v_min, p, 0.0), axis=1)[:, None]
+        kept = kept & ((~tied) | (mass_gt + tie_rank.to(tl.float32) * v_min < threshold))
+    return ok & ((kept & (threshold > 0.0)) | (threshold >= 1.0))
 
 
 @triton.jit
 def _prism_select_kernel(
     LOGITS, LSE, CUM, SINK, KV_NUM, KV_IDX,
-    nq, nk, LQ, LK, q_offset, window, threshold_high, threshold_low, Hm, n_rows,
+    nq, nk, LQ, LK, q_offset, window, threshold_high, threshold_low, Hm, n_rows, m_start, m_span,
     stride_lb, stride_lh, stride_lband, stride_lm, stride_ln,
     stride_sb, stride_sh, stride_sband, stride_sm,
     stride_cb,
@@ -293,12 +299,13 @@ def _prism_select_kernel(
     FORCE_RECENT: tl.constexpr, ANY_FULL: tl.constexpr,
 ):
     """kv_num_blocks[b, hm, m] and kv_indices[b, hm, m, :count] (ascending) for BLOCK_M rows of
-    the flattened (b, hm, m) index."""
+    the flattened (b, hm, m - m_start) index, m in [m_start, m_start + m_span): one launch per
+    range of query blocks whose allowed key blocks all lie below NK_PAD (causal buckets)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = r < n_rows
-    m = r % nq
-    b = (r // nq) // Hm
-    hm = (r // nq) % Hm
+    m = m_start + r % m_span
+    b = (r // m_span) // Hm
+    hm = (r // m_span) % Hm
     n = tl.arange(0, NK_PAD)[None, :]
     p0 = (q_offset + m * BLOCK)[:, None]
     p1 = (q_offset + tl.minimum((m + 1) * BLOCK, LQ) - 1)[:, None]
@@ -477,26 +484,55 @@ def prism_select_triton(
         PRECISION=precision, num_warps=tune["scores_warps"],
     )
 
-    # 3. top-p per band, union, forced blocks, compacted lists
+    # 3. top-p per band, union, forced blocks, compacted lists; one launch per causal bucket
     kv_num_blocks = torch.empty(B, Hm, nq, dtype=torch.int32, device=dev)
     kv_indices = torch.empty(B, Hm, nq, nk, dtype=torch.int32, device=dev)
-    nk_pad = max(2, triton.next_power_of_2(nk))
-    n_rows = B * Hm * nq
-    if q.is_cuda:  # rows per program: few, so the bisection's row reductions stay short
-        block_m = max(1, min(tune["select_rows"], tune["select_elems"] // nk_pad, triton.next_power_of_2(n_rows)))
-    else:  # the interpreter's cost is per operation: many rows per program
-        block_m = max(1, min(64, 4096 // nk_pad, triton.next_power_of_2(n_rows)))
-    _prism_select_kernel[(triton.cdiv(n_rows, block_m),)](
-        logits, lse, cum, sink, kv_num_blocks, kv_indices,
-        nq, nk, Lq, Lk, mask.q_offset, mask.window, float(threshold_high), float(threshold_low),
-        Hm, n_rows,
-        *logits.stride(), *lse.stride(), cum.stride(0), *kv_num_blocks.stride(), *kv_indices.stride(),
-        BLOCK=block_size, BLOCK_M=block_m, NK_PAD=nk_pad, G_SEL=G if per_kv_head else 1,
-        CAUSAL=mask.causal, HAS_WINDOW=mask.window > 0, HAS_VALID=has_valid, FORCE_SINK=force_sink,
-        FORCE_RECENT=force_recent, ANY_FULL=max(threshold_high, threshold_low) >= 1.0,
-        num_warps=tune["select_warps"],
-    )
+    for m_start, m_end, nk_pad in _select_buckets(nq, nk, Lq, mask.q_offset, block_size, mask.causal,
+                                                  tune["select_min_pad"]):
+        n_rows = B * Hm * (m_end - m_start)
+        if q.is_cuda:  # rows per program: few, so the bisection's row reductions stay short
+            block_m = max(1, min(tune["select_rows"], tune["select_elems"] // nk_pad, triton.next_power_of_2(n_rows)))
+        else:  # the interpreter's cost is per operation: many rows per program
+            block_m = max(1, min(64, 4096 // nk_pad, triton.next_power_of_2(n_rows)))
+        _prism_select_kernel[(triton.cdiv(n_rows, block_m),)](
+            logits, lse, cum, sink, kv_num_blocks, kv_indices,
+            nq, nk, Lq, Lk, mask.q_offset, mask.window, float(threshold_high), float(threshold_low),
+            Hm, n_rows, m_start, m_end - m_start,
+            *logits.stride(), *lse.stride(), cum.stride(0), *kv_num_blocks.stride(), *kv_indices.stride(),
+            BLOCK=block_size, BLOCK_M=block_m, NK_PAD=nk_pad, G_SEL=G if per_kv_head else 1,
+            CAUSAL=mask.causal, HAS_WINDOW=mask.window > 0, HAS_VALID=has_valid, FORCE_SINK=force_sink,
+            FORCE_RECENT=force_recent, ANY_FULL=max(threshold_high, threshold_low) >= 1.0,
+            num_warps=tune["select_warps"],
+        )
     return kv_num_blocks, kv_indices
+
+
+def _select_buckets(nq: int, nk: int, Lq: int, q_offset: int, block_size: int, causal: bool,
+                    min_pad: int) -> list[tuple[int, int, int]]:
+    """(m_start, m_end, nk_pad) ranges of query blocks for the select launches.
+
+    Causal: query block m sees key blocks < min(nk, (q_offset + min((m+1) b, Lq) - 1) // b + 1),
+    which grows with m; each range gets the smallest power of two >= min_pad covering its last
+    row, so early rows do not scan the masked half of the (nq, nk) square (128K: 1024 key blocks,
+    buckets 64/128/256/512/1024 cut the select work by ~30%). Non-causal: one range.
+    """
+    full = max(2, triton.next_power_of_2(nk))
+    if not causal:
+        return [(0, nq, full)]
+
+    def frontier(m: int) -> int:
+        return min(nk, (q_offset + min((m + 1) * block_size, Lq) - 1) // block_size + 1)
+
+    buckets = []
+    m_start = 0
+    while m_start < nq:
+        pad = min(full, max(2, min_pad, triton.next_power_of_2(frontier(m_start))))
+        m_end = m_start + 1
+        while m_end < nq and frontier(m_end) <= pad:
+            m_end += 1
+        buckets.append((m_start, m_end, pad))
+        m_start = m_end
+    return buckets
 
 
 def estimation_flops(B: int, H: int, Lq: int, Lk: int, block_size: int, n_high: int, n_low: int) -> float:

@@ -59,8 +59,8 @@ def _reference(q, k, mask, kw, **over) -> torch.Tensor:
     return select_blocks_reference(q, k, mask=mask, **{**kw, **over})
 
 
-def _kernel(q, k, mask, kw) -> torch.Tensor:
-    n, idx = prism_select_triton(q, k, mask=mask, **kw)
+def _kernel(q, k, mask, kw, tuning=None) -> torch.Tensor:
+    n, idx = prism_select_triton(q, k, mask=mask, tuning=tuning, **kw)
     assert n.dtype == torch.int32 and idx.dtype == torch.int32
     return BlockList(n, idx, kw["block_size"], q.shape[2], k.shape[2]).to_dense()
 
@@ -324,10 +324,11 @@ def test_padding_only_blocks_and_sink_with_left_padding():
     gqa=st.sampled_from(["per_head", "per_kv_head"]),
     dtype=st.sampled_from([torch.float32, torch.float16]),
     strength=st.sampled_from([0.5, 1.5, 3.0]),
+    min_pad=st.sampled_from([2, 64]),
 )
 @settings(max_examples=40)
 def test_kernel_matches_reference(seed, shape, D, rope, b, Lk, chunk, p, calibrate, pad, window, causal, gqa,
-                                  dtype, strength):
+                                  dtype, strength, min_pad):
     B, H, Hkv = shape
     Lq = max(1, int(Lk * chunk))
     key_valid = _key_valid(B, Lk, min(pad[0], Lk - 1), pad[1])
@@ -337,7 +338,7 @@ def test_kernel_matches_reference(seed, shape, D, rope, b, Lk, chunk, p, calibra
                          temperature_high=1.0 if calibrate else 0.5, temperature_low=1.0 if calibrate else 2.0)
     mask = AttentionMask(causal=causal, q_offset=Lk - Lq, window=window, key_valid=key_valid)
     kw = selection_kwargs(site, params, block_size=b)
-    got = _kernel(q, k, mask, kw)
+    got = _kernel(q, k, mask, kw, tuning={"select_min_pad": min_pad})  # 2: one select launch per causal bucket
     low = _reference(q, k, mask, kw, threshold_high=p[0] - BOUNDARY, threshold_low=p[1] - BOUNDARY)
     high = _reference(q, k, mask, kw, threshold_high=p[0] + BOUNDARY, threshold_low=p[1] + BOUNDARY)
     assert got.shape == low.shape
@@ -380,6 +381,10 @@ def test_launcher_input_errors():
         prism_select_triton(q, k, mask=AttentionMask(key_valid=torch.ones(1, 7, dtype=torch.bool)), **kw)
     with pytest.raises(ValueError, match="dense_mask"):
         prism_select_triton(q, k, mask=AttentionMask(dense_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)), **kw)
+    with pytest.raises(ValueError, match="precision must be 'auto' or one of"):
+        prism_select_triton(q, k, mask=mask, precision="fp8", **kw)
+    with pytest.raises(ValueError, match="unknown tuning keys \\['rows'\\]"):
+        prism_select_triton(q, k, mask=mask, tuning={"rows": 2}, **kw)
     with pytest.raises(ValueError, match="high_idx holds dims outside"):
         prism_select_triton(q, k, mask=mask, **{**kw, "high_idx": torch.tensor([0, 16])})
 

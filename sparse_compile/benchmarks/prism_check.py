@@ -227,14 +227,11 @@ def time_length(L: int, device="cuda") -> list[dict]:
 
 
 TUNE_CONFIGS = [  # one kernel's knobs at a time, the others at DEFAULT_TUNING
-    {"pool_elems": 4096, "pool_warps": 4}, {"pool_elems": 8192, "pool_warps": 4},
-    {"pool_elems": 16384, "pool_warps": 8},
-    {"scores_qb": 32, "scores_kb": 64}, {"scores_qb": 64, "scores_kb": 128}, {"scores_qb": 128, "scores_kb": 64,
-                                                                              "scores_warps": 8},
-    {"scores_qb": 64, "scores_kb": 64, "scores_warps": 8}, {"scores_qb": 128, "scores_kb": 128, "scores_warps": 8},
-    {"select_rows": 1, "select_warps": 1}, {"select_rows": 2, "select_warps": 2}, {"select_rows": 1, "select_warps": 2},
-    {"select_rows": 2, "select_warps": 4}, {"select_rows": 4, "select_warps": 8}, {"select_rows": 8, "select_warps": 8},
-    {"select_rows": 1, "select_warps": 4},
+    {"pool_elems": 8192, "pool_warps": 4}, {"pool_elems": 32768, "pool_warps": 8},
+    {"pool_elems": 16384, "pool_warps": 16},
+    {"scores_qb": 128, "scores_kb": 64, "scores_warps": 8}, {"scores_qb": 64, "scores_kb": 32},
+    {"select_warps": 1}, {"select_warps": 4}, {"select_elems": 2048}, {"select_elems": 2048, "select_warps": 4},
+    {"select_elems": 512, "select_warps": 1}, {"select_min_pad": 1024}, {"select_min_pad": 16},
 ]
 
 
