@@ -6,10 +6,10 @@ Three launches, nothing of size L x L (only (L / b)^2 block scores):
      each block over its valid tokens (fp32) and the block's squared norm in the full head, the high
      band and the low band (for the energy calibration).
   2. `_prism_scores_kernel`, grid (cdiv(nq, BLOCK_QB), B * H): per (batch, head) the calibrated
-     band temperatures, then both bands' block logits (tl.dot, fp32) and their log-sum-exp over
+     band temperatures, then both bands' block logits (tl.dot, tf32x3 on CUDA) and their log-sum-exp over
      the allowed key blocks (online, one pass).
   3. `_prism_select_kernel`, grid (cdiv(B * Hm * nq, BLOCK_M),): per query block, each band's
-     probabilities, a top-p by a 31-step bisection over the fp32 bit patterns (no sort), the union
+     probabilities, a top-p by an early-exit bisection over the fp32 bit patterns (no sort), the union
      (over the bands and, for per_kv_head, over the group's heads), the forced sink/recent
      blocks, and the compacted ascending list written straight into kv_num_blocks / kv_indices.
 
