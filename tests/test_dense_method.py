@@ -73,16 +73,3 @@ def test_unrecognised_float_mask_is_added_to_logits():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.5)
     torch.testing.assert_close(out, ref)
 
-
-@given(st.integers(1, 3), st.sampled_from([(2, 1), (6, 2), (4, 4)]), st.integers(1, 30), st.booleans(),
-       st.integers(0, 999))
-def test_grouped_decode_equals_reference(B, heads, Lk, padded, seed):
-    H, Hkv = heads
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = torch.randn(B, H, 1, 8, generator=g), torch.randn(B, Hkv, Lk, 8, generator=g), torch.randn(
-        B, Hkv, Lk, 8, generator=g)
-    key_valid = torch.rand(B, Lk, generator=g) > 0.3 if padded else None
-    mask = AttentionMask(causal=True, q_offset=Lk - 1, window=0, key_valid=key_valid)
-    key_mask = dense.decode_key_mask(mask, B, Lk, q.device) if padded else None
-    out = dense.grouped_decode_attention(q, k, v, key_mask, scale=0.4)
-    torch.testing.assert_close(out, exact_attention_reference(q, k, v, mask, scale=0.4), atol=1e-5, rtol=1e-5)
