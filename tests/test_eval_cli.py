@@ -12,7 +12,6 @@ import torch
 
 from sparse_compile.__main__ import main, parse_length, parse_lengths
 from sparse_compile.evaluation.models import save_tiny_llama
-from sparse_compile.methods import METHODS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -140,7 +139,6 @@ def test_eval_end_to_end_dense_equals_eager(tiny_model, corpus_file, tmp_path, c
     assert "niah" not in again["runs"][0] and not (tmp_path / "b" / "niah.png").exists()
 
 
-@pytest.mark.skipif("prism" not in METHODS, reason="prism is not registered yet")
 def test_eval_prism_threshold_sweep_gives_a_curve(tiny_model, corpus_file, tmp_path):
     res = run_eval_cli(tiny_model, corpus_file, tmp_path / "out", tmp_path / "cache", "--tasks", "ppl",
                        "--lengths", "256", "--windows", "1", "--policy", "dense", "--policy", "prism",
