@@ -1,8 +1,11 @@
 """Exact attention from the mask's structure, without an L x L mask tensor.
 
-CUDA: the fastest exact path for the structure: SDPA (cuDNN, then flash) for plain causal /
-unmasked attention; the block-sparse engine (every allowed block) for padding, windows and
-chunked prefill. CPU: SDPA math on the reference mask, which is what the eager model runs.
+CUDA, by structure (each path measured in BENCHMARKS.md):
+  causal prefill, no padding        SDPA is_causal=True, cuDNN first, then flash
+  left-padded causal prefill        one causal SDPA call per batch row on its unpadded part
+  decode (one query)                SDPA with enable_gqa (K/V read once) and a (B,1,1,Lk) key mask if needed
+  windows, other padding, chunks    the block-sparse engine over every allowed block
+CPU: SDPA math on the reference mask, which is what the eager model runs.
 """
 
 from __future__ import annotations
