@@ -137,3 +137,14 @@ def test_fingerprint_changes_with_what_runs_not_with_name():
     assert a.fingerprint() != b.fingerprint()
     renamed = Policy.from_mapping({"name": "other"})
     assert renamed.fingerprint() == a.fingerprint()
+
+
+def test_example_policy_files_validate():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+    assert files, "examples/ ships at least one policy file"
+    for path in files:
+        policy = load_policy(path)
+        assert policy.prefill.method in ("dense", "prism")
+        assert policy.prefill.for_layer(0)[0] == "dense"  # the example keeps the first layers dense
