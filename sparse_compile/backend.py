@@ -43,12 +43,6 @@ def check_options(options: dict[str, Any] | None) -> dict[str, Any]:
     return options
 
 
-def graph_phase(sites: list, gm: fx.GraphModule) -> str:
-    if sites:
-        return sites[0].phase
-    return "unknown"
-
-
 def grads_needed(example_inputs: Sequence[Any]) -> bool:
     return torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
@@ -80,7 +74,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy, rep
     gm, sites, rejections, layers = rewrite_attention(gm, policy, index)
     report.sites.extend(sites)
     report.rejected.extend(rejections)
-    phase = graph_phase(sites, gm)
+    phase = sites[0].phase if sites else "unknown"
     n_calls = len(sites) + sum(1 for r in rejections if not r.reason.startswith("mask not recognised"))
     report.graphs.append(GraphRecord(index, phase, n_calls, len(sites), nodes_before, len(gm.graph.nodes), policy.name))
     if debug:

@@ -47,7 +47,7 @@ def parse_config(config: str) -> tuple[Any, Any, int, SiteFacts]:
     return module, params, int(data["min_seq_len"]), SiteFacts(**data["site"])
 
 
-def check_inputs(q, k, v, key_valid, dense_mask) -> None:
+def check_inputs(q, k, v, key_valid) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
@@ -71,7 +71,7 @@ def attention(
     window: int,
     config: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_inputs(q, k, v, key_valid, dense_mask)
+    check_inputs(q, k, v, key_valid)
     module, params, min_seq_len, site = parse_config(config)
     mask = AttentionMask(
         causal=causal, q_offset=q_offset, window=window,
