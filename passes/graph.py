@@ -26,6 +26,8 @@ FUNCTION_NAMES = {
     torch.sin: "sin", torch.repeat_interleave: "repeat_interleave", torch.reshape: "reshape",
     operator.setitem: "setitem", torch.roll: "roll", torch.tensor: "tensor", torch.chunk: "chunk",
     torch.split: "split", torch.transpose: "transpose", torch.unsqueeze: "unsqueeze",
+    operator.eq: "eq", torch.eq: "eq", operator.ne: "ne", torch.ne: "ne", torch.diff: "diff",
+    torch.cumsum: "cumsum",
 }
 METHOD_NAMES = {
     "add": "add", "__add__": "add", "mul": "mul", "__mul__": "mul", "sub": "sub", "neg": "neg",
@@ -34,7 +36,7 @@ METHOD_NAMES = {
     "view": "reshape", "to": "to", "float": "to", "type": "to", "contiguous": "contiguous", "clone": "clone",
     "new_ones": "new_ones", "repeat_interleave": "repeat_interleave", "index_copy_": "index_copy_",
     "unsqueeze": "unsqueeze", "transpose": "transpose", "roll": "roll", "copy_": "copy_", "chunk": "chunk",
-    "split": "split",
+    "split": "split", "eq": "eq", "__eq__": "eq", "ne": "ne", "__ne__": "ne", "cumsum": "cumsum",
 }
 
 

@@ -6,6 +6,18 @@ Under dynamo, transformers materialises a boolean (B, 1, Lq, Lk) mask from arang
     kv_idx = (arange(Lk) + kv_offset)[None, None, None, :]
     mask   = (kv_idx <= q_idx) [& (kv_idx > q_idx - window)] [& padding[b_idx, kv_idx]] .expand(B, 1, Lq, Lk)
 
+Without a padding mask and without a cache (`model(ids, use_cache=False)`), transformers also
+builds position ids in the graph (`arange(L) + offset` as a (1, L) row, expanded over the batch)
+and a packed-sequence mask from them,
+
+    packed = cumsum(diff(position_ids, prepend=position_ids[:, :1] - 1) != 1, -1)
+    mask   = ... & (packed[b_idx, q_idx] == packed[b_idx, kv_idx])
+
+and (newer releases) compares position ids instead of indices: position_ids[b_idx, kv_idx] <=
+position_ids[b_idx, q_idx]. Both are read here: position ids that are an arange step by 1, so the
+packed mask is all zeros (one sequence per row) and the comparison is causal on the indices.
+User-given position_ids are graph inputs, so such masks stay unproven (exact attention).
+
 `analyze_mask` interprets the mask's subgraph abstractly (each node becomes a position vector,
 a predicate or a padding lookup) and returns a `MaskMatch` — the structure the fused node takes
 instead of the tensor — or a reason why it cannot prove one. It only reads the graph.
@@ -45,6 +57,28 @@ class Predicate:
     padding: fx.Node | None = None
     padding_kv_offset: tuple[Offset, ...] = ()
     padding_read: fx.Node | None = None  # the padding[b_idx, kv_idx] gather itself, (B, 1, 1, Lk)
+
+
+@dataclass(frozen=True)
+class RowPositions:
+    """position_ids built in the graph: arange(L) + offset as a (1, L) row (expanded over the batch)."""
+
+    offset: tuple[Offset, ...] = ()
+
+
+@dataclass(frozen=True)
+class RowFirst:
+    """row[:, :1] + shift of a RowPositions row: the first position id of each batch row, shifted."""
+
+    row: RowPositions
+    shift: int = 0
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A tensor whose every element is `value` (e.g. the packed-sequence ids of arange positions)."""
+
+    value: int
 
 
 @dataclass(frozen=True)
@@ -182,6 +216,19 @@ def interpret(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         if len(node.args) != 1 or node.kwargs.get("dtype") not in (None, torch.int64):
             raise Unsupported("arange with a start/step or dtype")
         return Positions()
+    if name in ("add", "sub") and isinstance(args[0], RowFirst) and isinstance(node.args[1], int):
+        delta = node.args[1] if name == "add" else -node.args[1]
+        return RowFirst(args[0].row, args[0].shift + delta)
+    if name == "unsqueeze" and isinstance(args[0], Positions) and args[0].axis is None and args[1] in (0, -2):
+        return RowPositions(args[0].offset)
+    if name == "diff":
+        return diff_of_positions(node, env)
+    if name in ("eq", "ne"):
+        return compare_constants(name, args[0], args[1])
+    if name == "cumsum" and isinstance(args[0], Constant):
+        if args[0].value != 0:
+            raise Unsupported("cumsum of a non-zero constant")
+        return Constant(0)
     if name in ("add", "sub") and isinstance(args[0], Positions):
         pos, other = args[0], node.args[1]
         if not is_symint_or_int(other):
@@ -198,9 +245,19 @@ def interpret(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
             if axis is None:
                 raise Unsupported(f"position indexing {index!r}")
             return Positions(base.offset, axis, base.shift)
+        if isinstance(base, RowPositions) and isinstance(index, tuple) and len(index) == 2:
+            b_pos, at = index
+            if at == slice(None, 1, None) and b_pos == slice(None, None, None):
+                return RowFirst(base)
+            if is_batch_positions(b_pos) and isinstance(at, Positions) and at.axis in ("q", "kv") and not at.shift:
+                # position_ids[b, x] = x + offset: the ids of an arange row are their indices, shifted
+                return Positions(at.offset + base.offset, at.axis)
+        if isinstance(base, Constant) and isinstance(index, tuple) and len(index) == 2 and is_batch_positions(
+                index[0]) and isinstance(index[1], Positions):
+            return base
         if isinstance(base, Leaf) and isinstance(index, tuple) and len(index) == 2:
             b_pos, kv_pos = index
-            if isinstance(b_pos, Positions) and b_pos.axis == "b" and b_pos.offset in ((), (0,)) and (
+            if is_batch_positions(b_pos) and (
                 isinstance(kv_pos, Positions) and kv_pos.axis == "kv" and kv_pos.shift == 0
             ):
                 return Predicate(padding=base.node, padding_kv_offset=kv_pos.offset, padding_read=node)
@@ -208,7 +265,7 @@ def interpret(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     if name in ("le", "lt", "ge", "gt"):
         return compare(name, args[0], args[1])
     if name == "and":
-        a, b = args
+        a, b = (True if isinstance(x, Constant) and x.value is True else x for x in args)
         if a is True:
             return b
         if b is True:
@@ -224,12 +281,43 @@ def interpret(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         base = args[0]
         if isinstance(base, Leaf):
             return Leaf(node)
+        if isinstance(base, (RowPositions, Constant)):
+            return base
         if name == "to" and any(isinstance(a, torch.dtype) and a != torch.bool for a in node.args[1:]):
             raise Unsupported("mask cast to a non-bool dtype")
         if name == "to" and node.kwargs.get("dtype") not in (None, torch.bool):
             raise Unsupported("mask cast to a non-bool dtype")
         return base
     raise Unsupported(f"unsupported op in the mask subgraph: {node.target}")
+
+
+def is_batch_positions(value: Any) -> bool:
+    """arange(B) placed on the batch axis: the b_idx of an index read."""
+    return isinstance(value, Positions) and value.axis == "b" and value.offset in ((), (0,))
+
+
+def diff_of_positions(node: fx.Node, env: dict[fx.Node, Any]) -> Constant:
+    """torch.diff(row, prepend=row[:, :1] - 1, dim=-1) of arange position ids: every step is 1."""
+    args = list(fx.node.map_arg(node.args, lambda a: env.get(a, a)))
+    kwargs = dict(fx.node.map_arg(node.kwargs, lambda a: env.get(a, a)))
+    row = args[0]
+    prepend = kwargs.get("prepend", args[3] if len(args) > 3 else None)
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
+    n = kwargs.get("n", args[1] if len(args) > 1 else 1)
+    if not isinstance(row, RowPositions) or n != 1 or dim not in (-1, 1) or "append" in kwargs:
+        raise Unsupported("diff of something other than in-graph position ids")
+    if not (isinstance(prepend, RowFirst) and prepend.row == row and prepend.shift == -1):
+        raise Unsupported("diff of position ids with a prepend other than position_ids[:, :1] - 1")
+    return Constant(1)
+
+
+def compare_constants(name: str, a: Any, b: Any) -> Any:
+    """==/!= between constants (or a constant and an int): a constant bool, or True (no constraint)."""
+    values = [x.value if isinstance(x, Constant) else x for x in (a, b)]
+    if not all(isinstance(v, (int, bool)) for v in values) or not any(isinstance(x, Constant) for x in (a, b)):
+        raise Unsupported(f"'{name}' of values that are not constants")
+    result = (values[0] == values[1]) if name == "eq" else (values[0] != values[1])
+    return True if result else Constant(False)
 
 
 def offsets_equal(a: tuple, b: tuple) -> bool:
@@ -269,7 +357,7 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
             isinstance(a, fx.Node) for a in node.args[1]
         )
         for inp in node.all_input_nodes:
-            if is_index and inp is node.args[0]:
+            if is_index and inp is node.args[0] and reads_graph_input(inp):
                 leaves.add(inp)  # padding[b_idx, kv_idx]: do not look inside the padding mask
                 continue
             visit(inp)
@@ -323,6 +411,21 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
         and not sym_equal(shape_of(result.padding)[1], k_shape[2]),
         nodes=nodes,
     )
+
+
+def reads_graph_input(node: fx.Node) -> bool:
+    """True when a tensor graph input (e.g. the 2-D padding mask or user position_ids) feeds `node`;
+    False for tensors computed from aranges only (in-graph position ids and what derives from them)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "get_attr") and isinstance(meta_value(n), torch.Tensor):
+            return True
+        stack.extend(i for i in n.all_input_nodes if isinstance(meta_value(i), torch.Tensor))
+    return False
 
 
 def ancestors_within(node: fx.Node, scope: list[fx.Node]) -> set[fx.Node]:

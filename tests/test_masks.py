@@ -105,11 +105,44 @@ def test_sliding_window_shorter_and_longer_than_length(window: int, length: int,
     ]
 
 
-def test_mistral_window_both_sides_of_length() -> None:
-    for window, length in ((3, 9), (32, 9)):
-        ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(window))
-        report = compiled_vs_eager(mistral(window), input_ids=ids)
-        assert [(s.mask, s.window) for s in report.sites] == [(f"causal(q_offset=0)+window={window}", window)]
+def test_mistral_window_recognised_where_it_matters() -> None:
+    """A window shorter than the prompt is read as a window. For a prompt within the window,
+    transformers 5.17 still traces the window term and 5.23 leaves it out (it constrains nothing):
+    both are exact, and the next, longer prompt recompiles with the window recognised."""
+    window = 4
+    model = mistral(window)
+    report = Report()
+    compiled = compile_dense(model, report)
+    for length in (3, 9):
+        ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            assert_logits_equal(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+    windowed = f"causal(q_offset=0)+window={window}"
+    assert report.sites[0].mask in ("causal(q_offset=0)", windowed), str(report)
+    assert (report.sites[-1].mask, report.sites[-1].window) == (windowed, window), str(report)
+    assert report.rejected == []
+
+
+# --- use_cache=False: position ids and the packed-sequence mask built in the graph ----------------
+
+
+def test_use_cache_false_prefill_is_plain_causal() -> None:
+    """model(ids, use_cache=False) builds position ids and a packed-sequence mask in the graph: read as
+    plain causal (one sequence per row), so sparse methods run there."""
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    report = compiled_vs_eager(llama(2), input_ids=ids, use_cache=False)
+    assert [s.mask for s in report.sites] == ["causal(q_offset=0)"] * 2, str(report)
+    assert report.rejected == []
+
+
+def test_user_position_ids_stay_a_tensor_mask() -> None:
+    """Packed sequences (position ids restarting inside a row) are data the graph cannot prove: the mask
+    stays a tensor argument and the compiled model still equals eager."""
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    report = compiled_vs_eager(llama(), input_ids=ids, position_ids=position_ids, use_cache=False)
+    assert [s.mask for s in report.sites] == ["tensor"], str(report)
+    assert len(report.rejected) == 1 and "mask not recognised" in report.rejected[0].reason, str(report)
 
 
 # --- chunked prefill -----------------------------------------------------------------------------
