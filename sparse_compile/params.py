@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
 
 class PolicyError(ValueError):
     """A policy (file, table or object) that cannot be used; the message names file and key."""
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """repr(value) for an error message: shortened, and safe for ints too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:  # int with more digits than sys.get_int_max_str_digits()
+        text = f"<int of about {int(value.bit_length() * 0.30103)} digits>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def param(
@@ -55,7 +65,7 @@ def builtin_type(value: Any) -> type | tuple[type, ...]:
         return (int, float)
     if isinstance(value, str):
         return str
-    raise TypeError(f"param(): give type= for a default of {value!r}")
+    raise TypeError(f"param(): give type= for a default of {show(value)}")
 
 
 def describe_allowed(f: dataclasses.Field) -> str:
@@ -73,8 +83,15 @@ def describe_allowed(f: dataclasses.Field) -> str:
     return " ".join(parts)
 
 
+INT64_MAX = 2**63 - 1  # ints must fit the TOML integer type (and the op's JSON config)
+
+
 def check_value(f: dataclasses.Field, value: Any, where: str) -> Any:
-    """Return `value` (floats normalised) if it is allowed for field `f`; else raise PolicyError."""
+    """Return `value` (floats normalised) if it is allowed for field `f`; else raise PolicyError.
+
+    Floats must be finite (NaN passes every `<`/`>` test, so it is rejected explicitly, as are
+    +-inf); ints must fit in 64 bits; bools are never ints or floats.
+    """
     meta = f.metadata
     allowed = describe_allowed(f)
     if value is None and f.default is None:
@@ -84,17 +101,27 @@ def check_value(f: dataclasses.Field, value: Any, where: str) -> Any:
         kinds = kind if isinstance(kind, tuple) else (kind,)
         bad_bool = isinstance(value, bool) and bool not in kinds
         if bad_bool or not isinstance(value, kinds):
-            raise PolicyError(f"{where}: key '{f.name}' = {value!r} has the wrong type; allowed: {allowed}")
+            raise PolicyError(f"{where}: key '{f.name}' = {show(value)} has the wrong type; allowed: {allowed}")
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise PolicyError(
+                f"{where}: key '{f.name}' = {show(value)} is out of range (not a 64-bit integer); allowed: {allowed}"
+            )
         if float in kinds and not isinstance(value, bool):
             value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PolicyError(f"{where}: key '{f.name}' = {show(value)} is not a finite number; allowed: {allowed}")
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise PolicyError(f"{where}: key '{f.name}' = {value!r} is not allowed; allowed: {allowed}")
+        raise PolicyError(f"{where}: key '{f.name}' = {show(value)} is not allowed; allowed: {allowed}")
     if meta.get("range") is not None:
         lo, hi = meta["range"]
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise PolicyError(f"{where}: key '{f.name}' = {value!r} is out of range; allowed: {allowed}")
-    if meta.get("even") and value % 2 != 0:
-        raise PolicyError(f"{where}: key '{f.name}' = {value!r} must be even; allowed: {allowed}")
+        try:
+            inside = (lo is None or value >= lo) and (hi is None or value <= hi)
+        except TypeError:  # an untyped field holding something that does not compare with numbers
+            inside = False
+        if not inside:
+            raise PolicyError(f"{where}: key '{f.name}' = {show(value)} is out of range; allowed: {allowed}")
+    if meta.get("even") and (not isinstance(value, int) or value % 2 != 0):
+        raise PolicyError(f"{where}: key '{f.name}' = {show(value)} must be even; allowed: {allowed}")
     return value
 
 
@@ -105,8 +132,10 @@ def params_from_mapping(cls: type, mapping: Mapping[str, Any], where: str) -> An
     After the per-field checks, `cls.validate(self) -> str | None` (if defined) may reject
     combinations; its message is raised with `where` prefixed.
     """
+    if not isinstance(mapping, Mapping):
+        raise PolicyError(f"{where}: must be a table, got {type(mapping).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(mapping) - set(known))
+    unknown = sorted((key for key in mapping if key not in known), key=str)
     if unknown:
         raise PolicyError(
             f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(sorted(known)) or '(none)'}"

@@ -12,7 +12,7 @@ A policy file::
     threshold_high = 0.95
 
     [[prefill.overrides]]     # per-layer exceptions, first match wins
-    layers = [0, "2-3"]       # layer indices and inclusive ranges
+    layers = [0, "2-3"]       # layer indices and inclusive ranges, each in [0, 100000]
     method = "dense"
 
     [decode]
@@ -23,30 +23,94 @@ Shipped policies live in `sparse_compile/policies/<name>.toml` and load by name.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import operator
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sparse_compile.params import PolicyError, canonical_json, params_from_mapping, params_to_dict
+from sparse_compile.params import (
+    INT64_MAX,
+    PolicyError,
+    canonical_json,
+    params_from_mapping,
+    params_to_dict,
+    show,
+)
 
 PHASES = ("prefill", "decode")
 TOP_LEVEL_KEYS = ("name", "description", "prefill", "decode")
 PHASE_KEYS = ("method", "min_seq_len", "params", "overrides")
 OVERRIDE_KEYS = ("layers", "method", "params")
+MAX_LAYER = 100_000  # largest layer index a policy may name (no model has more layers)
+LAYER_RANGE = re.compile(r"[ \t]*([0-9]+)[ \t]*(?:-[ \t]*([0-9]+)[ \t]*)?")  # "a-b" or "a", ASCII digits
+
+
+@dataclass(frozen=True)
+class LayerSet:
+    """A set of layer indices held as sorted, merged, inclusive (lo, hi) ranges: never materialised.
+
+    `layer in layers` is a binary search; `to_list()` is the canonical form (ints and "a-b").
+    """
+
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def from_ranges(cls, ranges: Iterable[tuple[int, int]]) -> LayerSet:
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(ranges):
+            if lo > hi:
+                raise ValueError(f"empty layer range ({lo}, {hi})")
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return cls(tuple(merged))
+
+    @classmethod
+    def of(cls, layers: Iterable[int]) -> LayerSet:
+        """From individual layer indices (e.g. a set of ints)."""
+        return cls.from_ranges((i, i) for i in layers)
+
+    def __contains__(self, layer: object) -> bool:
+        try:
+            index = operator.index(layer)  # type: ignore[arg-type]
+        except TypeError:
+            return False
+        i = bisect.bisect_right(self.ranges, (index, float("inf"))) - 1
+        return i >= 0 and self.ranges[i][0] <= index <= self.ranges[i][1]
+
+    def __len__(self) -> int:
+        return sum(hi - lo + 1 for lo, hi in self.ranges)
+
+    def to_list(self) -> list[int | str]:
+        """[0, "2-5", 9]: single layers as ints, runs as "a-b" strings, sorted and merged."""
+        return [lo if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges]
+
+    def __repr__(self) -> str:
+        return f"LayerSet({self.to_list()!r})"
 
 
 @dataclass(frozen=True)
 class LayerOverride:
-    """Layers `layers` run `method` with `params` instead of the phase's default."""
+    """Layers `layers` run `method` with `params` instead of the phase's default.
 
-    layers: frozenset[int]
+    `layers` is a LayerSet; an iterable of ints given here is converted to one.
+    """
+
+    layers: LayerSet
     method: str
     params: Any
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, LayerSet):
+            object.__setattr__(self, "layers", LayerSet.of(self.layers))
 
 
 @dataclass(frozen=True)
@@ -88,7 +152,7 @@ class Policy:
                 "min_seq_len": p.min_seq_len,
                 "params": params_to_dict(p.params),
                 "overrides": [
-                    {"layers": sorted(o.layers), "method": o.method, "params": params_to_dict(o.params)}
+                    {"layers": o.layers.to_list(), "method": o.method, "params": params_to_dict(o.params)}
                     for o in p.overrides
                 ],
             }
@@ -104,13 +168,15 @@ class Policy:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "<mapping>") -> Policy:
         """Validate a parsed TOML document (or any mapping of the same shape)."""
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"{source}: a policy must be a table (mapping), got {type(data).__name__}")
         check_keys(data, TOP_LEVEL_KEYS, f"{source}: top level")
         name = data.get("name", Path(source).stem if source.endswith(".toml") else "custom")
         if not isinstance(name, str):
-            raise PolicyError(f"{source}: key 'name' must be a string, got {name!r}")
+            raise PolicyError(f"{source}: top level: key 'name' must be a string, got {show(name)}")
         description = data.get("description", "")
         if not isinstance(description, str):
-            raise PolicyError(f"{source}: key 'description' must be a string, got {description!r}")
+            raise PolicyError(f"{source}: top level: key 'description' must be a string, got {show(description)}")
         phases = {}
         for phase in PHASES:
             table = data.get(phase, {})
@@ -123,40 +189,53 @@ class Policy:
 def check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for key in table:
         if key not in allowed:
-            raise PolicyError(f"{where}: unknown key '{key}'; allowed keys: {', '.join(allowed)}")
+            raise PolicyError(f"{where}: unknown key {str(key)!r}; allowed keys: {', '.join(allowed)}")
 
 
 def method_params(method: str, table: Any, phase: str, where: str) -> Any:
     from sparse_compile.methods import METHODS
 
     if not isinstance(method, str) or method not in METHODS:
-        raise PolicyError(f"{where}: key 'method' = {method!r} is not a method; allowed: {', '.join(METHODS)}")
+        raise PolicyError(f"{where}: key 'method' = {show(method)} is not a method; allowed: {', '.join(METHODS)}")
     module = METHODS[method]
     if phase not in module.PHASES:
         raise PolicyError(
             f"{where}: method '{method}' does not run in the {phase} phase; it supports: {', '.join(module.PHASES)}"
         )
     if not isinstance(table, Mapping):
-        raise PolicyError(f"{where}.params must be a table, got {type(table).__name__}")
+        raise PolicyError(f"{where}: key 'params' must be a table, got {type(table).__name__}")
     return params_from_mapping(module.Params, table, f"{where}.params")
 
 
-def parse_layers(value: Any, where: str) -> frozenset[int]:
-    """[0, 3, "5-7"] -> {0, 3, 5, 6, 7}."""
+def layer_index(text: str) -> int:
+    """A run of ASCII digits as an int, without converting absurdly long runs."""
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(MAX_LAYER)) else MAX_LAYER + 1
+
+
+def parse_layers(value: Any, where: str) -> LayerSet:
+    """[0, 3, "5-7"] -> LayerSet ranges ((0, 0), (3, 3), (5, 7)); indices in [0, MAX_LAYER]."""
+    allowed = f"allowed: ints in [0, {MAX_LAYER}] and 'a-b' ranges with 0 <= a <= b <= {MAX_LAYER}"
     if not isinstance(value, list) or not value:
-        raise PolicyError(f"{where}: key 'layers' must be a non-empty list of ints or 'a-b' ranges, got {value!r}")
-    layers: set[int] = set()
+        raise PolicyError(f"{where}: key 'layers' must be a non-empty list, got {show(value)}; {allowed}")
+    ranges: list[tuple[int, int]] = []
     for item in value:
-        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
-            layers.add(item)
-        elif isinstance(item, str) and item.count("-") == 1:
-            lo, hi = (part.strip() for part in item.split("-"))
-            if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
-                raise PolicyError(f"{where}: layer range {item!r} must look like 'a-b' with 0 <= a <= b")
-            layers.update(range(int(lo), int(hi) + 1))
-        else:
-            raise PolicyError(f"{where}: layer {item!r} must be an int >= 0 or an 'a-b' range")
-    return frozenset(layers)
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not 0 <= item <= MAX_LAYER:
+                raise PolicyError(f"{where}: key 'layers': layer {show(item)} is out of range; {allowed}")
+            ranges.append((item, item))
+            continue
+        match = LAYER_RANGE.fullmatch(item) if isinstance(item, str) else None
+        if match is None:
+            raise PolicyError(f"{where}: key 'layers': entry {show(item)} is not a layer or an 'a-b' range; {allowed}")
+        lo = layer_index(match[1])
+        hi = lo if match[2] is None else layer_index(match[2])
+        if hi > MAX_LAYER:
+            raise PolicyError(f"{where}: key 'layers': layer range {show(item)} is out of range; {allowed}")
+        if lo > hi:
+            raise PolicyError(f"{where}: key 'layers': layer range {show(item)} is empty (a > b); {allowed}")
+        ranges.append((lo, hi))
+    return LayerSet.from_ranges(ranges)
 
 
 def phase_from_mapping(table: Mapping[str, Any], phase: str, source: str) -> PhasePolicy:
@@ -165,8 +244,8 @@ def phase_from_mapping(table: Mapping[str, Any], phase: str, source: str) -> Pha
     method = table.get("method", "dense")
     params = method_params(method, table.get("params", {}), phase, where)
     min_seq_len = table.get("min_seq_len", 0)
-    if not isinstance(min_seq_len, int) or isinstance(min_seq_len, bool) or min_seq_len < 0:
-        raise PolicyError(f"{where}: key 'min_seq_len' = {min_seq_len!r} must be an int >= 0")
+    if not isinstance(min_seq_len, int) or isinstance(min_seq_len, bool) or not 0 <= min_seq_len <= INT64_MAX:
+        raise PolicyError(f"{where}: key 'min_seq_len' = {show(min_seq_len)} must be an int in [0, 2**63 - 1]")
     overrides = []
     raw_overrides = table.get("overrides", [])
     if not isinstance(raw_overrides, list):
@@ -174,7 +253,7 @@ def phase_from_mapping(table: Mapping[str, Any], phase: str, source: str) -> Pha
     for i, item in enumerate(raw_overrides):
         owhere = f"{source}: [[{phase}.overrides]] #{i}"
         if not isinstance(item, Mapping):
-            raise PolicyError(f"{owhere}: must be a table")
+            raise PolicyError(f"{owhere}: must be a table, got {type(item).__name__}")
         check_keys(item, OVERRIDE_KEYS, owhere)
         if "layers" not in item:
             raise PolicyError(f"{owhere}: missing key 'layers'")
@@ -211,7 +290,11 @@ def load_policy(policy: str | Path | Policy | Mapping[str, Any] | None = None) -
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise PolicyError(f"policy file {text!r} does not exist")
-        return parse_toml(path.read_text(), str(path))
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise PolicyError(f"{path}: cannot read the policy file: {err}") from err
+        return parse_toml(content, str(path))
     raise PolicyError(
         f"unknown policy {text!r}: not a shipped policy ({', '.join(shipped_policies())}) nor a .toml file"
     )
@@ -220,7 +303,7 @@ def load_policy(policy: str | Path | Policy | Mapping[str, Any] | None = None) -
 def parse_toml(text: str, source: str) -> Policy:
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, RecursionError) as err:  # RecursionError: absurdly nested arrays
         raise PolicyError(f"{source}: not valid TOML: {err}") from err
     return Policy.from_mapping(data, source)
 

@@ -49,7 +49,9 @@ method = "dense"
 """)
     policy = load_policy(path)
     assert policy.name == "mine" and policy.prefill.min_seq_len == 1024
-    assert policy.prefill.overrides[0].layers == frozenset({0, 3, 4, 5})
+    layers = policy.prefill.overrides[0].layers
+    assert [i for i in range(8) if i in layers] == [0, 3, 4, 5]
+    assert policy.to_dict()["prefill"]["overrides"][0]["layers"] == [0, "3-5"]
     assert policy.prefill.for_layer(4)[0] == "dense"
     assert policy.source == str(path)
 
@@ -60,12 +62,12 @@ method = "dense"
         ("[prefill]\nmethod = 'nope'", "key 'method' = 'nope' is not a method; allowed: dense"),
         ("[prefill]\nmethd = 'dense'", "unknown key 'methd'; allowed keys: method, min_seq_len, params, overrides"),
         ("colour = 1", "top level: unknown key 'colour'"),
-        ("[prefill]\nmin_seq_len = -1", "key 'min_seq_len' = -1 must be an int >= 0"),
-        ("[prefill]\nmin_seq_len = 'long'", "key 'min_seq_len' = 'long' must be an int >= 0"),
+        ("[prefill]\nmin_seq_len = -1", "[prefill]: key 'min_seq_len' = -1 must be an int in [0, 2**63 - 1]"),
+        ("[prefill]\nmin_seq_len = 'long'", "key 'min_seq_len' = 'long' must be an int in [0"),
         ("[prefill.params]\nfoo = 1", "[prefill].params: unknown key 'foo'"),
         ("[[prefill.overrides]]\nmethod = 'dense'", "missing key 'layers'"),
-        ("[[prefill.overrides]]\nlayers = ['5-2']", "layer range '5-2' must look like 'a-b'"),
-        ("[[prefill.overrides]]\nlayers = [-1]", "layer -1 must be an int >= 0"),
+        ("[[prefill.overrides]]\nlayers = ['5-2']", "#0: key 'layers': layer range '5-2' is empty (a > b)"),
+        ("[[prefill.overrides]]\nlayers = [-1]", "#0: key 'layers': layer -1 is out of range; allowed: ints in [0, 1"),
         ("[[prefill.overrides]]\nlayers = []", "key 'layers' must be a non-empty list"),
         ("prefill = 3", "[prefill] must be a table"),
         ("name = 3", "key 'name' must be a string"),
