@@ -26,6 +26,7 @@ take a run-time `range` bound with numpy >= 2.4). Performance notes per version:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -33,6 +34,7 @@ import triton
 import triton.language as tl
 from sparse_compile.kernels.block_mask import _cdiv
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 _SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,16 +43,17 @@ _NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max init: fully masked chunk
 
 @triton.jit
 def _attend_chunk(
-    it, acc, l_i, m_i, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+    it, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
     idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     desc_k, desc_v, kv_row0,
     KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-    KeyValid, valid_base, stride_vln, qk_scale, kv_len, window,
+    KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    NONFINITE: tl.constexpr,
 ):
-    """One BLOCK_N chunk of keys for one query tile: returns the updated (acc, l_i, m_i)."""
+    """One BLOCK_N chunk of keys for one query tile: returns the updated (acc, l_i, m_i, bad_acc)."""
     # 4. this chunk's first key
     if HAS_LISTS:
         kb = tl.load(idx_base + (it // CHUNKS) * stride_ik)
@@ -67,6 +70,8 @@ def _attend_chunk(
         kv_mask = cols[:, None] < kv_len
     else:
         kv_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
+    if NONFINITE:  # keys whose K or V row holds a NaN/inf (the launcher's pre-pass); their V loads as zeros
+        bad_rows = tl.load(KvBad + bad_base + cols[:, None] * stride_fn, mask=cols[:, None] < kv_len, other=0)
     if USE_TMA:  # bulk tensor copy; rows past kv_len belong to the next head (or are zero) and get masked
         k = desc_k.load([kv_row0 + start_n, 0])
     else:
@@ -109,7 +114,12 @@ def _attend_chunk(
         if HAS_KEY_VALID:
             kvalid = tl.load(KeyValid + valid_base + cols * stride_vln, mask=cols < kv_len, other=0)
             vis = vis & (kvalid[None, :] != 0)
+        if NONFINITE:  # a visible non-finite key makes its rows NaN; an invisible one is -inf like any other
+            bad_cols = tl.load(KvBad + bad_base + cols[None, :] * stride_fn, mask=cols[None, :] < kv_len, other=0)
+            qk = qk + tl.where(bad_cols != 0, float("nan"), 0.0)
         qk = tl.where(vis, qk, float("-inf"))
+    if NONFINITE:  # full chunk: every row sees every key, so one flag per key (no per-element work)
+        bad_acc = tl.maximum(bad_acc, tl.where(need_mask, 0, bad_rows))
 
     # 7. online softmax in base 2, then acc += P V
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -119,6 +129,10 @@ def _attend_chunk(
     acc = acc * alpha[:, None]
     if USE_TMA:
         v = desc_v.load([kv_row0 + start_n, 0])
+        if NONFINITE:  # rows past kv_len are the next head's keys: zero them and the non-finite ones
+            v = tl.where((cols[:, None] < kv_len) & (bad_rows == 0), v, 0.0)
+    elif NONFINITE:
+        v = tl.load(v_ptrs, mask=kv_mask & (bad_rows == 0), other=0.0)
     else:
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if IEEE_DOT:
@@ -126,7 +140,7 @@ def _attend_chunk(
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, bad_acc
 
 
 @triton.jit
@@ -137,6 +151,7 @@ def _block_sparse_attn_fwd(
     KvOrder,  # (B, Hkv, Lk) int32 original key positions (HAS_KV_ORDER)
     KvBlockMin, KvBlockMax,  # (B, Hkv, nk) int32 min / max original position per key block (HAS_KV_ORDER)
     KeyValid,  # (B, Lk) int8, 0 at padded keys (HAS_KEY_VALID)
+    KvBad,  # (B, Hkv, Lk) int8, 1 where the key's K or V row holds a NaN/inf (NONFINITE)
     qk_scale,  # softmax scale * log2(e)
     q_len, kv_len, q_offset, window,
     num_heads, num_q_tiles, group, list_head_div,
@@ -149,11 +164,13 @@ def _block_sparse_attn_fwd(
     stride_pb, stride_ph, stride_pn,
     stride_bb, stride_bh, stride_bk,
     stride_vlb, stride_vln,
+    stride_fb, stride_fh, stride_fn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     REVERSE_TILES: tl.constexpr, IEEE_DOT: tl.constexpr, INTERPRET: tl.constexpr, USE_TMA: tl.constexpr,
+    NONFINITE: tl.constexpr,
 ):
     tl.static_assert(KV_BLOCK % BLOCK_M == 0, "a query block must split into whole BLOCK_M tiles")
     tl.static_assert(KV_BLOCK % BLOCK_N == 0, "a key block must split into whole BLOCK_N chunks")
@@ -183,6 +200,10 @@ def _block_sparse_attn_fwd(
         q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
     else:
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if NONFINITE:  # a row whose q holds a NaN/inf is computed with q = 0 (so l_i > 0 iff it sees a key), then NaN
+        q_ok = tl.abs(q.to(tl.float32)) < float("inf")
+        q_bad = tl.min(q_ok.to(tl.int32), 1) == 0
+        q = tl.where(q_bad[:, None], tl.zeros_like(q), q)
 
     # 3. the key chunks to visit: listed blocks, or the causal/window range (dense engine)
     q_first = q_offset + start_m  # position of the tile's first and last query
@@ -210,37 +231,43 @@ def _block_sparse_attn_fwd(
     m_i = tl.full([BLOCK_M], _NEG_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bad_acc = tl.zeros([BLOCK_N, 1], dtype=tl.int8)  # non-finite keys met in full chunks
 
     order_base = off_b.to(tl.int64) * stride_pb + off_hkv.to(tl.int64) * stride_ph
     blk_base = off_b.to(tl.int64) * stride_bb + off_hkv.to(tl.int64) * stride_bh
     valid_base = off_b.to(tl.int64) * stride_vlb
+    bad_base = off_b.to(tl.int64) * stride_fb + off_hkv.to(tl.int64) * stride_fh
     kv_row0 = (off_b * (num_heads // group) + off_hkv) * kv_len  # first row of this head in the 2-D view
     if INTERPRET:  # the interpreter cannot take a run-time `range` bound with numpy >= 2.4
         it = 0
         while it < n_iter:
-            acc, l_i, m_i = _attend_chunk(
-                it, acc, l_i, m_i, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+            acc, l_i, m_i, bad_acc = _attend_chunk(
+                it, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
                 idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            desc_k, desc_v, kv_row0,
+                desc_k, desc_v, kv_row0,
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-                KeyValid, valid_base, stride_vln, qk_scale, kv_len, window,
+                KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, NONFINITE,
             )
             it += 1
     else:  # a `for` loop so that the compiler software-pipelines the K/V loads
         for it in range(0, n_iter):
-            acc, l_i, m_i = _attend_chunk(
-                it, acc, l_i, m_i, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+            acc, l_i, m_i, bad_acc = _attend_chunk(
+                it, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
                 idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            desc_k, desc_v, kv_row0,
+                desc_k, desc_v, kv_row0,
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-                KeyValid, valid_base, stride_vln, qk_scale, kv_len, window,
+                KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, NONFINITE,
             )
 
-    # 8. normalise; rows that saw no visible key have l_i == 0 and are written as zeros
+    # 8. normalise; rows that saw no visible key have l_i == 0 and are written as zeros; rows with a
+    #    non-finite q, or that saw a non-finite key in a full chunk, are NaN (masked chunks made l_i NaN)
+    if NONFINITE:
+        row_bad = q_bad | (tl.max(bad_acc) != 0)
+        l_i = tl.where(row_bad & (l_i != 0.0), float("nan"), l_i)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
@@ -252,32 +279,153 @@ def _block_sparse_attn_fwd(
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)
 
 
+@triton.jit
+def _nonfinite_keys(
+    K, V, Bad, kv_len, num_kv_heads,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_fb, stride_fh, stride_fn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Bad[b, h, j] = 1 iff K[b, h, j, :] or V[b, h, j, :] holds a NaN or an inf (one read of K and V)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_kv_heads).to(tl.int64)
+    off_h = (pid_bh % num_kv_heads).to(tl.int64)
+    rows = pid_n * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=mask, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=mask, other=0.0)
+    ok = (tl.abs(k.to(tl.float32)) < float("inf")) & (tl.abs(v.to(tl.float32)) < float("inf"))
+    bad = tl.min(ok.to(tl.int32), 1) == 0
+    tl.store(Bad + off_b * stride_fb + off_h * stride_fh + rows * stride_fn, bad.to(tl.int8), mask=rows < kv_len)
+
+
+def nonfinite_keys(k: Tensor, v: Tensor) -> Tensor:
+    """(B, Hkv, Lk) int8: 1 where the key's K or V row holds a NaN or an inf. Triton (CUDA, or the interpreter)."""
+    B, Hkv, Lk, D = k.shape
+    bad = torch.empty(B, Hkv, Lk, dtype=torch.int8, device=k.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    block_k = max(16, 8192 // block_d)
+    _nonfinite_keys[(_cdiv(Lk, block_k), B * Hkv)](
+        k, v, bad, Lk, Hkv, *k.stride(), *v.stride(), *bad.stride(),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=4,
+    )
+    return bad
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(head_dim: int, block_size: int, device_type: str, capability: int = 0) -> dict:
-    """Tile sizes and launch parameters (tuned on H100, see KERNEL_NOTES.md).
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "NONFINITE")
+_MAX_SHARED_MEM: dict[int, int] = {}  # CUDA device index -> opt-in shared memory per block, bytes
+
+
+def max_shared_mem(device_index: int) -> int:
+    """The shared memory one program may use on CUDA device `device_index`, in bytes (asked once per device:
+    232448 on H100)."""
+    if device_index not in _MAX_SHARED_MEM:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        _MAX_SHARED_MEM[device_index] = int(props["max_shared_mem"])
+    return _MAX_SHARED_MEM[device_index]
+
+
+def shared_mem_estimate(block_m: int, block_n: int, block_d: int, num_stages: int, elem_bytes: int) -> int:
+    """Bytes of shared memory the kernel needs, modelled as the Q tile (a dot operand) plus `num_stages`
+    buffers of one K and one V chunk: elem_bytes * BLOCK_D * (BLOCK_M + 2 * num_stages * BLOCK_N).
+
+    The model reproduces Triton 3.6's count on H100 for D=256, 128x64, 3 stages, bf16 (262144 B);
+    KERNEL_NOTES.md compares it with the compiled kernels of every default config.
+    """
+    return elem_bytes * block_d * (block_m + 2 * num_stages * block_n)
+
+
+def fit_shared_mem(cfg: dict, block_d: int, elem_bytes: int, limit: int) -> dict:
+    """`cfg` shrunk until `shared_mem_estimate` fits `limit`: halve BLOCK_N (down to 16), then drop
+    num_stages (down to 1), then halve BLOCK_M (down to 16). Returns a new dict."""
+    cfg = dict(cfg)
+
+    def need() -> int:
+        return shared_mem_estimate(cfg["BLOCK_M"], cfg["BLOCK_N"], block_d, cfg["num_stages"], elem_bytes)
+
+    while need() > limit:
+        if cfg["BLOCK_N"] > 16:
+            cfg["BLOCK_N"] //= 2
+        elif cfg["num_stages"] > 1:
+            cfg["num_stages"] -= 1
+        elif cfg["BLOCK_M"] > 16:
+            cfg["BLOCK_M"] //= 2
+            cfg["num_warps"] = min(cfg["num_warps"], 4)
+        else:
+            break  # 16x16 tiles, one stage: the smallest launch there is
+    return cfg
+
+
+def default_config(head_dim: int, block_size: int, device_type: str, capability: int = 0, *,
+                   dtype: torch.dtype = torch.bfloat16, max_shared: int | None = None) -> dict:
+    """Tile sizes and launch parameters (tuned on H100, see KERNEL_NOTES.md), by head_dim padded to
+    BLOCK_D (a power of two >= 16), block_size and dtype.
 
     capability: the CUDA major compute capability. TMA loads of K/V (USE_TMA, Hopper+) are an opt-in:
     measured 3-10 % slower than masked pointer loads on H100 (KERNEL_NOTES.md, v2), so off by default.
+    max_shared: the device's shared memory per program (`max_shared_mem`); the config is shrunk by
+    `fit_shared_mem` until the estimate fits. NONFINITE: the non-finite contract (module docstring) is
+    enforced; False only to measure its cost.
     """
     if device_type != "cuda":  # interpreter: fewer, larger programs are faster
         bm = min(block_size, 64)
-        return {"BLOCK_M": bm, "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1, "USE_TMA": False}
-    if head_dim <= 64:
+        return {"BLOCK_M": bm, "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1, "USE_TMA": False,
+                "NONFINITE": True}
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if block_d <= 64:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
-    else:
+    elif block_d <= 128:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    else:  # 192, 256 (BLOCK_D 256): 128x64 with 3 stages needs 256 KiB; sweep in KERNEL_NOTES.md
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     cfg["USE_TMA"] = False
+    cfg["NONFINITE"] = True
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
+    if max_shared is not None:
+        cfg = fit_shared_mem(cfg, block_d, torch.empty((), dtype=dtype).element_size(), max_shared)
     return cfg
+
+
+def _is_int(x) -> bool:
+    """A Python or NumPy integer; bool is not one here (window=True is a mistake, not 1)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_scalars(block_size, causal, q_offset, window, scale, validate, impl) -> None:
+    """Raise ValueError naming the argument, the value and what is allowed."""
+    if not _is_int(block_size) or int(block_size) not in _SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be an int in {_SUPPORTED_BLOCK_SIZES}, got {block_size!r} "
+                         f"({type(block_size).__name__})")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r} ({type(causal).__name__})")
+    if q_offset is not None and not _is_int(q_offset):
+        raise ValueError(f"q_offset must be an int (any sign) or None, got {q_offset!r} ({type(q_offset).__name__})")
+    if not _is_int(window) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: no window), got {window!r} ({type(window).__name__})")
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be None (1/sqrt(head_dim)) or a finite float > 0, got {scale!r} "
+                         f"({type(scale).__name__})")
+    if not isinstance(validate, bool):
+        raise ValueError(f"validate must be a bool, got {validate!r} ({type(validate).__name__})")
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
 
 
 def _check_inputs(q, k, v, kv_num_blocks, kv_indices, block_size, q_offset, window, key_valid, kv_order,
                   validate) -> tuple[int, int]:
-    """Raise ValueError on bad inputs; returns (Hm, q_offset). Hm = 0 when there are no lists."""
+    """Raise ValueError on bad tensors; returns (Hm, q_offset). Hm = 0 when there are no lists.
+    Scalars are checked first, by `_check_scalars`."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -300,12 +448,6 @@ def _check_inputs(q, k, v, kv_num_blocks, kv_indices, block_size, q_offset, wind
         raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
     if not 1 <= D <= 256:
         raise ValueError(f"head_dim {D} not supported (1..256; tuned for 64 and 128)")
-    if block_size not in _SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size {block_size} not supported, expected one of {_SUPPORTED_BLOCK_SIZES}")
-    if q_offset is not None and not isinstance(q_offset, int):
-        raise ValueError(f"q_offset must be an int or None, got {type(q_offset).__name__}")
-    if not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be an int >= 0, got {window!r}")
     if key_valid is not None:
         ok = isinstance(key_valid, Tensor) and key_valid.dtype == torch.bool
         if not ok or tuple(key_valid.shape) != (B, Lk):
@@ -395,10 +537,11 @@ def block_sparse_attention(
       or "reference". config: optional {BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA} override.
     Returns (B, H, Lq, D) in q's dtype; rows with no visible key are zeros.
     """
+    _check_scalars(block_size, causal, q_offset, window, scale, validate, impl)
+    block_size, window = int(block_size), int(window)
+    q_offset = None if q_offset is None else int(q_offset)
     Hm, q_off = _check_inputs(q, k, v, kv_num_blocks, kv_indices, block_size, q_offset, window, key_valid,
                               kv_order, validate)
-    if impl not in ("auto", "triton", "reference"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     use_triton = impl == "triton" or (impl == "auto" and q.is_cuda)
     if use_triton and not (q.is_cuda or _interpreting()):
         raise ValueError("impl='triton' needs CUDA tensors or TRITON_INTERPRET=1")
@@ -410,6 +553,10 @@ def block_sparse_attention(
                             or out.device != q.device):
         raise ValueError(f"out must be {(B, H, Lq, D)} {q.dtype} on {q.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    user_cfg = dict(config or {})
+    unknown = sorted(set(user_cfg) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"config keys {unknown} unknown, expected some of {_CONFIG_KEYS}")
     if not use_triton:
         res = block_sparse_attention_reference(
             q, k, v, kv_num_blocks, kv_indices, block_size=block_size, causal=causal, q_offset=q_off,
@@ -419,12 +566,14 @@ def block_sparse_attention(
         out.copy_(res)
         return out
 
-    cap = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 0
-    cfg = default_config(D, block_size, "cuda" if q.is_cuda else "cpu", cap)
-    cfg.update(config or {})
-    BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    if block_size % BLOCK_M or block_size % BLOCK_N:
-        raise ValueError(f"BLOCK_M={BLOCK_M} and BLOCK_N={BLOCK_N} must divide block_size={block_size}")
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if q.is_cuda:
+        dev_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        cfg = default_config(D, block_size, "cuda", torch.cuda.get_device_capability(dev_index)[0],
+                             dtype=q.dtype, max_shared=max_shared_mem(dev_index))
+    else:
+        cfg = default_config(D, block_size, "cpu", dtype=q.dtype)
+    cfg.update(user_cfg)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -447,37 +596,57 @@ def block_sparse_attention(
     else:
         order32, blk_min, blk_max = dummy.view(1, 1, 1), dummy.view(1, 1, 1), dummy.view(1, 1, 1)
     valid8 = key_valid.to(torch.int8) if key_valid is not None else dummy.view(1, 1)
+    # non-finite contract: one O(Lk * D) pass flags the keys whose K or V row holds a NaN/inf
+    nonfinite = bool(cfg["NONFINITE"])
+    kv_bad = nonfinite_keys(k, v) if nonfinite else dummy.view(1, 1, 1)
 
-    # TMA (Hopper+): K/V contiguous, 16-bit, power-of-two head_dim; otherwise masked pointer loads
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    use_tma = bool(cfg.get("USE_TMA", False)) and q.is_cuda and D == BLOCK_D and q.dtype != torch.float32 \
-        and k.is_contiguous() and v.is_contiguous()
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
+    def launch(cfg: dict) -> None:
+        BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        if block_size % BLOCK_M or block_size % BLOCK_N:
+            raise ValueError(f"BLOCK_M={BLOCK_M} and BLOCK_N={BLOCK_N} must divide block_size={block_size}")
+        # TMA (Hopper+): K/V contiguous, 16-bit, power-of-two head_dim; otherwise masked pointer loads
+        use_tma = bool(cfg["USE_TMA"]) and q.is_cuda and D == BLOCK_D and q.dtype != torch.float32 \
+            and k.is_contiguous() and v.is_contiguous()
+        if use_tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
 
-        desc_k = TensorDescriptor(k, [B * Hkv * Lk, D], [D, 1], [BLOCK_N, D])
-        desc_v = TensorDescriptor(v, [B * Hkv * Lk, D], [D, 1], [BLOCK_N, D])
-    else:
-        desc_k, desc_v = k, v
-    num_q_tiles = _cdiv(Lq, BLOCK_M)
-    grid = (num_q_tiles, B * H)
-    _block_sparse_attn_fwd[grid](
-        q, k, v, out, desc_k, desc_v,
-        kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8,
-        scale * 1.4426950408889634,
-        Lq, Lk, q_off, window,
-        H, num_q_tiles, H // Hkv, 1 if Hm == H else H // Hkv,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *kv_num_blocks.stride(), *kv_indices.stride(),
-        *order32.stride(), *blk_min.stride(), *valid8.stride(),
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KV_BLOCK=block_size,
-        HAS_LISTS=has_lists, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
-        HAS_KV_ORDER=kv_order is not None, HAS_KEY_VALID=key_valid is not None,
-        REVERSE_TILES=bool(causal), IEEE_DOT=q.dtype == torch.float32, INTERPRET=not q.is_cuda,
-        USE_TMA=use_tma,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return out
+            desc_k = TensorDescriptor(k, [B * Hkv * Lk, D], [D, 1], [BLOCK_N, D])
+            desc_v = TensorDescriptor(v, [B * Hkv * Lk, D], [D, 1], [BLOCK_N, D])
+        else:
+            desc_k, desc_v = k, v
+        num_q_tiles = _cdiv(Lq, BLOCK_M)
+        grid = (num_q_tiles, B * H)
+        _block_sparse_attn_fwd[grid](
+            q, k, v, out, desc_k, desc_v,
+            kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8, kv_bad,
+            scale * 1.4426950408889634,
+            Lq, Lk, q_off, window,
+            H, num_q_tiles, H // Hkv, 1 if Hm == H else H // Hkv,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *kv_num_blocks.stride(), *kv_indices.stride(),
+            *order32.stride(), *blk_min.stride(), *valid8.stride(), *kv_bad.stride(),
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KV_BLOCK=block_size,
+            HAS_LISTS=has_lists, CAUSAL=causal, HAS_WINDOW=window > 0,
+            HAS_KV_ORDER=kv_order is not None, HAS_KEY_VALID=key_valid is not None,
+            REVERSE_TILES=causal, IEEE_DOT=q.dtype == torch.float32, INTERPRET=not q.is_cuda,
+            USE_TMA=use_tma, NONFINITE=nonfinite,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    # the estimate should always fit; if the compiler still needs more than the device has, shrink the
+    # default config one step at a time (a config the caller set is theirs to fix)
+    elem = q.element_size()
+    while True:
+        try:
+            launch(cfg)
+            return out
+        except OutOfResources:
+            tiles_set = any(key in user_cfg for key in ("BLOCK_M", "BLOCK_N", "num_stages"))
+            need = shared_mem_estimate(cfg["BLOCK_M"], cfg["BLOCK_N"], BLOCK_D, cfg["num_stages"], elem)
+            smaller = fit_shared_mem(cfg, BLOCK_D, elem, need - 1)
+            if tiles_set or smaller == cfg:
+                raise
+            cfg = smaller
 
 
 def block_sparse_attention_reference(
@@ -511,8 +680,14 @@ def block_sparse_attention_reference(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
-    kk = k.to(work).repeat_interleave(group, dim=1)  # (B, H, Lk, D)
-    vv = v.to(work).repeat_interleave(group, dim=1)
+    # non-finite contract: K/V rows holding a NaN/inf are computed as zeros and poison (NaN) exactly the
+    # rows that see them; a q row holding one is computed as zeros, then NaN if it sees any key
+    bad_key = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, Hkv, Lk)
+    kk = k.to(work).masked_fill(bad_key[..., None], 0.0).repeat_interleave(group, dim=1)  # (B, H, Lk, D)
+    vv = v.to(work).masked_fill(bad_key[..., None], 0.0).repeat_interleave(group, dim=1)
+    bad_key = bad_key.repeat_interleave(group, dim=1)  # (B, H, Lk)
+    q_bad = ~torch.isfinite(q).all(-1)  # (B, H, Lq)
+    qq = q.to(work).masked_fill(q_bad[..., None], 0.0)
     # key positions per (b, h): (B, H, Lk) or (1, 1, Lk)
     if kv_order is not None:
         pos = kv_order.long().repeat_interleave(group, dim=1)
@@ -540,8 +715,10 @@ def block_sparse_attention_reference(
             vis &= pos[:, :, None, :] > q_pos[:, None] - window
         if key_valid is not None:
             vis &= key_valid[:, None, None, :]
-        logits = torch.matmul(q[:, :, rows].to(work), kk.transpose(-1, -2)) * scale
+        logits = torch.matmul(qq[:, :, rows], kk.transpose(-1, -2)) * scale
         logits = logits.masked_fill(~vis, float("-inf"))
-        probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # fully masked rows -> zeros
-        out[:, :, rows] = torch.matmul(probs, vv)
+        sees = vis.any(-1)  # (B, H, r); rows that see nothing are zeros (their softmax is NaN)
+        probs = torch.softmax(logits, dim=-1).masked_fill(~sees[..., None], 0.0)
+        poisoned = sees & (q_bad[:, :, rows] | (vis & bad_key[:, :, None, :]).any(-1))
+        out[:, :, rows] = torch.matmul(probs, vv).masked_fill(poisoned[..., None], float("nan"))
     return out.to(q.dtype)

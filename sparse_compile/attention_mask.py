@@ -10,6 +10,14 @@ Semantics (positions are key indices; query i sits at position `q_offset + i`):
   and (key_valid is None or key_valid[b, j])
   and (dense_mask is None or dense_mask[b, h, i, j])      # only for masks the pass could not prove
 A query row with no visible key returns zeros (as SDPA's math backend does).
+
+Non-finite values (the same contract on every path: this reference, the block-sparse reference and
+its Triton kernel, see sparse_compile.kernels.block_sparse_attention):
+  (a) a key that query row i cannot see never influences row i, whatever its K or V holds (NaN, inf);
+  (b) a NaN/inf in q[b, h, i], or in the K or V row of a key that row i sees, makes row i NaN (all of
+      it). Visibility decides, not the softmax weight: a visible key whose weight underflows to 0
+      still poisons the row, so NaN is never hidden;
+  (c) a row with no visible key is zeros, whatever its q holds.
 """
 
 from __future__ import annotations
@@ -89,25 +97,37 @@ def exact_attention_reference(
     """Exact masked attention in float32 (float64 if given float64); GQA by head grouping.
 
     q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D) with H % Hkv == 0. Returns (B, H, Lq, D) in q's dtype.
-    Rows with no visible key are zeros.
+    Rows with no visible key are zeros. Non-finite values follow the module docstring's contract: a
+    key's K/V never reach a row that cannot see it; a NaN/inf in q, or in the K/V of a visible key,
+    makes the row NaN. A float dense_mask's -inf entries hide their keys (a finite value, however
+    negative, leaves the key visible, as in SDPA).
     """
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     if H % Hkv:
         raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
+    group = H // Hkv
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kk = k.to(work).repeat_interleave(H // Hkv, dim=1)
-    vv = v.to(work).repeat_interleave(H // Hkv, dim=1)
-    logits = torch.matmul(q.to(work), kk.transpose(-1, -2)) * scale
+    # non-finite K/V rows and q rows are computed as zeros (so 0 * NaN never reaches a row that cannot see
+    # them), then the rows that see them are set to NaN
+    bad_key = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, Hkv, Lk)
+    kk = k.to(work).masked_fill(bad_key[..., None], 0.0).repeat_interleave(group, dim=1)
+    vv = v.to(work).masked_fill(bad_key[..., None], 0.0).repeat_interleave(group, dim=1)
+    q_bad = ~torch.isfinite(q).all(-1)  # (B, H, Lq)
+    logits = torch.matmul(q.to(work).masked_fill(q_bad[..., None], 0.0), kk.transpose(-1, -2)) * scale
     vis = visible_keys(mask, B, Lq, Lk, device=q.device)
     if mask.dense_mask is not None:
         dm = mask.dense_mask
         if dm.dtype == torch.bool:
             vis = vis & dm
         else:
+            vis = vis & (dm != float("-inf"))
             logits = logits + dm.to(work)
+    vis = vis.expand(B, H, Lq, Lk)
     logits = logits.masked_fill(~vis, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows -> zeros
-    return torch.matmul(probs, vv).to(q.dtype)
+    sees = vis.any(-1)  # (B, H, Lq); a row that sees nothing has a NaN softmax and is written as zeros
+    probs = torch.softmax(logits, dim=-1).masked_fill(~sees[..., None], 0.0)
+    poisoned = sees & (q_bad | (vis & bad_key.repeat_interleave(group, dim=1)[:, :, None, :]).any(-1))
+    out = torch.matmul(probs, vv).masked_fill(poisoned[..., None], float("nan"))
+    return out.to(q.dtype)
