@@ -27,6 +27,7 @@ list may safely name blocks that are only partly visible.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -36,26 +37,63 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class MaskStructure(Protocol):
+    """The structure of an attention mask, as kernels read it (sparse_compile.attention_mask.AttentionMask
+    is one): query i sits at key position q_offset + i; key j is visible iff (not causal or
+    j <= q_offset + i) and (window == 0 or j > q_offset + i - window) and key_valid[b, j]."""
+
+    causal: bool
+    q_offset: int
+    window: int
+    key_valid: Tensor | None
+
+
+def allowed_blocks(
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    *,
+    causal: bool = True,
+    q_offset: int | None = None,
+    window: int = 0,
+    key_valid: Tensor | None = None,
+    device=None,
+) -> Tensor:
+    """(B, nq, nk) bool: key block n holds at least one valid key visible to some query of block m.
+
+    The one definition of "allowed" (BlockList.density, every method's density, the Report).
+    Query i sits at key position q_offset + i (default kv_len - q_len). The queries of block m sit
+    at p0 = q_offset + m*b .. p1 = q_offset + min((m+1)b, Lq) - 1; together they see keys in
+    (p0 - window, p1] (causal; window 0 = none) that are valid (key_valid (B, Lk) bool; None = all,
+    then B = 1).
+    """
+    q_offset = kv_len - q_len if q_offset is None else q_offset
+    if key_valid is None:
+        key_valid = torch.ones(1, kv_len, dtype=torch.bool, device=device)
+    B, Lk = key_valid.shape
+    dev = key_valid.device
+    nq, nk = _cdiv(q_len, block_size), _cdiv(Lk, block_size)
+    m = torch.arange(nq, device=dev)
+    n = torch.arange(nk, device=dev)
+    p0 = (q_offset + m * block_size)[:, None]
+    p1 = (q_offset + torch.clamp((m + 1) * block_size, max=q_len) - 1)[:, None]
+    lo = (n * block_size)[None, :].expand(nq, nk)
+    hi = (torch.clamp((n + 1) * block_size, max=Lk) - 1)[None, :].expand(nq, nk)
+    if causal:
+        hi = torch.minimum(hi, p1)
+    if window > 0:
+        lo = torch.maximum(lo, p0 - window + 1)
+    lo_c, hi_c = lo.clamp(0, Lk), (hi + 1).clamp(0, Lk)
+    cum = torch.nn.functional.pad(key_valid.to(torch.int64).cumsum(-1), (1, 0))  # (B, Lk + 1)
+    count = cum[:, hi_c.reshape(-1)] - cum[:, lo_c.reshape(-1)]
+    return ((count > 0) & (hi_c > lo_c).reshape(1, -1)).reshape(B, nq, nk)
+
+
 def causal_block_mask(
     q_len: int, kv_len: int, block_size: int, q_offset: int | None = None, window: int = 0, device=None
 ) -> Tensor:
-    """(nq, nk) bool: key blocks that hold at least one key visible to some query of the block.
-
-    Query i sits at key position q_offset + i (default q_offset = kv_len - q_len); key j is
-    visible iff j <= q_offset + i (and j > q_offset + i - window when window > 0).
-    """
-    q_offset = kv_len - q_len if q_offset is None else q_offset
-    nq, nk = _cdiv(q_len, block_size), _cdiv(kv_len, block_size)
-    m = torch.arange(nq, device=device)
-    n = torch.arange(nk, device=device)
-    first_q = q_offset + m * block_size  # position of the first query of each block
-    last_q = q_offset + torch.clamp((m + 1) * block_size, max=q_len) - 1
-    first_k = n * block_size
-    last_k = torch.clamp((n + 1) * block_size, max=kv_len) - 1
-    allowed = first_k[None, :] <= last_q[:, None]
-    if window > 0:
-        allowed &= last_k[None, :] > first_q[:, None] - window
-    return allowed
+    """(nq, nk) bool: `allowed_blocks` without padding (causal, optional window)."""
+    return allowed_blocks(q_len, kv_len, block_size, q_offset=q_offset, window=window, device=device)[0]
 
 
 @dataclass(frozen=True)
@@ -104,20 +142,18 @@ class BlockList:
         dense.scatter_(-1, cols, True)
         return dense[..., :nk]
 
-    def density(self, causal: bool = True, q_offset: int | None = None) -> Tensor:
-        """(B, Hm) float32: selected blocks / blocks the causal mask allows (all blocks if not causal).
-
-        A block counts as allowed when it holds at least one visible key; selected blocks outside
-        the allowed set are not counted. A head with no allowed block gets density 0.
-        """
+    def density(
+        self, causal: bool = True, q_offset: int | None = None, window: int = 0, key_valid: Tensor | None = None
+    ) -> Tensor:
+        """(B, Hm) float32: selected allowed blocks / allowed blocks (`allowed_blocks`: causal with the
+        query offset, window and padding; every block when causal is False and there is no window or
+        padding). Listed blocks outside the allowed set do not count; a head with no allowed block
+        gets density 0."""
         dense = self.to_dense()
-        if causal:
-            allowed = causal_block_mask(self.q_len, self.kv_len, self.block_size, q_offset,
-                                        device=dense.device)
-        else:
-            allowed = torch.ones(dense.shape[-2:], dtype=torch.bool, device=dense.device)
+        allowed = allowed_blocks(self.q_len, self.kv_len, self.block_size, causal=causal, q_offset=q_offset,
+                                 window=window, key_valid=key_valid, device=dense.device)[:, None]  # (B|1, 1, nq, nk)
         selected = (dense & allowed).sum(dim=(-1, -2)).float()
-        return selected / allowed.sum().clamp_min(1).float()
+        return selected / allowed.sum(dim=(-1, -2)).clamp_min(1).float()
 
     @classmethod
     def from_dense(cls, block_mask: Tensor, block_size: int, q_len: int, kv_len: int) -> BlockList:

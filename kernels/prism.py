@@ -14,9 +14,10 @@ Three launches, nothing of size L x L (only (L / b)^2 block scores):
      blocks, and the compacted ascending list written straight into kv_num_blocks / kv_indices.
 
 The reference these kernels equal (up to fp32 rounding at the top-p boundary) is
-`sparse_compile.methods.prism.select_blocks_reference`, re-exported here as `reference`;
-`prism_select_triton` takes exactly its arguments. Allowed blocks, sinks and recent blocks follow
-`allowed_blocks`, `sink_block` and `recent_blocks` in the same module.
+`select_blocks_reference` at the end of this file (also exported as `reference`);
+`prism_select_triton` takes exactly its arguments. Allowed blocks follow
+`sparse_compile.kernels.block_mask.allowed_blocks`; sinks and recent blocks `sink_block` and
+`recent_blocks` below. This file imports nothing above `sparse_compile.kernels`.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparse_compile.attention_mask import AttentionMask
-from sparse_compile.methods.prism import CALIBRATION_EPS, MIN_TEMPERATURE
-from sparse_compile.methods.prism import select_blocks_reference as reference
+from sparse_compile.kernels.block_mask import MaskStructure, _cdiv, allowed_blocks
 
-__all__ = ["prism_select_triton", "reference"]
+__all__ = ["prism_select_triton", "reference", "select_blocks_reference"]
+
+CALIBRATION_EPS = 1e-6  # clamp of the rms denominators (as the authors)
+MIN_TEMPERATURE = 1e-12  # a band with no energy gives zero logits instead of 0 / 0
 
 MAX_KV_BLOCKS = 8192  # one query block's row of key-block probabilities is held by one program
 PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot input precisions of the band logits
@@ -347,7 +349,7 @@ def _prism_select_kernel(
     tl.store(KV_NUM + b * stride_nb + hm * stride_nh + m * stride_nm, count, mask=r_ok)
 
 
-def _check_inputs(q: Tensor, k: Tensor, high_idx: Tensor, low_idx: Tensor, mask: AttentionMask, block_size: int):
+def _check_inputs(q: Tensor, k: Tensor, high_idx: Tensor, low_idx: Tensor, mask: MaskStructure, block_size: int):
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be 4-D (B, H, L, D); got shapes {tuple(q.shape)} and {tuple(k.shape)}")
     B, H, Lq, D = q.shape
@@ -388,7 +390,7 @@ def prism_select_triton(
     k: Tensor,
     high_idx: Tensor,
     low_idx: Tensor,
-    mask: AttentionMask,
+    mask: MaskStructure,
     *,
     block_size: int,
     threshold_high: float,
@@ -538,3 +540,169 @@ def _select_buckets(nq: int, nk: int, Lq: int, q_offset: int, block_size: int, c
 def estimation_flops(B: int, H: int, Lq: int, Lk: int, block_size: int, n_high: int, n_low: int) -> float:
     """FLOPs of the band logits (2 per multiply-add): 2 * B * H * nq * nk * (n_high + n_low)."""
     return 2.0 * B * H * math.ceil(Lq / block_size) * math.ceil(Lk / block_size) * (n_high + n_low)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: Prism's selection in plain PyTorch (float64 by default), which the kernels above equal
+# ---------------------------------------------------------------------------------------------
+
+
+def key_valid_or_ones(mask: MaskStructure, batch: int, kv_len: int, device) -> Tensor:
+    """(B, Lk) bool: mask.key_valid, or all True."""
+    if mask.key_valid is None:
+        return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    return mask.key_valid.to(device=device, dtype=torch.bool)
+
+
+def query_valid(mask: MaskStructure, key_valid: Tensor, q_len: int) -> Tensor:
+    """(B, Lq) bool: query i is a padding token iff its position q_offset + i is a padded key.
+
+    Positions outside [0, Lk) count as valid.
+    """
+    B, Lk = key_valid.shape
+    pos = torch.arange(q_len, device=key_valid.device) + mask.q_offset
+    inside = (pos >= 0) & (pos < Lk)
+    gathered = key_valid[:, pos.clamp(0, max(Lk - 1, 0))]
+    return torch.where(inside[None, :], gathered, torch.ones_like(gathered))
+
+
+def sink_block(key_valid: Tensor, block_size: int) -> Tensor:
+    """(B,) int64: the block of the first valid key of each batch row (0 when none is valid)."""
+    first = torch.argmax(key_valid.to(torch.int32), dim=1)  # first True (0 when none)
+    return first // block_size
+
+
+def recent_blocks(mask: MaskStructure, allowed: Tensor, q_len: int, block_size: int) -> Tensor:
+    """(B, nq, nk) bool: the blocks holding the positions of the block's own queries, plus the last
+    allowed block (the most recent visible one), restricted to allowed blocks."""
+    B, nq, nk = allowed.shape
+    dev = allowed.device
+    m = torch.arange(nq, device=dev)
+    n = torch.arange(nk, device=dev)
+    p0 = mask.q_offset + m * block_size
+    p1 = mask.q_offset + torch.clamp((m + 1) * block_size, max=q_len) - 1
+    own = (n[None, :] >= torch.div(p0, block_size, rounding_mode="floor")[:, None]) & (
+        n[None, :] <= torch.div(p1, block_size, rounding_mode="floor")[:, None]
+    )
+    last = torch.where(allowed, n, -1).amax(-1, keepdim=True)  # (B, nq, 1)
+    return allowed & (own[None] | (n == last))
+
+
+def pool_blocks(x: Tensor, valid: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
+    """Mean over the valid tokens of each block.
+
+    x: (B, Hx, L, D); valid: (B, L) bool. Returns (B, Hx, ceil(L / b), D) in `dtype`;
+    a block without valid tokens pools to zeros.
+    """
+    B, Hx, L, D = x.shape
+    n = _cdiv(L, block_size)
+    pad = n * block_size - L
+    xw = torch.nn.functional.pad(x.to(dtype), (0, 0, 0, pad))
+    vw = torch.nn.functional.pad(valid, (0, pad))  # padding rows are invalid
+    xw = xw * vw[:, None, :, None].to(dtype)
+    sums = xw.view(B, Hx, n, block_size, D).sum(3)
+    counts = vw.view(B, n, block_size).sum(-1).clamp_min(1).to(dtype)
+    return sums / counts[:, None, :, None]
+
+
+def band_temperature(qb: Tensor, kb: Tensor, idx: Tensor) -> Tensor:
+    """Energy-calibrated temperature of one band, (B, H, 1, 1).
+
+    qb: (B, H, nq, D), kb: (B, H, nk, D) pooled; idx: (n_band,) the band's dims.
+    t = sqrt(n_band / D) * (rms(qb[..., idx]) / rms(qb)) * (rms(kb[..., idx]) / rms(kb)).
+    """
+    D = qb.shape[-1]
+
+    def rms(x: Tensor) -> Tensor:
+        return x.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
+
+    rq, rk = rms(qb).clamp_min(CALIBRATION_EPS), rms(kb).clamp_min(CALIBRATION_EPS)
+    return math.sqrt(idx.numel() / D) * (rms(qb[..., idx]) / rq) * (rms(kb[..., idx]) / rk)
+
+
+def top_p_blocks(probs: Tensor, allowed: Tensor, threshold: float) -> Tensor:
+    """Top-p per row: keep a block while the mass of the blocks ranked before it is < threshold.
+
+    probs: (..., nk) with zeros outside `allowed` (same shape, bool). Rank: descending
+    probability, ties broken by the lower block index. threshold >= 1 keeps every allowed block.
+    """
+    if threshold >= 1.0:
+        return allowed.clone()
+    order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    cum = torch.cumsum(order.values, dim=-1)
+    before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)  # exclusive cumsum
+    keep_sorted = before < threshold
+    keep = torch.zeros_like(allowed).scatter(-1, order.indices, keep_sorted)
+    return keep & allowed
+
+
+def select_blocks_reference(
+    q: Tensor,
+    k: Tensor,
+    high_idx: Tensor,
+    low_idx: Tensor,
+    mask: MaskStructure,
+    *,
+    block_size: int,
+    threshold_high: float,
+    threshold_low: float,
+    temperature_high: float | None,
+    temperature_low: float | None,
+    force_sink: bool = True,
+    force_recent: bool = True,
+    per_kv_head: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Prism's block selection in plain PyTorch (the definition the Triton launcher equals).
+
+    q: (B, H, Lq, D), k: (B, Hkv, Lk, D) post-RoPE, any float dtype; high_idx / low_idx: int64
+    band dims (see band_dims); temperature_* None means energy calibration (step 3).
+    Returns the (B, Hm, nq, nk) bool block mask, Hm = Hkv if per_kv_head else H.
+    """
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    dev = q.device
+    high_idx, low_idx = high_idx.to(dev), low_idx.to(dev)
+    kv_valid = key_valid_or_ones(mask, B, Lk, dev)
+    q_valid = query_valid(mask, kv_valid, Lq)
+    # step 1: pool over valid tokens; GQA: k expanded to the query heads for scoring
+    qb = pool_blocks(q, q_valid, block_size, dtype)  # (B, H, nq, D)
+    kb = pool_blocks(k, kv_valid, block_size, dtype).repeat_interleave(G, dim=1)  # (B, H, nk, D)
+    allowed = allowed_blocks(Lq, Lk, block_size, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
+                             key_valid=kv_valid)[:, None]  # (B, 1, nq, nk)
+    nq = _cdiv(Lq, block_size)
+    q_valid_padded = torch.nn.functional.pad(q_valid, (0, nq * block_size - Lq))
+    q_block_has_valid = q_valid_padded.view(B, 1, nq, block_size).any(-1, keepdim=True)  # (B, 1, nq, 1)
+
+    selected = torch.zeros(B, H, qb.shape[2], kb.shape[2], dtype=torch.bool, device=dev)
+    for idx, threshold, temperature in (
+        (high_idx, threshold_high, temperature_high),
+        (low_idx, threshold_low, temperature_low),
+    ):
+        # steps 2-3: band slices and temperature
+        t = band_temperature(qb, kb, idx) if temperature is None else torch.tensor(temperature, dtype=dtype)
+        scale = math.sqrt(idx.numel()) * torch.clamp(t, min=MIN_TEMPERATURE)
+        # step 4: band logits, softmax over allowed key blocks
+        logits = torch.matmul(qb[..., idx], kb[..., idx].transpose(-1, -2)) / scale
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+        # step 5: top-p of this band; step 6: union
+        selected |= top_p_blocks(probs, allowed.expand_as(probs), threshold)
+    if max(threshold_high, threshold_low) < 1.0:
+        selected &= q_block_has_valid  # padding-only query blocks: forced blocks only
+    # step 6: forced blocks
+    if force_sink:
+        nk = selected.shape[-1]
+        sink = sink_block(kv_valid, block_size)  # (B,)
+        is_sink = torch.arange(nk, device=dev)[None, :] == sink[:, None]  # (B, nk)
+        selected |= allowed & is_sink[:, None, None, :]
+    if force_recent:
+        selected |= recent_blocks(mask, allowed[:, 0], Lq, block_size)[:, None]
+    # step 7: one list per KV head
+    if per_kv_head:
+        selected = selected.view(B, Hkv, G, *selected.shape[2:]).any(2)
+    return selected
+
+
+reference = select_blocks_reference

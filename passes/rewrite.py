@@ -1,9 +1,14 @@
 """Replace each proven attention site by one call of `torch.ops.sparse_compile.attention`.
 
-`rewrite_attention(gm, policy, graph_index)` -> (gm, sites, rejections, density_layers). It edits only
+`rewrite_attention(gm, policy, graph_index)` -> (gm, sites, rejections, layers). It edits only
 what it matched: the SDPA call, the GQA expansion feeding it, and the mask subgraph once no
-other node uses it. Each node's density output is appended to the graph's outputs so the
-backend can record it (see backend.py); `density_layers` says which layer each one belongs to.
+other node uses it. The density and fallback outputs of each node whose method is not `dense` are appended to the
+graph's outputs (density_0, fallback_0, density_1, ...) so the backend can record them per call
+(compiler.py); `layers` says which layer each pair belongs to.
+
+A site whose method cannot be captured in CUDA graphs in its phase gets the tagged twin op
+`attention_outside_graphs`. Fallbacks decidable from the traced shapes are recorded on the Site
+at compile time by the same `fallback_reason` the op runs at every call.
 """
 
 from __future__ import annotations
@@ -13,16 +18,20 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from sparse_compile.passes.graph import meta_value
 from sparse_compile.passes.masks import MaskMatch
 from sparse_compile.passes.sites import SiteMatch, find_sites
 
 from sparse_compile.attention_mask import SiteFacts
-from sparse_compile.ops import node_config
+from sparse_compile.methods import METHODS
+from sparse_compile.ops import RAN, CallShape, fallback_reason, node_config, parse_config
+from sparse_compile.params import params_to_dict
 from sparse_compile.policy import Policy
 from sparse_compile.report import Rejection, Site
 
-# Importing registers the op with torch.library.
+# Importing sparse_compile.ops registers the ops with torch.library.
 OP = torch.ops.sparse_compile.attention.default
+OP_OUTSIDE_GRAPHS = torch.ops.sparse_compile.attention_outside_graphs.default
 
 
 def offset_argument(graph: fx.Graph, mask: MaskMatch) -> Any:
@@ -41,25 +50,43 @@ def offset_argument(graph: fx.Graph, mask: MaskMatch) -> Any:
     return value
 
 
-def site_record(site: SiteMatch, graph_index: int, method: str, params: Any) -> Site:
-    from sparse_compile.params import params_to_dict
+def site_facts(site: SiteMatch) -> SiteFacts:
+    return SiteFacts(
+        layer=site.layer, rope=site.rope.layout, rotary_dim=site.rope.rotary_dim, head_dim=site.head_dim,
+        num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
+    )
 
+
+def static_fallback(site: SiteMatch, config: str) -> str:
+    """The fallback reason decidable at compile time (static lengths, an unproven mask), or ""."""
+    q_len, kv_len = site.q_len, site.kv_len
+    node = parse_config(config)
+    value = meta_value(site.q)
+    if not (isinstance(q_len, int) and isinstance(kv_len, int)):
+        if site.mask.dense_mask is not None and node.method.name != "dense":
+            return fallback_reason(node, CallShape(1, 1, 1, 1, 1, 1, value.dtype, "cpu"), True)[1]
+        return ""
+    call = CallShape(int(value.shape[0]) if isinstance(value.shape[0], int) else 1, site.num_heads, site.num_kv_heads,
+                     q_len, kv_len, site.head_dim, value.dtype, value.device.type)
+    code, message = fallback_reason(node, call, site.mask.dense_mask is not None)
+    return "" if code == RAN else message
+
+
+def site_record(site: SiteMatch, graph_index: int, method: str, params: Any, min_seq_len: int, fallback: str,
+                captured: bool) -> Site:
     return Site(
         graph=graph_index, layer=site.layer, phase=site.phase, rope=site.rope.layout,
         rotary_dim=site.rope.rotary_dim, num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
         head_dim=site.head_dim, causal=site.mask.causal, window=site.mask.window or None, method=method,
         params=params_to_dict(params), mask=site.mask.describe(), cache=site.cache, gqa=site.gqa,
-        q_len=str(site.q_len), kv_len=str(site.kv_len),
+        q_len=str(site.q_len), kv_len=str(site.kv_len), min_seq_len=min_seq_len, fallback=fallback,
+        cuda_graphs=captured,
     )
 
 
-def rewrite_site(graph: fx.Graph, site: SiteMatch, method: str, params: Any, min_seq_len: int) -> fx.Node:
-    """Insert the fused node for one site, rewire SDPA's users to it; returns the density node."""
+def rewrite_site(graph: fx.Graph, site: SiteMatch, config: str, op: Any) -> tuple[fx.Node, fx.Node]:
+    """Insert the fused node for one site, rewire SDPA's users to it; returns its (density, fallback)."""
     mask = site.mask
-    facts = SiteFacts(
-        layer=site.layer, rope=site.rope.layout, rotary_dim=site.rope.rotary_dim, head_dim=site.head_dim,
-        num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
-    )
     with graph.inserting_before(site.sdpa):
         key_valid = mask.key_valid
         if key_valid is not None and mask.key_valid_from_4d:
@@ -68,16 +95,17 @@ def rewrite_site(graph: fx.Graph, site: SiteMatch, method: str, params: Any, min
             kv_len = graph.call_method("size", (site.k, 2))
             key_valid = graph.call_function(operator.getitem, (key_valid, (slice(None), slice(None, kv_len))))
         fused = graph.call_function(
-            OP,
+            op,
             (site.q, site.k, site.v, key_valid, mask.dense_mask, site.scale, mask.causal,
-             offset_argument(graph, mask), int(mask.window), node_config(method, params, min_seq_len, facts)),
+             offset_argument(graph, mask), int(mask.window), config),
         )
         out = graph.call_function(operator.getitem, (fused, 0))
         density = graph.call_function(operator.getitem, (fused, 1))
+        fallback = graph.call_function(operator.getitem, (fused, 2))
     out.meta.update({k: v for k, v in site.sdpa.meta.items() if k in ("val", "example_value", "stack_trace")})
     site.sdpa.replace_all_uses_with(out)
     graph.erase_node(site.sdpa)
-    return density
+    return density, fallback
 
 
 def erase_unused(graph: fx.Graph, candidates: set[fx.Node]) -> None:
@@ -95,44 +123,41 @@ def erase_unused(graph: fx.Graph, candidates: set[fx.Node]) -> None:
 def rewrite_attention(
     gm: fx.GraphModule, policy: Policy, graph_index: int = 0
 ) -> tuple[fx.GraphModule, list[Site], list[Rejection], list[int]]:
-    """Rewrite every proven site of `gm` per `policy`. Returns (gm, sites, rejections, density layers)."""
+    """Rewrite every proven site of `gm` per `policy`. Returns (gm, sites, rejections, layers)."""
     matches, candidates = find_sites(gm)
     rejections = [Rejection(graph_index, c.layer, c.sdpa.name, c.reason) for c in candidates]
     sites: list[Site] = []
-    densities: list[fx.Node] = []
+    outputs: list[fx.Node] = []
     layers: list[int] = []
     dead: set[fx.Node] = set()
     for site in matches:
         phase = policy.phase(site.phase)
         method, params = phase.for_layer(site.layer)
-        if site.mask.dense_mask is not None and method != "dense":
+        if site.mask.dense_mask is not None:
             rejections.append(Rejection(
                 graph_index, site.layer, site.sdpa.name,
-                f"mask not recognised ({site.mask.reason}): runs exact attention with the mask tensor instead of "
-                f"{method}",
+                f"mask not recognised ({site.mask.reason}): kept as a tensor argument of the fused node"
+                + ("" if method == "dense" else f", which runs exact attention instead of {method}"),
             ))
-            from sparse_compile.methods import dense
-
-            method, params = "dense", dense.Params()
-        elif site.mask.dense_mask is not None:
-            rejections.append(Rejection(
-                graph_index, site.layer, site.sdpa.name,
-                f"mask not recognised ({site.mask.reason}): kept as a tensor argument of the fused node",
-            ))
-        sites.append(site_record(site, graph_index, method, params))
+        config = node_config(method, params, phase.min_seq_len, site_facts(site))
+        captured = site.phase in METHODS[method].capturable_phases
+        sites.append(site_record(site, graph_index, method, params, phase.min_seq_len, static_fallback(site, config),
+                                 captured))
         dense_mask = site.sdpa.kwargs.get("attn_mask", site.sdpa.args[3] if len(site.sdpa.args) > 3 else None)
-        densities.append(rewrite_site(gm.graph, site, method, params, phase.min_seq_len))
-        layers.append(site.layer)
+        records = rewrite_site(gm.graph, site, config, OP if captured else OP_OUTSIDE_GRAPHS)
+        if method != "dense":  # exact attention: density 1, no fallback; nothing to record per call
+            outputs.extend(records)
+            layers.append(site.layer)
         dead |= site.mask.nodes | set(site.expansion_nodes)
         if isinstance(dense_mask, fx.Node):
             dead.add(dense_mask)
     erase_unused(gm.graph, dead)
-    if densities:
+    if outputs:
         output = next(n for n in gm.graph.nodes if n.op == "output")
         results = output.args[0]
         if not isinstance(results, (tuple, list)):
             results = (results,)
-        output.args = (tuple(results) + tuple(densities),)
+        output.args = (tuple(results) + tuple(outputs),)
     gm.graph.lint()
     gm.recompile()
     return gm, sites, rejections, layers

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from sparse_compile.backend import rewrite_graph
+from sparse_compile.compiler import rewrite_graph
 from sparse_compile.policy import Policy, load_policy
 from sparse_compile.report import Report
 
@@ -56,7 +56,7 @@ def explain(model: Any, *args: Any, policy: str | Policy | None = None, **kwargs
 
     def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
         gm, n_outputs, layers = rewrite_graph(gm, example_inputs, chosen, report)
-        return run_on_fake_tensors(gm, n_outputs, len(layers))
+        return run_on_fake_tensors(gm, n_outputs, 2 * len(layers))
 
     torch._dynamo.reset()
     try:
@@ -66,4 +66,10 @@ def explain(model: Any, *args: Any, policy: str | Policy | None = None, **kwargs
         torch._dynamo.reset()
     if not report.graphs:
         report.notes.append("dynamo captured no graph (the call ran eagerly): nothing could be rewritten")
+    if kwargs.get("use_cache") is False or "position_ids" in kwargs:
+        report.notes.append(
+            "traced with " + " and ".join(k for k in ("use_cache=False", "position_ids") if
+                                          (k == "position_ids" and k in kwargs) or (k == "use_cache=False"
+                                          and kwargs.get("use_cache") is False))
+            + ": model(ids) and generate() build their masks differently; explain(model, ids) shows the usual call")
     return report

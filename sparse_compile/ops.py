@@ -3,89 +3,176 @@
 Its arguments name everything that will run, so a printed graph shows it:
 
     attention(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config)
-      q: (B, H, Lq, D) post-RoPE queries (float16/bfloat16/float32)
+      q: (B, H, Lq, D) post-RoPE queries (float16/bfloat16/float32; float64 on CPU)
       k, v: (B, Hkv, Lk, D) keys/values after the cache update, *before* GQA expansion
       key_valid: (B, Lk) bool or None — padding (False = never attend)
       dense_mask: a mask the pass could not prove, broadcastable to (B, H, Lq, Lk), or None
       scale: softmax scale; causal/q_offset/window: see sparse_compile.attention_mask
       config: canonical JSON {"method", "params", "min_seq_len", "site"} (see `node_config`)
-    returns (out (B, H, Lq, Dv) in q's dtype, density (B, H) float32: fraction of the
-    causally allowed key blocks that were computed; 1.0 for exact attention)
+    returns (out (B, H, Lq, Dv) in q's dtype,
+             density (B, H) float32: the fraction of the allowed key blocks that were computed,
+                     1.0 for exact attention,
+             fallback () int32: 0 when the method ran, else the index in FALLBACKS of the reason the
+                     node ran exact attention instead)
 
-CPU runs each method's pure-PyTorch reference; CUDA runs its Triton kernels.
+`torch.ops.sparse_compile.attention_outside_graphs` is the same node for methods whose CUDA path
+cannot be captured in a CUDA graph (`Method.capturable_phases` without the node's phase): it carries the
+`cudagraph_unsafe` tag, so mode="reduce-overhead" runs it between captured partitions.
+
+This module is the one place that decides the dense fallback (`fallback_reason`): an unproven
+mask, a key length under the policy's min_seq_len, or a call the method declares unsupported.
+The method itself never re-checks; the device dispatch is inside each method's `attention`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
+from sparse_compile.method import Method
 from sparse_compile.params import canonical_json, params_from_mapping, params_to_dict
+
+# Why a node ran exact attention instead of its method; the op's `fallback` output indexes this.
+FALLBACKS = (
+    "",
+    "mask not recognised: exact attention with the mask tensor",
+    "key length below the policy's min_seq_len",
+    "call not supported by the method",
+)
+RAN, UNPROVEN_MASK, BELOW_MIN_SEQ_LEN, UNSUPPORTED = range(len(FALLBACKS))
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """What a method may look at to decide whether it can run one call (host-side facts only)."""
+
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: torch.dtype
+    device_type: str
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The parsed `config` argument of one node."""
+
+    method: Method
+    params: Any
+    min_seq_len: int
+    site: SiteFacts
 
 
 def node_config(method: str, params: Any, min_seq_len: int, site: SiteFacts) -> str:
     """The op's `config` argument for one site."""
-    from dataclasses import asdict
-
     return canonical_json(
         {"method": method, "params": params_to_dict(params), "min_seq_len": min_seq_len, "site": asdict(site)}
     )
 
 
 @functools.lru_cache(maxsize=1024)
-def parse_config(config: str) -> tuple[Any, Any, int, SiteFacts]:
-    """(method module, params, min_seq_len, site) from the op's JSON config (memoised: pure)."""
+def parse_config(config: str) -> NodeConfig:
+    """The node's method, validated params, min_seq_len and site facts (memoised: a pure function of the
+    string, so params are validated once per distinct node, never per call)."""
     from sparse_compile.methods import METHODS
 
     data = json.loads(config)
-    module = METHODS[data["method"]]
-    params = params_from_mapping(module.Params, data["params"], f"op config of method {data['method']!r}")
-    return module, params, int(data["min_seq_len"]), SiteFacts(**data["site"])
+    method = METHODS[data["method"]]
+    params = params_from_mapping(method.Params, data["params"], f"op config of method {data['method']!r}")
+    return NodeConfig(method, params, int(data["min_seq_len"]), SiteFacts(**data["site"]))
 
 
-def check_inputs(q, k, v, key_valid) -> None:
+def fallback_reason(node: NodeConfig, call: CallShape, has_dense_mask: bool) -> tuple[int, str]:
+    """(code, message) of why this call runs exact attention instead of the node's method; (RAN, "")
+    when the method runs. Host-only and shape-only: the pass calls it at compile time (on the traced
+    shapes, where they are static) and the op at every call."""
+    if node.method.name == "dense":
+        return RAN, ""
+    if has_dense_mask:
+        return UNPROVEN_MASK, FALLBACKS[UNPROVEN_MASK]
+    if call.kv_len < node.min_seq_len:
+        return BELOW_MIN_SEQ_LEN, f"key length {call.kv_len} < min_seq_len {node.min_seq_len}"
+    if node.method.unsupported is not None:
+        problem = node.method.unsupported(call, node.site, node.params)
+        if problem:
+            return UNSUPPORTED, f"{node.method.name} does not run this call: {problem}"
+    return RAN, ""
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
+                 scale: float, q_offset: int, window: int) -> None:
+    """Raise ValueError naming the argument when the node's inputs do not fit together."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"batch/heads/length mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads {k.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if key_valid is not None and tuple(key_valid.shape) != (k.shape[0], k.shape[2]):
         raise ValueError(f"key_valid must be (B, Lk) = {(k.shape[0], k.shape[2])}, got {tuple(key_valid.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: no window), got {window}")
 
 
-@torch.library.custom_op("sparse_compile::attention", mutates_args=())
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_valid: torch.Tensor | None,
-    dense_mask: torch.Tensor | None,
-    scale: float,
-    causal: bool,
-    q_offset: int,
-    window: int,
-    config: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    check_inputs(q, k, v, key_valid)
-    module, params, min_seq_len, site = parse_config(config)
+def call_shape(q: torch.Tensor, k: torch.Tensor) -> CallShape:
+    B, H, Lq, D = q.shape
+    return CallShape(B, H, k.shape[1], Lq, k.shape[2], D, q.dtype, q.device.type)
+
+
+def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
+    """The node's computation: fallback decision, then the method (or exact attention)."""
+    from sparse_compile.methods import METHODS
+
+    check_inputs(q, k, v, key_valid, scale, q_offset, window)
+    node = parse_config(config)
     mask = AttentionMask(
         causal=causal, q_offset=q_offset, window=window,
         key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask,
     )
-    if k.shape[2] < min_seq_len or dense_mask is not None:
-        from sparse_compile.methods import dense
-
-        module, params = dense, dense.Params()
-    out, density = module.attention(q, k, v, mask, site, params, scale)
-    return out.contiguous(), density
+    code, _ = fallback_reason(node, call_shape(q, k), dense_mask is not None)
+    method, params = (node.method, node.params) if code == RAN else (METHODS["dense"], METHODS["dense"].Params())
+    out, density = method.attention(q, k, v, mask, node.site, params, scale)
+    return out.contiguous(), density, torch.full((), code, dtype=torch.int32, device=q.device)
 
 
-@attention.register_fake
-def _(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
+def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
     B, H, Lq, _ = q.shape
-    return q.new_empty((B, H, Lq, v.shape[-1])), q.new_empty((B, H), dtype=torch.float32)
+    return (q.new_empty((B, H, Lq, v.shape[-1])), q.new_empty((B, H), dtype=torch.float32),
+            q.new_empty((), dtype=torch.int32))
+
+
+
+@torch.library.custom_op("sparse_compile::attention", mutates_args=())
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
+    dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config)
+
+
+@torch.library.custom_op("sparse_compile::attention_outside_graphs", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def attention_outside_graphs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
+    dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config)
+
+
+attention.register_fake(fake_node)
+attention_outside_graphs.register_fake(fake_node)

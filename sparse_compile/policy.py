@@ -198,9 +198,9 @@ def method_params(method: str, table: Any, phase: str, where: str) -> Any:
     if not isinstance(method, str) or method not in METHODS:
         raise PolicyError(f"{where}: key 'method' = {show(method)} is not a method; allowed: {', '.join(METHODS)}")
     module = METHODS[method]
-    if phase not in module.PHASES:
+    if phase not in module.phases:
         raise PolicyError(
-            f"{where}: method '{method}' does not run in the {phase} phase; it supports: {', '.join(module.PHASES)}"
+            f"{where}: method '{method}' does not run in the {phase} phase; it supports: {', '.join(module.phases)}"
         )
     if not isinstance(table, Mapping):
         raise PolicyError(f"{where}: key 'params' must be a table, got {type(table).__name__}")

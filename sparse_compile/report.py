@@ -24,6 +24,11 @@ class Site:
     window: sliding window size or None. mask: the recognised mask structure.
     cache: "none" | "dynamic" (torch.cat) | "static" (index_copy_) | "static_sliding" (rolling buffer).
     gqa: "none" | "repeat_kv" | "enable_gqa".
+    fallback: why the node runs exact attention instead of `method` on every call of this graph, when
+      the traced shapes decide it (e.g. "key length 2048 < min_seq_len 4096"); "" otherwise. Calls
+      decided at run time are in `Report.fallbacks()`.
+    cuda_graphs: False when the node carries the cudagraph_unsafe tag (its method cannot be captured in
+      this phase): under mode="reduce-overhead" it runs between captured partitions.
     """
 
     graph: int
@@ -43,6 +48,9 @@ class Site:
     gqa: str
     q_len: str
     kv_len: str
+    min_seq_len: int = 0
+    fallback: str = ""
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)
@@ -70,35 +78,68 @@ class GraphRecord:
 class Report:
     """Sites rewritten, candidates rejected, per-graph summaries and run-time densities.
 
+    cuda_graphs: the backend compiles with CUDA graphs (mode="reduce-overhead" or "max-autotune").
     Compared by identity: torch.compile compares backend options to decide whether a cached compile
     can be reused, and two distinct (even empty) reports must not count as the same option."""
 
     policy: str = ""
+    cuda_graphs: bool = False
     sites: list[Site] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     graphs: list[GraphRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     densities: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    fallback_codes: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     calls: dict[int, int] = field(default_factory=dict)
 
-    def record_densities(self, graph: int, layers: list[int], values: list[torch.Tensor] | tuple) -> None:
-        """Keep the latest call's (B, H) density tensors of graph `graph` (no device sync)."""
+    def record_call(self, graph: int, layers: list[int], values: list[torch.Tensor] | tuple) -> None:
+        """Keep the latest call's outputs of graph `graph`: per layer, in order, the node's (B, H) density
+        and its () int32 fallback code (sparse_compile.ops.FALLBACKS). No device sync."""
+        if len(values) != 2 * len(layers):
+            raise ValueError(f"expected a density and a fallback code per layer ({2 * len(layers)} values), "
+                             f"got {len(values)}")
         self.calls[graph] = self.calls.get(graph, 0) + 1
-        for layer, value in zip(layers, values, strict=True):
-            self.densities[(graph, layer)] = value.detach()
+        for i, layer in enumerate(layers):
+            self.densities[(graph, layer)] = values[2 * i].detach()
+            self.fallback_codes[(graph, layer)] = values[2 * i + 1].detach()
+
+    def latest_graph(self, phase: str) -> int | None:
+        """Index of the latest graph of `phase` that has run, or None."""
+        ran = [g.index for g in self.graphs if g.phase == phase and g.index in self.calls]
+        return ran[-1] if ran else None
+
+    def fallbacks(self, phase: str = "prefill") -> dict[int, str]:
+        """{layer: why it ran exact attention instead of its method} in the latest call of the latest
+        graph of `phase` (layers whose method ran are absent). Reads the codes (one device sync)."""
+        from sparse_compile.ops import BELOW_MIN_SEQ_LEN, FALLBACKS
+
+        graph = self.latest_graph(phase)
+        if graph is None:
+            return {}
+        sites = {s.layer: s for s in self.sites if s.graph == graph}
+        out = {}
+        for (g, layer), code in sorted(self.fallback_codes.items()):
+            value = int(code)
+            if g != graph or value == 0:
+                continue
+            site = sites.get(layer)
+            if site is not None and site.fallback:
+                out[layer] = site.fallback
+            elif value == BELOW_MIN_SEQ_LEN and site is not None:
+                out[layer] = f"key length {site.kv_len} < min_seq_len {site.min_seq_len}"
+            else:
+                out[layer] = FALLBACKS[value]
+        return out
 
     def layer_density(self, phase: str = "prefill") -> dict[int, float]:
         """Mean achieved block density per layer (over batch and heads) in the latest call of the
-        latest graph of `phase` that has run; {} if none has run."""
-        ran = [g.index for g in self.graphs if g.phase == phase and g.index in self.calls]
-        if not ran:
+        latest graph of `phase` that has run; {} if none has run. Sites of the dense method are 1.0."""
+        graph = self.latest_graph(phase)
+        if graph is None:
             return {}
-        graph = ran[-1]
-        return {
-            layer: float(value.float().mean())
-            for (g, layer), value in sorted(self.densities.items())
-            if g == graph
-        }
+        out = {s.layer: 1.0 for s in self.sites if s.graph == graph and s.method == "dense"}
+        out.update({layer: float(value.float().mean()) for (g, layer), value in self.densities.items() if g == graph})
+        return dict(sorted(out.items()))
 
     def mean_density(self, phase: str = "prefill") -> float | None:
         """Mean of `layer_density(phase)` over the layers, or None if nothing ran."""
@@ -112,6 +153,8 @@ class Report:
         groups: list[list] = []
         for s in self.sites:
             d = self.densities.get((s.graph, s.layer))
+            if d is None and s.method == "dense" and s.graph in self.calls:
+                d = torch.ones(())
             dens = "-" if d is None else f"{float(d.float().mean()):.3f}"
             key = (str(s.graph), s.phase, s.method, s.rope, str(s.rotary_dim), str(s.num_heads),
                    str(s.num_kv_heads), str(s.head_dim), s.mask, s.cache, s.gqa)
@@ -145,11 +188,38 @@ class Report:
             methods = {(s.method, tuple(sorted(s.params.items()))) for s in self.sites if s.params}
             for method, params in sorted(methods, key=str):
                 lines.append(f"{method} params: " + ", ".join(f"{k}={v}" for k, v in params))
+        static = [s for s in self.sites if s.fallback]
+        if static:
+            lines.append("runs exact attention instead of its method (decided at compile time):")
+            lines.extend(merge_layers([(s.graph, s.layer, s.fallback) for s in static]))
+        for phase in ("prefill", "decode"):
+            latest = self.fallbacks(phase)
+            graph = self.latest_graph(phase)
+            dynamic = {layer: why for layer, why in latest.items()
+                       if not any(s.graph == graph and s.layer == layer and s.fallback for s in self.sites)}
+            if dynamic:
+                lines.append(f"ran exact attention instead of its method in the latest {phase} call:")
+                lines.extend(merge_layers([(graph, layer, why) for layer, why in dynamic.items()]))
+        outside = [s for s in self.sites if not s.cuda_graphs and s.method != "dense"]
+        if outside and self.cuda_graphs:
+            lines.append("outside CUDA graphs under mode='reduce-overhead' (method not capturable in this phase): "
+                         + ", ".join(sorted({f"{s.method} ({s.phase})" for s in outside})))
         if self.rejected:
-            lines.append("not rewritten:")
+            lines.append("not rewritten or kept as a tensor mask:")
             lines.extend(
                 f"  graph {r.graph} layer {'?' if r.layer is None else r.layer} ({r.node}): {r.reason}"
                 for r in self.rejected
             )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def merge_layers(items: list[tuple[int, int, str]]) -> list[str]:
+    """'  graph g layers a-b: reason' lines, merging consecutive layers with the same reason."""
+    rows: list[list] = []
+    for graph, layer, why in sorted(items):
+        if rows and rows[-1][0] == graph and rows[-1][2] == layer - 1 and rows[-1][3] == why:
+            rows[-1][2] = layer
+        else:
+            rows.append([graph, layer, layer, why])
+    return [f"  graph {g} layer{'s' if a != b else ''} {a if a == b else f'{a}-{b}'}: {why}" for g, a, b, why in rows]

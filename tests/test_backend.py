@@ -23,7 +23,7 @@ def tiny_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
 
 def test_backend_registered_as_entry_point():
     names = {e.name: e.value for e in importlib.metadata.entry_points(group="torch_dynamo_backends")}
-    assert names.get("sparse") == "sparse_compile.backend:sparse_backend"
+    assert names.get("sparse") == "sparse_compile.compiler:sparse_backend"
     from torch._dynamo.backends.registry import lookup_backend
 
     assert lookup_backend("sparse").__name__ == "sparse_backend"

@@ -301,7 +301,7 @@ def test_three_prompt_lengths_compile_twice(name: str) -> None:
     model = build_model(family_config(family, shape))
     report = Report()
     calls: list[int] = []
-    from sparse_compile.backend import sparse_backend
+    from sparse_compile.compiler import sparse_backend
 
     def counting(gm: torch.fx.GraphModule, example_inputs: list, **kw: Any) -> Callable:
         calls.append(len(example_inputs))

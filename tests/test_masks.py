@@ -29,7 +29,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from sparse_compile import Report, load_policy
-from sparse_compile.backend import rewrite_graph, with_density_outputs
+from sparse_compile.compiler import rewrite_graph, with_call_records
 
 
 def batch_with_padding(
@@ -272,7 +272,7 @@ def test_no_square_mask_survives_the_rewrite() -> None:
         found["before"] = square_nodes(gm, example_inputs, length)
         gm, n_outputs, layers = rewrite_graph(gm, example_inputs, load_policy("dense"), report)
         found["after"] = square_nodes(gm, example_inputs, length)
-        return with_density_outputs(gm.forward, n_outputs, layers, report, 0)
+        return with_call_records(gm.forward, n_outputs, layers, report, 0)
 
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits

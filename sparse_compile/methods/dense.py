@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
+from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
+from sparse_compile.method import Method
 
-PHASES = ("prefill", "decode")
 FAST_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
@@ -113,8 +114,6 @@ def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
         if plain and mask.q_offset == 0 and Lq == Lk:
             return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), is_causal=True, scale=scale)
     if mask.dense_mask is None and q.dtype in (torch.float16, torch.bfloat16) and D in (64, 128, 256):
-        from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
-
         return block_sparse_attention(
             q, k, v, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
             key_valid=mask.key_valid, scale=scale, validate=False,
@@ -145,3 +144,14 @@ def attention(
     else:
         out = sdpa_with_mask(q, k, v, mask, scale)
     return out, torch.ones(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+
+
+METHOD = Method(
+    name="dense",
+    phases=("prefill", "decode"),
+    Params=Params,
+    attention=attention,
+    # prefill reads the padding layout on the host (one sync) to pick the per-row cuDNN path
+    capturable_phases=("decode",),
+    summary="exact attention (cuDNN/flash SDPA by mask structure, the block-sparse engine for the rest)",
+)

@@ -29,21 +29,35 @@ Selection, step by step (b = block_size, nq = ceil(Lq / b), nk = ceil(Lk / b)):
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
-from sparse_compile.kernels.block_mask import BlockList
-from sparse_compile.methods import dense
-from sparse_compile.params import PolicyError, check_value, param
+from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
+from sparse_compile.kernels.block_mask import BlockList, allowed_blocks
+from sparse_compile.kernels.prism import (  # noqa: F401 - the reference's pieces, re-exported for tests and docs
+    CALIBRATION_EPS,
+    MAX_KV_BLOCKS,
+    MIN_TEMPERATURE,
+    band_temperature,
+    key_valid_or_ones,
+    pool_blocks,
+    prism_select_triton,
+    query_valid,
+    recent_blocks,
+    select_blocks_reference,
+    sink_block,
+    top_p_blocks,
+)
+from sparse_compile.method import Method
+from sparse_compile.params import check_value, param
 
-PHASES = ("prefill",)
 GQA_MODES = ("per_head", "per_kv_head")
-CALIBRATION_EPS = 1e-6  # clamp of the rms denominators (as the authors)
-MIN_TEMPERATURE = 1e-12  # a band with no energy gives zero logits instead of 0 / 0
+MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -131,10 +145,12 @@ def resolved_band_sizes(site: SiteFacts, params: PrismParams) -> tuple[int, int]
     return high, low
 
 
-def band_dims(site: SiteFacts, params: PrismParams) -> tuple[Tensor, Tensor]:
+@functools.lru_cache(maxsize=256)
+def band_dims(site: SiteFacts, params: PrismParams, device: str = "cpu") -> tuple[Tensor, Tensor]:
     """The head-dim indices of the high and the low band, from the site's RoPE layout.
 
-    Returns (high_idx, low_idx): int64 CPU tensors of shapes (high_dims,) and (low_dims,), ascending.
+    Returns (high_idx, low_idx): int64 tensors on `device` of shapes (high_dims,) and (low_dims,),
+    ascending; memoised per (site, params, device), so a node builds them once (treat as read-only).
 
     Frequency index f in [0, R/2) (R = rotary_dim; lower f = higher frequency) owns the pair
       rotate_half: dims (f, f + R/2);   interleaved: dims (2f, 2f + 1).
@@ -159,198 +175,8 @@ def band_dims(site: SiteFacts, params: PrismParams) -> tuple[Tensor, Tensor]:
     n_pass = min(low, D - R)
     low_rot_pairs = (low - n_pass) // 2
     low_idx = list(range(D - n_pass, D)) + pair_dims(range(R // 2 - low_rot_pairs, R // 2))
-    return torch.tensor(sorted(high_idx), dtype=torch.long), torch.tensor(sorted(low_idx), dtype=torch.long)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference selection (the definition; float64 by default)
-# ---------------------------------------------------------------------------------------------
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def key_valid_or_ones(mask: AttentionMask, batch: int, kv_len: int, device) -> Tensor:
-    """(B, Lk) bool: mask.key_valid, or all True."""
-    if mask.key_valid is None:
-        return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
-    return mask.key_valid.to(device=device, dtype=torch.bool)
-
-
-def query_valid(mask: AttentionMask, key_valid: Tensor, q_len: int) -> Tensor:
-    """(B, Lq) bool: query i is a padding token iff its position q_offset + i is a padded key.
-
-    Positions outside [0, Lk) count as valid.
-    """
-    B, Lk = key_valid.shape
-    pos = torch.arange(q_len, device=key_valid.device) + mask.q_offset
-    inside = (pos >= 0) & (pos < Lk)
-    gathered = key_valid[:, pos.clamp(0, max(Lk - 1, 0))]
-    return torch.where(inside[None, :], gathered, torch.ones_like(gathered))
-
-
-def sink_block(key_valid: Tensor, block_size: int) -> Tensor:
-    """(B,) int64: the block of the first valid key of each batch row (0 when none is valid)."""
-    first = torch.argmax(key_valid.to(torch.int32), dim=1)  # first True (0 when none)
-    return first // block_size
-
-
-def allowed_blocks(mask: AttentionMask, key_valid: Tensor, q_len: int, block_size: int) -> Tensor:
-    """(B, nq, nk) bool: key block n holds at least one valid key visible to some query of block m.
-
-    The queries of block m sit at positions p0 = q_offset + m*b .. p1 = q_offset + min((m+1)b, Lq) - 1;
-    together they see keys in (p0 - window, p1] (causal) and only the valid ones.
-    """
-    B, Lk = key_valid.shape
-    dev = key_valid.device
-    nq, nk = _cdiv(q_len, block_size), _cdiv(Lk, block_size)
-    m = torch.arange(nq, device=dev)
-    n = torch.arange(nk, device=dev)
-    p0 = (mask.q_offset + m * block_size)[:, None]
-    p1 = (mask.q_offset + torch.clamp((m + 1) * block_size, max=q_len) - 1)[:, None]
-    lo = (n * block_size)[None, :].expand(nq, nk)
-    hi = (torch.clamp((n + 1) * block_size, max=Lk) - 1)[None, :].expand(nq, nk)
-    if mask.causal:
-        hi = torch.minimum(hi, p1)
-    if mask.window > 0:
-        lo = torch.maximum(lo, p0 - mask.window + 1)
-    lo_c, hi_c = lo.clamp(0, Lk), (hi + 1).clamp(0, Lk)
-    cum = torch.nn.functional.pad(key_valid.to(torch.int64).cumsum(-1), (1, 0))  # (B, Lk + 1)
-    count = cum[:, hi_c.reshape(-1)] - cum[:, lo_c.reshape(-1)]
-    return ((count > 0) & (hi_c > lo_c).reshape(1, -1)).reshape(B, nq, nk)
-
-
-def recent_blocks(mask: AttentionMask, allowed: Tensor, q_len: int, block_size: int) -> Tensor:
-    """(B, nq, nk) bool: the blocks holding the positions of the block's own queries, plus the last
-    allowed block (the most recent visible one), restricted to allowed blocks."""
-    B, nq, nk = allowed.shape
-    dev = allowed.device
-    m = torch.arange(nq, device=dev)
-    n = torch.arange(nk, device=dev)
-    p0 = mask.q_offset + m * block_size
-    p1 = mask.q_offset + torch.clamp((m + 1) * block_size, max=q_len) - 1
-    own = (n[None, :] >= torch.div(p0, block_size, rounding_mode="floor")[:, None]) & (
-        n[None, :] <= torch.div(p1, block_size, rounding_mode="floor")[:, None]
-    )
-    last = torch.where(allowed, n, -1).amax(-1, keepdim=True)  # (B, nq, 1)
-    return allowed & (own[None] | (n == last))
-
-
-def pool_blocks(x: Tensor, valid: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
-    """Mean over the valid tokens of each block.
-
-    x: (B, Hx, L, D); valid: (B, L) bool. Returns (B, Hx, ceil(L / b), D) in `dtype`;
-    a block without valid tokens pools to zeros.
-    """
-    B, Hx, L, D = x.shape
-    n = _cdiv(L, block_size)
-    pad = n * block_size - L
-    xw = torch.nn.functional.pad(x.to(dtype), (0, 0, 0, pad))
-    vw = torch.nn.functional.pad(valid, (0, pad))  # padding rows are invalid
-    xw = xw * vw[:, None, :, None].to(dtype)
-    sums = xw.view(B, Hx, n, block_size, D).sum(3)
-    counts = vw.view(B, n, block_size).sum(-1).clamp_min(1).to(dtype)
-    return sums / counts[:, None, :, None]
-
-
-def band_temperature(qb: Tensor, kb: Tensor, idx: Tensor) -> Tensor:
-    """Energy-calibrated temperature of one band, (B, H, 1, 1).
-
-    qb: (B, H, nq, D), kb: (B, H, nk, D) pooled; idx: (n_band,) the band's dims.
-    t = sqrt(n_band / D) * (rms(qb[..., idx]) / rms(qb)) * (rms(kb[..., idx]) / rms(kb)).
-    """
-    D = qb.shape[-1]
-
-    def rms(x: Tensor) -> Tensor:
-        return x.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
-
-    rq, rk = rms(qb).clamp_min(CALIBRATION_EPS), rms(kb).clamp_min(CALIBRATION_EPS)
-    return math.sqrt(idx.numel() / D) * (rms(qb[..., idx]) / rq) * (rms(kb[..., idx]) / rk)
-
-
-def top_p_blocks(probs: Tensor, allowed: Tensor, threshold: float) -> Tensor:
-    """Top-p per row: keep a block while the mass of the blocks ranked before it is < threshold.
-
-    probs: (..., nk) with zeros outside `allowed` (same shape, bool). Rank: descending
-    probability, ties broken by the lower block index. threshold >= 1 keeps every allowed block.
-    """
-    if threshold >= 1.0:
-        return allowed.clone()
-    order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    cum = torch.cumsum(order.values, dim=-1)
-    before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)  # exclusive cumsum
-    keep_sorted = before < threshold
-    keep = torch.zeros_like(allowed).scatter(-1, order.indices, keep_sorted)
-    return keep & allowed
-
-
-def select_blocks_reference(
-    q: Tensor,
-    k: Tensor,
-    high_idx: Tensor,
-    low_idx: Tensor,
-    mask: AttentionMask,
-    *,
-    block_size: int,
-    threshold_high: float,
-    threshold_low: float,
-    temperature_high: float | None,
-    temperature_low: float | None,
-    force_sink: bool = True,
-    force_recent: bool = True,
-    per_kv_head: bool = False,
-    dtype: torch.dtype = torch.float64,
-) -> Tensor:
-    """Prism's block selection in plain PyTorch (the definition the Triton launcher equals).
-
-    q: (B, H, Lq, D), k: (B, Hkv, Lk, D) post-RoPE, any float dtype; high_idx / low_idx: int64
-    band dims (see band_dims); temperature_* None means energy calibration (step 3).
-    Returns the (B, Hm, nq, nk) bool block mask, Hm = Hkv if per_kv_head else H.
-    """
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G = H // Hkv
-    dev = q.device
-    high_idx, low_idx = high_idx.to(dev), low_idx.to(dev)
-    kv_valid = key_valid_or_ones(mask, B, Lk, dev)
-    q_valid = query_valid(mask, kv_valid, Lq)
-    # step 1: pool over valid tokens; GQA: k expanded to the query heads for scoring
-    qb = pool_blocks(q, q_valid, block_size, dtype)  # (B, H, nq, D)
-    kb = pool_blocks(k, kv_valid, block_size, dtype).repeat_interleave(G, dim=1)  # (B, H, nk, D)
-    allowed = allowed_blocks(mask, kv_valid, Lq, block_size)[:, None]  # (B, 1, nq, nk)
-    nq = _cdiv(Lq, block_size)
-    q_valid_padded = torch.nn.functional.pad(q_valid, (0, nq * block_size - Lq))
-    q_block_has_valid = q_valid_padded.view(B, 1, nq, block_size).any(-1, keepdim=True)  # (B, 1, nq, 1)
-
-    selected = torch.zeros(B, H, qb.shape[2], kb.shape[2], dtype=torch.bool, device=dev)
-    for idx, threshold, temperature in (
-        (high_idx, threshold_high, temperature_high),
-        (low_idx, threshold_low, temperature_low),
-    ):
-        # steps 2-3: band slices and temperature
-        t = band_temperature(qb, kb, idx) if temperature is None else torch.tensor(temperature, dtype=dtype)
-        scale = math.sqrt(idx.numel()) * torch.clamp(t, min=MIN_TEMPERATURE)
-        # step 4: band logits, softmax over allowed key blocks
-        logits = torch.matmul(qb[..., idx], kb[..., idx].transpose(-1, -2)) / scale
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
-        # step 5: top-p of this band; step 6: union
-        selected |= top_p_blocks(probs, allowed.expand_as(probs), threshold)
-    if max(threshold_high, threshold_low) < 1.0:
-        selected &= q_block_has_valid  # padding-only query blocks: forced blocks only
-    # step 6: forced blocks
-    if force_sink:
-        nk = selected.shape[-1]
-        sink = sink_block(kv_valid, block_size)  # (B,)
-        is_sink = torch.arange(nk, device=dev)[None, :] == sink[:, None]  # (B, nk)
-        selected |= allowed & is_sink[:, None, None, :]
-    if force_recent:
-        selected |= recent_blocks(mask, allowed[:, 0], Lq, block_size)[:, None]
-    # step 7: one list per KV head
-    if per_kv_head:
-        selected = selected.view(B, Hkv, G, *selected.shape[2:]).any(2)
-    return selected
+    return (torch.tensor(sorted(high_idx), dtype=torch.long, device=device),
+            torch.tensor(sorted(low_idx), dtype=torch.long, device=device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,12 +184,11 @@ def select_blocks_reference(
 # ---------------------------------------------------------------------------------------------
 
 
-def selection_kwargs(site: SiteFacts, params: PrismParams, *, block_size: int | None = None) -> dict:
-    """The keyword arguments of select_blocks_reference / prism_select_triton for a site."""
-    problem = params.validate()
-    if problem:
-        raise PolicyError(f"PrismParams: {problem}")
-    high_idx, low_idx = band_dims(site, params)
+def selection_kwargs(site: SiteFacts, params: PrismParams, *, block_size: int | None = None,
+                     device: str = "cpu") -> dict:
+    """The keyword arguments of select_blocks_reference / prism_select_triton for a site (params were
+    validated when the policy loaded; nothing is re-checked here)."""
+    high_idx, low_idx = band_dims(site, params, str(device))
     return dict(
         high_idx=high_idx,
         low_idx=low_idx,
@@ -418,23 +243,39 @@ def prism_select(
     """
     if not q.is_cuda:
         return prism_select_reference(q, k, mask, site, params, dtype=torch.float32, block_size=block_size)
-    from sparse_compile.kernels.prism import prism_select_triton
-
     _check_site(q, k, site)
-    kw = selection_kwargs(site, params, block_size=block_size)
+    kw = selection_kwargs(site, params, block_size=block_size, device=str(q.device))
     kv_num_blocks, kv_indices = prism_select_triton(q, k, mask=mask, **kw)
     return BlockList(kv_num_blocks, kv_indices, kw["block_size"], q.shape[2], k.shape[2])
 
 
 def selection_density(blocks: BlockList, mask: AttentionMask, num_heads: int) -> Tensor:
-    """(B, H) float32: selected allowed blocks / allowed blocks, per head (per_kv_head lists are
-    broadcast to their group's heads). Allowed = holds a visible valid key (allowed_blocks)."""
-    B, Hm = blocks.kv_num_blocks.shape[:2]
-    kv_valid = key_valid_or_ones(mask, B, blocks.kv_len, blocks.kv_num_blocks.device)
-    allowed = allowed_blocks(mask, kv_valid, blocks.q_len, blocks.block_size)[:, None]  # (B, 1, nq, nk)
-    selected = (blocks.to_dense() & allowed).sum(dim=(-1, -2)).float()
-    density = selected / allowed.sum(dim=(-1, -2)).clamp_min(1).float()
-    return density.repeat_interleave(num_heads // Hm, dim=1)
+    """(B, H) float32: `BlockList.density` under the call's mask (per_kv_head lists are broadcast to
+    their group's heads)."""
+    density = blocks.density(causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
+                             key_valid=mask.key_valid)
+    if density.shape[0] == 1 and blocks.kv_num_blocks.shape[0] > 1:
+        density = density.expand(blocks.kv_num_blocks.shape[0], -1)
+    return density.repeat_interleave(num_heads // density.shape[1], dim=1)
+
+
+def unsupported(call: Any, site: SiteFacts, params: PrismParams) -> str | None:
+    """Why Prism cannot run this call (the node then runs exact attention), or None.
+
+    call: sparse_compile.ops.CallShape (batch, heads, q_len, kv_len, head_dim, dtype, device_type)."""
+    if call.q_len == 0 or call.kv_len == 0:
+        return f"empty sequence (q_len {call.q_len}, kv_len {call.kv_len})"
+    if call.head_dim > MAX_HEAD_DIM:
+        return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
+    if call.device_type == "cuda" and call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {call.dtype} on CUDA (float16, bfloat16 or float32)"
+    if call.device_type == "cuda" and -(-call.kv_len // params.block_size) > MAX_KV_BLOCKS:
+        return f"{-(-call.kv_len // params.block_size)} key blocks > {MAX_KV_BLOCKS}"
+    try:
+        resolved_band_sizes(site, params)
+    except ValueError as err:
+        return f"band sizes do not fit this site: {err}"
+    return None
 
 
 def attention(
@@ -450,22 +291,31 @@ def attention(
 ) -> tuple[Tensor, Tensor]:
     """Prism prefill attention.
 
-    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D), post-RoPE, fp16/bf16 (CUDA) or any float (CPU).
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D), post-RoPE, fp16/bf16/fp32 (CUDA) or any float (CPU).
     Returns (out (B, H, Lq, D) in q's dtype, density (B, H) float32 = selected / allowed blocks).
-    Runs exact attention (density 1) when Lq == 1 or the mask could not be recognised
-    (mask.dense_mask set). The length gate is the policy's phase-level `min_seq_len`, applied by
-    sparse_compile/ops.py before this is called (there is no second gate here).
+    Called by the node only for proven masks and calls `unsupported` accepts (sparse_compile/ops.py
+    decides the fallback; there is no second gate here). Device dispatch: `prism_select` and the
+    engine run Triton on CUDA and their references on CPU.
     """
-    B, H, Lq, _ = q.shape
-    if Lq == 1 or mask.dense_mask is not None:
-        return dense.attention(q, k, v, mask, site, None, scale)
-    from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
-
     blocks = prism_select(q, k, mask, site, params, block_size=block_size)
-    # the engine: Triton on CUDA, its reference on CPU; our lists are well formed (no validation sync)
+    # our lists are well formed: no validation (and no device sync) on CUDA
     out = block_sparse_attention(
         q, k, v, blocks.kv_num_blocks, blocks.kv_indices,
         block_size=blocks.block_size, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
         key_valid=mask.key_valid, scale=scale, validate=not q.is_cuda,
     )
-    return out, selection_density(blocks, mask, H)
+    return out, selection_density(blocks, mask, q.shape[1])
+
+
+METHOD = Method(
+    name="prism",
+    phases=("prefill",),
+    Params=PrismParams,
+    attention=attention,
+    unsupported=unsupported,
+    select=prism_select,
+    # the selection moves band indices to the device and the launch sizes depend on host values:
+    # not captured in CUDA graphs yet (runs between captured partitions)
+    capturable_phases=(),
+    summary="spectral block scoring (dual RoPE-frequency bands, calibrated temperatures, top-p) -> block-sparse",
+)

@@ -1,0 +1,68 @@
+"""The method protocol: what an attention method declares so that the backend can run it.
+
+A method is four files and nothing else:
+
+    sparse_compile/methods/<m>.py     parameters, selection, `attention`, and `METHOD = Method(...)`
+    kernels/<m>.py                    its Triton kernels + the PyTorch reference they equal
+    sparse_compile/policies/<m>.toml  a shipped policy that runs it (loadable by name)
+    tests/test_<m>.py                 its tests
+
+`sparse_compile.methods.registry()` finds every module of `sparse_compile/methods/` that defines
+`METHOD`; no list of methods is kept anywhere else. What every method shares lives in one place:
+
+    parameter validation   `Params` (a frozen dataclass of `param(...)` fields), validated once
+                           when the policy loads (sparse_compile.params); never per call
+    dense fallback         `fallback_reason` (sparse_compile.ops): unproven mask, min_seq_len,
+                           or the method's own `unsupported(...)`; the reason goes to the Report
+    device dispatch        inside the method's `attention`: CUDA tensors run its kernels, CPU
+                           tensors the reference of the same algorithm (the op never branches)
+    allowed blocks/density `sparse_compile.kernels.block_mask.allowed_blocks` / `block_density`
+
+`attention(q, k, v, mask, site, params, scale) -> (out, density)`:
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D) post-RoPE, un-expanded (H % Hkv == 0);
+    mask: AttentionMask (structure, never an L x L tensor); site: SiteFacts; params: Params;
+    scale: softmax scale. Returns out (B, H, Lq, D) in q's dtype and density (B, H) float32:
+    the fraction of the allowed key blocks (or tokens) that were computed, 1.0 for exact attention.
+    It is only called when `unsupported(...)` returned None and the mask is proven.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One attention method a fused node can run (see the module docstring).
+
+    name: the policy's `method = "<name>"`.
+    phases: the phases it runs in, a subset of ("prefill", "decode").
+    Params: its frozen parameter dataclass (fields made with `sparse_compile.params.param`).
+    attention: (q, k, v, mask, site, params, scale) -> (out, density).
+    unsupported: (q_len, kv_len, head_dim, dtype, site, params) -> a reason string when the method
+        cannot run this call (the node then runs exact attention and the Report shows the reason), or
+        None. Shapes only: it runs on the host, at compile time on fake shapes and at run time.
+    select: optional (q, k, mask, site, params) -> the method's selection alone (for benchmarks/tests).
+    capturable_phases: the phases whose CUDA path has no host synchronisation and no allocation whose
+        size depends on data, so CUDA graphs (mode="reduce-overhead") may capture the node; in the
+        other phases the node carries torch's `cudagraph_unsafe` tag and runs outside captured graphs
+        (the Report says so).
+    summary: one line for `--help` and the README's method table.
+    """
+
+    name: str
+    phases: tuple[str, ...]
+    Params: type
+    attention: Callable[..., Any]
+    unsupported: Callable[..., str | None] | None = None
+    select: Callable[..., Any] | None = None
+    capturable_phases: tuple[str, ...] = PHASES
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.phases or any(p not in PHASES for p in self.phases):
+            raise ValueError(f"method {self.name!r}: phases {self.phases!r} must be a non-empty subset of {PHASES}")
