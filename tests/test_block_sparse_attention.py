@@ -4,16 +4,28 @@ dense attention with the equivalent token mask, and SDPA / exact_attention_refer
 Outputs are poisoned with NaN (via `out=`) so unwritten rows fail; NaN never passes.
 """
 
+import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from hypothesis import given
 from hypothesis import strategies as st
 from sparse_compile.kernels import BlockList, block_sparse_attention, block_sparse_attention_reference
+from sparse_compile.kernels.block_sparse_attention import (
+    default_config,
+    fit_shared_mem,
+    max_shared_mem,
+    shared_mem_estimate,
+)
+from triton.runtime.errors import OutOfResources
 
 from sparse_compile.attention_mask import AttentionMask, exact_attention_reference
+
+bsa_module = importlib.import_module("sparse_compile.kernels.block_sparse_attention")
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3)}  # (atol, rtol); bf16 is tested on GPU
 
@@ -197,3 +209,183 @@ def test_validate_false_skips_content_checks():
     q, k, v, num, idx = _inputs()
     dup = torch.zeros_like(idx)  # duplicates are only caught by validate=True
     block_sparse_attention(q, k, v, num.clamp(max=1), dup, block_size=16, validate=False)
+
+
+# ---- every head_dim that occurs in real models (32 .. 256), GQA, each mask kind; CPU interpreter
+
+_HEAD_DIM_CASES = {
+    # case: (dtype, block_size, B, H, Hkv, Lq, Lk, window, left_pad, lists)
+    "causal": (torch.float16, 32, 1, 4, 1, 75, 75, 0, None, False),
+    "window": (torch.float32, 16, 1, 2, 1, 72, 72, 29, None, False),
+    "padding": (torch.float16, 32, 2, 2, 1, 80, 80, 0, (0, 23), True),
+    "chunk": (torch.float32, 32, 1, 2, 1, 40, 130, 0, None, True),
+}
+
+
+@pytest.mark.parametrize("case", list(_HEAD_DIM_CASES))
+@pytest.mark.parametrize("D", [64, 80, 96, 128, 192, 256])
+def test_head_dims_up_to_256(D, case):
+    dtype, bs, B, H, Hkv, Lq, Lk, window, left_pad, lists = _HEAD_DIM_CASES[case]
+    g = torch.Generator().manual_seed(D * 7 + len(case))
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    key_valid = None
+    if left_pad is not None:  # left padding: batch row b starts at key left_pad[b]
+        key_valid = torch.arange(Lk)[None, :] >= torch.tensor(left_pad)[:, None]
+    kw = dict(block_size=bs, window=window, key_valid=key_valid)
+    if lists:  # random per-KV-head lists (the first block always listed), compared with the reference
+        nq, nk = math.ceil(Lq / bs), math.ceil(Lk / bs)
+        dense_blocks = torch.rand(B, Hkv, nq, nk, generator=g) < 0.6
+        dense_blocks[..., 0] = True
+        bl = BlockList.from_dense(dense_blocks, bs, Lq, Lk)
+        out = _run(q, k, v, bl.kv_num_blocks, _shuffle_rows(bl, g), **kw)
+        ref = block_sparse_attention_reference(q, k, v, bl.kv_num_blocks, bl.kv_indices, **kw)
+        tok = _token_mask(dense_blocks, H, Lq, Lk, bs, True, Lk - Lq, window, key_valid, None)
+        dense = exact_attention_reference(q, k, v, AttentionMask(causal=False, dense_mask=tok))
+        _close(ref, dense, dtype)
+    else:
+        out = _run(q, k, v, **kw)
+        ref = exact_attention_reference(q, k, v, AttentionMask(causal=True, q_offset=Lk - Lq, window=window,
+                                                               key_valid=key_valid))
+    _close(out, ref, dtype)
+    assert out.abs().amax() > 0.05, "a nonzero output was expected"
+    if left_pad is not None:  # queries before the first valid key see nothing: zeros
+        assert torch.equal(out[1, :, :23], torch.zeros_like(out[1, :, :23]))
+
+
+# ---- launch configs: the device's shared memory decides (H100, A100, consumer Ampere/Ada, tiny)
+
+_H100_SMEM = 232448
+
+
+def test_shared_mem_estimate_reproduces_the_h100_failure():
+    # Triton 3.6 on H100: D=256, 128x64 tiles, 3 stages, bf16 -> "Required: 262144, Hardware limit: 232448"
+    assert shared_mem_estimate(128, 64, 256, 3, 2) == 262144
+    cfg = default_config(256, 128, "cuda", 9, dtype=torch.bfloat16, max_shared=_H100_SMEM)
+    assert shared_mem_estimate(cfg["BLOCK_M"], cfg["BLOCK_N"], 256, cfg["num_stages"], 2) <= _H100_SMEM
+
+
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_h100_configs_up_to_d128_unchanged(D, dtype):
+    cfg = default_config(D, 128, "cuda", 9, dtype=dtype, max_shared=_H100_SMEM)
+    tiles = (128, 128) if D <= 64 else (128, 64)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]) == (*tiles, 8, 3)
+    assert cfg["USE_TMA"] is False and cfg["NONFINITE"] is True
+
+
+@pytest.mark.parametrize("limit", [_H100_SMEM, 166912, 101376, 49152])
+def test_default_configs_fit_the_device(limit):
+    for D in (1, 32, 48, 64, 80, 96, 128, 160, 192, 256):
+        block_d = max(16, triton.next_power_of_2(D))
+        for bs in (16, 32, 64, 128, 256):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                cfg = default_config(D, bs, "cuda", 9, dtype=dtype, max_shared=limit)
+                elem = torch.empty((), dtype=dtype).element_size()
+                need = shared_mem_estimate(cfg["BLOCK_M"], cfg["BLOCK_N"], block_d, cfg["num_stages"], elem)
+                assert need <= limit, (D, bs, dtype, cfg, need)
+                assert bs % cfg["BLOCK_M"] == 0 and bs % cfg["BLOCK_N"] == 0, (D, bs, cfg)
+                assert cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16 and cfg["num_stages"] >= 1
+
+
+def test_fit_shared_mem_order_n_then_stages_then_m():
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    est = lambda c: shared_mem_estimate(c["BLOCK_M"], c["BLOCK_N"], 256, c["num_stages"], 2)
+    steps = []
+    while True:
+        nxt = fit_shared_mem(cfg, 256, 2, est(cfg) - 1)
+        if nxt == cfg:
+            break
+        steps.append((nxt["BLOCK_M"], nxt["BLOCK_N"], nxt["num_stages"]))
+        cfg = nxt
+    assert steps == [(128, 32, 3), (128, 16, 3), (128, 16, 2), (128, 16, 1), (64, 16, 1), (32, 16, 1), (16, 16, 1)]
+    assert cfg["num_warps"] == 4
+
+
+def test_max_shared_mem_asks_each_device_once(monkeypatch):
+    asked = []
+
+    class Utils:
+        @staticmethod
+        def get_device_properties(index):
+            asked.append(index)
+            return {"max_shared_mem": 1000 + index}
+
+    class Driver:
+        active = type("Active", (), {"utils": Utils})
+
+    monkeypatch.setattr(triton.runtime, "driver", Driver)
+    monkeypatch.setattr(bsa_module, "_MAX_SHARED_MEM", {})
+    assert [max_shared_mem(0), max_shared_mem(1), max_shared_mem(0), max_shared_mem(1)] == [1000, 1001, 1000, 1001]
+    assert asked == [0, 1]
+
+
+class _SmallSharedMemory:
+    """Stands in for the jit kernel: launches needing BLOCK_N > 16 fail as on a device with too little
+    shared memory (Triton raises OutOfResources at launch)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.tried = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.tried.append(kw["BLOCK_N"])
+            if kw["BLOCK_N"] > 16:
+                raise OutOfResources(kw["BLOCK_N"] * 1000, 16000, "shared memory")
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+def test_out_of_resources_shrinks_the_default_config(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 70, 32, generator=g) for _ in range(3))
+    fake = _SmallSharedMemory(bsa_module._block_sparse_attn_fwd)
+    monkeypatch.setattr(bsa_module, "_block_sparse_attn_fwd", fake)
+    out = _run(q, k, v, block_size=64)
+    assert fake.tried == [64, 32, 16]
+    _close(out, exact_attention_reference(q, k, v, AttentionMask(causal=True)), torch.float32)
+    with pytest.raises(OutOfResources):  # a config the caller chose is not changed behind their back
+        _run(q, k, v, block_size=64, config={"BLOCK_N": 32})
+
+
+# ---- scalar arguments: the type is part of the contract (bool is not an int, 16.0 is not a block size)
+
+@pytest.mark.parametrize("name, value, allowed", [
+    ("scale", "0.25", r"scale must be None \(1/sqrt\(head_dim\)\) or a finite float > 0"),
+    ("scale", True, r"scale must be None .* or a finite float > 0"),
+    ("scale", float("nan"), r"scale must be .* finite float > 0"),
+    ("scale", -0.5, r"scale must be .* finite float > 0"),
+    ("scale", torch.tensor(0.25), r"scale must be .* finite float > 0"),
+    ("window", True, r"window must be an int >= 0 \(0: no window\), got True \(bool\)"),
+    ("window", 8.0, r"window must be an int >= 0"),
+    ("block_size", 16.0, r"block_size must be an int in \(16, 32, 64, 128, 256\), got 16.0 \(float\)"),
+    ("block_size", True, r"block_size must be an int in"),
+    ("block_size", "16", r"block_size must be an int in"),
+    ("q_offset", 1.5, r"q_offset must be an int \(any sign\) or None, got 1.5 \(float\)"),
+    ("q_offset", False, r"q_offset must be an int"),
+    ("causal", 1, r"causal must be a bool, got 1 \(int\)"),
+    ("causal", "yes", r"causal must be a bool"),
+    ("validate", None, r"validate must be a bool"),
+])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_scalar_arguments_are_type_checked(name, value, allowed, impl):
+    q, k, v, num, idx = _inputs()
+    kw = {"block_size": 16, name: value}
+    with pytest.raises(ValueError, match=allowed):
+        block_sparse_attention(q, k, v, num, idx, impl=impl, **kw)
+
+
+def test_numpy_integers_and_floats_are_accepted():
+    q, k, v, num, idx = _inputs()
+    out = block_sparse_attention(q, k, v, num, idx, block_size=np.int64(16), window=np.int32(20),
+                                 q_offset=np.int16(0), scale=np.float32(0.3), impl="triton")
+    ref = block_sparse_attention(q, k, v, num, idx, block_size=16, window=20, q_offset=0, scale=0.3,
+                                 impl="reference")
+    _close(out, ref, torch.float32)
+
+
+def test_unknown_config_key_raises():
+    q, k, v, num, idx = _inputs()
+    with pytest.raises(ValueError, match=r"config keys \['BLOCK_K'\] unknown"):
+        block_sparse_attention(q, k, v, num, idx, block_size=16, impl="triton", config={"BLOCK_K": 32})
