@@ -1,4 +1,4 @@
-"""`python -m sparse_compile {explain,eval,bench}`: a thin CLI; the work lives in importable functions.
+"""sparse_compile: see what the sparse backend does to a model, measure its accuracy and its speed.
 
     python -m sparse_compile explain smollm2 --policy prism --length 8K
     python -m sparse_compile eval --policy dense --policy prism --threshold-sweep 0.9,0.95,0.99
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
-from sparse_compile.evaluation.corpus import CORPORA, DEFAULT_CORPUS
+from sparse_compile.evaluation.corpus import CORPORA, DEFAULT_CORPUS, default_corpus
 from sparse_compile.evaluation.models import DEFAULT_MODEL, ModelLoadError
 
 
@@ -74,7 +74,9 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sparse_compile", description=__doc__.split("\n\n")[0])
+    invoked = Path(sys.argv[0]).name
+    prog = "python -m sparse_compile" if invoked in ("__main__.py", "") else invoked
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,eval,bench}")
 
     ex = sub.add_parser("explain", help="print the attention sites the backend finds in a model",
@@ -97,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep policy parameters matching PATTERN (fnmatch on parameter names, or a dotted path "
                          "like prefill.min_seq_len) over the values; repeat for a cartesian product")
     ev.add_argument("--threshold-sweep", metavar="V1,V2", help="shorthand for --sweep 'threshold*=V1,V2'")
-    ev.add_argument("--corpus", default=DEFAULT_CORPUS,
+    ev.add_argument("--corpus", default=None,
                     help=f"named corpus ({', '.join(CORPORA)}) or a UTF-8 text file (.txt/.gz); "
-                         f"default {DEFAULT_CORPUS}")
+                         f"default {DEFAULT_CORPUS} when installed (apt-get install jargon-text), else licenses")
     ev.add_argument("--lengths", type=parse_lengths, default=(2048, 4096, 8192),
                     help="perplexity window lengths, comma-separated (default 2K,4K,8K)")
     ev.add_argument("--tokens-per-length", type=positive_int, default=16384,
@@ -153,21 +155,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from sparse_compile.evaluation.models import load_model
 
     try:
-        model, _ = load_model(args.model)
-        sparse_compile.load_policy(args.policy)
-    except (ModelLoadError, sparse_compile.PolicyError) as err:
+        sparse_compile.load_policy(args.policy)  # before the (slow) model load
+    except sparse_compile.PolicyError as err:
+        raise UsageError(str(err)) from err
+    looks_like_path = args.model != DEFAULT_MODEL and (args.model.startswith((".", "/", "~")) or
+                                                       args.model.endswith(".gguf") or Path(args.model).exists())
+    if looks_like_path and not Path(args.model).expanduser().exists():
+        raise UsageError(f"model {args.model!r}: no such file or directory (give '{DEFAULT_MODEL}', a .gguf file or "
+                         "a local Hugging Face model directory)")
+    try:
+        model, _ = load_model(str(Path(args.model).expanduser()) if looks_like_path else args.model)
+    except ModelLoadError as err:
         raise UsageError(str(err)) from err
     vocab = model.config.vocab_size
     ids = (torch.arange(args.length, dtype=torch.long) * 7919 % vocab)[None]  # any valid ids: nothing is computed
-    if not args.decode:
-        print(sparse_compile.explain(model, input_ids=ids, use_cache=False, policy=args.policy))
-        return 0
+    # the usual call: model(ids) prefills a DynamicCache, as generate() does
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    print(f"model(input_ids) with {args.length} tokens (prefill, as generate() runs it):")
     print(sparse_compile.explain(model, input_ids=ids, past_key_values=cache, use_cache=True, policy=args.policy))
-    print(sparse_compile.explain(model, input_ids=ids[:, :1], past_key_values=cache, use_cache=True,
-                                 policy=args.policy))
+    if args.decode:
+        print("\none decode step on that cache:")
+        print(sparse_compile.explain(model, input_ids=ids[:, :1], past_key_values=cache, use_cache=True,
+                                     policy=args.policy))
     return 0
 
 
@@ -179,7 +190,8 @@ def eval_config(args: argparse.Namespace) -> Any:
     if args.threshold_sweep:
         sweeps.append(parse_sweep(f"threshold*={args.threshold_sweep}"))
     return EvalConfig(
-        model=args.model, policies=tuple(args.policies or ["dense"]), sweeps=tuple(sweeps), corpus=args.corpus,
+        model=args.model, policies=tuple(args.policies or ["dense"]), sweeps=tuple(sweeps),
+        corpus=args.corpus or default_corpus(),
         lengths=args.lengths, tokens_per_length=args.tokens_per_length, windows=args.windows, tasks=args.tasks,
         niah_lengths=args.niah_lengths, niah_depths=args.niah_depths, niah_samples=args.niah_samples,
         niah_max_new_tokens=args.niah_max_new_tokens, seed=args.seed, inner=args.inner,

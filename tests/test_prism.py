@@ -66,7 +66,9 @@ def _kernel(q, k, mask, kw, tuning=None) -> torch.Tensor:
 
 
 def _allowed(mask, B, Lq, Lk, b) -> torch.Tensor:
-    return allowed_blocks(mask, key_valid_or_ones(mask, B, Lk, "cpu"), Lq, b)[:, None]  # (B, 1, nq, nk)
+    kv_valid = key_valid_or_ones(mask, B, Lk, "cpu")
+    return allowed_blocks(Lq, Lk, b, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
+                          key_valid=kv_valid)[:, None]  # (B, 1, nq, nk)
 
 
 def _forced_present(sel, mask, Lq, Lk, b) -> None:
@@ -241,7 +243,8 @@ def test_allowed_blocks_equal_token_visibility(Lq, Lk, b, window, causal, pad_si
     padded = torch.zeros(B, nq * b, nk * b, dtype=torch.bool)
     padded[:, :Lq, :Lk] = vis
     want = padded.view(B, nq, b, nk, b).any(4).any(2)
-    got = allowed_blocks(mask, key_valid_or_ones(mask, B, Lk, "cpu"), Lq, b)
+    got = allowed_blocks(Lq, Lk, b, causal=causal, q_offset=Lk - Lq, window=window,
+                         key_valid=key_valid_or_ones(mask, B, Lk, "cpu"))
     assert torch.equal(got, want)
     if causal and mask.key_valid is None:
         assert torch.equal(got[0], causal_block_mask(Lq, Lk, b, Lk - Lq, window))

@@ -200,7 +200,7 @@ def bench_case(
                 rep_ms, device, density=1.0)
         del bm
     for name, module in methods.items():
-        if phase not in getattr(module, "PHASES", ()):
+        if phase not in module.phases:
             continue
         params = module.Params()
 

@@ -4,7 +4,8 @@ Named corpora (all public domain or freely redistributable, shipped by Debian, n
 
   jargon    The Jargon File 4.4.7 (Eric S. Raymond et al., public domain), 1.7 MB of English
             prose: `/usr/share/doc/jargon-text/jargon.txt.gz` from the Debian package
-            `jargon-text` (`apt-get install jargon-text`). About 400K SmolLM2 tokens. Default.
+            `jargon-text` (`apt-get install jargon-text`). About 400K SmolLM2 tokens. The default
+            when installed (`default_corpus()`; otherwise `licenses`).
   licenses  The license texts in `/usr/share/common-licenses` (Debian `base-files`, present on
             every Debian/Ubuntu system), regular files only (symlinks skipped), in sorted name
             order, joined by blank lines. About 60K tokens; the texts repeat each other (GPL-2 and
@@ -58,6 +59,11 @@ CORPORA: dict[str, CorpusSource] = {
     ),
 }
 DEFAULT_CORPUS = "jargon"
+
+
+def default_corpus() -> str:
+    """"jargon" when its Debian package is installed, else "licenses" (present on every Debian system)."""
+    return DEFAULT_CORPUS if CORPORA[DEFAULT_CORPUS].path.exists() else "licenses"
 
 
 class CorpusError(FileNotFoundError):
