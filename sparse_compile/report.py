@@ -126,7 +126,8 @@ class Report:
             if site is not None and site.fallback:
                 out[layer] = site.fallback
             elif value == BELOW_MIN_SEQ_LEN and site is not None:
-                out[layer] = f"key length {site.kv_len} < min_seq_len {site.min_seq_len}"
+                length = f" {site.kv_len}" if site.kv_len.isdigit() else ""
+                out[layer] = f"key length{length} < min_seq_len {site.min_seq_len}"
             else:
                 out[layer] = FALLBACKS[value]
         return out
