@@ -109,7 +109,7 @@ def main() -> None:
                   f"(eager {eager_s:.1f} s)")
             if policy.prefill.method != "dense":
                 if eager_long_s is None:
-                    _, eager_long_s = timed(lambda: forward(prompt))
+                    _, eager_long_s = timed(lambda f=forward: f(prompt))
                 _, long_s = timed(lambda: model(prompt))
                 _, long_again_s = timed(lambda: model(prompt))
                 density = report.mean_density("prefill")

@@ -63,7 +63,7 @@ class SparseBackend:
         if not isinstance(inner, str) or inner not in INNER_COMPILERS:
             raise PolicyError(f"backend='sparse': option 'inner' = {inner!r}; allowed: {', '.join(INNER_COMPILERS)}")
         check_mode(mode)
-        if inductor is not None and (not isinstance(inductor, Mapping) or not all(isinstance(k, str) for k in inductor)):
+        if inductor is not None and not (isinstance(inductor, Mapping) and all(isinstance(k, str) for k in inductor)):
             raise PolicyError(f"backend='sparse': option 'inductor' must be a dict of Inductor config patches, "
                               f"got {type(inductor).__name__}")
         if inner == "eager" and (mode not in (None, "default") or inductor):

@@ -21,6 +21,7 @@ from sparse_compile.ops import (
     FALLBACKS,
     RAN,
     UNPROVEN_MASK,
+    UNSUPPORTED,
     CallShape,
     fallback_reason,
     parse_config,
@@ -164,10 +165,8 @@ def test_kernel_modules_import_nothing_above_them(module):
 
 
 def test_fallback_reason_is_one_decision():
-    from sparse_compile.ops import node_config
-
-    site = sparse_compile.report.Site  # noqa: F841 - the report type stays importable from the package
     from sparse_compile.attention_mask import SiteFacts
+    from sparse_compile.ops import node_config
 
     facts = SiteFacts(layer=0, rotary_dim=16, head_dim=16, num_heads=4, num_kv_heads=2)
     prism = parse_config(node_config("prism", METHODS["prism"].Params(), 128, facts))
@@ -220,3 +219,36 @@ def test_use_cache_false_runs_prism_and_explain_says_which_call_it_traced():
     assert report.rejected == [] and any("use_cache=False" in n for n in report.notes)
     usual = sparse_compile.explain(model, ids, policy=prism_policy(0))
     assert [(s.method, s.fallback) for s in usual.sites] == [("prism", "")] * 2 and usual.notes == []
+
+
+# --- the op's own argument checks ------------------------------------------------------------------
+
+
+def node_args(Lq=6, Lk=6, Dq=16, Dk=16, window=0, scale=0.25, method="prism"):
+    from sparse_compile.attention_mask import SiteFacts
+    from sparse_compile.ops import node_config
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, Lq, Dq, generator=g)
+    k, v = torch.randn(1, 2, Lk, Dk, generator=g), torch.randn(1, 2, Lk, Dk, generator=g)
+    facts = SiteFacts(layer=0, rotary_dim=16, head_dim=16, num_heads=4, num_kv_heads=2)
+    config = node_config(method, METHODS[method].Params(), 0, facts)
+    return (q, k, v, None, None, scale, True, 0, window, config)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"Dq": 8}, "q head_dim 8 != k head_dim 16"),
+    ({"window": -1}, "window must be >= 0"),
+    ({"scale": float("nan")}, "scale must be a finite float > 0"),
+    ({"scale": 0.0}, "scale must be a finite float > 0"),
+])
+def test_op_rejects_inputs_that_do_not_fit(changes, needle):
+    with pytest.raises(ValueError, match=needle):
+        torch.ops.sparse_compile.attention(*node_args(**changes))
+
+
+@pytest.mark.parametrize("method", ["dense", "prism"])
+def test_op_on_empty_sequences_returns_empty(method):
+    out, density, fallback = torch.ops.sparse_compile.attention(*node_args(Lq=0, Lk=0, method=method))
+    assert out.shape == (1, 4, 0, 16) and density.shape == (1, 4)
+    assert int(fallback) == (RAN if method == "dense" else UNSUPPORTED)  # prism: empty sequences

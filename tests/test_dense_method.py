@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference
+from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.methods import dense
 
 
@@ -73,3 +73,22 @@ def test_unrecognised_float_mask_is_added_to_logits():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.5)
     torch.testing.assert_close(out, ref)
 
+
+
+@given(problems(), st.sampled_from([float("nan"), float("inf"), -float("inf")]), st.sampled_from(["k", "v"]),
+       st.data())
+def test_cpu_dense_nonfinite_key_reaches_only_rows_that_see_it(problem, value, where, data):
+    """The non-finite contract through the dense method (the node's fallback for every method): a NaN/inf
+    in one key's K or V makes exactly the rows that see that key NaN; every other row equals the float64
+    reference of the same inputs."""
+    B, H, Hkv, Lq, Lk, D, mask, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
+    j = data.draw(st.integers(0, Lk - 1), label="poisoned key")
+    (k if where == "k" else v)[:, :, j, 0] = value
+    out, _ = dense.attention(q, k, v, mask, SiteFacts(), dense.Params(), scale=0.3)
+    ref = exact_attention_reference(q.double(), k.double(), v.double(), mask, scale=0.3)
+    sees = visible_keys(mask, B, Lq, Lk)[:, 0, :, j]  # (B, Lq)
+    nan_rows = torch.isnan(out).any(-1)  # (B, H, Lq)
+    assert torch.equal(nan_rows, sees[:, None, :].expand_as(nan_rows)), (nan_rows, sees)
+    torch.testing.assert_close(out[~nan_rows].double(), ref[~nan_rows], atol=1e-5, rtol=1e-5)

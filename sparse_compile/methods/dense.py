@@ -6,6 +6,15 @@ CUDA, by structure (each path measured in BENCHMARKS.md):
   decode (one query)                SDPA with enable_gqa (K/V read once) and a (B,1,1,Lk) key mask if needed
   windows, other padding, chunks    the block-sparse engine over every allowed block
 CPU: SDPA math on the reference mask, which is what the eager model runs.
+
+Non-finite values (the contract of sparse_compile.attention_mask): SDPA lets a NaN/inf in the K or V
+of a key a row cannot see reach that row (0 * NaN in probs @ V), and its CPU kernel can drop a NaN a row
+does see. So when q, K or V holds a non-finite value (checked on the host: free on CPU, one reduction
+and sync per prefill call on CUDA), the call runs the
+contract's exact reference (CPU) or the block-sparse engine (CUDA), which never let such a key influence
+a row that cannot see it. Finite inputs take the paths above unchanged. Not covered: CUDA decode with a
+key mask (padding), which stays on SDPA to keep decode free of host syncs (CUDA graphs); a non-finite
+value in a padded key's V reaches its row there.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
+from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
 from sparse_compile.method import Method
 
@@ -113,12 +122,22 @@ def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
             return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), scale=scale)
         if plain and mask.q_offset == 0 and Lq == Lk:
             return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), is_causal=True, scale=scale)
-    if mask.dense_mask is None and q.dtype in (torch.float16, torch.bfloat16) and D in (64, 128, 256):
+    if mask.dense_mask is None and q.dtype in (torch.float16, torch.bfloat16) and D <= 256:
         return block_sparse_attention(
             q, k, v, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
             key_valid=mask.key_valid, scale=scale, validate=False,
         )
     return sdpa_with_mask(q, k, v, mask, scale)
+
+
+def nonfinite_safe_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """Exact attention under the non-finite contract: the engine on CUDA (fp16/bf16/fp32, head_dim <= 256,
+    no tensor mask), else the reference."""
+    if q.is_cuda and mask.dense_mask is None and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and (
+            q.shape[-1] <= 256):
+        return block_sparse_attention(q, k, v, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
+                                      key_valid=mask.key_valid, scale=scale, validate=False)
+    return exact_attention_reference(q, k, v, mask, scale)
 
 
 def attention(
@@ -137,7 +156,10 @@ def attention(
         mask.causal and mask.q_offset == 0 and Lq == k.shape[2] and mask.window == 0
         and mask.key_valid is None and mask.dense_mask is None
     )
-    if q.is_cuda:
+    guard = not q.is_cuda or Lq > 1  # CUDA decode stays sync-free (module docstring)
+    if guard and not bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
+        out = nonfinite_safe_attention(q, k, v, mask, scale)
+    elif q.is_cuda:
         out = cuda_attention(q, k, v, mask, scale)
     elif plain_causal:
         out = F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), is_causal=True, scale=scale)

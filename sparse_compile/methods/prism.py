@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
+from sparse_compile.kernels.block_mask import BlockList, allowed_blocks  # noqa: F401 - re-exported
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
-from sparse_compile.kernels.block_mask import BlockList, allowed_blocks
 from sparse_compile.kernels.prism import (  # noqa: F401 - the reference's pieces, re-exported for tests and docs
     CALIBRATION_EPS,
     MAX_KV_BLOCKS,
