@@ -144,6 +144,46 @@ def _attend_chunk(
 
 
 @triton.jit
+def _attend_range(
+    n_iter, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+    idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    desc_k, desc_v, kv_row0,
+    KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
+    KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+    EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    NONFINITE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The key loop of one query tile: n_iter chunks through `_attend_chunk`."""
+    if INTERPRET:  # the interpreter cannot take a run-time `range` bound with numpy >= 2.4
+        it = 0
+        while it < n_iter:
+            acc, l_i, m_i, bad_acc = _attend_chunk(
+                it, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+                idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                desc_k, desc_v, kv_row0,
+                KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
+                KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+                HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, NONFINITE,
+            )
+            it += 1
+    else:  # a `for` loop so that the compiler software-pipelines the K/V loads
+        for it in range(0, n_iter):
+            acc, l_i, m_i, bad_acc = _attend_chunk(
+                it, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+                idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                desc_k, desc_v, kv_row0,
+                KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
+                KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+                HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, NONFINITE,
+            )
+    return acc, l_i, m_i, bad_acc
+
+
+@triton.jit
 def _block_sparse_attn_fwd(
     Q, K, V, Out,
     desc_k, desc_v,  # TMA descriptors over K, V viewed as (B * Hkv * Lk, D) (USE_TMA), else unused
@@ -152,9 +192,10 @@ def _block_sparse_attn_fwd(
     KvBlockMin, KvBlockMax,  # (B, Hkv, nk) int32 min / max original position per key block (HAS_KV_ORDER)
     KeyValid,  # (B, Lk) int8, 0 at padded keys (HAS_KEY_VALID)
     KvBad,  # (B, Hkv, Lk) int8, 1 where the key's K or V row holds a NaN/inf (NONFINITE)
+    AnyBad,  # (B * Hkv,) int32, nonzero where that (batch, KV head) has a flagged key (NONFINITE)
     qk_scale,  # softmax scale * log2(e)
     q_len, kv_len, q_offset, window,
-    num_heads, num_q_tiles, group, list_head_div,
+    num_heads, num_q_tiles, group, list_head_div, num_kv_slots,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -200,10 +241,6 @@ def _block_sparse_attn_fwd(
         q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
     else:
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if NONFINITE:  # a row whose q holds a NaN/inf is computed with q = 0 (so l_i > 0 iff it sees a key), then NaN
-        q_ok = tl.abs(q.to(tl.float32)) < float("inf")
-        q_bad = tl.min(q_ok.to(tl.int32), 1) == 0
-        q = tl.where(q_bad[:, None], tl.zeros_like(q), q)
 
     # 3. the key chunks to visit: listed blocks, or the causal/window range (dense engine)
     q_first = q_offset + start_m  # position of the tile's first and last query
@@ -238,30 +275,50 @@ def _block_sparse_attn_fwd(
     valid_base = off_b.to(tl.int64) * stride_vlb
     bad_base = off_b.to(tl.int64) * stride_fb + off_hkv.to(tl.int64) * stride_fh
     kv_row0 = (off_b * (num_heads // group) + off_hkv) * kv_len  # first row of this head in the 2-D view
-    if INTERPRET:  # the interpreter cannot take a run-time `range` bound with numpy >= 2.4
-        it = 0
-        while it < n_iter:
-            acc, l_i, m_i, bad_acc = _attend_chunk(
-                it, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+    # 4-7. the key loop. Non-finite contract: the launcher's pre-pass flagged the keys whose K/V hold a
+    # NaN/inf (KvBad) and each (batch, KV head) that has one (AnyBad). A tile whose q and K/V are all
+    # finite runs the plain loop, the same code as NONFINITE=False; otherwise the guarded loop (V of
+    # flagged keys loaded as zeros, flagged keys NaN to the rows that see them, q rows holding a NaN/inf
+    # computed with q = 0 so that l_i > 0 iff the row sees a key, then written as NaN).
+    q_bad = offs_m < 0
+    if NONFINITE:
+        q_bad = tl.min((tl.abs(q.to(tl.float32)) < float("inf")).to(tl.int32), 1) == 0
+        kv_slot = off_b * (num_heads // group) + off_hkv
+        guarded = tl.load(AnyBad + kv_slot) != 0
+        if USE_TMA:  # a tail chunk reads the next head's first rows
+            guarded = guarded | (tl.load(AnyBad + tl.minimum(kv_slot + 1, num_kv_slots - 1)) != 0)
+        guarded = guarded | (tl.max(q_bad.to(tl.int32)) != 0)
+        if guarded:
+            q_clean = tl.where(q_bad[:, None], tl.zeros_like(q), q)
+            acc, l_i, m_i, bad_acc = _attend_range(
+                n_iter, acc, l_i, m_i, bad_acc, q_clean, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
                 idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 desc_k, desc_v, kv_row0,
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
                 KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, NONFINITE,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, True, INTERPRET,
             )
-            it += 1
-    else:  # a `for` loop so that the compiler software-pipelines the K/V loads
-        for it in range(0, n_iter):
-            acc, l_i, m_i, bad_acc = _attend_chunk(
-                it, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+        else:
+            acc, l_i, m_i, bad_acc = _attend_range(
+                n_iter, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
                 idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 desc_k, desc_v, kv_row0,
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
                 KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, NONFINITE,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, False, INTERPRET,
             )
+    else:
+        acc, l_i, m_i, bad_acc = _attend_range(
+            n_iter, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+            idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            desc_k, desc_v, kv_row0,
+            KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
+            KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+            HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
+            HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, False, INTERPRET,
+        )
 
     # 8. normalise; rows that saw no visible key have l_i == 0 and are written as zeros; rows with a
     #    non-finite q, or that saw a non-finite key in a full chunk, are NaN (masked chunks made l_i NaN)
@@ -281,13 +338,14 @@ def _block_sparse_attn_fwd(
 
 @triton.jit
 def _nonfinite_keys(
-    K, V, Bad, kv_len, num_kv_heads,
+    K, V, Bad, AnyBad, kv_len, num_kv_heads,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_fb, stride_fh, stride_fn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Bad[b, h, j] = 1 iff K[b, h, j, :] or V[b, h, j, :] holds a NaN or an inf (one read of K and V)."""
+    """Bad[b, h, j] = 1 iff K[b, h, j, :] or V[b, h, j, :] holds a NaN or an inf (one read of K and V);
+    AnyBad[b * num_kv_heads + h] (zero-initialised) becomes nonzero iff any key of (b, h) is flagged."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_kv_heads).to(tl.int64)
@@ -302,19 +360,24 @@ def _nonfinite_keys(
     ok = (tl.abs(k.to(tl.float32)) < float("inf")) & (tl.abs(v.to(tl.float32)) < float("inf"))
     bad = tl.min(ok.to(tl.int32), 1) == 0
     tl.store(Bad + off_b * stride_fb + off_h * stride_fh + rows * stride_fn, bad.to(tl.int8), mask=rows < kv_len)
+    if tl.max(bad.to(tl.int32)) != 0:
+        tl.atomic_max(AnyBad + pid_bh, 1)
 
 
-def nonfinite_keys(k: Tensor, v: Tensor) -> Tensor:
-    """(B, Hkv, Lk) int8: 1 where the key's K or V row holds a NaN or an inf. Triton (CUDA, or the interpreter)."""
+def nonfinite_keys(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(bad, any_bad): bad (B, Hkv, Lk) int8 is 1 where the key's K or V row holds a NaN or an inf;
+    any_bad (B * Hkv,) int32 is nonzero where (b, h) has such a key. Triton (CUDA, or the interpreter);
+    one read of K and V."""
     B, Hkv, Lk, D = k.shape
     bad = torch.empty(B, Hkv, Lk, dtype=torch.int8, device=k.device)
+    any_bad = torch.zeros(B * Hkv, dtype=torch.int32, device=k.device)
     block_d = max(16, triton.next_power_of_2(D))
-    block_k = max(16, 8192 // block_d)
+    block_k = max(16, 16384 // block_d)
     _nonfinite_keys[(_cdiv(Lk, block_k), B * Hkv)](
-        k, v, bad, Lk, Hkv, *k.stride(), *v.stride(), *bad.stride(),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=4,
+        k, v, bad, any_bad, Lk, Hkv, *k.stride(), *v.stride(), *bad.stride(),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=8,
     )
-    return bad
+    return bad, any_bad
 
 
 def _interpreting() -> bool:
@@ -598,7 +661,7 @@ def block_sparse_attention(
     valid8 = key_valid.to(torch.int8) if key_valid is not None else dummy.view(1, 1)
     # non-finite contract: one O(Lk * D) pass flags the keys whose K or V row holds a NaN/inf
     nonfinite = bool(cfg["NONFINITE"])
-    kv_bad = nonfinite_keys(k, v) if nonfinite else dummy.view(1, 1, 1)
+    kv_bad, any_bad = nonfinite_keys(k, v) if nonfinite else (dummy.view(1, 1, 1), dummy)
 
     def launch(cfg: dict) -> None:
         BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -618,10 +681,10 @@ def block_sparse_attention(
         grid = (num_q_tiles, B * H)
         _block_sparse_attn_fwd[grid](
             q, k, v, out, desc_k, desc_v,
-            kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8, kv_bad,
+            kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8, kv_bad, any_bad,
             scale * 1.4426950408889634,
             Lq, Lk, q_off, window,
-            H, num_q_tiles, H // Hkv, 1 if Hm == H else H // Hkv,
+            H, num_q_tiles, H // Hkv, 1 if Hm == H else H // Hkv, B * Hkv,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *kv_num_blocks.stride(), *kv_indices.stride(),
             *order32.stride(), *blk_min.stride(), *valid8.stride(), *kv_bad.stride(),

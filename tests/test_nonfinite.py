@@ -210,3 +210,17 @@ def test_contract_on_drawn_shapes_masks_and_poison(B, Hkv, group, Lq, dk, D, bs,
     assert ("triton" in outs) == (dtype == torch.float32)
     for out in outs.values():
         check_contract(out, q, k, v, vis, 0.3, g)
+
+
+def test_prepass_flags_exactly_the_non_finite_keys():
+    """The kernel's pre-pass: per-key flags and the per-(batch, KV head) switch to the guarded loop."""
+    from sparse_compile.kernels.block_sparse_attention import nonfinite_keys
+
+    _, k, v, g = _qkv(2, 3, 3, 1, 300, 80, seed=5)
+    k[0, 1, 7, 79] = NAN
+    v[1, 2, 299, 0] = -INF
+    v[1, 2, 150, 40] = INF
+    bad, any_bad = nonfinite_keys(k, v)
+    want = ~(k.isfinite().all(-1) & v.isfinite().all(-1))
+    assert torch.equal(bad.bool(), want) and int(bad.sum()) == 3
+    assert (any_bad != 0).tolist() == [False, True, False, False, False, True]
