@@ -130,6 +130,13 @@ def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
     return sdpa_with_mask(q, k, v, mask, scale)
 
 
+def has_nonfinite(*tensors: torch.Tensor) -> bool:
+    """Whether any element is NaN or ±inf, with one host sync: amax/amin propagate NaN and reach ±inf, so
+    two reductions per tensor read it once and materialise no mask."""
+    extremes = [r for t in tensors if t.numel() for r in (t.amax(), t.amin())]
+    return bool(extremes) and not bool(torch.isfinite(torch.stack(extremes)).all())
+
+
 def nonfinite_safe_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     """Exact attention under the non-finite contract: the engine on CUDA (fp16/bf16/fp32, head_dim <= 256,
     no tensor mask), else the reference."""
@@ -157,7 +164,8 @@ def attention(
         and mask.key_valid is None and mask.dense_mask is None
     )
     guard = not q.is_cuda or Lq > 1  # CUDA decode stays sync-free (module docstring)
-    if guard and not bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
+    # CUDA's SDPA kernels propagate a NaN/inf query themselves: only K/V are checked there
+    if guard and has_nonfinite(*((k, v) if q.is_cuda else (q, k, v))):
         out = nonfinite_safe_attention(q, k, v, mask, scale)
     elif q.is_cuda:
         out = cuda_attention(q, k, v, mask, scale)
