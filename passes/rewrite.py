@@ -67,7 +67,8 @@ def static_fallback(site: SiteMatch, config: str) -> str:
             return fallback_reason(node, CallShape(1, 1, 1, 1, 1, 1, value.dtype, "cpu"), True)[1]
         return ""
     call = CallShape(int(value.shape[0]) if isinstance(value.shape[0], int) else 1, site.num_heads, site.num_kv_heads,
-                     q_len, kv_len, site.head_dim, value.dtype, value.device.type)
+                     q_len, kv_len, site.head_dim, value.dtype, value.device.type, int(site.mask.window),
+                     bool(site.mask.causal))
     code, message = fallback_reason(node, call, site.mask.dense_mask is not None)
     return "" if code == RAN else message
 

@@ -60,6 +60,8 @@ class CallShape:
     head_dim: int
     dtype: torch.dtype
     device_type: str
+    window: int = 0
+    causal: bool = True
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: t
         raise ValueError(f"window must be >= 0 (0: no window), got {window}")
 
 
-def call_shape(q: torch.Tensor, k: torch.Tensor) -> CallShape:
+def call_shape(q: torch.Tensor, k: torch.Tensor, window: int = 0, causal: bool = True) -> CallShape:
     B, H, Lq, D = q.shape
-    return CallShape(B, H, k.shape[1], Lq, k.shape[2], D, q.dtype, q.device.type)
+    return CallShape(B, H, k.shape[1], Lq, k.shape[2], D, q.dtype, q.device.type, window, causal)
 
 
 def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
@@ -144,7 +146,7 @@ def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, co
         causal=causal, q_offset=q_offset, window=window,
         key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask,
     )
-    code, _ = fallback_reason(node, call_shape(q, k), dense_mask is not None)
+    code, _ = fallback_reason(node, call_shape(q, k, window, causal), dense_mask is not None)
     method, params = (node.method, node.params) if code == RAN else (METHODS["dense"], METHODS["dense"].Params())
     out, density = method.attention(q, k, v, mask, node.site, params, scale)
     return out.contiguous(), density, torch.full((), code, dtype=torch.int32, device=q.device)
