@@ -19,9 +19,11 @@ def main() -> None:
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 1000, (2, 2048), device="cuda")
     prism = {"name": "prism-smoke", "prefill": {"method": "prism", "min_seq_len": 0, "params": {"block_size": 64}}}
+    pbs_exact = {"name": "pbs-exact", "prefill": {"method": "pbs", "min_seq_len": 0, "params": {"threshold": 1.0}}}
+    pbs = {"name": "pbs-smoke", "prefill": {"method": "pbs", "min_seq_len": 0}}
     with torch.no_grad():
         ref = model(ids).logits.float()
-        for policy in ("dense", prism):
+        for policy in ("dense", prism, pbs_exact, pbs):
             for mode in (None, "reduce-overhead"):
                 torch._dynamo.reset()
                 fast = sparse_compile.compile(model, policy, mode=mode)

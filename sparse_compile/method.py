@@ -46,7 +46,9 @@ class Method:
     unsupported: (q_len, kv_len, head_dim, dtype, site, params) -> a reason string when the method
         cannot run this call (the node then runs exact attention and the Report shows the reason), or
         None. Shapes only: it runs on the host, at compile time on fake shapes and at run time.
-    select: optional (q, k, mask, site, params) -> the method's selection alone (for benchmarks/tests).
+    select: optional (q, k, v, mask, site, params, scale) -> the method's selection alone (benchmarks,
+        tests): a BlockList, or an object with kv_num_blocks / kv_indices / block_size and, for methods
+        that permute keys, k_perm / v_perm / kv_order (the engine's inputs).
     capturable_phases: the phases whose CUDA path has no host synchronisation and no allocation whose
         size depends on data, so CUDA graphs (mode="reduce-overhead") may capture the node; in the
         other phases the node carries torch's `cudagraph_unsafe` tag and runs outside captured graphs

@@ -93,8 +93,30 @@ def registered_methods() -> dict[str, Any]:
 
 
 def selector(name: str, module: Any) -> Callable | None:
-    """The method's estimation step returning a BlockList: `select` or `<name>_select`, if any."""
-    return getattr(module, "select", None) or getattr(module, f"{name}_select", None)
+    """The method's estimation step, `Method.select(q, k, v, mask, site, params, scale)`, if any."""
+    return getattr(module, "select", None)
+
+
+def flex_permuted_block_mask(sel: Any, heads: int, q_len: int, q_offset: int) -> Any:
+    """A FlexAttention BlockMask for a permuted selection (PBS): the same block lists over the permuted
+    K/V, every listed block partial with a mask_mod that checks causality on the original positions
+    (kv_order), as the engine does. Per-KV-head selections are repeated over their query heads."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from sparse_compile.benchmarks.engine import _lists_full_width as lists_full_width
+
+    order = sel.kv_order  # (B, Hs, Lk)
+    dense = BlockList(sel.kv_num_blocks, sel.kv_indices, sel.block_size, q_len, order.shape[-1]).to_dense()
+    if dense.shape[1] != heads:
+        dense = dense.repeat_interleave(heads // dense.shape[1], dim=1)
+    group = heads // order.shape[1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return order[b, h // group, kv_idx] <= q_idx + q_offset
+
+    p_num, p_idx = lists_full_width(dense)
+    return BlockMask.from_kv_blocks(p_num, p_idx, BLOCK_SIZE=sel.block_size, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, order.shape[-1]), compute_q_blocks=False)
 
 
 def flex_block_mask(blocks: BlockList, heads: int) -> Any:
@@ -217,14 +239,21 @@ def bench_case(
         select = selector(name, module)
         if select is None or q_len == 1:
             continue
-        measure(rows, base, f"{name}:select", lambda select=select, params=params: select(q, k, mask, site, params),
+        measure(rows, base, f"{name}:select",
+                lambda select=select, params=params: select(q, k, v, mask, site, params, scale),
                 rep_ms, device, density=achieved)
         if with_flex:
-            blocks = select(q, k, mask, site, params)
-            bm = flex_block_mask(blocks, H)
+            sel = select(q, k, v, mask, site, params, scale)
+            if hasattr(sel, "kv_order"):  # permuted keys: Flex attends over the same permuted K/V
+                bm = flex_permuted_block_mask(sel, H, q_len, mask.q_offset)
+                kf, vf = sel.k_perm, sel.v_perm
+            else:
+                bm = flex_block_mask(sel, H)
+                kf, vf = k, v
+            blocks = sel
 
-            def run_flex(bm: Any = bm) -> torch.Tensor:
-                return flex(q, k, v, block_mask=bm, enable_gqa=True, scale=scale)
+            def run_flex(bm: Any = bm, kf: Any = kf, vf: Any = vf) -> torch.Tensor:
+                return flex(q, kf, vf, block_mask=bm, enable_gqa=True, scale=scale)
 
             check = {}
             if length <= 32768:
@@ -233,7 +262,7 @@ def bench_case(
                 except Exception as err:
                     check["error"] = f"{type(err).__name__}: {err}"[:300]
             measure(rows, base, f"flex:{name}", run_flex, rep_ms, device, density=achieved, **check)
-            del bm, blocks
+            del bm, blocks, sel, kf, vf
         del out
     ref = {r["impl"]: r["ms"] for r in rows if r.get("ms")}
     for row in rows:

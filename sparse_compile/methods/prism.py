@@ -313,7 +313,7 @@ METHOD = Method(
     Params=PrismParams,
     attention=attention,
     unsupported=unsupported,
-    select=prism_select,
+    select=lambda q, k, v, mask, site, params, scale=None: prism_select(q, k, mask, site, params),
     # the selection moves band indices to the device and the launch sizes depend on host values:
     # not captured in CUDA graphs yet (runs between captured partitions)
     capturable_phases=(),
