@@ -51,9 +51,10 @@ def _attend_chunk(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr,
-    NONFINITE: tl.constexpr,
+    GUARDED: tl.constexpr,
 ):
-    """One BLOCK_N chunk of keys for one query tile: returns the updated (acc, l_i, m_i, bad_acc)."""
+    """One BLOCK_N chunk of keys for one query tile: returns the updated (acc, l_i, m_i, bad_acc).
+    GUARDED: the non-finite-safe variant (pass 2 of the launch, only for tiles that meet a NaN/inf)."""
     # 4. this chunk's first key
     if HAS_LISTS:
         kb = tl.load(idx_base + (it // CHUNKS) * stride_ik)
@@ -70,7 +71,7 @@ def _attend_chunk(
         kv_mask = cols[:, None] < kv_len
     else:
         kv_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
-    if NONFINITE:  # keys whose K or V row holds a NaN/inf (the launcher's pre-pass); their V loads as zeros
+    if GUARDED:  # keys whose K or V row holds a NaN/inf (the launcher's pre-pass); their V loads as zeros
         bad_rows = tl.load(KvBad + bad_base + cols[:, None] * stride_fn, mask=cols[:, None] < kv_len, other=0)
     if USE_TMA:  # bulk tensor copy; rows past kv_len belong to the next head (or are zero) and get masked
         k = desc_k.load([kv_row0 + start_n, 0])
@@ -114,11 +115,11 @@ def _attend_chunk(
         if HAS_KEY_VALID:
             kvalid = tl.load(KeyValid + valid_base + cols * stride_vln, mask=cols < kv_len, other=0)
             vis = vis & (kvalid[None, :] != 0)
-        if NONFINITE:  # a visible non-finite key makes its rows NaN; an invisible one is -inf like any other
+        if GUARDED:  # a visible non-finite key makes its rows NaN; an invisible one is -inf like any other
             bad_cols = tl.load(KvBad + bad_base + cols[None, :] * stride_fn, mask=cols[None, :] < kv_len, other=0)
             qk = qk + tl.where(bad_cols != 0, float("nan"), 0.0)
         qk = tl.where(vis, qk, float("-inf"))
-    if NONFINITE:  # full chunk: every row sees every key, so one flag per key (no per-element work)
+    if GUARDED:  # full chunk: every row sees every key, so one flag per key (no per-element work)
         bad_acc = tl.maximum(bad_acc, tl.where(need_mask, 0, bad_rows))
 
     # 7. online softmax in base 2, then acc += P V
@@ -129,9 +130,9 @@ def _attend_chunk(
     acc = acc * alpha[:, None]
     if USE_TMA:
         v = desc_v.load([kv_row0 + start_n, 0])
-        if NONFINITE:  # rows past kv_len are the next head's keys: zero them and the non-finite ones
+        if GUARDED:  # rows past kv_len are the next head's keys: zero them and the non-finite ones
             v = tl.where((cols[:, None] < kv_len) & (bad_rows == 0), v, 0.0)
-    elif NONFINITE:
+    elif GUARDED:
         v = tl.load(v_ptrs, mask=kv_mask & (bad_rows == 0), other=0.0)
     else:
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
@@ -153,7 +154,7 @@ def _attend_range(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr,
-    NONFINITE: tl.constexpr, INTERPRET: tl.constexpr,
+    GUARDED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """The key loop of one query tile: n_iter chunks through `_attend_chunk`."""
     if INTERPRET:  # the interpreter cannot take a run-time `range` bound with numpy >= 2.4
@@ -166,7 +167,7 @@ def _attend_range(
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
                 KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, NONFINITE,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, GUARDED,
             )
             it += 1
     else:  # a `for` loop so that the compiler software-pipelines the K/V loads
@@ -178,7 +179,7 @@ def _attend_range(
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
                 KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, NONFINITE,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, GUARDED,
             )
     return acc, l_i, m_i, bad_acc
 
@@ -193,6 +194,7 @@ def _block_sparse_attn_fwd(
     KeyValid,  # (B, Lk) int8, 0 at padded keys (HAS_KEY_VALID)
     KvBad,  # (B, Hkv, Lk) int8, 1 where the key's K or V row holds a NaN/inf (NONFINITE)
     AnyBad,  # (B * Hkv,) int32, nonzero where that (batch, KV head) has a flagged key (NONFINITE)
+    TileFlag,  # (num_q_tiles * B * H,) int8: pass 1 writes 1 for the tiles it leaves to pass 2 (NONFINITE)
     qk_scale,  # softmax scale * log2(e)
     q_len, kv_len, q_offset, window,
     num_heads, num_q_tiles, group, list_head_div, num_kv_slots,
@@ -211,8 +213,11 @@ def _block_sparse_attn_fwd(
     HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     REVERSE_TILES: tl.constexpr, IEEE_DOT: tl.constexpr, INTERPRET: tl.constexpr, USE_TMA: tl.constexpr,
-    NONFINITE: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
+    """PHASE 0: no non-finite handling (one launch). With it, two launches over the same grid: PHASE 1 runs
+    every tile whose q and K/V are finite with the plain loop and flags the others; PHASE 2 runs only the
+    flagged tiles, with the guarded loop. Each launch holds one loop, so shared memory is one loop's."""
     tl.static_assert(KV_BLOCK % BLOCK_M == 0, "a query block must split into whole BLOCK_M tiles")
     tl.static_assert(KV_BLOCK % BLOCK_N == 0, "a key block must split into whole BLOCK_N chunks")
     CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
@@ -230,6 +235,11 @@ def _block_sparse_attn_fwd(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+
+    flag_ptr = TileFlag + pid_bh.to(tl.int64) * num_q_tiles + pid_m
+    if PHASE == 2:
+        if tl.load(flag_ptr) == 0:  # pass 1 computed this tile
+            return
 
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
@@ -276,53 +286,37 @@ def _block_sparse_attn_fwd(
     bad_base = off_b.to(tl.int64) * stride_fb + off_hkv.to(tl.int64) * stride_fh
     kv_row0 = (off_b * (num_heads // group) + off_hkv) * kv_len  # first row of this head in the 2-D view
     # 4-7. the key loop. Non-finite contract: the launcher's pre-pass flagged the keys whose K/V hold a
-    # NaN/inf (KvBad) and each (batch, KV head) that has one (AnyBad). A tile whose q and K/V are all
-    # finite runs the plain loop, the same code as NONFINITE=False; otherwise the guarded loop (V of
-    # flagged keys loaded as zeros, flagged keys NaN to the rows that see them, q rows holding a NaN/inf
-    # computed with q = 0 so that l_i > 0 iff the row sees a key, then written as NaN).
+    # NaN/inf (KvBad) and each (batch, KV head) that has one (AnyBad). Pass 1 leaves a tile whose q row or
+    # K/V holds one to pass 2, whose guarded loop loads V of flagged keys as zeros, makes flagged keys NaN
+    # to the rows that see them, and computes q rows holding a NaN/inf with q = 0 (so l_i > 0 iff the row
+    # sees a key) before writing them as NaN.
     q_bad = offs_m < 0
-    if NONFINITE:
+    if PHASE != 0:
         q_bad = tl.min((tl.abs(q.to(tl.float32)) < float("inf")).to(tl.int32), 1) == 0
+    if PHASE == 1:
         kv_slot = off_b * (num_heads // group) + off_hkv
         guarded = tl.load(AnyBad + kv_slot) != 0
         if USE_TMA:  # a tail chunk reads the next head's first rows
             guarded = guarded | (tl.load(AnyBad + tl.minimum(kv_slot + 1, num_kv_slots - 1)) != 0)
         guarded = guarded | (tl.max(q_bad.to(tl.int32)) != 0)
+        tl.store(flag_ptr, guarded.to(tl.int8))
         if guarded:
-            q_clean = tl.where(q_bad[:, None], tl.zeros_like(q), q)
-            acc, l_i, m_i, bad_acc = _attend_range(
-                n_iter, acc, l_i, m_i, bad_acc, q_clean, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
-                idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                desc_k, desc_v, kv_row0,
-                KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-                KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
-                HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, True, INTERPRET,
-            )
-        else:
-            acc, l_i, m_i, bad_acc = _attend_range(
-                n_iter, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
-                idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                desc_k, desc_v, kv_row0,
-                KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-                KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
-                HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, False, INTERPRET,
-            )
-    else:
-        acc, l_i, m_i, bad_acc = _attend_range(
-            n_iter, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
-            idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            desc_k, desc_v, kv_row0,
-            KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-            KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
-            HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-            HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, False, INTERPRET,
-        )
+            return
+    if PHASE == 2:
+        q = tl.where(q_bad[:, None], tl.zeros_like(q), q)
+    acc, l_i, m_i, bad_acc = _attend_range(
+        n_iter, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+        idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        desc_k, desc_v, kv_row0,
+        KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
+        KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+        HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
+        HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, PHASE == 2, INTERPRET,
+    )
 
     # 8. normalise; rows that saw no visible key have l_i == 0 and are written as zeros; rows with a
     #    non-finite q, or that saw a non-finite key in a full chunk, are NaN (masked chunks made l_i NaN)
-    if NONFINITE:
+    if PHASE == 2:
         row_bad = q_bad | (tl.max(bad_acc) != 0)
         l_i = tl.where(row_bad & (l_i != 0.0), float("nan"), l_i)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -662,8 +656,10 @@ def block_sparse_attention(
     # non-finite contract: one O(Lk * D) pass flags the keys whose K or V row holds a NaN/inf
     nonfinite = bool(cfg["NONFINITE"])
     kv_bad, any_bad = nonfinite_keys(k, v) if nonfinite else (dummy.view(1, 1, 1), dummy)
+    # one int8 per program of pass 1 (written by it, no initialisation); sized for the smallest BLOCK_M
+    tile_flags = torch.empty(_cdiv(Lq, 16) * B * H if nonfinite else 1, dtype=torch.int8, device=q.device)
 
-    def launch(cfg: dict) -> None:
+    def launch(cfg: dict, phase: int) -> None:
         BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
         if block_size % BLOCK_M or block_size % BLOCK_N:
             raise ValueError(f"BLOCK_M={BLOCK_M} and BLOCK_N={BLOCK_N} must divide block_size={block_size}")
@@ -679,9 +675,10 @@ def block_sparse_attention(
             desc_k, desc_v = k, v
         num_q_tiles = _cdiv(Lq, BLOCK_M)
         grid = (num_q_tiles, B * H)
+        tile_flag = tile_flags[: num_q_tiles * B * H] if nonfinite else dummy
         _block_sparse_attn_fwd[grid](
             q, k, v, out, desc_k, desc_v,
-            kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8, kv_bad, any_bad,
+            kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8, kv_bad, any_bad, tile_flag,
             scale * 1.4426950408889634,
             Lq, Lk, q_off, window,
             H, num_q_tiles, H // Hkv, 1 if Hm == H else H // Hkv, B * Hkv,
@@ -692,7 +689,7 @@ def block_sparse_attention(
             HAS_LISTS=has_lists, CAUSAL=causal, HAS_WINDOW=window > 0,
             HAS_KV_ORDER=kv_order is not None, HAS_KEY_VALID=key_valid is not None,
             REVERSE_TILES=causal, IEEE_DOT=q.dtype == torch.float32, INTERPRET=not q.is_cuda,
-            USE_TMA=use_tma, NONFINITE=nonfinite,
+            USE_TMA=use_tma, PHASE=phase,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -701,7 +698,8 @@ def block_sparse_attention(
     elem = q.element_size()
     while True:
         try:
-            launch(cfg)
+            for phase in (1, 2) if nonfinite else (0,):  # pass 2 runs only the tiles pass 1 flagged
+                launch(cfg, phase)
             return out
         except OutOfResources:
             tiles_set = any(key in user_cfg for key in ("BLOCK_M", "BLOCK_N", "num_stages"))

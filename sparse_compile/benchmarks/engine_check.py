@@ -118,8 +118,8 @@ def check_accuracy(head_dims=HEAD_DIMS, seed: int = 0) -> tuple[list[dict], list
                             "estimate": shared_mem_estimate(cfg["BLOCK_M"], cfg["BLOCK_N"], block_d,
                                                             cfg["num_stages"], elem),
                             "compiled_shared": sorted({kern.metadata.shared for kern in kernels}),
-                            "regs": sorted({kern.n_regs for kern in kernels}),
-                            "spills": sorted({kern.n_spills for kern in kernels}), "limit": smem})
+                            "regs": sorted({getattr(kern, "n_regs", -1) for kern in kernels}),
+                            "spills": sorted({getattr(kern, "n_spills", -1) for kern in kernels}), "limit": smem})
             print(f"cfg {configs[-1]}", flush=True)
     return rows, configs
 
@@ -332,20 +332,30 @@ def main(argv=None) -> int:
         return 2
     res = {"env": _env()}
     print(res["env"], flush=True)
-    if not args.no_accuracy:
-        res["accuracy"], res["configs"] = check_accuracy(tuple(args.head_dims))
-    if not args.no_nonfinite:
-        res["nonfinite"] = check_nonfinite()
-    if args.sweep:
-        res["sweep"] = sweep_d256()
-    if not args.no_timing:
-        res["timing"] = time_engine(lengths=tuple(args.lengths), rep_ms=args.rep_ms)
+    sections = [("accuracy", not args.no_accuracy, lambda: check_accuracy(tuple(args.head_dims))),
+                ("nonfinite", not args.no_nonfinite, check_nonfinite),
+                ("sweep", args.sweep, sweep_d256),
+                ("timing", not args.no_timing, lambda: time_engine(lengths=tuple(args.lengths), rep_ms=args.rep_ms))]
+    failed = []
+    for name, wanted, run in sections:
+        if not wanted:
+            continue
+        try:  # one section's crash must not lose the others' tables
+            got = run()
+        except Exception as e:
+            print(f"section {name} crashed: {type(e).__name__}: {e}", flush=True)
+            failed.append(name)
+            continue
+        if name == "accuracy":
+            res["accuracy"], res["configs"] = got
+        else:
+            res[name] = got
     print(_markdown(res), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     bad = [r for r in res.get("accuracy", []) + res.get("nonfinite", []) if not r["ok"]]
-    return 1 if bad else 0
+    return 1 if bad or failed else 0
 
 
 if __name__ == "__main__":
