@@ -51,15 +51,15 @@ def key_scores(q: Tensor, k: Tensor, *, q_offset: int, key_valid: Tensor, scale:
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
     n = min(last_queries, Lq)
-    # q_last: (B, Hkv, G * n, D), the group's queries against their KV head: no K expansion
-    q_last = q[:, :, Lq - n:].float().reshape(B, Hkv, G * n, D)
-    logits = torch.matmul(q_last, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G * n, Lk)
+    # the group's queries against their KV head (no K expansion), in the input dtype; softmax in fp32
+    q_last = q[:, :, Lq - n:].reshape(B, Hkv, G, n, D) * scale  # scaled here: n x D, not n x Lk
+    logits = torch.matmul(q_last, k[:, :, None].transpose(-1, -2))  # (B, Hkv, G, n, Lk)
     pos = q_offset + torch.arange(Lq - n, Lq, device=q.device)
     visible = (torch.arange(Lk, device=q.device)[None, :] <= pos[:, None])[None] & key_valid[:, None, :]  # (B, n, Lk)
-    visible = visible[:, None, None].expand(B, Hkv, G, n, Lk).reshape(B, Hkv, G * n, Lk)
-    logits = logits.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
-    per_query_head = probs.view(B, Hkv, G, n, Lk).mean(3)  # (B, Hkv, G, Lk)
+    logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    probs = probs.masked_fill(~visible.any(-1)[:, None, None, :, None], 0.0)
+    per_query_head = probs.mean(3)  # (B, Hkv, G, Lk)
     if per_kv_head:
         return per_query_head.sum(2)
     return per_query_head.reshape(B, H, Lk)
@@ -87,15 +87,16 @@ def segment_permutation(scores: Tensor, key_valid: Tensor, segment_size: int) ->
 
 def pool_valid(x: Tensor, valid: Tensor, block_size: int) -> Tensor:
     """Mean over the valid rows of each block. x: (B, Hx, L, D) -> (B, Hx, ceil(L / b), D) float32;
-    valid: (B, Hx, L) or (B, 1, L) bool. A block with no valid row pools to zeros."""
+    valid: (B, Hx, L) or (B, 1, L) bool. A block with no valid row pools to zeros. The weighted sum is a
+    batched matmul, so x is read once in its own dtype (no float32 copy)."""
     B, Hx, L, D = x.shape
     n = _cdiv(L, block_size)
     pad = n * block_size - L
-    w = torch.nn.functional.pad(valid.expand(B, Hx, L), (0, pad)).to(torch.float32)
-    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) * w[..., None]
-    sums = xs.view(B, Hx, n, block_size, D).sum(3)
-    counts = w.view(B, Hx, n, block_size).sum(-1).clamp_min(1.0)
-    return sums / counts[..., None]
+    w = torch.nn.functional.pad(valid, (0, pad)).to(x.dtype).view(valid.shape[0], valid.shape[1], n, 1, block_size)
+    xs = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+    sums = torch.matmul(w, xs.view(B, Hx, n, block_size, D)).squeeze(-2).float()  # (B, Hx, n, D)
+    counts = w.float().sum(-1).clamp_min(1.0)  # (B, 1|Hx, n, 1)
+    return sums / counts
 
 
 def select_blocks(q: Tensor, k_perm: Tensor, kv_order: Tensor, *, q_offset: int, query_valid: Tensor,

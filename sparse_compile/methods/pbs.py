@@ -92,21 +92,29 @@ class Selection:
     block_size: int
 
 
+def permute_keys(x: Tensor, perm: Tensor) -> Tensor:
+    """x: (B, Hkv, Lk, D), perm: (B, Hs, Lk) with Hs = Hkv or a multiple (per query head) ->
+    (B, Hs, Lk, D) gathered in one copy (the per-head case gathers from a broadcast view, no expansion)."""
+    B, Hkv, Lk, D = x.shape
+    Hs = perm.shape[1]
+    G = Hs // Hkv
+    source = x[:, :, None].expand(B, Hkv, G, Lk, D)
+    index = perm.view(B, Hkv, G, Lk, 1).expand(B, Hkv, G, Lk, D)
+    return torch.gather(source, 3, index).view(B, Hs, Lk, D)
+
+
 def pbs_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: PbsParams,
                scale: float | None = None) -> Selection:
     """Steps 1-4 of kernels/pbs.py for one call. q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D)."""
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     per_kv_head = params.gqa == "per_kv_head"
     key_valid = (torch.ones(B, Lk, dtype=torch.bool, device=q.device) if mask.key_valid is None
                  else mask.key_valid.to(torch.bool))
     scores = key_scores(q, k, q_offset=mask.q_offset, key_valid=key_valid, scale=scale, per_kv_head=per_kv_head)
-    if not per_kv_head and H != Hkv:  # one permutation per query head: K/V expanded to the heads
-        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
     perm, kv_order = segment_permutation(scores, key_valid, params.segment_size)
-    index = perm[..., None].expand(*perm.shape, D)
-    k_perm, v_perm = torch.gather(k, 2, index), torch.gather(v, 2, index)
+    k_perm, v_perm = permute_keys(k, perm), permute_keys(v, perm)
     pos = mask.q_offset + torch.arange(Lq, device=q.device)
     query_valid = key_valid[:, pos.clamp(0, Lk - 1)] | (pos >= Lk)[None]  # padded query iff its key is padded
     selected, allowed = select_blocks(
