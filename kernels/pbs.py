@@ -6,9 +6,10 @@ their importance to the last queries clusters the important ones into few blocks
 attention mass is covered by fewer key blocks. The attention itself is the shared block-sparse
 engine (`block_sparse_attention` with `kv_order`, which checks causality on the original positions).
 
-Version 1 of these steps is plain PyTorch on every device (torch.sort / gather / matmul on CUDA);
-nothing of size L x L is built (the key scores are (last 128 queries) x L, the block scores
-(L/b) x (L/b)). Steps, b = block_size, s = segment_size (a multiple of b):
+Step 1 has a Triton version (`key_scores_triton`: two launches that never materialise the
+(last 128 queries) x L probabilities); `key_scores` is its reference and the CPU path. Steps 2-4
+are PyTorch ops on every device (torch.sort / gather / matmul on CUDA). Nothing of size L x L is
+built (block scores are (L/b) x (L/b)). Steps, b = block_size, s = segment_size (a multiple of b):
 
   1. `key_scores`: per key, the mean over the last min(128, Lq) queries of softmax(q k^T * scale) over
      the keys each query sees (causal on positions, valid keys); per query head, or summed over the
@@ -33,11 +34,150 @@ This file imports nothing above `sparse_compile.kernels`.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from sparse_compile.kernels.block_mask import _cdiv
 from torch import Tensor
 
 ORDER_HIDDEN = 2**30  # kv_order of a padded key: after every query position, so never visible
 LAST_QUERIES = 128  # queries whose attention ranks the keys (the authors' choice)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1 in Triton: each scoring row's log-sum-exp, then each key's summed probability
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scoring_rows(Q, b, hkv, rows, offs_d, n_rows, Lq, stride_qb, stride_qh, stride_qr, stride_qd,
+                  G: tl.constexpr, N_LAST: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Load scoring rows r = g * N_LAST + i of KV head hkv: query head hkv * G + g, query Lq - N_LAST + i."""
+    g = rows // N_LAST
+    i = rows % N_LAST
+    ptr = (Q + b * stride_qb + (hkv * G + g)[:, None] * stride_qh + (Lq - N_LAST + i)[:, None] * stride_qr
+           + offs_d[None, :] * stride_qd)
+    return tl.load(ptr, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _visible(K_ok_ptr, b, offs_n, LK, pos, stride_vb, HAS_VALID: tl.constexpr):
+    """(rows, keys) visibility: key j <= the row's position, inside [0, LK), valid."""
+    ok = (offs_n[None, :] <= pos[:, None]) & (offs_n < LK)[None, :]
+    if HAS_VALID:
+        valid = tl.load(K_ok_ptr + b * stride_vb + offs_n, mask=offs_n < LK, other=0)
+        ok = ok & (valid != 0)[None, :]
+    return ok
+
+
+@triton.jit
+def _pbs_row_lse_kernel(
+    Q, K, VALID, LSE,
+    n_rows, Lq, LK, H_KV, first_pos, qk_scale,
+    stride_qb, stride_qh, stride_qr, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_lb, stride_lh,
+    G: tl.constexpr, N_LAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
+):
+    """Grid (cdiv(G * N_LAST, BLOCK_R), B * Hkv): log2-sum-exp2 of each scoring row over the keys it sees
+    (+inf for a row that sees none, so its probabilities come out 0)."""
+    b = tl.program_id(1) // H_KV
+    hkv = tl.program_id(1) % H_KV
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _scoring_rows(Q, b, hkv, rows, offs_d, n_rows, Lq, stride_qb, stride_qh, stride_qr, stride_qd,
+                      G, N_LAST, HEAD_DIM)
+    pos = first_pos + rows % N_LAST
+    m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    start = 0
+    while start < LK:  # a while loop: the interpreter cannot take a run-time range bound
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n < LK)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # log2 domain
+        s = tl.where(_visible(VALID, b, offs_n, LK, pos, stride_vb, HAS_VALID), s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.where(s > -1.0e29, tl.exp2(s - m_new[:, None]), 0.0), 1)
+        m_i = m_new
+        start += BLOCK_N
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))
+    tl.store(LSE + b * stride_lb + hkv * stride_lh + rows, lse, mask=rows < n_rows)
+
+
+@triton.jit
+def _pbs_key_scores_kernel(
+    Q, K, VALID, LSE, OUT,
+    Lq, LK, H_KV, first_pos, qk_scale,
+    stride_qb, stride_qh, stride_qr, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_lb, stride_lh, stride_ob, stride_oh,
+    G: tl.constexpr, N_LAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
+):
+    """Grid (cdiv(LK, BLOCK_N), B * Hkv * G): for one query head, each key's mean probability over the
+    head's N_LAST scoring rows: sum_i exp2(s_ij - lse_i) / N_LAST."""
+    pid_bh = tl.program_id(1)
+    g = pid_bh % G
+    hkv = (pid_bh // G) % H_KV
+    b = pid_bh // (G * H_KV)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = tl.load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=(offs_n < LK)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    i0 = 0
+    while i0 < N_LAST:
+        rows = g * N_LAST + i0 + tl.arange(0, BLOCK_R)
+        row_ok = (i0 + tl.arange(0, BLOCK_R)) < N_LAST
+        q = _scoring_rows(Q, b, hkv, rows, offs_d, G * N_LAST, Lq, stride_qb, stride_qh, stride_qr, stride_qd,
+                          G, N_LAST, HEAD_DIM)
+        lse = tl.load(LSE + b * stride_lb + hkv * stride_lh + rows, mask=row_ok, other=float("inf"))
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+        ok = _visible(VALID, b, offs_n, LK, first_pos + rows % N_LAST, stride_vb, HAS_VALID) & row_ok[:, None]
+        acc += tl.sum(tl.where(ok, tl.exp2(s - lse[:, None]), 0.0), 0)
+        i0 += BLOCK_R
+    tl.store(OUT + b * stride_ob + (hkv * G + g) * stride_oh + offs_n, acc / N_LAST, mask=offs_n < LK)
+
+
+def key_scores_triton(q: Tensor, k: Tensor, *, q_offset: int, key_valid: Tensor | None, scale: float,
+                      per_kv_head: bool, last_queries: int = LAST_QUERIES) -> Tensor:
+    """Step 1 with the Triton kernels: the arguments and result of `key_scores` (its reference).
+
+    q: (B, H, Lq, D), k: (B, Hkv, Lk, D) fp16/bf16/fp32 (CUDA, or CPU under TRITON_INTERPRET=1);
+    key_valid: (B, Lk) bool or None. Returns (B, Hs, Lk) float32.
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q (B, H, Lq, D) and k (B, Hkv, Lk, D) do not fit: {tuple(q.shape)}, {tuple(k.shape)}")
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or H % Hkv or Lq == 0 or Lk == 0 or D > 256:
+        raise ValueError(f"unsupported shapes q {tuple(q.shape)}, k {tuple(k.shape)} (H % Hkv, empty, D <= 256)")
+    if key_valid is not None and (tuple(key_valid.shape) != (B, Lk) or key_valid.dtype != torch.bool):
+        raise ValueError(f"key_valid must be a (B, Lk) bool tensor, got {key_valid.dtype} {tuple(key_valid.shape)}")
+    G = H // Hkv
+    n = min(last_queries, Lq)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_R, BLOCK_N = (64, 64) if BLOCK_D <= 128 else (32, 32)
+    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else q.new_empty((1, 1), dtype=torch.int8)
+    lse = torch.empty(B, Hkv, G * n, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, H, Lk, dtype=torch.float32, device=q.device)
+    qk_scale = scale * 1.4426950408889634  # log2(e): exp2 in the kernels
+    common = dict(G=G, N_LAST=n, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
+                  HAS_VALID=key_valid is not None, num_warps=4)
+    first_pos = q_offset + Lq - n
+    _pbs_row_lse_kernel[(triton.cdiv(G * n, BLOCK_R), B * Hkv)](
+        q, k, valid, lse, G * n, Lq, Lk, Hkv, first_pos, qk_scale, *q.stride(), *k.stride(), valid.stride(0),
+        lse.stride(0), lse.stride(1), **common)
+    _pbs_key_scores_kernel[(triton.cdiv(Lk, BLOCK_N), B * Hkv * G)](
+        q, k, valid, lse, out, Lq, Lk, Hkv, first_pos, qk_scale, *q.stride(), *k.stride(), valid.stride(0),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), **common)
+    return out.view(B, Hkv, G, Lk).sum(2) if per_kv_head else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps 1-4 in PyTorch (step 1: the reference of the kernels above)
+# ---------------------------------------------------------------------------------------------
 
 
 def key_scores(q: Tensor, k: Tensor, *, q_offset: int, key_valid: Tensor, scale: float, per_kv_head: bool,

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
-from sparse_compile.kernels.pbs import ORDER_HIDDEN, segment_permutation
+from sparse_compile.kernels.pbs import ORDER_HIDDEN, key_scores, key_scores_triton, segment_permutation
 from test_backend import tiny_llama
 
 import sparse_compile
@@ -127,6 +127,25 @@ def test_a_future_key_never_reaches_a_query():
         out2, _ = pbs.attention(q, k, v2, mask, SiteFacts(), params, 0.25)
         torch.testing.assert_close(out2[:, :, : p + 1], out[:, :, : p + 1], atol=0, rtol=0)
         assert not torch.allclose(out2[:, :, p + 1:], out[:, :, p + 1:])
+
+
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 3]), D=st.sampled_from([16, 40]),
+       Lq=st.sampled_from([20, 75, 140]), extra=st.sampled_from([0, 9]), pad=st.integers(0, 12),
+       per_kv_head=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 99))
+def test_triton_key_scores_equal_the_reference(B, Hkv, G, D, Lq, extra, pad, per_kv_head, dtype, seed):
+    """Step 1's kernels (interpreter) == `key_scores` on drawn shapes: GQA, chunked prefill, padding,
+    fewer and more than 128 scoring queries, head dims off the power-of-two grid, fp32 and fp16."""
+    Lk = Lq + extra
+    q, k, _ = tensors(B, Hkv * G, Hkv, Lq, Lk, D, seed, dtype=dtype)
+    key_valid = torch.ones(B, Lk, dtype=torch.bool)
+    key_valid[-1, :pad] = False
+    kw = dict(q_offset=extra, scale=0.3, per_kv_head=per_kv_head)
+    ref = key_scores(q.float(), k.float(), key_valid=key_valid, **kw)
+    got = key_scores_triton(q, k, key_valid=key_valid if pad else None, **kw)
+    assert got.shape == ref.shape and not torch.isnan(got).any()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, ref, atol=tol * float(ref.abs().max()), rtol=tol)
 
 
 @pytest.mark.parametrize("gqa", pbs.GQA_MODES)

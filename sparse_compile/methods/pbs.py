@@ -24,7 +24,14 @@ from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
-from sparse_compile.kernels.pbs import block_lists, key_scores, segment_permutation, select_blocks, selection_density
+from sparse_compile.kernels.pbs import (
+    block_lists,
+    key_scores,
+    key_scores_triton,
+    segment_permutation,
+    select_blocks,
+    selection_density,
+)
 from sparse_compile.method import Method
 from sparse_compile.params import check_value, param
 
@@ -112,7 +119,11 @@ def pbs_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteF
     per_kv_head = params.gqa == "per_kv_head"
     key_valid = (torch.ones(B, Lk, dtype=torch.bool, device=q.device) if mask.key_valid is None
                  else mask.key_valid.to(torch.bool))
-    scores = key_scores(q, k, q_offset=mask.q_offset, key_valid=key_valid, scale=scale, per_kv_head=per_kv_head)
+    if q.is_cuda:  # the Triton kernels (two launches, no 128 x Lk probabilities in memory)
+        scores = key_scores_triton(q, k, q_offset=mask.q_offset, key_valid=mask.key_valid, scale=scale,
+                                   per_kv_head=per_kv_head)
+    else:
+        scores = key_scores(q, k, q_offset=mask.q_offset, key_valid=key_valid, scale=scale, per_kv_head=per_kv_head)
     perm, kv_order = segment_permutation(scores, key_valid, params.segment_size)
     k_perm, v_perm = permute_keys(k, perm), permute_keys(v, perm)
     pos = mask.q_offset + torch.arange(Lq, device=q.device)
