@@ -18,6 +18,22 @@ Semantics (query i sits at key position q_offset + i, default q_offset = Lk - Lq
   A query row with no visible key returns zeros.
 With full lists this equals `sparse_compile.attention_mask.exact_attention_reference`.
 
+Non-finite values (the same contract on the kernel and both references):
+  (a) a key that row i cannot see (causal future, outside the window, key_valid False, in an unlisted
+      block, past kv_len) never influences row i, whatever its K or V holds (NaN, +-inf);
+  (b) a NaN/inf in q[b, h, i], or in the K or V row of a key that row i sees, makes all of row i NaN,
+      whatever the softmax weight of that key (so K = +inf with q . k = -inf, a zero weight in SDPA, is NaN
+      here too: NaN is never hidden);
+  (c) a row with no visible key is zeros, whatever its q holds.
+How the kernel keeps it at no cost to finite tiles: a pre-pass (`nonfinite_keys`, one read of K and V)
+flags keys whose K/V row holds a NaN/inf and each (batch, KV head) having one; pass 1 runs every tile whose
+q and K/V are finite with the plain loop; pass 2 reruns only the other tiles with a guarded loop (V of
+flagged keys loaded as zeros so 0 * NaN never enters P V, flagged keys NaN to the rows that see them, q rows
+with a NaN/inf computed as zeros then written NaN). Measured cost: KERNEL_NOTES.md.
+
+Launch configs: tile sizes by head_dim padded to BLOCK_D (every head_dim 1..256), then shrunk until the
+modelled shared memory fits what the device reports (`default_config`, `fit_shared_mem`).
+
 Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the reference (`impl="triton"` runs the
 kernel on CPU under TRITON_INTERPRET=1, where the key loop is a `while` because the interpreter cannot
 take a run-time `range` bound with numpy >= 2.4). Performance notes per version: KERNEL_NOTES.md.
@@ -584,15 +600,21 @@ def block_sparse_attention(
     kv_num_blocks: (B, Hm, nq) int32, kv_indices: (B, Hm, nq, max_blocks) int32, Hm in {H, Hkv},
       nq = ceil(Lq / block_size); entries past kv_num_blocks undefined; any order, no duplicates.
       Both None: every key block the causal/window structure allows (the dense engine).
-    q_offset: key position of query 0 (default Lk - Lq). window: sliding window (0 = none).
+    block_size: int in (16, 32, 64, 128, 256). causal: bool.
+    q_offset: int (any sign) or None, key position of query 0 (default Lk - Lq).
+    window: int >= 0, sliding window (0 = none).
     key_valid: (B, Lk) bool, False keys are never attended.
     kv_order: (B, Hkv, Lk) int32/int64 original positions of permuted keys; causal/window compare them.
-    scale: softmax scale (default 1/sqrt(D)). out: optional (B, H, Lq, D) q.dtype output buffer.
-    validate: check list contents (range, duplicates): one sort of the lists and a device sync;
+    scale: None (1/sqrt(D)) or a finite float > 0. out: optional (B, H, Lq, D) q.dtype output buffer.
+    validate: bool; check list contents (range, duplicates): one sort of the lists and a device sync;
       pass False in hot loops once the producer is trusted. Shapes/dtypes are always checked.
+    Scalars are type-checked (ValueError naming the argument and what it allows): bool is not an int here
+      (window=True is refused) and 16.0 is not a block size; NumPy integers/floats are accepted.
     impl: "auto" (Triton on CUDA, reference on CPU), "triton" (also on CPU under TRITON_INTERPRET=1)
-      or "reference". config: optional {BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA} override.
-    Returns (B, H, Lq, D) in q's dtype; rows with no visible key are zeros.
+      or "reference". config: optional override of {BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA,
+      NONFINITE}; NONFINITE=False drops the non-finite handling (one pass, no pre-pass: for measuring it).
+    Returns (B, H, Lq, D) in q's dtype; rows with no visible key are zeros; non-finite inputs follow the
+    module docstring's contract.
     """
     _check_scalars(block_size, causal, q_offset, window, scale, validate, impl)
     block_size, window = int(block_size), int(window)
@@ -656,10 +678,8 @@ def block_sparse_attention(
     # non-finite contract: one O(Lk * D) pass flags the keys whose K or V row holds a NaN/inf
     nonfinite = bool(cfg["NONFINITE"])
     kv_bad, any_bad = nonfinite_keys(k, v) if nonfinite else (dummy.view(1, 1, 1), dummy)
-    # one int8 per program of pass 1 (written by it, no initialisation); sized for the smallest BLOCK_M
-    tile_flags = torch.empty(_cdiv(Lq, 16) * B * H if nonfinite else 1, dtype=torch.int8, device=q.device)
 
-    def launch(cfg: dict, phase: int) -> None:
+    def launch(cfg: dict, phase: int, tile_flag: Tensor) -> None:
         BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
         if block_size % BLOCK_M or block_size % BLOCK_N:
             raise ValueError(f"BLOCK_M={BLOCK_M} and BLOCK_N={BLOCK_N} must divide block_size={block_size}")
@@ -675,7 +695,6 @@ def block_sparse_attention(
             desc_k, desc_v = k, v
         num_q_tiles = _cdiv(Lq, BLOCK_M)
         grid = (num_q_tiles, B * H)
-        tile_flag = tile_flags[: num_q_tiles * B * H] if nonfinite else dummy
         _block_sparse_attn_fwd[grid](
             q, k, v, out, desc_k, desc_v,
             kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8, kv_bad, any_bad, tile_flag,
@@ -698,8 +717,11 @@ def block_sparse_attention(
     elem = q.element_size()
     while True:
         try:
-            for phase in (1, 2) if nonfinite else (0,):  # pass 2 runs only the tiles pass 1 flagged
-                launch(cfg, phase)
+            # one int8 per program of pass 1, written by it (no initialisation); pass 2 runs the flagged tiles
+            n_programs = _cdiv(Lq, cfg["BLOCK_M"]) * B * H
+            tile_flag = torch.empty(n_programs, dtype=torch.int8, device=q.device) if nonfinite else dummy
+            for phase in (1, 2) if nonfinite else (0,):
+                launch(cfg, phase, tile_flag)
             return out
         except OutOfResources:
             tiles_set = any(key in user_cfg for key in ("BLOCK_M", "BLOCK_N", "num_stages"))
@@ -728,7 +750,9 @@ def block_sparse_attention_reference(
     """Pure-PyTorch reference of `block_sparse_attention` (same arguments), float32 math (float64 for
     float64 inputs), one query block at a time so memory stays O(B * H * block_size * Lk).
 
-    Returns (B, H, Lq, D) in q's dtype; rows with no visible key are zeros.
+    Returns (B, H, Lq, D) in q's dtype; rows with no visible key are zeros; non-finite inputs follow the
+    module docstring's contract (K/V rows holding a NaN/inf are computed as zeros, then the rows that see
+    them are NaN; no nan_to_num, which would hide a NaN).
     """
     from sparse_compile.kernels.block_mask import BlockList
 

@@ -92,11 +92,10 @@ def _qkv(B, H, Hkv, Lq, Lk, D, dtype=torch.float32, seed=0):
             torch.randn(B, Hkv, Lk, D, generator=g, dtype=dtype), g)
 
 
-@pytest.mark.parametrize("tensor", ["k", "v"])
-@pytest.mark.parametrize("value", [NAN, INF, -INF])
+@pytest.mark.parametrize("tensor, value", [("k", NAN), ("k", -INF), ("v", NAN), ("v", INF)])
 def test_reported_case_causal_nan_at_key_50(tensor, value):
     """v[..., 50, :] = nan with causal attention: rows 0..49 are untouched, rows 50.. are NaN."""
-    q, k, v, g = _qkv(1, 2, 2, 100, 100, 32)
+    q, k, v, g = _qkv(1, 2, 1, 100, 100, 32)
     clean = exact_attention_reference(q, k, v, AttentionMask(causal=True))
     {"k": k, "v": v}[tensor][..., 50, :] = value
     vis = visibility(1, 2, 100, 100)
