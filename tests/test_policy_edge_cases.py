@@ -343,7 +343,7 @@ def test_layer_set_matches_the_naive_set(items):
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("[prefill]\nmethod = 3", "[prefill]: key 'method' = 3 is not a method; allowed: dense, prism"),
+        ("[prefill]\nmethod = 3", "[prefill]: key 'method' = 3 is not a method; allowed: " + ", ".join(METHODS)),
         ("[prefill]\nmethod = ['prism']", "[prefill]: key 'method' = ['prism'] is not a method"),
         ("[prefill]\nmethod = {x = 1}", "[prefill]: key 'method' = {'x': 1} is not a method"),
         ("[decode]\nmethod = 'prism'", "[decode]: method 'prism' does not run in the decode phase"),
