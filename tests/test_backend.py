@@ -36,6 +36,9 @@ def test_backend_registered_as_entry_point():
         ({"inner": "tvm"}, "option 'inner' = 'tvm'"),
         ({"report": "yes"}, "option 'report' must be a sparse_compile.Report"),
         ({"policy": "nonsense"}, "unknown policy 'nonsense'"),
+        ("dense", "options must be a dict"),
+        (["policy"], "options must be a dict"),
+        ({"mode": "turbo"}, "mode 'turbo' is not an Inductor mode"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, needle):

@@ -32,22 +32,9 @@ from typing import Any
 import torch
 
 import sparse_compile
+from sparse_compile.benchmarks.long_context import build_model
 
 VARIANTS = ("eager", "compile_ro", "sparse_ro", "compile", "sparse")
-
-
-def build_model(layers: int, max_len: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=max_len, rope_theta=500000.0,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    return model
 
 
 def compiled_forward(variant: str, forward: Callable, report: Any) -> Callable:
@@ -150,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    model = build_model(args.layers, args.prompt + args.new_tokens + 1)
+    model = build_model(args.layers, args.prompt + args.new_tokens + 1, lm_head=True)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     rows = []

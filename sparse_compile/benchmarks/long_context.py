@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 
-def build_model(layers: int, max_len: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaModel
+def build_model(layers: int, max_len: int, lm_head: bool = False) -> torch.nn.Module:
+    """Random-weight Llama-3-8B-shaped model on CUDA, bf16: `LlamaModel`, or `LlamaForCausalLM` with lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     cfg = LlamaConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
@@ -35,7 +36,7 @@ def build_model(layers: int, max_len: int) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaModel(cfg).to(torch.bfloat16).eval()
+        model = (LlamaForCausalLM if lm_head else LlamaModel)(cfg).to(torch.bfloat16).eval()
     return model
 
 
