@@ -213,27 +213,29 @@ def layer_index(text: str) -> int:
     return int(digits) if len(digits) <= len(str(MAX_LAYER)) else MAX_LAYER + 1
 
 
-def parse_layers(value: Any, where: str) -> LayerSet:
-    """[0, 3, "5-7"] -> LayerSet ranges ((0, 0), (3, 3), (5, 7)); indices in [0, MAX_LAYER]."""
+def parse_layers(value: Any, where: str, key: str = "layers", allow_empty: bool = False) -> LayerSet:
+    """[0, 3, "5-7"] -> LayerSet ranges ((0, 0), (3, 3), (5, 7)); indices in [0, MAX_LAYER].
+
+    key: the key named in errors; allow_empty: accept [] (an empty set)."""
     allowed = f"allowed: ints in [0, {MAX_LAYER}] and 'a-b' ranges with 0 <= a <= b <= {MAX_LAYER}"
-    if not isinstance(value, list) or not value:
-        raise PolicyError(f"{where}: key 'layers' must be a non-empty list, got {show(value)}; {allowed}")
+    if not isinstance(value, (list, tuple)) or not (value or allow_empty):
+        raise PolicyError(f"{where}: key '{key}' must be a non-empty list, got {show(value)}; {allowed}")
     ranges: list[tuple[int, int]] = []
     for item in value:
         if isinstance(item, int) and not isinstance(item, bool):
             if not 0 <= item <= MAX_LAYER:
-                raise PolicyError(f"{where}: key 'layers': layer {show(item)} is out of range; {allowed}")
+                raise PolicyError(f"{where}: key '{key}': layer {show(item)} is out of range; {allowed}")
             ranges.append((item, item))
             continue
         match = LAYER_RANGE.fullmatch(item) if isinstance(item, str) else None
         if match is None:
-            raise PolicyError(f"{where}: key 'layers': entry {show(item)} is not a layer or an 'a-b' range; {allowed}")
+            raise PolicyError(f"{where}: key '{key}': entry {show(item)} is not a layer or an 'a-b' range; {allowed}")
         lo = layer_index(match[1])
         hi = lo if match[2] is None else layer_index(match[2])
         if hi > MAX_LAYER:
-            raise PolicyError(f"{where}: key 'layers': layer range {show(item)} is out of range; {allowed}")
+            raise PolicyError(f"{where}: key '{key}': layer range {show(item)} is out of range; {allowed}")
         if lo > hi:
-            raise PolicyError(f"{where}: key 'layers': layer range {show(item)} is empty (a > b); {allowed}")
+            raise PolicyError(f"{where}: key '{key}': layer range {show(item)} is empty (a > b); {allowed}")
         ranges.append((lo, hi))
     return LayerSet.from_ranges(ranges)
 
