@@ -3,6 +3,7 @@
     python -m sparse_compile explain smollm2 --policy prism --length 8K
     python -m sparse_compile eval --policy dense --policy prism --threshold-sweep 0.9,0.95,0.99
     python -m sparse_compile bench --out results --write-md          # CUDA only
+    python -m sparse_compile calibrate prism --max-dppl 0.5 --lengths 8K --out prism-tuned.toml
 
 Exit status: 0 on success, 2 on a usage error (bad flag, unknown policy, missing corpus/model,
 no GPU for `bench`), with a one-line message on stderr.
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoked = Path(sys.argv[0]).name
     prog = "python -m sparse_compile" if invoked in ("__main__.py", "") else invoked
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,eval,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,eval,bench,calibrate}")
 
     ex = sub.add_parser("explain", help="print the attention sites the backend finds in a model",
                         description="Capture the model's graphs, run the attention pass, print the site report "
@@ -145,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="results", help="output folder for JSON, markdown and PNG (default results/)")
     be.add_argument("--write-md", action="store_true", help="also update the matching section of --md-file")
     be.add_argument("--md-file", default="BENCHMARKS.md", help="markdown file for --write-md (BENCHMARKS.md)")
+
+    ca = sub.add_parser("calibrate", help="tune a method's parameters on real text and write a policy",
+                        description="Tune a method on real text and write a policy TOML. A method with its own "
+                        "module sparse_compile/calibration/<method>.py runs that; any method whose parameters "
+                        "declare a quality knob gets the generic per-layer search (--max-dppl). "
+                        "`calibrate METHOD --help` lists the method's flags.")
+    ca.add_argument("method", metavar="METHOD", help="the method to calibrate (e.g. prism, pbs, fasa)")
+    ca.add_argument("method_args", nargs=argparse.REMAINDER, metavar="...", help="the method's flags")
     return parser
 
 
@@ -248,6 +257,17 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from sparse_compile.calibration import run_calibration
+    from sparse_compile.evaluation.corpus import CorpusError
+
+    prog = build_parser().prog + " calibrate"
+    try:
+        return run_calibration(args.method, list(args.method_args), prog=prog)
+    except (ValueError, CorpusError, ModelLoadError) as err:  # PolicyError is a ValueError
+        raise UsageError(str(err)) from err
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m sparse_compile` and the `sparse-compile` script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -257,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_explain(args)
         if args.command == "eval":
             return cmd_eval(args, argv)
+        if args.command == "calibrate":
+            return cmd_calibrate(args)
         return cmd_bench(args, argv)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

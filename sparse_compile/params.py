@@ -42,6 +42,7 @@ def param(
     choices: tuple[Any, ...] | None = None,
     type: type | tuple[type, ...] | None = None,
     even: bool = False,
+    quality: str | None = None,
 ) -> Any:
     """A dataclass field with validation metadata.
 
@@ -50,9 +51,15 @@ def param(
     type: the accepted Python type(s); inferred from `default` when omitted (an int default
       accepts only ints; a float default accepts ints and floats).
     even: the value must be an even integer.
+    quality: marks the method's quality knob for `calibrate --max-dppl` and says its direction:
+      "higher" (a larger value is closer to exact attention, and denser) or "lower" (a smaller one
+      is). The knob must be a float with a finite `range`; a method may mark several fields (they
+      are set together, e.g. Prism's two band thresholds).
     """
+    if quality not in (None, "higher", "lower"):
+        raise ValueError(f"param(): quality must be 'higher', 'lower' or None, got {quality!r}")
     kind = type if type is not None else builtin_type(default)
-    meta = {"help": help, "range": range, "choices": choices, "type": kind, "even": even}
+    meta = {"help": help, "range": range, "choices": choices, "type": kind, "even": even, "quality": quality}
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -47,7 +47,7 @@ class PbsParams:
                             help="tokens per query/key block (64 or 128 on GPUs; 16/32 for small tests)")
     segment_size: int = param(256, range=(16, 1 << 20),
                               help="keys are permuted inside segments of this many tokens (a multiple of block_size)")
-    threshold: float = param(0.9, range=(0.0, 1.0),
+    threshold: float = param(0.9, range=(0.0, 1.0), quality="higher",
                              help="attention mass of earlier-segment blocks to keep (1.0: every block, exact)")
     force_first_block: bool = param(True, help="always keep the block holding the first valid key")
     gqa: str = param("per_head", choices=GQA_MODES,

@@ -81,8 +81,10 @@ class PrismParams:
         help="head dims in the low-frequency band (non-rotating pass-through dims first, then the "
         "slowest RoPE pairs); default: 3/4 of head_dim (96 of 128)",
     )
-    threshold_high: float = param(0.95, range=(0.0, 1.0), help="top-p mass kept in the high band (1.0: dense)")
-    threshold_low: float = param(0.95, range=(0.0, 1.0), help="top-p mass kept in the low band (1.0: dense)")
+    threshold_high: float = param(0.95, range=(0.0, 1.0), quality="higher",
+                                  help="top-p mass kept in the high band (1.0: dense)")
+    threshold_low: float = param(0.95, range=(0.0, 1.0), quality="higher",
+                                 help="top-p mass kept in the low band (1.0: dense)")
     calibrate: bool = param(True, help="energy-calibrated band temperatures (else the fixed temperatures)")
     temperature_high: float = param(
         1.0, range=(1e-6, 1e6), help="high-band temperature when calibrate = false"
