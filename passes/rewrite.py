@@ -6,6 +6,10 @@ other node uses it. The density and fallback outputs of each node whose method i
 graph's outputs (density_0, fallback_0, density_1, ...) so the backend can record them per call
 (compiler.py); `layers` says which layer each pair belongs to.
 
+Methods whose layers share one selection (`Method.selection_role`) get the op
+`attention_sharing_selection`: the selection made by a "select" site flows as a graph edge into the
+"reuse" sites after it (`wire_selections`), so nothing is carried between layers outside the graph.
+
 A site whose method cannot be captured in CUDA graphs in its phase gets the tagged twin op
 `attention_outside_graphs`. Fallbacks decidable from the traced shapes are recorded on the Site
 at compile time by the same `fallback_reason` the op runs at every call.
@@ -32,6 +36,7 @@ from sparse_compile.report import Rejection, Site
 # Importing sparse_compile.ops registers the ops with torch.library.
 OP = torch.ops.sparse_compile.attention.default
 OP_OUTSIDE_GRAPHS = torch.ops.sparse_compile.attention_outside_graphs.default
+OP_SHARING = torch.ops.sparse_compile.attention_sharing_selection.default
 
 
 def offset_argument(graph: fx.Graph, mask: MaskMatch) -> Any:
@@ -74,19 +79,21 @@ def static_fallback(site: SiteMatch, config: str) -> str:
 
 
 def site_record(site: SiteMatch, graph_index: int, method: str, params: Any, min_seq_len: int, fallback: str,
-                captured: bool) -> Site:
+                captured: bool, role: str = "") -> Site:
     return Site(
         graph=graph_index, layer=site.layer, phase=site.phase, rope=site.rope.layout,
         rotary_dim=site.rope.rotary_dim, num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
         head_dim=site.head_dim, causal=site.mask.causal, window=site.mask.window or None, method=method,
         params=params_to_dict(params), mask=site.mask.describe(), cache=site.cache, gqa=site.gqa,
         q_len=str(site.q_len), kv_len=str(site.kv_len), min_seq_len=min_seq_len, fallback=fallback,
-        cuda_graphs=captured,
+        cuda_graphs=captured, role=role,
     )
 
 
-def rewrite_site(graph: fx.Graph, site: SiteMatch, config: str, op: Any) -> tuple[fx.Node, fx.Node]:
-    """Insert the fused node for one site, rewire SDPA's users to it; returns its (density, fallback)."""
+def rewrite_site(graph: fx.Graph, site: SiteMatch, config: str, op: Any,
+                 sharing: tuple[Any, str] | None = None) -> tuple[fx.Node, ...]:
+    """Insert the fused node for one site, rewire SDPA's users to it; returns its (density, fallback) and,
+    for a selection-sharing node (sharing = (selection node or None, role)), its selection output."""
     mask = site.mask
     with graph.inserting_before(site.sdpa):
         key_valid = mask.key_valid
@@ -98,15 +105,35 @@ def rewrite_site(graph: fx.Graph, site: SiteMatch, config: str, op: Any) -> tupl
         fused = graph.call_function(
             op,
             (site.q, site.k, site.v, key_valid, mask.dense_mask, site.scale, mask.causal,
-             offset_argument(graph, mask), int(mask.window), config),
+             offset_argument(graph, mask), int(mask.window), config) + (() if sharing is None else sharing),
         )
         out = graph.call_function(operator.getitem, (fused, 0))
         density = graph.call_function(operator.getitem, (fused, 1))
         fallback = graph.call_function(operator.getitem, (fused, 2))
+        made = graph.call_function(operator.getitem, (fused, 3)) if sharing is not None else None
     out.meta.update({k: v for k, v in site.sdpa.meta.items() if k in ("val", "example_value", "stack_trace")})
     site.sdpa.replace_all_uses_with(out)
     graph.erase_node(site.sdpa)
-    return density, fallback
+    return (density, fallback) if made is None else (density, fallback, made)
+
+
+def selection_roles(matches: list[SiteMatch], policy: Policy) -> dict[int, str]:
+    """{index in matches: role} for the sites whose method shares selections; a "reuse" site with no
+    "select" site of its method before it in this graph becomes "exact"."""
+    sharing = [(i, s, *policy.phase(s.phase).for_layer(s.layer)) for i, s in enumerate(matches)]
+    sharing = [(i, s, m, p) for i, s, m, p in sharing if METHODS[m].selection_role is not None]
+    num_layers = max((s.layer for s in matches), default=-1) + 1
+    roles: dict[int, str] = {}
+    selected: set[tuple[str, str]] = set()
+    for i, site, method, _ in sharing:
+        params = policy.phase(site.phase).for_layer(site.layer)[1]
+        role = METHODS[method].selection_role(site.layer, num_layers, params)
+        if role == "reuse" and (site.phase, method) not in selected:
+            role = "exact"
+        if role == "select":
+            selected.add((site.phase, method))
+        roles[i] = role
+    return roles
 
 
 def erase_unused(graph: fx.Graph, candidates: set[fx.Node]) -> None:
@@ -131,7 +158,9 @@ def rewrite_attention(
     outputs: list[fx.Node] = []
     layers: list[int] = []
     dead: set[fx.Node] = set()
-    for site in matches:
+    roles = selection_roles(matches, policy)
+    latest_selection: dict[tuple[str, str], fx.Node] = {}
+    for index, site in enumerate(matches):
         phase = policy.phase(site.phase)
         method, params = phase.for_layer(site.layer)
         if site.mask.dense_mask is not None:
@@ -142,10 +171,18 @@ def rewrite_attention(
             ))
         config = node_config(method, params, phase.min_seq_len, site_facts(site))
         captured = site.phase in METHODS[method].capturable_phases
+        role = roles.get(index, "")
         sites.append(site_record(site, graph_index, method, params, phase.min_seq_len, static_fallback(site, config),
-                                 captured))
+                                 captured, role))
         dense_mask = site.sdpa.kwargs.get("attn_mask", site.sdpa.args[3] if len(site.sdpa.args) > 3 else None)
-        records = rewrite_site(gm.graph, site, config, OP if captured else OP_OUTSIDE_GRAPHS)
+        if role:
+            key = (site.phase, method)
+            *records, made = rewrite_site(gm.graph, site, config, OP_SHARING,
+                                          (latest_selection.get(key) if role == "reuse" else None, role))
+            if role == "select":
+                latest_selection[key] = made
+        else:
+            records = rewrite_site(gm.graph, site, config, OP if captured else OP_OUTSIDE_GRAPHS)
         if method != "dense":  # exact attention: density 1, no fallback; nothing to record per call
             outputs.extend(records)
             layers.append(site.layer)

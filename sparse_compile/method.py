@@ -24,6 +24,17 @@ A method is four files and nothing else:
     scale: softmax scale. Returns out (B, H, Lq, D) in q's dtype and density (B, H) float32:
     the fraction of the allowed key blocks (or tokens) that were computed, 1.0 for exact attention.
     It is only called when `unsupported(...)` returned None and the mask is proven.
+
+Methods whose layers share one selection (`selection_role` set, e.g. LessIsMore) pass it between layers
+as a tensor edge of the FX graph, never as hidden state. The pass asks `selection_role(layer, num_layers,
+params)` for each site's role:
+    "exact"   the layer runs exact attention and neither makes nor takes a selection;
+    "select"  the layer makes a selection, (B, selection_size(params)) int32 token indices padded with -1;
+    "reuse"   the layer takes the selection of the latest "select" layer before it in the same graph
+              (none there: it runs exact attention and the Report says why).
+and such a method's attention takes two more arguments and returns the selection it made:
+    `attention(q, k, v, mask, site, params, scale, role, selection) -> (out, density, selection_out)`
+with selection_out (B, selection_size(params)) int32 for role "select", (B, 0) otherwise.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ class Method:
         other phases the node carries torch's `cudagraph_unsafe` tag and runs outside captured graphs
         (the Report says so).
     summary: one line for `--help` and the README's method table.
+    selection_role, selection_size: for methods whose layers share one selection (module docstring).
     """
 
     name: str
@@ -64,7 +76,13 @@ class Method:
     select: Callable[..., Any] | None = None
     capturable_phases: tuple[str, ...] = PHASES
     summary: str = ""
+    selection_role: Callable[[int, int, Any], str] | None = None
+    selection_size: Callable[[Any], int] | None = None
 
     def __post_init__(self) -> None:
         if not self.phases or any(p not in PHASES for p in self.phases):
             raise ValueError(f"method {self.name!r}: phases {self.phases!r} must be a non-empty subset of {PHASES}")
+        if (self.selection_role is None) != (self.selection_size is None):
+            raise ValueError(f"method {self.name!r}: give both selection_role and selection_size, or neither")
+        if self.selection_role is not None and not set(self.phases) <= set(self.capturable_phases):
+            raise ValueError(f"method {self.name!r}: a selection-sharing method must be capturable in its phases")

@@ -15,6 +15,13 @@ Its arguments name everything that will run, so a printed graph shows it:
              fallback () int32: 0 when the method ran, else the index in FALLBACKS of the reason the
                      node ran exact attention instead)
 
+`torch.ops.sparse_compile.attention_sharing_selection` is the node of methods whose layers share one
+selection (`Method.selection_role`, e.g. LessIsMore): two more arguments, `selection` (B, N) int32 or None
+(the selection of an earlier layer, a graph edge) and `role` ("exact" | "select" | "reuse"), and a fourth
+output, the selection this node made ((B, N) int32 padded with -1 for role "select"; (B, 0) otherwise).
+When a call falls back, a "select" node returns an all -1 selection and its "reuse" layers fall back too
+(they see the same lengths, mask and shapes).
+
 `torch.ops.sparse_compile.attention_outside_graphs` is the same node for methods whose CUDA path
 cannot be captured in a CUDA graph (`Method.capturable_phases` without the node's phase): it carries the
 `cudagraph_unsafe` tag, so mode="reduce-overhead" runs it between captured partitions.
@@ -178,3 +185,51 @@ def attention_outside_graphs(
 
 attention.register_fake(fake_node)
 attention_outside_graphs.register_fake(fake_node)
+
+ROLES = ("exact", "select", "reuse")
+
+
+def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role):
+    """The node of a selection-sharing method: fallback decision, then the method's role."""
+    from sparse_compile.methods import METHODS
+
+    check_inputs(q, k, v, key_valid, scale, q_offset, window)
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    node = parse_config(config)
+    if node.method.selection_size is None:
+        raise ValueError(f"method {node.method.name!r} does not share selections")
+    width = node.method.selection_size(node.params) if role == "select" else 0
+    if role == "reuse" and (selection is None or selection.dim() != 2 or selection.shape[0] != q.shape[0]):
+        raise ValueError(f"a 'reuse' node needs a (B, N) selection, got "
+                         f"{None if selection is None else tuple(selection.shape)}")
+    mask = AttentionMask(
+        causal=causal, q_offset=q_offset, window=window,
+        key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask,
+    )
+    code, _ = fallback_reason(node, call_shape(q, k, window, causal), dense_mask is not None)
+    if code != RAN or role == "exact":
+        out, density = METHODS["dense"].attention(q, k, v, mask, node.site, METHODS["dense"].Params(), scale)
+        made = torch.full((q.shape[0], width), -1, dtype=torch.int32, device=q.device)
+    else:
+        out, density, made = node.method.attention(q, k, v, mask, node.site, node.params, scale, role, selection)
+    return out.contiguous(), density, torch.full((), code, dtype=torch.int32, device=q.device), made
+
+
+def fake_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role):
+    node = parse_config(config)
+    width = node.method.selection_size(node.params) if role == "select" else 0
+    return fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config) + (
+        q.new_empty((q.shape[0], width), dtype=torch.int32),)
+
+
+@torch.library.custom_op("sparse_compile::attention_sharing_selection", mutates_args=())
+def attention_sharing_selection(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
+    dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
+    selection: torch.Tensor | None, role: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role)
+
+
+attention_sharing_selection.register_fake(fake_node_sharing)

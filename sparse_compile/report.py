@@ -29,6 +29,8 @@ class Site:
       decided at run time are in `Report.fallbacks()`.
     cuda_graphs: False when the node carries the cudagraph_unsafe tag (its method cannot be captured in
       this phase): under mode="reduce-overhead" it runs between captured partitions.
+    role: for methods whose layers share one selection: "select" (makes it), "reuse" (takes the latest
+      selection made before it in this graph) or "exact"; "" for other methods.
     """
 
     graph: int
@@ -51,6 +53,7 @@ class Site:
     min_seq_len: int = 0
     fallback: str = ""
     cuda_graphs: bool = True
+    role: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ class Report:
             if d is None and s.method == "dense" and s.graph in self.calls:
                 d = torch.ones(())
             dens = "-" if d is None else f"{float(d.float().mean()):.3f}"
-            key = (str(s.graph), s.phase, s.method, s.rope, str(s.rotary_dim), str(s.num_heads),
+            method = f"{s.method} ({s.role})" if s.role else s.method
+            key = (str(s.graph), s.phase, method, s.rope, str(s.rotary_dim), str(s.num_heads),
                    str(s.num_kv_heads), str(s.head_dim), s.mask, s.cache, s.gqa)
             last = groups[-1] if groups else None
             if not per_layer and last and last[0] == key and last[2] == s.layer - 1 and (dens == "-") == (

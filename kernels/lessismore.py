@@ -1,0 +1,160 @@
+"""LessIsMore's token selection for decode: one token set shared by every head (shared/specs/lessismore.md).
+
+In a selection layer each query head ranks the middle region of the cache (not sink, not recent) by its
+scaled logits q . k / sqrt(D) and takes its top `middle`; the union is built rank by rank (every head's
+rank-0 token, then every rank-1 token, ...), duplicates dropped, truncated at `middle` tokens, so the
+highest-ranked tokens win, never the earliest positions. The set = sink + union + recent.
+
+Everything here is fixed-size tensor work (matmul, topk, scatter_reduce): no host synchronisation and no
+allocation whose size depends on data, so it runs inside CUDA graphs. The union is computed without a
+loop: token t gets the order key min over (rank r, head h) that chose it of r * H + h (the position of
+its first occurrence in the rank-major sequence); the union truncated at `middle` is the `middle` tokens
+with the smallest keys. `union_reference` is the plain loop it must equal.
+
+    budget_split(budget, sink, recent_fraction) -> (sink, middle, recent)
+    decode_logits(q, k, scale, visible)          (B, H, Lk) float32 scaled logits, -inf where invisible
+    select_tokens(logits, visible, budget, ...)  (B, budget) int32 token indices, -1 padded
+    shared_selection_attention(q, k, v, selection, visible, scale)
+                                                 attention over the selected tokens only (reference)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NOT_CHOSEN = torch.iinfo(torch.int32).max  # order key of a token no head chose
+
+
+def budget_split(budget: int, sink: int, recent_fraction: float) -> tuple[int, int, int]:
+    """(sink, middle, recent) token counts of a budget: recent = ceil(recent_fraction * budget), sink as
+    given, middle = the rest (>= 0). Raises ValueError when sink + recent exceed the budget."""
+    recent = math.ceil(recent_fraction * budget)
+    middle = budget - sink - recent
+    if middle < 0:
+        raise ValueError(f"budget {budget} < sink {sink} + recent {recent}")
+    return sink, middle, recent
+
+
+def decode_logits(q: Tensor, k: Tensor, scale: float, visible: Tensor) -> Tensor:
+    """Scaled logits of one query per head, float32, -inf at keys the query cannot see.
+
+    q: (B, H, 1, D); k: (B, Hkv, Lk, D) (un-expanded, H % Hkv == 0); visible: (B, Lk) bool.
+    Returns (B, H, Lk). K is read once per KV head (the group's queries share the matmul)."""
+    B, H, _, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hkv, H // Hkv, D).float()
+    logits = torch.matmul(qg, k.float().transpose(-1, -2)).reshape(B, H, Lk) * scale
+    return logits.masked_fill(~visible[:, None, :], float("-inf"))
+
+
+def fixed_regions(visible: Tensor, sink: int, recent: int) -> tuple[Tensor, Tensor]:
+    """(is_sink, is_recent), each (B, Lk) bool: the first `sink` and the last `recent` visible keys of
+    each row (left padding and unwritten static-cache slots are invisible, so they are skipped)."""
+    count = visible.cumsum(dim=1)  # 1-based index among the visible keys
+    total = count[:, -1:]
+    is_sink = visible & (count <= sink)
+    is_recent = visible & (count > total - recent) & ~is_sink
+    return is_sink, is_recent
+
+
+def union_by_rank(head_top: Tensor, valid: Tensor, length: int, middle: int) -> Tensor:
+    """The rank-by-rank union of per-head rankings, truncated at `middle` tokens.
+
+    head_top: (B, H, M) token indices, each head's ranking (rank 0 first); valid: (B, H, M) bool.
+    Returns (B, middle) int32 token indices (the union in order of first occurrence), -1 padded when the
+    union has fewer tokens."""
+    B, H, M = head_top.shape
+    if middle == 0 or M == 0:
+        return torch.full((B, middle), -1, dtype=torch.int32, device=head_top.device)
+    rank = torch.arange(M, device=head_top.device, dtype=torch.int32)[None, None, :]
+    head = torch.arange(H, device=head_top.device, dtype=torch.int32)[None, :, None]
+    order = (rank * H + head).expand(B, H, M).masked_fill(~valid, NOT_CHOSEN)
+    keys = torch.full((B, length), NOT_CHOSEN, dtype=torch.int32, device=head_top.device)
+    keys.scatter_reduce_(1, head_top.reshape(B, H * M).long(), order.reshape(B, H * M), reduce="amin")
+    take = min(middle, length)
+    smallest, tokens = torch.topk(keys, take, dim=1, largest=False, sorted=True)
+    tokens = tokens.to(torch.int32).masked_fill(smallest == NOT_CHOSEN, -1)
+    if take < middle:
+        tokens = torch.cat([tokens, tokens.new_full((B, middle - take), -1)], dim=1)
+    return tokens
+
+
+def union_reference(head_top: Tensor, valid: Tensor, middle: int) -> list[list[int]]:
+    """The union as the spec states it, with Python loops: per batch row, the tokens in order."""
+    B, H, M = head_top.shape
+    result = []
+    for b in range(B):
+        chosen: list[int] = []
+        for r in range(M):
+            for h in range(H):
+                token = int(head_top[b, h, r])
+                if valid[b, h, r] and token not in chosen and len(chosen) < middle:
+                    chosen.append(token)
+        result.append(chosen)
+    return result
+
+
+def indices_of(flags: Tensor, count: int) -> Tensor:
+    """(B, count) int32 indices of the True entries of flags (B, L) (at most `count` per row), -1 padded."""
+    B, L = flags.shape
+    take = min(count, L)
+    position = torch.arange(L, 0, -1, device=flags.device, dtype=torch.int32)  # earlier first among ties
+    score, index = torch.topk(flags.to(torch.int32) * position, take, dim=1)
+    index = index.to(torch.int32).masked_fill(score == 0, -1)
+    if take < count:
+        index = torch.cat([index, index.new_full((B, count - take), -1)], dim=1)
+    return index
+
+
+def select_tokens(logits: Tensor, visible: Tensor, budget: int, sink: int, recent_fraction: float) -> Tensor:
+    """One token set per batch row, shared by all heads: sink + rank-by-rank union + recent.
+
+    logits: (B, H, Lk) float32, -inf where invisible; visible: (B, Lk) bool.
+    Returns (B, budget) int32 token indices, -1 in unused slots (when fewer keys are visible)."""
+    n_sink, middle, n_recent = budget_split(budget, sink, recent_fraction)
+    is_sink, is_recent = fixed_regions(visible, n_sink, n_recent)
+    in_middle = visible & ~is_sink & ~is_recent
+    ranked = logits.masked_fill(~in_middle[:, None, :], float("-inf"))
+    take = min(middle, logits.shape[-1])
+    values, head_top = torch.topk(ranked, take, dim=-1, sorted=True)
+    union = union_by_rank(head_top, values > float("-inf"), logits.shape[-1], middle)
+    fixed = indices_of(is_sink | is_recent, n_sink + n_recent)
+    return torch.cat([fixed, union], dim=1)
+
+
+def selection_visible(selection: Tensor, length: int) -> Tensor:
+    """(B, length) bool: which tokens a selection (B, N) int32 (-1 padded) holds."""
+    B = selection.shape[0]
+    hit = torch.zeros(B, length + 1, dtype=torch.bool, device=selection.device)
+    slot = torch.where(selection < 0, length, selection.long())
+    hit.scatter_(1, slot, True)
+    return hit[:, :length]
+
+
+def shared_selection_attention(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, visible: Tensor,
+                               scale: float) -> Tensor:
+    """Attention of one query per head over the selected tokens only (the PyTorch path; CUDA uses the
+    shared sparse decode kernel when it is available).
+
+    q: (B, H, 1, D); k, v: (B, Hkv, Lk, D); selection: (B, N) int32, -1 padded; visible: (B, Lk) bool
+    (a selected token that is not visible is ignored). Returns (B, H, 1, Dv) in q's dtype; a row with no
+    selected visible token is zeros. K/V of each selected token are gathered once per KV head, and a
+    non-finite value in an unselected key never reaches the output."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    slot_ok = (selection >= 0) & visible.gather(1, selection.clamp(min=0).long())  # (B, N)
+    index = selection.clamp(min=0).long()[:, None, :, None]
+    ks = k.gather(2, index.expand(B, Hkv, -1, D)).float()  # (B, Hkv, N, D)
+    vs = v.gather(2, index.expand(B, Hkv, -1, v.shape[-1])).float()
+    vs = vs.masked_fill(~slot_ok[:, None, :, None], 0.0)
+    qg = q.reshape(B, Hkv, H // Hkv, D).float()
+    logits = torch.matmul(qg, ks.transpose(-1, -2)) * scale  # (B, Hkv, G, N)
+    logits = logits.masked_fill(~slot_ok[:, None, None, :], float("-inf"))
+    peak = logits.amax(dim=-1, keepdim=True)
+    weights = torch.exp(logits - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights, vs) / torch.where(total > 0, total, torch.ones_like(total))
+    return out.reshape(B, H, 1, v.shape[-1]).to(q.dtype)

@@ -1,0 +1,151 @@
+"""LessIsMore: one decode token set shared by all heads, selected in a few layers and reused
+(arXiv 2508.07101; shared/specs/lessismore.md; kernels/lessismore.py).
+
+Layer roles (each decode step; prefill stays dense): `dense_layers` run exact attention; each of the
+`selection_layers` runs exact attention and selects `budget` tokens (sink + rank-by-rank union of the
+heads' top tokens + recent) from its own logits; every other layer attends only over the selection of
+the latest selection layer before it. The selection is a tensor edge of the FX graph (the pass wires it,
+see sparse_compile.method); nothing is kept between calls. Layers before the first selection layer that
+are not dense layers also run exact attention (there is nothing to reuse yet).
+
+Budget split: recent = ceil(recent_fraction * budget) last tokens, `sink` first tokens, the rest from
+the union. (The public code takes the sink out of the recency share: recent = budget - int(0.75 budget)
+- 4; here the recency share is exactly `recent_fraction`, as the issue's contract states.)
+
+Falls back to exact attention (reason in the Report) when budget >= the cache length, for a sliding
+window (the selection would ignore it) and for prefill (q_len > 1: the method is decode-only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
+from sparse_compile.kernels.lessismore import budget_split, decode_logits, select_tokens, shared_selection_attention
+from sparse_compile.method import Method
+from sparse_compile.params import check_value, param
+
+
+def layer_list(value: Any, key: str) -> tuple[int | str, ...]:
+    """A validated layer list ([2, "5-7"]) in canonical form, as a tuple."""
+    from sparse_compile.policy import parse_layers
+
+    return tuple(parse_layers(list(value) if isinstance(value, tuple) else value, "LessIsMoreParams", key,
+                              allow_empty=True).to_list())
+
+
+def in_layers(layer: int, layers: tuple[int | str, ...]) -> bool:
+    from sparse_compile.policy import parse_layers
+
+    return layer in parse_layers(list(layers), "LessIsMoreParams", allow_empty=True)
+
+
+@dataclass(frozen=True)
+class LessIsMoreParams:
+    """LessIsMore's parameters (policy table `[decode.params]`)."""
+
+    budget: int = param(2048, range=(8, 1 << 24), help="tokens every head attends to in reusing layers")
+    recent_fraction: float = param(0.25, range=(0.0, 1.0),
+                                   help="share of the budget given to the most recent tokens (ceil)")
+    sink: int = param(4, range=(0, 1 << 16), help="first tokens always kept")
+    selection_layers: tuple = param((), type=(list, tuple),
+                                    help="layers that select (ints and 'a-b' ranges); [] = layer 2 and "
+                                         "num_layers // 3, counted over the layers of the compiled graph")
+    dense_layers: tuple = param((0, 1), type=(list, tuple), help="layers that always run exact attention")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = check_value(f, getattr(self, f.name), "LessIsMoreParams")
+            if f.name.endswith("_layers"):
+                value = layer_list(value, f.name)
+            object.__setattr__(self, f.name, value)
+
+    def validate(self) -> str | None:
+        try:
+            budget_split(self.budget, self.sink, self.recent_fraction)
+        except ValueError as err:
+            return f"{err} (lower sink or recent_fraction, or raise budget)"
+        return None
+
+
+Params = LessIsMoreParams
+
+
+def selection_layers(params: LessIsMoreParams, num_layers: int) -> tuple[int | str, ...]:
+    if params.selection_layers:
+        return params.selection_layers
+    return tuple(sorted({2, max(2, num_layers // 3)}))
+
+
+def selection_role(layer: int, num_layers: int, params: LessIsMoreParams) -> str:
+    """"exact" for dense layers, "select" for selection layers, "reuse" for the others (the pass turns a
+    "reuse" with no selection layer before it into "exact")."""
+    if in_layers(layer, params.dense_layers):
+        return "exact"
+    if in_layers(layer, selection_layers(params, num_layers)):
+        return "select"
+    return "reuse"
+
+
+def selection_size(params: LessIsMoreParams) -> int:
+    return params.budget
+
+
+def unsupported(call: Any, site: SiteFacts, params: LessIsMoreParams) -> str | None:
+    """Why LessIsMore cannot run this call (the node then runs exact attention), or None."""
+    if call.q_len != 1:
+        return f"q_len {call.q_len} (LessIsMore selects for one decode query)"
+    if call.window:
+        return f"sliding window {call.window}"
+    if params.budget >= call.kv_len:
+        return f"budget {params.budget} >= cache length {call.kv_len}: every token is attended"
+    return None
+
+
+def decode_visible(mask: AttentionMask, batch: int, kv_len: int, device: torch.device) -> Tensor:
+    """(B, Lk) bool: the keys the one decode query may see (causality, padding)."""
+    return visible_keys(mask, batch, 1, kv_len, device=device)[:, 0, 0, :]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: LessIsMoreParams,
+              scale: float, role: str = "reuse", selection: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode step of one layer. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D).
+
+    role "select": exact attention, and the selection made from this layer's logits (B, budget) int32;
+    role "reuse": attention over `selection` only. Returns (out (B, H, 1, D), density (B, H): selected
+    visible tokens / visible tokens (1.0 when selecting), selection made ((B, 0) when reusing))."""
+    from sparse_compile.methods import METHODS
+
+    B, H = q.shape[:2]
+    Lk = k.shape[2]
+    visible = decode_visible(mask, B, Lk, q.device)
+    if role == "select":
+        dense = METHODS["dense"]
+        out, density = dense.attention(q, k, v, mask, site, dense.Params(), scale)
+        logits = decode_logits(q, k, scale, visible)
+        made = select_tokens(logits, visible, params.budget, params.sink, params.recent_fraction)
+        return out, density, made
+    if role != "reuse" or selection is None:
+        raise ValueError(f"LessIsMore attention: role {role!r} needs a selection" if role == "reuse"
+                         else f"LessIsMore attention: unknown role {role!r}")
+    out = shared_selection_attention(q, k, v, selection, visible, scale)
+    kept = ((selection >= 0) & visible.gather(1, selection.clamp(min=0).long())).sum(dim=1).float()
+    density = (kept / visible.sum(dim=1).clamp(min=1).float())[:, None].expand(B, H).contiguous()
+    return out, density, selection.new_empty((B, 0))
+
+
+METHOD = Method(
+    name="lessismore",
+    phases=("decode",),
+    Params=LessIsMoreParams,
+    attention=attention,
+    unsupported=unsupported,
+    capturable_phases=("decode",),
+    selection_role=selection_role,
+    selection_size=selection_size,
+    summary="decode: one token set shared by all heads, selected in a few layers and reused (LessIsMore)",
+)
