@@ -18,6 +18,7 @@ from typing import Any
 
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
 from sparse_compile.evaluation.corpus import CORPORA, DEFAULT_CORPUS, default_corpus
+from sparse_compile.evaluation.device import DTYPES
 from sparse_compile.evaluation.models import DEFAULT_MODEL, ModelLoadError
 
 
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--niah-lengths", type=parse_lengths, help="NIAH context lengths (default: --lengths)")
     ev.add_argument("--niah-depths", type=parse_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0),
                     help="needle depths in [0, 1], comma-separated (default 0,0.25,0.5,0.75,1)")
-    ev.add_argument("--niah-samples", type=positive_int, default=1, help="samples per (length, depth) cell (1)")
+    ev.add_argument("--niah-samples", type=positive_int, default=None,
+                    help="samples per (length, depth) cell (default 3 on CUDA, 1 on the CPU)")
     ev.add_argument("--niah-max-new-tokens", type=positive_int, default=12, help="greedy answer tokens (12)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the NIAH samples (default 0)")
     ev.add_argument("--inner", choices=("eager", "inductor"), default="eager",
@@ -121,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-cache", action="store_true", help="recompute the eager baseline, cache nothing")
     ev.add_argument("--out", default="eval_out", help="output folder (default eval_out/)")
     ev.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--device", default=None,
+                    help="cpu or cuda (default: cuda when available; the CPU is the reference)")
+    ev.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                    help="model dtype (default fp32; the eager baseline is cached per device and dtype)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.add_argument("--write-md", metavar="FILE", help="also put the markdown report in FILE (e.g. EVAL.md), "
                     "replacing the section of the same name")
@@ -205,6 +211,7 @@ def eval_config(args: argparse.Namespace) -> Any:
         niah_lengths=args.niah_lengths, niah_depths=args.niah_depths, niah_samples=args.niah_samples,
         niah_max_new_tokens=args.niah_max_new_tokens, seed=args.seed, inner=args.inner,
         cache_dir=None if args.no_cache else args.cache_dir, progress=not args.no_progress,
+        device=args.device, dtype=args.dtype,
     )
 
 

@@ -97,8 +97,8 @@ def greedy_generate(
 ) -> list[int]:
     """Greedy decoding through a DynamicCache: one prefill call, then one call per new token.
 
-    model: an HF causal LM or its compiled module; input_ids: (L,) int64. Returns the new token ids
-    (stops after an EOS id). `after_prefill` runs right after the prefill call (to read densities).
+    model: an HF causal LM or its compiled module; input_ids: (L,) int64 on the model's device. Returns
+    the new token ids (stops after an EOS id). `after_prefill` runs right after the prefill call (to read densities).
     """
     from transformers import DynamicCache
 
@@ -113,7 +113,8 @@ def greedy_generate(
             out_ids.append(token)
             if token in eos_ids or step == max_new_tokens - 1:
                 break
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=torch.tensor([[token]], device=input_ids.device), past_key_values=out.past_key_values,
+                        use_cache=True)
     return out_ids
 
 

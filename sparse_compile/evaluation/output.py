@@ -18,40 +18,101 @@ def environment_lines(meta: dict[str, Any]) -> list[str]:
         f"- Machine: {env['machine']}, {env['cpus']} CPUs ({env['torch_threads']} torch threads); "
         f"Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}; "
         f"sparse_compile {env['sparse_compile_revision']}; {env['date']}",
+        device_line(env),
         f"- Model: {model['name']} ({model['class']}, {model['layers']} layers, {model['heads']}/{model['kv_heads']} "
         f"heads, {model['parameters'] / 1e6:.1f}M parameters, {model['dtype']}, fingerprint {model['fingerprint']})",
         f"- Corpus: {corpus['name']}: {corpus['source']} ({corpus['tokens']} tokens, sha256 {corpus['sha256']})",
     ]
 
 
+def device_line(env: dict[str, Any]) -> str:
+    """`- Device: cuda (NVIDIA H100 ..., sm 9.0, CUDA 12.8, triton 3.6); dtype fp32` (cpu for older results)."""
+    device = env.get("device", "cpu")
+    extra = [env[k] if k != "capability" else f"sm {env[k]}" for k in ("gpu", "capability") if env.get(k)]
+    extra += [f"{k.upper() if k == 'cuda' else k} {env[k]}" for k in ("cuda", "triton") if env.get(k)]
+    return f"- Device: {device}" + (f" ({', '.join(extra)})" if extra else "") + f"; dtype {env.get('dtype', 'fp32')}"
+
+
 def ppl_table(results: dict[str, Any]) -> list[str]:
+    """One row per (policy, length); `first s` is the first window (it includes dynamo's compile for a
+    compiled policy), `steady s` the mean of the later windows."""
     base = results["baseline"]
-    lines = ["| policy | L | windows | PPL | dPPL | dPPL % | mean prefill density | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | L | windows | PPL | dPPL | dPPL % | mean prefill density | first s | steady s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for length, row in base["ppl"].items():
         lines.append(f"| {base['label']} | {length} | {len(row['windows'])} | {row['ppl']:.4f} | – | – | 1.000 | "
+                     f"{fmt(row.get('first_s'), '.2f')} | {fmt(row.get('steady_s'), '.2f')} | "
                      f"{sum(w['seconds'] for w in row['windows']):.1f} |")
     for run in results["runs"]:
         for length, row in run.get("ppl", {}).items():
             lines.append(f"| {run['label']} | {length} | {len(row['windows'])} | {row['ppl']:.4f} | "
                          f"{row['dppl']:+.4f} | {row['dppl_pct']:+.2f} | {fmt(row['mean_density'])} | "
+                         f"{fmt(row.get('first_s'), '.2f')} | {fmt(row.get('steady_s'), '.2f')} | "
                          f"{row['wall_s']:.1f} |")
     return lines
 
 
+def found(samples: list[dict[str, Any]], length: str | None = None) -> str:
+    """"k/n": needles found among the samples (of one length)."""
+    rows = [s for s in samples if length is None or str(s["length"]) == length]
+    return f"{sum(1 for s in rows if s['score'] >= 1.0)}/{len(rows)}"
+
+
+def niah_entries(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    base = results["baseline"]["niah"]
+    return [(results["baseline"]["label"], base)] + [(r["label"], r["niah"]) for r in results["runs"] if "niah" in r]
+
+
+def lost_cell(niah: dict[str, Any], length: str | None = None) -> str:
+    vs = niah.get("vs_eager")
+    if vs is None:
+        return "–"
+    lost = [x for x in vs["lost"] if length is None or str(x["length"]) == length]
+    gained = [x for x in vs["gained"] if length is None or str(x["length"]) == length]
+    return f"{len(lost)}" + (f" (+{len(gained)} gained)" if gained else "")
+
+
 def niah_table(results: dict[str, Any]) -> list[str]:
+    """Needles found per length and overall, needles lost against eager, densities, wall time."""
     base = results["baseline"]["niah"]
     lengths = list(base["by_length"])
     lines = ["| policy | " + " | ".join(f"L={L}" for L in lengths)
-             + " | all | mean prefill density | mean decode density | wall s |",
-             "|---|" + "---|" * (len(lengths) + 4)]
-    entries = [(results["baseline"]["label"], base)] + [(r["label"], r["niah"]) for r in results["runs"] if "niah" in r]
-    for label, niah in entries:
-        cells = " | ".join(f"{niah['by_length'][L]:.2f}" for L in lengths)
+             + " | all | lost vs eager | mean prefill density | mean decode density | wall s |",
+             "|---|" + "---|" * (len(lengths) + 5)]
+    for label, niah in niah_entries(results):
+        cells = " | ".join(found(niah["samples"], L) for L in lengths)
         wall = niah.get("wall_s", sum(s["seconds"] for s in niah["samples"]))
-        lines.append(f"| {label} | {cells} | {niah['score']:.2f} | {fmt(niah.get('mean_density', 1.0))} | "
-                     f"{fmt(niah.get('decode_mean_density', 1.0))} | {wall:.1f} |")
+        lines.append(f"| {label} | {cells} | {found(niah['samples'])} | {lost_cell(niah)} | "
+                     f"{fmt(niah.get('mean_density', 1.0))} | {fmt(niah.get('decode_mean_density', 1.0))} | "
+                     f"{wall:.1f} |")
     return lines
+
+
+def niah_depth_table(results: dict[str, Any]) -> list[str]:
+    """Hits per (policy, length, depth), needles lost against eager, first-sample and steady seconds."""
+    base = results["baseline"]["niah"]
+    lengths = list(base["grid"])
+    depths = sorted({d for L in lengths for d in base["grid"][L]}, key=float)
+    lines = ["| policy | L | " + " | ".join(f"depth {d}" for d in depths) + " | lost vs eager | first s | steady s |",
+             "|---|---|" + "---|" * (len(depths) + 3)]
+    for label, niah in niah_entries(results):
+        for L in lengths:
+            counts = niah.get("hits", {}).get(L, {})
+            cells = " | ".join(f"{counts[d][0]}/{counts[d][1]}" if d in counts else "–" for d in depths)
+            timing = niah.get("timing", {}).get(L, {})
+            lines.append(f"| {label} | {L} | {cells} | {lost_cell(niah, L)} | {fmt(timing.get('first_s'), '.2f')} | "
+                         f"{fmt(timing.get('steady_s'), '.2f')} |")
+    return lines
+
+
+def lost_lines(results: dict[str, Any]) -> list[str]:
+    """Each needle a policy lost that the eager model found: where, the value, both answers."""
+    lines = []
+    for run in results["runs"]:
+        for x in run.get("niah", {}).get("vs_eager", {}).get("lost", []):
+            lines.append(f"- {run['label']} lost L={x['length']} depth {x['depth']:g} sample {x['index']}: "
+                         f"needle {x['value']}, answered {x['answer'].strip()!r} (eager {x['eager_answer'].strip()!r})")
+    return ["Needles lost against eager:", "", *lines, ""] if lines else []
 
 
 def layer_density_lines(results: dict[str, Any]) -> list[str]:
@@ -90,7 +151,9 @@ def markdown(results: dict[str, Any]) -> str:
     if "niah" in results["baseline"]:
         cfg = meta["config"]
         out += [f"Needle in a haystack (exact match; depths {', '.join(f'{d:g}' for d in cfg['niah_depths'])}; "
-                f"{cfg['niah_samples']} sample(s) per cell):", "", *niah_table(results), ""]
+                f"{cfg['niah_samples']} sample(s) per cell; found/samples):", "", *niah_table(results), "",
+                "Per depth (first s: the first sample of a length, which compiles; steady s: mean of the rest):",
+                "", *niah_depth_table(results), "", *lost_lines(results)]
     out += layer_density_lines(results)
     out += site_lines(results)
     return "\n".join(out).rstrip() + "\n"

@@ -17,15 +17,16 @@ import torch.nn.functional as F
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def logits_fn(model: Any) -> LogitsFn:
+def logits_fn(model: Any, device: torch.device | str | None = None) -> LogitsFn:
     """input_ids (B, L) -> logits (B, L, V) of an HF causal LM (eager or compiled).
 
     The call is the plain `model(input_ids)` a user makes (with the model's default `use_cache`),
-    so the graph the backend sees is the one a user's prefill produces.
+    so the graph the backend sees is the one a user's prefill produces. device: where the model
+    lives (the ids are moved there); None leaves them where they are.
     """
 
     def run(input_ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=input_ids).logits
+        return model(input_ids=input_ids if device is None else input_ids.to(device)).logits
 
     return run
 
@@ -39,12 +40,12 @@ def window_nll(forward: LogitsFn, ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"a window must be a 1-D tensor of >= 2 token ids, got shape {tuple(ids.shape)}")
     with torch.no_grad():
         logits = forward(ids[None])  # (1, L, V)
-        return F.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="none")
+        return F.cross_entropy(logits[0, :-1].float(), ids[1:].to(logits.device), reduction="none")
 
 
 def nll_summary(nll: torch.Tensor) -> dict[str, Any]:
     """The numbers kept per window: NLL sum (float64 accumulation of the float32 terms) and count."""
-    return {"nll_sum": float(nll.double().sum()), "tokens": int(nll.numel())}
+    return {"nll_sum": float(nll.double().sum().cpu()), "tokens": int(nll.numel())}
 
 
 def perplexity(windows: list[dict[str, Any]]) -> float:

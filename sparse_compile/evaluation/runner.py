@@ -4,9 +4,14 @@
     results = run_eval(EvalConfig(policies=("dense", "prism"), lengths=(2048, 4096)))
     write_outputs(results, Path("results/eval"))
 
-The baseline is the eager model (no torch.compile), cached per model fingerprint and exact input
-ids; every policy runs through `torch.compile(model, backend="sparse")` with the eager inner
-compiler on CPU. dPPL is relative to the baseline; densities come from the backend's Report.
+The baseline is the eager model (no torch.compile), cached per model fingerprint, exact input
+ids, device and dtype; every policy runs through `torch.compile(model, backend="sparse")` (eager
+inner compiler by default). dPPL is relative to the baseline; densities come from the backend's
+Report. `device` (cpu, cuda; default cuda when available) and `dtype` (fp32 default, bf16, fp16)
+say where the model runs: CPU fp32 is the reference, CUDA runs the methods' Triton paths.
+
+Timing: the first call at each length includes dynamo's (re)compile, so every table reports the
+first call apart from the steady state (the mean of the later calls at that length).
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ from tqdm.auto import tqdm
 from sparse_compile.evaluation import needle as niah
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR, ResultCache, ids_digest
 from sparse_compile.evaluation.corpus import DEFAULT_CORPUS, Corpus, load_corpus, tokenize, windows
+from sparse_compile.evaluation.device import (
+    device_description,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+    synchronize,
+)
 from sparse_compile.evaluation.models import DEFAULT_MODEL, describe_model, load_model, model_fingerprint
 from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
 from sparse_compile.evaluation.policies import PolicyRun, Sweep, expand_policies
@@ -50,14 +62,21 @@ class EvalConfig:
     tasks: tuple[str, ...] = TASKS
     niah_lengths: tuple[int, ...] | None = None
     niah_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    niah_samples: int = 1
+    niah_samples: int | None = None  # None: 3 per cell on CUDA, 1 on the CPU
     niah_max_new_tokens: int = 12
     seed: int = 0
     inner: str = "eager"
     cache_dir: str | None = str(DEFAULT_CACHE_DIR)
     progress: bool = True
+    device: str | None = None  # None: cuda when available, else cpu (resolved at construction)
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        # resolved here, so that the recorded config says where the numbers came from
+        object.__setattr__(self, "device", str(resolve_device(self.device)))
+        object.__setattr__(self, "dtype", dtype_name(resolve_dtype(self.dtype)))
+        if self.niah_samples is None:
+            object.__setattr__(self, "niah_samples", 3 if self.device.startswith("cuda") else 1)
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of {', '.join(TASKS)}; got {', '.join(self.tasks)}")
@@ -81,6 +100,24 @@ class EvalConfig:
     def needle_lengths(self) -> tuple[int, ...]:
         return self.niah_lengths if self.niah_lengths is not None else self.lengths
 
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype)
+
+
+def first_and_steady(seconds: list[float]) -> dict[str, float | None]:
+    """{"first_s": the first call, "steady_s": mean of the later calls (None with one call)}.
+
+    The first call at a new length includes dynamo's (re)compile; the later ones are what a user
+    pays once the model is warm.
+    """
+    if not seconds:
+        return {"first_s": None, "steady_s": None}
+    rest = seconds[1:]
+    return {"first_s": seconds[0], "steady_s": sum(rest) / len(rest) if rest else None}
+
 
 def compile_with_policy(model: Any, policy: Any, report: Report, inner: str = "eager") -> Any:
     """`torch.compile(model, backend="sparse")` with `policy`, filling `report`.
@@ -91,8 +128,9 @@ def compile_with_policy(model: Any, policy: Any, report: Report, inner: str = "e
     return torch.compile(model, backend="sparse", options={"policy": policy, "inner": inner, "report": report})
 
 
-def environment(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command, machine, versions and date: what EVAL.md must state next to the numbers."""
+def environment(argv: list[str] | None = None, device: torch.device | None = None,
+                dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Command, machine, device, dtype, versions and date: what EVAL.md must state next to the numbers."""
     import transformers
 
     import sparse_compile
@@ -114,6 +152,8 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "sparse_compile_revision": revision,
+        **device_description(device if device is not None else torch.device("cpu")),
+        "dtype": dtype_name(dtype if dtype is not None else torch.float32),
     }
 
 
@@ -142,7 +182,15 @@ class Evaluator:
     samples: list[niah.NeedleSample] = field(default_factory=list)
 
     def cache_key(self, kind: str, ids: Any, **extra: Any) -> dict[str, Any]:
-        return {"kind": kind, "model": self.fingerprint, "torch": torch.__version__, "ids": ids_digest(ids), **extra}
+        """The eager baseline's cache key: model, torch, exact ids, and the device and dtype when they are
+        not the CPU fp32 reference (so reference entries keep their keys)."""
+        key = {"kind": kind, "model": self.fingerprint, "torch": torch.__version__, "ids": ids_digest(ids), **extra}
+        device = self.config.torch_device()
+        if device.type != "cpu":
+            key["device"] = device_description(device).get("gpu", device.type)
+        if self.config.dtype != "fp32":
+            key["dtype"] = self.config.dtype
+        return key
 
     def bar(self, items: list, desc: str) -> Any:
         return tqdm(items, desc=desc, disable=not self.config.progress, leave=False, dynamic_ncols=True)
@@ -153,7 +201,7 @@ class Evaluator:
 
     def baseline_ppl(self, length: int) -> dict[str, Any]:
         """The eager model's PPL at `length` (windows cached one by one)."""
-        forward = logits_fn(self.model)
+        forward = logits_fn(self.model, self.config.torch_device())
         rows = []
         for start, ids in self.bar(self.ppl_windows(length), f"ppl {BASELINE} L={length}"):
             key = self.cache_key("ppl_window", ids)
@@ -167,7 +215,7 @@ class Evaluator:
 
     def policy_ppl(self, compiled: Any, report: Report, length: int) -> dict[str, Any]:
         """PPL of the compiled model at `length`, with the per-layer prefill density of each window."""
-        forward = logits_fn(compiled)
+        forward = logits_fn(compiled, self.config.torch_device())
         rows, densities = [], []
         t_all = time.perf_counter()
         for start, ids in self.bar(self.ppl_windows(length), f"ppl L={length}"):
@@ -181,15 +229,19 @@ class Evaluator:
                          "mean_density": overall({str(k): v for k, v in density.items()})})
         per_layer = mean_layer_density(densities)
         return {"ppl": perplexity(rows), "windows": rows, "layer_density": per_layer,
-                "mean_density": overall(per_layer), "wall_s": time.perf_counter() - t_all}
+                "mean_density": overall(per_layer), "wall_s": time.perf_counter() - t_all,
+                **first_and_steady([r["seconds"] for r in rows])}
 
     # -- needle in a haystack ---------------------------------------------------------------
     def answer(self, model: Any, sample: niah.NeedleSample, after_prefill: Callable[[], None] | None = None
                ) -> dict[str, Any]:
-        ids = torch.tensor(sample.input_ids, dtype=torch.long)
+        device = self.config.torch_device()
+        ids = torch.tensor(sample.input_ids, dtype=torch.long, device=device)
         eos = niah.eos_token_ids(self.tokenizer, self.model.config)
+        synchronize(device)
         t0 = time.perf_counter()
         new = niah.greedy_generate(model, self.model.config, ids, self.config.niah_max_new_tokens, eos, after_prefill)
+        synchronize(device)
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return {"length": sample.length, "depth": sample.depth, "index": sample.index, "key": sample.key,
                 "value": sample.value, "answer": text, "score": niah.score(text, sample.value),
@@ -207,7 +259,8 @@ class Evaluator:
             rows.append(row)
         return summarize_niah(rows)
 
-    def policy_niah(self, compiled: Any, report: Report) -> dict[str, Any]:
+    def policy_niah(self, compiled: Any, report: Report, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The NIAH grid through `compiled`; with the eager `baseline`, the samples it lost and gained."""
         rows, prefill, decode = [], [], []
         t_all = time.perf_counter()
         for sample in self.bar(self.samples, "niah"):
@@ -220,6 +273,8 @@ class Evaluator:
                        "decode_layer_density": mean_layer_density([d for d in decode if d]),
                        "wall_s": time.perf_counter() - t_all})
         result["decode_mean_density"] = overall(result["decode_layer_density"])
+        if baseline is not None:
+            result["vs_eager"] = compare_niah(baseline["samples"], rows)
         return result
 
     # -- one policy -------------------------------------------------------------------------
@@ -242,7 +297,7 @@ class Evaluator:
         if "niah" in self.config.tasks:
             report = Report()
             compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
-            result["niah"] = self.policy_niah(compiled, report)
+            result["niah"] = self.policy_niah(compiled, report, baseline["niah"])
             result["compile"]["niah"] = site_summary(report)
         torch._dynamo.reset()
         result["wall_s"] = time.perf_counter() - t0
@@ -255,17 +310,42 @@ def site_summary(report: Report) -> dict[str, Any]:
 
 
 def summarize_niah(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean score per (length, depth) cell, per length, and overall."""
+    """Mean score per (length, depth) cell, per length, and overall; hits per cell ([found, samples]);
+    first-call and steady-state seconds per length (the first sample of a length compiles)."""
     grid: dict[str, dict[str, float]] = {}
+    hits: dict[str, dict[str, list[int]]] = {}
+    timing: dict[str, dict[str, float | None]] = {}
     for length in sorted({r["length"] for r in rows}):
-        cells = {}
+        cells, counts = {}, {}
         for depth in sorted({r["depth"] for r in rows if r["length"] == length}):
             scores = [r["score"] for r in rows if r["length"] == length and r["depth"] == depth]
             cells[f"{depth:g}"] = sum(scores) / len(scores)
-        grid[str(length)] = cells
+            counts[f"{depth:g}"] = [sum(1 for x in scores if x >= 1.0), len(scores)]
+        grid[str(length)], hits[str(length)] = cells, counts
+        timing[str(length)] = first_and_steady([r["seconds"] for r in rows if r["length"] == length])
     by_length = {L: sum(c.values()) / len(c) for L, c in grid.items()}
-    return {"samples": rows, "grid": grid, "by_length": by_length,
+    return {"samples": rows, "grid": grid, "hits": hits, "by_length": by_length, "timing": timing,
             "score": sum(r["score"] for r in rows) / len(rows) if rows else None}
+
+
+def sample_id(row: dict[str, Any]) -> tuple[int, float, int]:
+    return row["length"], row["depth"], row["index"]
+
+
+def compare_niah(eager: list[dict[str, Any]], policy: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sample-by-sample comparison with the eager model: `lost` (eager found the needle, the policy did
+    not) and `gained` (the reverse), each a list of {length, depth, index, value, answer, eager_answer}.
+    A sparse policy should lose none."""
+    by_id = {sample_id(r): r for r in eager}
+    lost, gained = [], []
+    for row in policy:
+        ref = by_id.get(sample_id(row))
+        if ref is None or ref["score"] == row["score"]:
+            continue
+        entry = {"length": row["length"], "depth": row["depth"], "index": row["index"], "value": row["value"],
+                 "answer": row["answer"], "eager_answer": ref["answer"]}
+        (lost if ref["score"] > row["score"] else gained).append(entry)
+    return {"compared": sum(sample_id(r) in by_id for r in policy), "lost": lost, "gained": gained}
 
 
 def prepare(config: EvalConfig, model: Any = None, tokenizer: Any = None) -> tuple[Evaluator, list[PolicyRun]]:
@@ -275,8 +355,8 @@ def prepare(config: EvalConfig, model: Any = None, tokenizer: Any = None) -> tup
     runs = expand_policies(list(config.policies), list(config.sweeps))
     corpus = load_corpus(config.corpus)
     if model is None or tokenizer is None:
-        model, tokenizer = load_model(config.model)
-    model.eval()
+        model, tokenizer = load_model(config.model, config.torch_dtype())
+    model.to(device=config.torch_device(), dtype=config.torch_dtype()).eval()
     ids = tokenize(tokenizer, corpus.text)
     ev = Evaluator(config, model, tokenizer, ids, model_fingerprint(model), ResultCache(config.cache_dir), corpus)
     for length in config.lengths if "ppl" in config.tasks else ():
@@ -290,13 +370,16 @@ def prepare(config: EvalConfig, model: Any = None, tokenizer: Any = None) -> tup
 def execute(ev: Evaluator, runs: list[PolicyRun], argv: list[str] | None = None) -> dict[str, Any]:
     """The eager baseline (cached), then every policy run; returns the results dict."""
     config = ev.config
-    meta = {"env": environment(argv), "config": {**asdict(config), "sweeps": [asdict(s) for s in config.sweeps]},
+    env = environment(argv, config.torch_device(), config.torch_dtype())
+    meta = {"env": env, "config": {**asdict(config), "sweeps": [asdict(s) for s in config.sweeps]},
             "model": {**describe_model(config.model, ev.model), "fingerprint": ev.fingerprint[:16]},
             "corpus": {**ev.corpus.describe(), "tokens": int(ev.corpus_ids.numel())}}
     baseline: dict[str, Any] = {"label": BASELINE}
     t0 = time.perf_counter()
     if "ppl" in config.tasks:
         baseline["ppl"] = {str(length): ev.baseline_ppl(length) for length in config.lengths}
+        for row in baseline["ppl"].values():
+            row.update(first_and_steady([w["seconds"] for w in row["windows"]]))
     if "niah" in config.tasks:
         baseline["niah"] = ev.baseline_niah()
     baseline["wall_s"] = time.perf_counter() - t0
