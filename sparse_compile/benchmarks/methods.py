@@ -160,6 +160,17 @@ def time_ms(fn: Callable[[], Any], rep_ms: float, device: str) -> float:
     return sorted(times)[1]
 
 
+def first_call_ms(fn: Callable[[], Any], device: str) -> float:
+    """Milliseconds of one call of fn (synchronised): the first call pays JIT/compile time."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def measure(rows: list[dict], base: dict, impl: str, fn: Callable[[], Any], rep_ms: float, device: str,
             **extra: Any) -> dict | None:
     """Time fn into a row (ms = None and the error text when it fails, e.g. an unavailable backend)."""
@@ -230,12 +241,13 @@ def bench_case(
             return module.attention(q, k, v, mask, site, params, scale)
 
         try:
+            first_ms = first_call_ms(run_method, device)  # includes Triton's JIT compile of the method's kernels
             out, density = run_method()
             achieved = float(density.float().mean())
         except Exception as err:
             rows.append({**base, "impl": name, "ms": None, "error": f"{type(err).__name__}: {err}"[:300]})
             continue
-        measure(rows, base, name, run_method, rep_ms, device, density=achieved)
+        measure(rows, base, name, run_method, rep_ms, device, density=achieved, first_ms=first_ms)
         select = selector(name, module)
         if select is None or q_len == 1:
             continue
@@ -343,6 +355,8 @@ def format_row(row: dict) -> str:
     note = row.get("error", "")
     if "rel_err_vs_method" in row:
         note = f"rel_err vs method {row['rel_err_vs_method']:.1e}"
+    if row.get("first_ms") is not None:  # the first call of the process: Triton JIT compile included
+        note = f"first call {row['first_ms']:.0f} ms" + (f"; {note}" if note else "")
     length = f"{row['length'] // 1024}K" if row["length"] >= 1024 else str(row["length"])
     return (f"| {row['phase']} | {length} | {row['impl']} | {num('ms', '.3f')} | {num('density', '.3f')} | "
             f"{num('speedup_cudnn', '.2f')} | {num('speedup_flash', '.2f')} | {throughput} | {note} |")
