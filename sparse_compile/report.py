@@ -190,8 +190,10 @@ class Report:
             )
         if self.sites:
             lines.extend(self.site_table(per_layer=False))
-            methods = {(s.method, tuple(sorted(s.params.items()))) for s in self.sites if s.params}
-            for method, params in sorted(methods, key=str):
+            # repr keys: a value may be a list or a table (token_sparse's layers and inner_params)
+            methods = {(s.method, repr(sorted(s.params.items()))): s.params for s in self.sites if s.params}
+            for (method, _), params in sorted(methods.items(), key=lambda item: item[0]):
+                params = sorted(params.items())
                 lines.append(f"{method} params: " + ", ".join(f"{k}={v}" for k, v in params))
         static = [s for s in self.sites if s.fallback]
         if static:
