@@ -1,0 +1,278 @@
+"""FASA token selection for decode: token importance from a few dominant RoPE frequency chunks
+(arXiv 2602.03152; spec in shared/specs/fasa.md). Attention over the chosen tokens is the shared
+sparse decode kernel (kernels/sparse_decode.py).
+
+Frequency chunks. A head of width D has D/2 chunks. Chunk c < R/2 (R = rotary_dim) is RoPE's own pair of
+dims: (c, c + R/2) for rotate-half layouts (Llama, Qwen, Mistral), (2c, 2c + 1) for interleaved ones
+(Cohere, GPT-J). Partial rotary: the D - R pass-through dims are not rotated; they are grouped as extra
+chunks of consecutive pairs, c = R/2 + j -> (R + 2j, R + 2j + 1), and ranked by calibration like the
+others (they carry no position, so they are scored, never assumed dominant or ignored).
+`layout="adjacent"` is the authors' released pairing, (2c, 2c + 1) whatever the layout: on rotate-half
+models it mixes two different frequencies (kept only to measure it; EVAL.md).
+
+Steps of one decode call (q: (B, H, 1, D), K: (B, Hkv, Lk, D)):
+  1. `chunk_tables`: the layer's dominant chunks -> per KV head the union of its heads' dominant dims
+     (Hkv, NU) int32 and, per query head, which of those dims are its own (H, NU) float32 0/1.
+  2. `fasa_scores` (Triton; `fasa_scores_reference` in PyTorch): per query head the partial score
+     sum_{c dominant} q_c . k_c (no scale, as the authors) of every key, reading only the union dims of K;
+     `per_kv_head`: the group's heads' scores summed, one score per KV head. Keys the query cannot see
+     (causal, window, padding) score -inf; forced keys (the first `sink` and the last `recent` visible
+     keys) score +inf.
+  3. `select_tokens`: torch.topk of the scores, `k` slots per score row, sorted descending (ties are broken
+     as torch.topk breaks them: unspecified); a slot whose score is -inf (fewer visible keys than slots)
+     becomes the sentinel -1. For fractional budgets `counts` caps each row at ceil(fraction * visible).
+  4. sparse_decode_attention over those slots with the usual 1/sqrt(D) scale (exact over the selection).
+
+Nothing here synchronises with the host or allocates by data: the CUDA path can be captured in a graph.
+This file imports nothing above `sparse_compile.kernels` (the caller passes visibility as a state vector).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LAYOUTS = ("rotate_half", "interleaved", "adjacent")
+INVISIBLE, VISIBLE, FORCED = 0, 1, 2  # the per-key state vector
+
+
+# ---------------------------------------------------------------------------------------------
+# chunks -> dims
+# ---------------------------------------------------------------------------------------------
+
+
+def chunk_dims(chunk: int, layout: str, rotary_dim: int, head_dim: int) -> tuple[int, int]:
+    """The two head dims of frequency chunk `chunk` (module docstring)."""
+    if not 0 <= chunk < head_dim // 2:
+        raise ValueError(f"chunk {chunk} out of range [0, {head_dim // 2}) for head_dim {head_dim}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    half = rotary_dim // 2
+    if layout == "adjacent":
+        return 2 * chunk, 2 * chunk + 1
+    if chunk >= half:  # pass-through dims of partial rotary, consecutive pairs
+        j = chunk - half
+        return rotary_dim + 2 * j, rotary_dim + 2 * j + 1
+    if layout == "rotate_half":
+        return chunk, chunk + half
+    return 2 * chunk, 2 * chunk + 1
+
+
+def default_chunk_count(head_dim: int) -> int:
+    """A quarter of the chunks (the authors keep 16 of 64 for D = 128), at least 1."""
+    return max(1, head_dim // 8)
+
+
+def default_chunks(rotary_dim: int, head_dim: int, count: int) -> tuple[int, ...]:
+    """The model-agnostic rule, for models without calibrated chunks: the `count` lowest-frequency rotary
+    chunks (c = R/2 - 1 down; the slowly rotating dims, which carry content rather than position and
+    dominated the calibrated choice on SmolLM2, EVAL.md), then pass-through chunks if R/2 < count."""
+    half = rotary_dim // 2
+    order = list(range(half - 1, -1, -1)) + list(range(half, head_dim // 2))
+    return tuple(sorted(order[:count]))
+
+
+@functools.lru_cache(maxsize=512)
+def chunk_tables(per_head: tuple[tuple[int, ...], ...], num_heads: int, num_kv_heads: int, head_dim: int,
+                 rotary_dim: int, layout: str, device: str) -> tuple[Tensor, Tensor]:
+    """(dims (Hkv, NU) int32, member (H, NU) float32) for one layer's dominant chunks.
+
+    per_head: one chunk tuple per query head (len H), per KV head (len Hkv), or one for all (len 1).
+    dims[g] lists the union of the dominant dims of KV head g's query heads (padded with dim 0, whose
+    member entries are 0); member[h, u] = 1 iff dims[h // (H/Hkv), u] is a dominant dim of head h.
+    Memoised: constants built once per layer and device, so CUDA graph capture never copies from the host.
+    """
+    H, Hkv = num_heads, num_kv_heads
+    if len(per_head) not in (H, Hkv, 1):
+        raise ValueError(f"chunks name {len(per_head)} heads; expected {H} (query heads), {Hkv} (KV heads) or 1")
+    group = H // Hkv
+    head_chunks = [per_head[0 if len(per_head) == 1 else (h if len(per_head) == H else h // group)]
+                   for h in range(H)]
+    head_dims = [sorted({d for c in cs for d in chunk_dims(c, layout, rotary_dim, head_dim)}) for cs in head_chunks]
+    unions = [sorted({d for h in range(g * group, (g + 1) * group) for d in head_dims[h]}) for g in range(Hkv)]
+    nu = max(len(u) for u in unions)
+    dims = torch.zeros(Hkv, nu, dtype=torch.int32)
+    member = torch.zeros(H, nu, dtype=torch.float32)
+    for g, union in enumerate(unions):
+        dims[g, : len(union)] = torch.tensor(union, dtype=torch.int32)
+        for h in range(g * group, (g + 1) * group):
+            own = set(head_dims[h])
+            for u, d in enumerate(union):
+                member[h, u] = float(d in own)
+    return dims.to(device), member.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# step 2: scores (Triton)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fasa_scores_kernel(
+    Q, K, DIMS, MEMBER, STATE, SCORES,
+    kv_len, q_offset, window, sink, recent, lo_vis, hi_vis,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_dg, stride_mh, stride_stb, stride_stn,
+    stride_sb, stride_sh, stride_sn,
+    GQ: tl.constexpr, NU: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_STATE: tl.constexpr, PER_KV_HEAD: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """Scores of BLOCK_N keys of one (batch, KV head): K is read at the group's dominant dims only."""
+    pid_n = tl.program_id(0)
+    hkv = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_u = tl.arange(0, BLOCK_U)
+    offs_g = tl.arange(0, BLOCK_G)
+    u_ok = offs_u < NU
+    g_ok = offs_g < GQ
+    n_ok = offs_n < kv_len
+
+    # 1. the group's queries at the union dims, zero where a dim is not the head's own
+    dims = tl.load(DIMS + hkv * stride_dg + offs_u, mask=u_ok, other=0)
+    heads = hkv * GQ + offs_g
+    qm = g_ok[:, None] & u_ok[None, :]
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd, mask=qm, other=0.0)
+    own = tl.load(MEMBER + heads[:, None] * stride_mh + offs_u[None, :], mask=qm, other=0.0)
+    q = (q.to(tl.float32) * own).to(K.dtype.element_ty)
+
+    # 2. K at those dims only; partial scores (BLOCK_N, BLOCK_G)
+    k = tl.load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn
+                + dims[None, :] * stride_kd, mask=n_ok[:, None] & u_ok[None, :], other=0.0)
+    if IEEE_DOT:
+        s = tl.dot(k, tl.trans(q), input_precision="ieee")
+    else:
+        s = tl.dot(k, tl.trans(q))
+
+    # 3. visibility and forced keys: the caller's state vector, or causal/window arithmetic
+    if HAS_STATE:
+        state = tl.load(STATE + b * stride_stb + offs_n * stride_stn, mask=n_ok, other=0)
+        visible = state != 0
+        forced = state == 2
+    else:
+        visible = n_ok
+        if CAUSAL:
+            visible = visible & (offs_n <= q_offset)
+        if window > 0:
+            visible = visible & (offs_n > q_offset - window)
+        forced = visible & ((offs_n < lo_vis + sink) | (offs_n > hi_vis - recent))
+
+    # 4. store: one row per query head, or the group's sum per KV head
+    if PER_KV_HEAD:
+        total = tl.sum(s, axis=1)
+        total = tl.where(forced, float("inf"), tl.where(visible, total, float("-inf")))
+        tl.store(SCORES + b * stride_sb + hkv * stride_sh + offs_n * stride_sn, total, mask=n_ok)
+    else:
+        s = tl.where(forced[:, None], float("inf"), tl.where(visible[:, None], s, float("-inf")))
+        tl.store(SCORES + b * stride_sb + heads[None, :] * stride_sh + offs_n[:, None] * stride_sn, s,
+                 mask=n_ok[:, None] & g_ok[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def visible_range(kv_len: int, causal: bool, q_offset: int, window: int) -> tuple[int, int]:
+    """(first, last) visible key of the one decode query without padding (last < first: none)."""
+    hi = min(kv_len - 1, q_offset) if causal else kv_len - 1
+    lo = max(0, q_offset - window + 1) if window else 0
+    return lo, hi
+
+
+def fasa_scores(q: Tensor, k: Tensor, dims: Tensor, member: Tensor, *, per_kv_head: bool, causal: bool = True,
+                q_offset: int | None = None, window: int = 0, state: Tensor | None = None, sink: int = 0,
+                recent: int = 0) -> Tensor:
+    """Step 2 in Triton (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    q: (B, H, 1, D); k: (B, Hkv, Lk, D) (fp16/bf16/fp32); dims (Hkv, NU) int32 and member (H, NU) float32
+    from `chunk_tables`. Visibility: `state` (B, Lk) int8 from `key_state` (padding), or else the causal /
+    window arithmetic with q_offset (default Lk - 1) and the sink/recent counts. Returns (B, S, Lk) float32,
+    S = Hkv if per_kv_head else H: partial scores, -inf for invisible keys, +inf for forced ones.
+    """
+    B, H, _, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if q.shape[2] != 1 or k.shape[0] != B or k.shape[3] != D or H % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)}: expected (B, H, 1, D) / (B, Hkv, Lk, D)")
+    if tuple(dims.shape[:1]) != (Hkv,) or tuple(member.shape) != (H, dims.shape[1]):
+        raise ValueError(f"dims {tuple(dims.shape)} / member {tuple(member.shape)} do not fit H={H}, Hkv={Hkv}")
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError("fasa_scores needs CUDA tensors or TRITON_INTERPRET=1 (use fasa_scores_reference)")
+    q_offset = Lk - 1 if q_offset is None else int(q_offset)
+    S = Hkv if per_kv_head else H
+    scores = torch.empty(B, S, Lk, dtype=torch.float32, device=q.device)
+    nu = dims.shape[1]
+    lo, hi = visible_range(Lk, causal, q_offset, window)
+    dummy = torch.zeros(1, 1, dtype=torch.int8, device=q.device)
+    st = state if state is not None else dummy
+    block_n = 128 if q.is_cuda else 32
+    _fasa_scores_kernel[(triton.cdiv(Lk, block_n), Hkv, B)](
+        q, k, dims, member, st, scores,
+        Lk, q_offset, window, sink, recent, lo, hi,
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(),
+        dims.stride(0), member.stride(0), st.stride(0), st.stride(1), *scores.stride(),
+        GQ=H // Hkv, NU=nu, BLOCK_U=max(16, triton.next_power_of_2(nu)),
+        BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)), BLOCK_N=block_n, CAUSAL=causal,
+        HAS_STATE=state is not None, PER_KV_HEAD=per_kv_head, IEEE_DOT=q.dtype == torch.float32, num_warps=4,
+    )
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# references and the steps shared by both paths (PyTorch)
+# ---------------------------------------------------------------------------------------------
+
+
+def key_state(visible: Tensor, sink: int, recent: int) -> Tensor:
+    """(B, Lk) bool visibility -> (B, Lk) int8 state: 0 invisible, 1 visible, 2 forced (among the first
+    `sink` or the last `recent` visible keys)."""
+    vis = visible.to(torch.int32)
+    rank = vis.cumsum(-1) - 1
+    rank_back = vis.flip(-1).cumsum(-1).flip(-1) - 1
+    forced = visible & ((rank < sink) | (rank_back < recent))
+    return (visible.to(torch.int8) + forced.to(torch.int8)).contiguous()
+
+
+def fasa_scores_reference(q: Tensor, k: Tensor, dims: Tensor, member: Tensor, state: Tensor, *,
+                          per_kv_head: bool) -> Tensor:
+    """Step 2 in PyTorch over the full head dim (q masked to each head's dominant dims): float32 (float64
+    for float64 inputs). state: (B, Lk) int8 from `key_state`. Returns (B, S, Lk) as `fasa_scores`."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    group = H // Hkv
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    own = torch.zeros(H, D, dtype=work, device=q.device)
+    head_dims = dims.long().repeat_interleave(group, dim=0)  # (H, NU)
+    own.scatter_add_(1, head_dims, member.to(work))
+    qq = q[:, :, 0].to(work) * own.clamp(max=1.0)  # (B, H, D)
+    kk = k.to(work).repeat_interleave(group, dim=1)  # (B, H, Lk, D)
+    scores = torch.einsum("bhd,bhnd->bhn", qq, kk)
+    if per_kv_head:
+        scores = scores.view(B, Hkv, group, -1).sum(2)
+    scores = scores.to(torch.float32)
+    scores = scores.masked_fill(state[:, None] == INVISIBLE, float("-inf"))
+    return scores.masked_fill(state[:, None] == FORCED, float("inf"))
+
+
+def budget_slots(budget: float, kv_len: int, sink: int, recent: int) -> int:
+    """Top-k slots per score row for a key length: budget tokens (budget >= 1) or ceil(budget * kv_len)
+    (a fraction), at least sink + recent, at most kv_len."""
+    want = int(budget) if budget >= 1 else math.ceil(budget * kv_len)
+    return max(1, min(kv_len, max(want, sink + recent)))
+
+
+def select_tokens(scores: Tensor, slots: int, counts: Tensor | None = None) -> Tensor:
+    """Step 3: (B, S, Lk) scores -> (B, S, slots) token indices of the top scores (torch.topk, sorted
+    descending; ties as torch.topk breaks them), -1 where the score is -inf (an invisible key)."""
+    values, idx = torch.topk(scores, slots, dim=-1, largest=True, sorted=True)
+    idx = torch.where(values == float("-inf"), torch.full_like(idx, -1), idx)
+    if counts is not None:
+        slot = torch.arange(slots, device=scores.device)
+        idx = torch.where(slot[None, None, :] < counts[..., None], idx, torch.full_like(idx, -1))
+    return idx

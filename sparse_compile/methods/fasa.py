@@ -1,0 +1,244 @@
+"""FASA: frequency-chunk token selection for decode (arXiv 2602.03152; shared/specs/fasa.md).
+
+Each decode step (one query token), per layer: score every visible key by the partial dot product
+q_c . k_c over the head's few *dominant* RoPE frequency chunks (from calibration: `python -m
+sparse_compile calibrate fasa`), keep the top `budget` keys, and attend exactly (full head dim, the site's
+scale) over those keys with the shared sparse decode kernel. Prefill is dense (the method runs in the
+decode phase only); `dense_layers` (default [0], as the authors) run exact attention.
+
+Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Parameters (`[decode.params]`):
+  budget   tokens per score row (>= 1), or a fraction (< 1) of the visible keys; sink + recent count inside
+           it and it is never below sink + recent. A budget that covers the cache runs exact attention.
+  chunks   per layer, per head, the dominant chunk indices, best first (calibration writes them):
+           chunks[layer] = [[c, ...] per query head] (or per KV head, or one list for every head);
+           [] for a layer (or no chunks at all): the model-agnostic rule `default_chunks`.
+  n_chunks how many chunks per head: the first n of each calibrated list, or of the agnostic rule
+           (0: every listed chunk, or D/8 for the rule: a quarter of the D/2 chunks, as the authors).
+  sink, recent  the first / last visible keys always kept (the authors keep none: both 0 by default).
+  gqa      "per_head" (the authors': one token set per query head) or "per_kv_head" (the group's
+           predicted scores summed, one set per KV head: each selected K/V row is read once per group).
+  mismatch "rule": a layer whose calibrated chunks do not fit the site (another model: layer count, head
+           count, chunk index >= D/2) uses the model-agnostic rule, so a policy calibrated on one model runs
+           on any; "dense": such a layer runs exact attention, with the reason in the Report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
+from sparse_compile.kernels.fasa import (
+    budget_slots,
+    chunk_tables,
+    default_chunk_count,
+    default_chunks,
+    fasa_scores,
+    fasa_scores_reference,
+    key_state,
+    select_tokens,
+    visible_range,
+)
+from sparse_compile.kernels.sparse_decode import sparse_decode_attention
+from sparse_compile.method import Method
+from sparse_compile.params import check_value, param
+
+GQA_MODES = ("per_head", "per_kv_head")
+MAX_HEAD_DIM = 256
+
+
+def layer_list(value: Any, key: str) -> tuple[int | str, ...]:
+    """A validated layer list ([0, "5-7"]) in canonical form, as a tuple."""
+    from sparse_compile.policy import parse_layers
+
+    return tuple(parse_layers(list(value) if isinstance(value, tuple) else value, "FasaParams", key,
+                              allow_empty=True).to_list())
+
+
+def in_layers(layer: int, layers: tuple[int | str, ...]) -> bool:
+    from sparse_compile.policy import parse_layers
+
+    return layer in parse_layers(list(layers), "FasaParams", allow_empty=True)
+
+
+def as_tuples(value: Any) -> Any:
+    """Nested lists -> nested tuples (hashable, frozen); other values unchanged."""
+    return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def chunks_problem(chunks: Any) -> str | None:
+    """Why a `chunks` value is malformed (structure only; ranges are checked per site), or None."""
+    for i, layer in enumerate(chunks):
+        if not isinstance(layer, tuple):
+            return f"key 'chunks': layer {i} must be a list of per-head chunk lists, got {layer!r}"
+        widths = set()
+        for h, head in enumerate(layer):
+            if not isinstance(head, tuple) or not head:
+                return f"key 'chunks': layer {i} head {h} must be a non-empty list of chunk indices"
+            if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in head):
+                return f"key 'chunks': layer {i} head {h} holds a value that is not a chunk index (int >= 0)"
+            if len(set(head)) != len(head):
+                return f"key 'chunks': layer {i} head {h} repeats a chunk"
+            widths.add(len(head))
+        if len(widths) > 1:
+            return f"key 'chunks': layer {i} gives heads different chunk counts {sorted(widths)}"
+    return None
+
+
+@dataclass(frozen=True)
+class FasaParams:
+    """FASA's parameters (policy table `[decode.params]`; the module docstring explains each)."""
+
+    budget: float = param(256, type=(int, float), range=(0.0, 1 << 30),
+                          help="tokens kept per score row (>= 1), or a fraction (< 1) of the visible keys")
+    chunks: tuple = param((), type=(list, tuple),
+                          help="per layer, per head: dominant frequency chunks, best first (from `calibrate "
+                               "fasa`); [] = the model-agnostic rule (lowest-frequency quarter)")
+    n_chunks: int = param(0, range=(0, 1 << 12),
+                          help="chunks used per head: the first n of each list (0: all listed; D/8 for the rule)")
+    sink: int = param(0, range=(0, 1 << 20), help="first visible tokens always kept (inside the budget)")
+    recent: int = param(0, range=(0, 1 << 20), help="last visible tokens always kept (inside the budget)")
+    dense_layers: tuple = param((0,), type=(list, tuple), help="layers that run exact attention")
+    mismatch: str = param("rule", choices=("rule", "dense"),
+                          help="a layer whose calibrated chunks do not fit the site (another model): the "
+                               "model-agnostic rule, or exact attention with the reason in the Report")
+    gqa: str = param("per_head", choices=GQA_MODES,
+                     help="per_head: one token set per query head (the authors'); per_kv_head: the group's "
+                          "scores summed, one set per KV head (K/V rows read once per group)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = check_value(f, getattr(self, f.name), "FasaParams")
+            if f.name == "dense_layers":
+                value = layer_list(value, f.name)
+            if f.name == "chunks":
+                value = as_tuples(value)
+            object.__setattr__(self, f.name, value)
+
+    def validate(self) -> str | None:
+        if self.budget <= 0:
+            return f"key 'budget' = {self.budget} must be > 0 (tokens, or a fraction < 1)"
+        if self.budget >= 1 and self.budget != int(self.budget):
+            return f"key 'budget' = {self.budget}: a budget >= 1 counts tokens and must be a whole number"
+        return chunks_problem(self.chunks)
+
+
+Params = FasaParams
+
+
+def layer_chunks(params: FasaParams, layer: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, rotary_dim: int) -> tuple[tuple[tuple[int, ...], ...] | None, str]:
+    """(per-head chunk tuples for this layer, "") or (None, why the layer cannot use FASA)."""
+    listed = params.chunks[layer] if layer < len(params.chunks) else None
+    misfit = ""
+    if params.chunks and listed is None:
+        misfit = f"no calibrated chunks for layer {layer} (the policy lists {len(params.chunks)} layers)"
+    elif listed and len(listed) not in (num_heads, num_kv_heads, 1):
+        misfit = (f"calibrated chunks of layer {layer} name {len(listed)} heads; the site has {num_heads} "
+                  f"query heads and {num_kv_heads} KV heads")
+    elif listed and max(max(head) for head in listed) >= head_dim // 2:
+        misfit = f"a calibrated chunk of layer {layer} is >= head_dim / 2 = {head_dim // 2}"
+    if misfit and params.mismatch == "dense":
+        return None, misfit
+    if misfit or not listed:
+        count = min(params.n_chunks or default_chunk_count(head_dim), head_dim // 2)
+        return (default_chunks(rotary_dim, head_dim, count),), ""
+    n = params.n_chunks or len(listed[0])
+    return tuple(head[:n] for head in listed), ""
+
+
+def unsupported(call: Any, site: SiteFacts, params: FasaParams) -> str | None:
+    """Why FASA does not run this call (the node then runs exact attention), or None."""
+    if call.q_len != 1:
+        return f"q_len {call.q_len} (FASA selects for one decode query)"
+    if in_layers(site.layer, params.dense_layers):
+        return f"layer {site.layer} is in dense_layers"
+    slots = budget_slots(params.budget, call.kv_len, params.sink, params.recent)
+    if slots >= call.kv_len:
+        return f"budget {params.budget} covers the cache length {call.kv_len}: every token is attended"
+    if call.device_type == "cuda":
+        if call.head_dim > MAX_HEAD_DIM:
+            return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
+        if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {call.dtype} on CUDA (float16, bfloat16 or float32)"
+    rotary = min(site.rotary_dim, call.head_dim)
+    _, problem = layer_chunks(params, site.layer, call.num_heads, call.num_kv_heads, call.head_dim, rotary)
+    return problem or None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One FASA decode selection. indices: (B, S, slots) int64 token indices, best first, -1 = none
+    (S = H per_head, Hkv per_kv_head); density: (B, H) float32 kept / visible keys."""
+
+    indices: Tensor
+    density: Tensor
+
+
+def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
+                scale: float | None = None) -> Selection:
+    """Steps 1-3 of kernels/fasa.py for one decode call. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D)."""
+    B, H, _, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    rotary = min(site.rotary_dim, D)
+    chunks, problem = layer_chunks(params, site.layer, H, Hkv, D, rotary)
+    if chunks is None:
+        raise ValueError(f"FASA cannot run layer {site.layer}: {problem}")
+    layout = "interleaved" if site.rope == "interleaved" else "rotate_half"
+    dims, member = chunk_tables(chunks, H, Hkv, D, rotary, layout, str(q.device))
+    per_kv_head = params.gqa == "per_kv_head"
+    padded = mask.key_valid is not None
+    fraction = params.budget < 1
+    if padded or not q.is_cuda:  # visibility as a state vector (cumsum ranks for sink/recent)
+        visible = visible_keys(mask, B, 1, Lk, device=q.device)[:, 0, 0, :]
+        state = key_state(visible, params.sink, params.recent)
+    if q.is_cuda:
+        scores = fasa_scores(q, k, dims, member, per_kv_head=per_kv_head, causal=mask.causal, q_offset=mask.q_offset,
+                             window=mask.window, state=state if padded else None, sink=params.sink,
+                             recent=params.recent)
+    else:
+        scores = fasa_scores_reference(q, k, dims, member, state, per_kv_head=per_kv_head)
+    counts = None
+    if padded:  # visible counts on the device
+        n_visible = visible.sum(-1)  # (B,)
+        slots = budget_slots(params.budget, Lk, params.sink, params.recent)
+        if fraction:
+            want = torch.ceil(params.budget * n_visible.double()).long().clamp(min=params.sink + params.recent)
+            counts = want[:, None].expand(B, scores.shape[1])
+        denominator = n_visible.clamp(min=1).float()[:, None]
+    else:  # visible counts on the host
+        lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
+        n_vis = max(0, hi - lo + 1)
+        slots = budget_slots(params.budget, max(n_vis, 1) if fraction else Lk, params.sink, params.recent)
+        slots = min(slots, Lk)
+        denominator = float(max(n_vis, 1))
+    idx = select_tokens(scores, slots, counts)
+    kept = (idx >= 0).sum(-1).float()  # (B, S)
+    density = (kept / denominator).repeat_interleave(H // idx.shape[1], dim=1)
+    return Selection(idx, density.contiguous())
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
+              scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """FASA decode. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D) post-RoPE. Returns (out (B, H, 1, D) in q's dtype,
+    density (B, H) float32 = kept / visible keys). Called only for calls `unsupported` accepts."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    sel = fasa_select(q, k, v, mask, site, params, scale)
+    out = sparse_decode_attention(q, k, v, sel.indices, scale=scale)
+    return out, sel.density
+
+
+METHOD = Method(
+    name="fasa",
+    phases=("decode",),
+    Params=FasaParams,
+    attention=attention,
+    unsupported=unsupported,
+    select=fasa_select,
+    capturable_phases=("decode",),  # Triton scores, torch.topk, the split-K kernel: no host sync on CUDA
+    summary="decode: top tokens by a few dominant RoPE frequency chunks of q.k, exact attention over them (FASA)",
+)
