@@ -186,7 +186,8 @@ METHOD = Method(
     Params=TokenSparseParams,
     attention=attention,
     unsupported=unsupported,
-    select=token_select,
+    # no `select`: the protocol's select returns block lists (benchmarks build Flex masks from them); the
+    # kept tokens are `token_select(...)`, a TokenSelection
     # the kept counts size the compressed buffers (one host sync per call): not captured in CUDA graphs
     capturable_phases=(),
     summary="per-head token coverage -> gather Q/K/V, attend on the compressed sequence (optionally stacked "
