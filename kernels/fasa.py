@@ -18,9 +18,9 @@ Steps of one decode call (q: (B, H, 1, D), K: (B, Hkv, Lk, D)):
      `per_kv_head`: the group's heads' scores summed, one score per KV head. Keys the query cannot see
      (causal, window, padding) score -inf; forced keys (the first `sink` and the last `recent` visible
      keys) score +inf.
-  3. `select_tokens`: torch.topk of the scores, `k` slots per score row, sorted descending (ties are broken
-     as torch.topk breaks them: unspecified); a slot whose score is -inf (fewer visible keys than slots)
-     becomes the sentinel -1. For fractional budgets `counts` caps each row at ceil(fraction * visible).
+  3. `select_tokens`: torch.topk of the scores, `k` slots per score row (ties are broken as torch.topk
+     breaks them: unspecified); a slot whose score is -inf (fewer visible keys than slots) becomes the
+     sentinel -1. For fractional budgets with padding `counts` caps each row at ceil(fraction * visible).
   4. sparse_decode_attention over those slots with the usual 1/sqrt(D) scale (exact over the selection).
 
 Nothing here synchronises with the host or allocates by data: the CUDA path can be captured in a graph.
@@ -268,9 +268,11 @@ def budget_slots(budget: float, kv_len: int, sink: int, recent: int) -> int:
 
 
 def select_tokens(scores: Tensor, slots: int, counts: Tensor | None = None) -> Tensor:
-    """Step 3: (B, S, Lk) scores -> (B, S, slots) token indices of the top scores (torch.topk, sorted
-    descending; ties as torch.topk breaks them), -1 where the score is -inf (an invisible key)."""
-    values, idx = torch.topk(scores, slots, dim=-1, largest=True, sorted=True)
+    """Step 3: (B, S, Lk) scores -> (B, S, slots) token indices of the top scores (torch.topk; ties as
+    torch.topk breaks them), -1 where the score is -inf (an invisible key). counts: (B, S) or None; row r
+    keeps its `counts[r]` best slots (the others become -1). The slots are in torch.topk's unsorted order
+    unless counts are given (sorting 2048 of 128K keys per row is measurable; attention ignores order)."""
+    values, idx = torch.topk(scores, slots, dim=-1, largest=True, sorted=counts is not None)
     idx = torch.where(values == float("-inf"), torch.full_like(idx, -1), idx)
     if counts is not None:
         slot = torch.arange(slots, device=scores.device)
