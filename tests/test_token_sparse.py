@@ -4,6 +4,8 @@ Dynamic Token Coverage against a plain re-implementation, stacking, fallbacks, a
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +15,6 @@ from sparse_compile.kernels.token_sparse import (
     gather_qkv_reference,
     scatter_rows,
     scatter_rows_reference,
-    select_tokens,
     smooth_scores,
     token_scores,
 )
@@ -209,15 +210,19 @@ def test_stacked_at_full_budget_equals_token_sparse_alone(inner, inner_params):
     assert torch.isfinite(sparse).all() and bool((d_sparse <= d_alone).all()) and d_sparse.mean() < d_alone.mean()
 
 
+L8 = SiteFacts(layer=8)
+
+
 @pytest.mark.parametrize("call, site, needle", [
-    (CallShape(1, 4, 2, 100, 300, 64, torch.float32, "cpu"), SiteFacts(layer=8), "q_len 100 != kv_len 300"),
-    (CallShape(1, 4, 2, 1, 300, 64, torch.float32, "cpu"), SiteFacts(layer=8), "q_len 1 != kv_len 300"),
-    (CallShape(1, 4, 2, 3000, 3000, 64, torch.float32, "cpu", window=128), SiteFacts(layer=8), "sliding window 128"),
-    (CallShape(1, 4, 2, 3000, 3000, 64, torch.float32, "cpu", causal=False), SiteFacts(layer=8), "not causal"),
-    (CallShape(1, 4, 2, 1152, 1152, 64, torch.float32, "cpu"), SiteFacts(layer=8), "q_len 1152 <= min_keep + recent = 1152"),
-    (CallShape(1, 4, 2, 3000, 3000, 512, torch.float16, "cuda"), SiteFacts(layer=8), "head_dim 512"),
-    (CallShape(1, 4, 2, 3000, 3000, 64, torch.float64, "cuda"), SiteFacts(layer=8), "dtype torch.float64 on CUDA"),
-    (CallShape(1, 4, 2, 3000, 3000, 64, torch.float32, "cpu"), SiteFacts(layer=3), "layer 3 is not in layers [5, '7-9']"),
+    (CallShape(1, 4, 2, 100, 300, 64, torch.float32, "cpu"), L8, "q_len 100 != kv_len 300"),
+    (CallShape(1, 4, 2, 1, 300, 64, torch.float32, "cpu"), L8, "q_len 1 != kv_len 300"),
+    (CallShape(1, 4, 2, 3000, 3000, 64, torch.float32, "cpu", window=128), L8, "sliding window 128"),
+    (CallShape(1, 4, 2, 3000, 3000, 64, torch.float32, "cpu", causal=False), L8, "not causal"),
+    (CallShape(1, 4, 2, 1152, 1152, 64, torch.float32, "cpu"), L8, "q_len 1152 <= min_keep + recent = 1152"),
+    (CallShape(1, 4, 2, 3000, 3000, 512, torch.float16, "cuda"), L8, "head_dim 512"),
+    (CallShape(1, 4, 2, 3000, 3000, 64, torch.float64, "cuda"), L8, "dtype torch.float64 on CUDA"),
+    (CallShape(1, 4, 2, 3000, 3000, 64, torch.float32, "cpu"), SiteFacts(layer=3),
+     "layer 3 is not in layers [5, '7-9']"),
 ])
 def test_unsupported_calls_name_the_reason(call, site, needle):
     params = ts.TokenSparseParams(layers=[5, "7-9"])
@@ -291,3 +296,33 @@ def test_compiled_model_equals_the_method_reference():
     density = report.layer_density("prefill")
     assert density[0] == 1.0 and 0 < density[1] < 1 and 0 < density[2] < 1, density
     assert "layer 0 is not in layers ['1-2']" in str(report)
+
+
+def test_calibration_measures_drift_and_writes_a_policy_that_loads(tmp_path):
+    """`calibrate token_sparse` on a saved tiny model: the drift of each layer equals the relative residual
+    update computed from output_hidden_states, the layers at or below the median are written, and the
+    written policy loads back (layers replaced, everything else from the shipped policy)."""
+    from sparse_compile.calibration import run_calibration
+    from sparse_compile.calibration import token_sparse as cal
+    from sparse_compile.evaluation.models import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "m", layers=4)
+    out = tmp_path / "p.toml"
+    assert run_calibration("token_sparse", ["--model", str(tmp_path / "m"), "--corpus", "licenses", "--lengths", "200",
+                                            "--windows", "1", "--out", str(out), "--no-progress"]) == 0
+    policy = sparse_compile.load_policy(str(out))
+    shipped = sparse_compile.load_policy("token_sparse")
+    model = tiny_llama(4)
+    ids = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(1))
+    drift = cal.layer_drift(model, [ids], progress=False)
+    with torch.no_grad():
+        hidden = model(ids[None], output_hidden_states=True).hidden_states
+    for i in range(3):  # the last entry of hidden_states is after the final norm
+        want = ((hidden[i + 1] - hidden[i]).norm(dim=-1) / hidden[i].norm(dim=-1)).mean()
+        assert abs(float(drift[i]) - float(want)) < 1e-5
+    assert cal.sparse_layers(torch.tensor([0.9, 0.1, 0.5, 0.3], dtype=torch.float64), 0.5) == [1, 3]
+    layers = policy.prefill.params.layers
+    assert layers and sum(1 for i in range(4) if policy.prefill.params.runs_on(i)) == 2
+    assert policy.prefill.params == dataclasses.replace(shipped.prefill.params, layers=layers)
+    with pytest.raises(ValueError, match="quantile"):
+        run_calibration("token_sparse", ["--model", str(tmp_path / "m"), "--quantile", "2", "--no-progress"])
