@@ -234,8 +234,8 @@ def test_unsupported_calls_name_the_reason(call, site, needle):
 
 def test_policy_and_params_validation():
     policy = sparse_compile.load_policy("token_sparse")
-    assert policy.prefill.method == "token_sparse" and policy.prefill.params.layers == ("15-29",)
-    assert policy.prefill.params.runs_on(15) and not policy.prefill.params.runs_on(14)
+    assert policy.prefill.method == "token_sparse" and policy.prefill.params.layers == ("3-7", "9-10", "12-17", "25-26")
+    assert policy.prefill.params.runs_on(14) and not policy.prefill.params.runs_on(8)
     stacked = sparse_compile.load_policy({"prefill": {"method": "token_sparse", "params": {
         "inner": "prism", "layers": [3, "1-2"], "inner_params": {"threshold_high": 0.9}}}})
     p = stacked.prefill.params
