@@ -12,11 +12,14 @@ selection with torch ops (gather by torch.gather in fp32, memory-efficient SDPA 
 torch.gather), and the Triton scores against the PyTorch scores.
 
     python -m sparse_compile.benchmarks.token_sparse --out /tmp/ts        # 8K, 32K, 128K
+    python -m sparse_compile.benchmarks.token_sparse --out /tmp/ts --lengths 32768,131072 --taus '' \
+        --fixed-kept 0.5,0.3 --inners prism                                # fixed kept fractions
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -50,7 +53,8 @@ def check_selection_path(q, k, v, mask, site, params, scale, out) -> dict:
 
 
 def bench_length(L: int, taus: tuple[float, ...], inners: tuple[str, ...], *, heads: int, kv_heads: int,
-                 head_dim: int, rep_ms: float, generator: torch.Generator, check: bool) -> list[dict]:
+                 head_dim: int, rep_ms: float, generator: torch.Generator, check: bool,
+                 fixed_kept: tuple[float, ...] = ()) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     B, H, Hkv, D = 1, heads, kv_heads, head_dim
@@ -100,12 +104,33 @@ def bench_length(L: int, taus: tuple[float, ...], inners: tuple[str, ...], *, he
         del out, sel, qc, kc, vc, oc
         torch.cuda.empty_cache()
 
+    for frac in fixed_kept:
+        # dropped_mass 1.0 drops every prefix token the floor allows: min_keep + recent tokens are kept
+        params = ts.TokenSparseParams(dropped_mass=1.0, min_keep=max(0, int(frac * L) - 128))
+        sel = ts.token_select(q, k, v, mask, site, params, scale)
+        kept = float(sel.kept_fraction().mean())
+        row(f"token_sparse kept={frac}", lambda params=params: ts.attention(q, k, v, mask, site, params, scale),
+            kept=kept, Lc=max(sel.kept_host))
+        qc, kc, vc = gather_qkv(q, k, v, sel.idx)
+        row(f"token_sparse kept={frac} :attend", lambda qc=qc, kc=kc, vc=vc, sel=sel, params=params:
+            ts.attend_compressed(qc, kc, vc, sel, site, params, scale))
+        del sel, qc, kc, vc
+        for inner in inners:
+            stacked = dataclasses.replace(params, inner=inner, inner_params=METHODS[inner].Params())
+            _, d_stacked = ts.attention(q, k, v, mask, site, stacked, scale)
+            row(f"token_sparse kept={frac} + {inner}", lambda stacked=stacked: ts.attention(q, k, v, mask, site,
+                                                                                            stacked, scale),
+                kept=kept, density=float(d_stacked.mean()))
+        torch.cuda.empty_cache()
+
     for inner in inners:
         method = METHODS[inner]
         inner_params = method.Params()
         _, d_alone = method.attention(q, k, v, mask, site, inner_params, scale)
         row(inner, lambda method=method, p=inner_params: method.attention(q, k, v, mask, site, p, scale),
             density=float(d_alone.mean()))
+        if not taus:
+            continue
         params = ts.TokenSparseParams(dropped_mass=taus[0], inner=inner)
         _, d_stacked = ts.attention(q, k, v, mask, site, params, scale)
         kept = float(ts.token_select(q, k, v, mask, site, params, scale).kept_fraction().mean())
@@ -152,20 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", default="8192,32768,131072", help="comma-separated sequence lengths")
     ap.add_argument("--taus", default="0.005,0.05", help="comma-separated dropped_mass values")
     ap.add_argument("--inners", default="prism,pbs", help="block methods timed alone and stacked ('' for none)")
+    ap.add_argument("--fixed-kept", default="",
+                    help="kept fractions timed at a fixed budget (dropped_mass 1.0, min_keep = fraction * L - 128), "
+                         "alone and stacked on each --inners method, e.g. 0.5,0.3,0.1")
     ap.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetition time per row")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     lengths = tuple(int(x) for x in args.lengths.split(","))
-    taus = tuple(float(x) for x in args.taus.split(","))
+    taus = tuple(float(x) for x in args.taus.split(",") if x)
+    fixed = tuple(float(x) for x in args.fixed_kept.split(",") if x)
     inners = tuple(x for x in args.inners.split(",") if x)
     g = torch.Generator(device="cuda").manual_seed(0)
     t0 = time.perf_counter()
     rows: list[dict] = []
     for L in lengths:
         rows += bench_length(L, taus, inners, heads=32, kv_heads=8, head_dim=128, rep_ms=args.rep_ms, generator=g,
-                             check=L <= 32768)
+                             check=L <= 32768, fixed_kept=fixed)
         torch.cuda.empty_cache()
     result = {"env": environment("cuda"), "settings": {"heads": 32, "kv_heads": 8, "head_dim": 128, "taus": taus,
                                                        "inners": inners, "rep_ms": args.rep_ms},
