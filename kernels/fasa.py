@@ -11,10 +11,12 @@ others (they carry no position, so they are scored, never assumed dominant or ig
 models it mixes two different frequencies (kept only to measure it; EVAL.md).
 
 Steps of one decode call (q: (B, H, 1, D), K: (B, Hkv, Lk, D)):
-  1. `chunk_tables`: the layer's dominant chunks -> per KV head the union of its heads' dominant dims
-     (Hkv, NU) int32 and, per query head, which of those dims are its own (H, NU) float32 0/1.
+  1. `chunk_tables`: the layer's dominant chunks -> per KV head the 16-dim segments of K that hold a
+     dominant dim of one of its query heads (Hkv, NSEG) int32 (segment start dims, -1 = none), and per
+     query head a 0/1 mask of its own dominant dims (H, D) float32.
   2. `fasa_scores` (Triton; `fasa_scores_reference` in PyTorch): per query head the partial score
-     sum_{c dominant} q_c . k_c (no scale, as the authors) of every key, reading only the union dims of K;
+     sum_{c dominant} q_c . k_c (no scale, as the authors) of every key, reading only those segments of K
+     (one 32-byte sector per bf16 row and segment: a dim-by-dim gather would issue 2-byte loads);
      `per_kv_head`: the group's heads' scores summed, one score per KV head. Keys the query cannot see
      (causal, window, padding) score -inf; forced keys (the first `sink` and the last `recent` visible
      keys) score +inf.
@@ -78,34 +80,34 @@ def default_chunks(rotary_dim: int, head_dim: int, count: int) -> tuple[int, ...
     return tuple(sorted(order[:count]))
 
 
+SEGMENT = 16  # dims per K segment the scores read: 32 bytes (one memory sector) of a bf16/fp16 row
+
+
 @functools.lru_cache(maxsize=512)
 def chunk_tables(per_head: tuple[tuple[int, ...], ...], num_heads: int, num_kv_heads: int, head_dim: int,
                  rotary_dim: int, layout: str, device: str) -> tuple[Tensor, Tensor]:
-    """(dims (Hkv, NU) int32, member (H, NU) float32) for one layer's dominant chunks.
+    """(segs (Hkv, NSEG) int32, member (H, D) float32) for one layer's dominant chunks.
 
     per_head: one chunk tuple per query head (len H), per KV head (len Hkv), or one for all (len 1).
-    dims[g] lists the union of the dominant dims of KV head g's query heads (padded with dim 0, whose
-    member entries are 0); member[h, u] = 1 iff dims[h // (H/Hkv), u] is a dominant dim of head h.
+    segs[g] lists the start dims (multiples of SEGMENT) of the segments of K holding a dominant dim of one
+    of KV head g's query heads, ascending, padded with -1; member[h, d] = 1 iff d is a dominant dim of h.
     Memoised: constants built once per layer and device, so CUDA graph capture never copies from the host.
     """
     H, Hkv = num_heads, num_kv_heads
     if len(per_head) not in (H, Hkv, 1):
         raise ValueError(f"chunks name {len(per_head)} heads; expected {H} (query heads), {Hkv} (KV heads) or 1")
     group = H // Hkv
-    head_chunks = [per_head[0 if len(per_head) == 1 else (h if len(per_head) == H else h // group)]
-                   for h in range(H)]
-    head_dims = [sorted({d for c in cs for d in chunk_dims(c, layout, rotary_dim, head_dim)}) for cs in head_chunks]
-    unions = [sorted({d for h in range(g * group, (g + 1) * group) for d in head_dims[h]}) for g in range(Hkv)]
-    nu = max(len(u) for u in unions)
-    dims = torch.zeros(Hkv, nu, dtype=torch.int32)
-    member = torch.zeros(H, nu, dtype=torch.float32)
-    for g, union in enumerate(unions):
-        dims[g, : len(union)] = torch.tensor(union, dtype=torch.int32)
-        for h in range(g * group, (g + 1) * group):
-            own = set(head_dims[h])
-            for u, d in enumerate(union):
-                member[h, u] = float(d in own)
-    return dims.to(device), member.to(device)
+    member = torch.zeros(H, head_dim, dtype=torch.float32)
+    for h in range(H):
+        chunks = per_head[0 if len(per_head) == 1 else (h if len(per_head) == H else h // group)]
+        for c in chunks:
+            member[h, list(chunk_dims(c, layout, rotary_dim, head_dim))] = 1.0
+    used = member.view(Hkv, group, head_dim).amax(1) > 0  # (Hkv, D)
+    starts = [[s for s in range(0, head_dim, SEGMENT) if bool(used[g, s:s + SEGMENT].any())] for g in range(Hkv)]
+    segs = torch.full((Hkv, max(len(x) for x in starts)), -1, dtype=torch.int32)
+    for g, x in enumerate(starts):
+        segs[g, : len(x)] = torch.tensor(x, dtype=torch.int32)
+    return segs.to(device), member.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,41 +117,44 @@ def chunk_tables(per_head: tuple[tuple[int, ...], ...], num_heads: int, num_kv_h
 
 @triton.jit
 def _fasa_scores_kernel(
-    Q, K, DIMS, MEMBER, STATE, SCORES,
+    Q, K, SEGS, MEMBER, STATE, SCORES,
     kv_len, q_offset, window, sink, recent, lo_vis, hi_vis,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_dg, stride_mh, stride_stb, stride_stn,
+    stride_sg, stride_mh, stride_stb, stride_stn,
     stride_sb, stride_sh, stride_sn,
-    GQ: tl.constexpr, NU: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_STATE: tl.constexpr, PER_KV_HEAD: tl.constexpr, IEEE_DOT: tl.constexpr,
+    GQ: tl.constexpr, NSEG: tl.constexpr, HEAD_DIM: tl.constexpr, SEG: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_STATE: tl.constexpr, PER_KV_HEAD: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
 ):
-    """Scores of BLOCK_N keys of one (batch, KV head): K is read at the group's dominant dims only."""
+    """Scores of BLOCK_N keys of one (batch, KV head): K is read in the group's dominant segments only."""
     pid_n = tl.program_id(0)
     hkv = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_u = tl.arange(0, BLOCK_U)
+    offs_s = tl.arange(0, SEG)
     offs_g = tl.arange(0, BLOCK_G)
-    u_ok = offs_u < NU
     g_ok = offs_g < GQ
     n_ok = offs_n < kv_len
-
-    # 1. the group's queries at the union dims, zero where a dim is not the head's own
-    dims = tl.load(DIMS + hkv * stride_dg + offs_u, mask=u_ok, other=0)
     heads = hkv * GQ + offs_g
-    qm = g_ok[:, None] & u_ok[None, :]
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd, mask=qm, other=0.0)
-    own = tl.load(MEMBER + heads[:, None] * stride_mh + offs_u[None, :], mask=qm, other=0.0)
-    q = (q.to(tl.float32) * own).to(K.dtype.element_ty)
+    k_rows = K + b * stride_kb + hkv * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn
 
-    # 2. K at those dims only; partial scores (BLOCK_N, BLOCK_G)
-    k = tl.load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn
-                + dims[None, :] * stride_kd, mask=n_ok[:, None] & u_ok[None, :], other=0.0)
-    if IEEE_DOT:
-        s = tl.dot(k, tl.trans(q), input_precision="ieee")
-    else:
-        s = tl.dot(k, tl.trans(q))
+    # 1-2. per segment: the group's queries there (zero off each head's own dims) and K's segment (one
+    # sector per row); partial scores (BLOCK_N, BLOCK_G) accumulate over the segments
+    s = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    for i in tl.static_range(NSEG):
+        start = tl.load(SEGS + hkv * stride_sg + i)
+        dims = start + offs_s
+        d_ok = (dims < HEAD_DIM) & (start >= 0)
+        qm = g_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd, mask=qm, other=0.0)
+        own = tl.load(MEMBER + heads[:, None] * stride_mh + dims[None, :], mask=qm, other=0.0)
+        q = (q.to(tl.float32) * own).to(K.dtype.element_ty)
+        k = tl.load(k_rows + dims[None, :] * stride_kd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(k, tl.trans(q), s, input_precision="ieee")
+        else:
+            s = tl.dot(k, tl.trans(q), s)
 
     # 3. visibility and forced keys: the caller's state vector, or causal/window arithmetic
     if HAS_STATE:
@@ -186,12 +191,12 @@ def visible_range(kv_len: int, causal: bool, q_offset: int, window: int) -> tupl
     return lo, hi
 
 
-def fasa_scores(q: Tensor, k: Tensor, dims: Tensor, member: Tensor, *, per_kv_head: bool, causal: bool = True,
+def fasa_scores(q: Tensor, k: Tensor, segs: Tensor, member: Tensor, *, per_kv_head: bool, causal: bool = True,
                 q_offset: int | None = None, window: int = 0, state: Tensor | None = None, sink: int = 0,
                 recent: int = 0) -> Tensor:
     """Step 2 in Triton (CUDA, or CPU under TRITON_INTERPRET=1).
 
-    q: (B, H, 1, D); k: (B, Hkv, Lk, D) (fp16/bf16/fp32); dims (Hkv, NU) int32 and member (H, NU) float32
+    q: (B, H, 1, D); k: (B, Hkv, Lk, D) (fp16/bf16/fp32); segs (Hkv, NSEG) int32 and member (H, D) float32
     from `chunk_tables`. Visibility: `state` (B, Lk) int8 from `key_state` (padding), or else the causal /
     window arithmetic with q_offset (default Lk - 1) and the sink/recent counts. Returns (B, S, Lk) float32,
     S = Hkv if per_kv_head else H: partial scores, -inf for invisible keys, +inf for forced ones.
@@ -200,24 +205,23 @@ def fasa_scores(q: Tensor, k: Tensor, dims: Tensor, member: Tensor, *, per_kv_he
     Hkv, Lk = k.shape[1], k.shape[2]
     if q.shape[2] != 1 or k.shape[0] != B or k.shape[3] != D or H % Hkv:
         raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)}: expected (B, H, 1, D) / (B, Hkv, Lk, D)")
-    if tuple(dims.shape[:1]) != (Hkv,) or tuple(member.shape) != (H, dims.shape[1]):
-        raise ValueError(f"dims {tuple(dims.shape)} / member {tuple(member.shape)} do not fit H={H}, Hkv={Hkv}")
+    if tuple(segs.shape[:1]) != (Hkv,) or tuple(member.shape) != (H, D):
+        raise ValueError(f"segs {tuple(segs.shape)} / member {tuple(member.shape)} do not fit H={H}, Hkv={Hkv}, D={D}")
     if not (q.is_cuda or _interpreting()):
         raise ValueError("fasa_scores needs CUDA tensors or TRITON_INTERPRET=1 (use fasa_scores_reference)")
     q_offset = Lk - 1 if q_offset is None else int(q_offset)
     S = Hkv if per_kv_head else H
     scores = torch.empty(B, S, Lk, dtype=torch.float32, device=q.device)
-    nu = dims.shape[1]
     lo, hi = visible_range(Lk, causal, q_offset, window)
     dummy = torch.zeros(1, 1, dtype=torch.int8, device=q.device)
     st = state if state is not None else dummy
     block_n = 128 if q.is_cuda else 32
     _fasa_scores_kernel[(triton.cdiv(Lk, block_n), Hkv, B)](
-        q, k, dims, member, st, scores,
+        q, k, segs, member, st, scores,
         Lk, q_offset, window, sink, recent, lo, hi,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(),
-        dims.stride(0), member.stride(0), st.stride(0), st.stride(1), *scores.stride(),
-        GQ=H // Hkv, NU=nu, BLOCK_U=max(16, triton.next_power_of_2(nu)),
+        segs.stride(0), member.stride(0), st.stride(0), st.stride(1), *scores.stride(),
+        GQ=H // Hkv, NSEG=segs.shape[1], HEAD_DIM=D, SEG=SEGMENT,
         BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)), BLOCK_N=block_n, CAUSAL=causal,
         HAS_STATE=state is not None, PER_KV_HEAD=per_kv_head, IEEE_DOT=q.dtype == torch.float32, num_warps=4,
     )
@@ -239,18 +243,17 @@ def key_state(visible: Tensor, sink: int, recent: int) -> Tensor:
     return (visible.to(torch.int8) + forced.to(torch.int8)).contiguous()
 
 
-def fasa_scores_reference(q: Tensor, k: Tensor, dims: Tensor, member: Tensor, state: Tensor, *,
+def fasa_scores_reference(q: Tensor, k: Tensor, segs: Tensor, member: Tensor, state: Tensor, *,
                           per_kv_head: bool) -> Tensor:
     """Step 2 in PyTorch over the full head dim (q masked to each head's dominant dims): float32 (float64
-    for float64 inputs). state: (B, Lk) int8 from `key_state`. Returns (B, S, Lk) as `fasa_scores`."""
+    for float64 inputs). segs is not needed (it only limits what the kernel reads). state: (B, Lk) int8 from
+    `key_state`. Returns (B, S, Lk) as `fasa_scores`."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    own = torch.zeros(H, D, dtype=work, device=q.device)
-    head_dims = dims.long().repeat_interleave(group, dim=0)  # (H, NU)
-    own.scatter_add_(1, head_dims, member.to(work))
-    qq = q[:, :, 0].to(work) * own.clamp(max=1.0)  # (B, H, D)
+    own = member.to(work)
+    qq = q[:, :, 0].to(work) * own  # (B, H, D)
     kk = k.to(work).repeat_interleave(group, dim=1)  # (B, H, Lk, D)
     scores = torch.einsum("bhd,bhnd->bhn", qq, kk)
     if per_kv_head:

@@ -102,6 +102,27 @@ def test_triton_scores_equal_the_reference(problem):
     torch.testing.assert_close(got[finite], ref[finite], atol=tol * (1 + float(ref[finite].abs().max())), rtol=tol)
 
 
+def test_scores_read_only_the_dominant_segments():
+    """chunk_tables lists exactly the 16-dim segments holding a dominant dim of the group; NaN in every other
+    dim of K leaves the Triton scores unchanged (those dims are never loaded)."""
+    H, Hkv, D, Lk = 4, 2, 128, 40
+    chunks = ((60, 61), (63,), (3,), (3, 20))  # rotate-half pairs: (60, 124) (61, 125) (63, 127) (3, 67) (20, 84)
+    segs, member = chunk_tables(chunks, H, Hkv, D, D, "rotate_half", "cpu")
+    assert segs.tolist() == [[48, 112, -1, -1], [0, 16, 64, 80]]
+    assert member[0].nonzero().flatten().tolist() == [60, 61, 124, 125]
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, H, 1, D, generator=g), torch.randn(1, Hkv, Lk, D, generator=g)
+    clean = fasa_scores(q, k, segs, member, per_kv_head=False)
+    poisoned = k.clone()
+    for hkv in range(Hkv):
+        keep = torch.zeros(D, dtype=torch.bool)
+        for start in segs[hkv].tolist():
+            if start >= 0:
+                keep[start:start + 16] = True
+        poisoned[0, hkv, :, ~keep] = float("nan")
+    torch.testing.assert_close(fasa_scores(q, poisoned, segs, member, per_kv_head=False), clean)
+
+
 @pytest.mark.parametrize("per_kv_head", [False, True])
 def test_all_chunks_dominant_gives_exact_qk(per_kv_head):
     B, H, Hkv, D, Lk = 2, 6, 2, 96, 70

@@ -189,7 +189,7 @@ def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: Site
     if chunks is None:
         raise ValueError(f"FASA cannot run layer {site.layer}: {problem}")
     layout = "interleaved" if site.rope == "interleaved" else "rotate_half"
-    dims, member = chunk_tables(chunks, H, Hkv, D, rotary, layout, str(q.device))
+    segs, member = chunk_tables(chunks, H, Hkv, D, rotary, layout, str(q.device))
     per_kv_head = params.gqa == "per_kv_head"
     padded = mask.key_valid is not None
     fraction = params.budget < 1
@@ -197,11 +197,11 @@ def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: Site
         visible = visible_keys(mask, B, 1, Lk, device=q.device)[:, 0, 0, :]
         state = key_state(visible, params.sink, params.recent)
     if q.is_cuda:
-        scores = fasa_scores(q, k, dims, member, per_kv_head=per_kv_head, causal=mask.causal, q_offset=mask.q_offset,
+        scores = fasa_scores(q, k, segs, member, per_kv_head=per_kv_head, causal=mask.causal, q_offset=mask.q_offset,
                              window=mask.window, state=state if padded else None, sink=params.sink,
                              recent=params.recent)
     else:
-        scores = fasa_scores_reference(q, k, dims, member, state, per_kv_head=per_kv_head)
+        scores = fasa_scores_reference(q, k, segs, member, state, per_kv_head=per_kv_head)
     counts = None
     if padded:  # visible counts on the device
         n_visible = visible.sum(-1)  # (B,)
