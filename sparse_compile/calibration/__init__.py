@@ -130,6 +130,7 @@ def run_calibration(method: str, argv: list[str], prog: str = "python -m sparse_
     parser = calibration_parser(method, prog)
     args = parser.parse_args(argv)
     args.method = method
+    args.command_argv = ["calibrate", method, *argv]  # what the written policy records as its command
     module = load_calibration_module(method)
     if module is not None:
         return int(module.run(args))

@@ -3,14 +3,70 @@
     python -m sparse_compile calibrate prism --max-dppl 0.5 --lengths 8K --out prism-smollm2.toml
 
 A method declares its knob in its Params: `param(..., quality="higher")` (a larger value is closer
-to exact attention) or `quality="lower"`. Every field so marked is set to the same value per layer.
+to exact attention, and denser) or `quality="lower"`. Every field so marked is set to the same value
+per layer (Prism: threshold_high and threshold_low). The search, for any such method:
+
+1. **Sensitivity, one pass per window.** The model runs through the sparse backend with the dense
+   policy; at every attention node (a TorchDispatchMode around the compiled graph sees the op's
+   q, k, v, mask and site) the method runs once per candidate value of the knob on the layer's exact
+   inputs, and records the relative output error e_l(v) = |out_v - out_exact|^2 / |out_exact|^2 and
+   the achieved density d_l(v). The forward itself continues with the exact output, so every layer
+   is measured on the inputs the exact model gives it. Candidates: `ladder` (for a [0, 1] knob
+   pointing up: 0.998 0.995 0.99 0.98 0.97 0.95 0.9 0.8), plus "dense" (e = 0, d = 1).
+   The knob's declared direction is checked here: the mean density must fall along the ladder.
+2. **Allocation.** For a multiplier lam, each layer picks the option minimising d_l + lam * e_l
+   (a Lagrangian relaxation of "minimise mean density subject to sum of errors <= E"); the lam path
+   gives a family of per-layer allocations from sparsest to all dense, each with a predicted total
+   error E = sum_l e_l.
+3. **Fit to the budget on real perplexity.** ΔPPL is measured through the compiled model on the
+   calibration windows for a few allocations along the path (secant steps on log ΔPPL vs log E,
+   aiming at 85% of the budget, at most --max-probes); the sparsest allocation within the budget
+   at every length wins.
+4. **Held-out verification.** The winner runs on held-out windows (other positions of the corpus:
+   the calibration and held-out windows interleave, evenly spaced); ΔPPL above the budget at any
+   length fails loudly: exit status 1, and the policy is written as `<out>.unverified.toml` only.
+5. **The policy**: the base policy (the shipped policy named after the method, or `--base`) with
+   one `[[prefill.overrides]]` table per distinct value (compact layer ranges) and a header comment
+   saying how it was made: command, model fingerprint, corpus, windows, device, achieved density and
+   ΔPPL on calibration and held-out windows, wall time.
+
+Deterministic (fixed windows, no sampling); the eager baseline is cached per window like `eval`'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+DENSE = "dense"
+LADDER_STEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)  # distance from the exact end, fraction of range
+TARGET_FRACTION = 0.85  # aim the secant steps at this fraction of the budget
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A method's quality knob: the Params fields set together, the direction that is denser, the range."""
+
+    method: str
+    fields: tuple[str, ...]
+    direction: str  # "higher": a larger value is closer to exact; "lower": a smaller one is
+    low: float
+    high: float
+
+    def exact_end(self) -> float:
+        return self.high if self.direction == "higher" else self.low
+
+    def describe(self) -> str:
+        return f"{self.method} {'/'.join(self.fields)} ({self.direction} = denser, range [{self.low:g}, {self.high:g}])"
 
 
 def quality_knobs(params_cls: type) -> list[str]:
@@ -20,9 +76,408 @@ def quality_knobs(params_cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(params_cls) if f.metadata.get("quality")]
 
 
+def method_knob(method: str) -> Knob:
+    """The quality knob that method `method` declares; ValueError when it declares none or an unusable one."""
+    from sparse_compile.methods import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; registered: {', '.join(METHODS)}")
+    if "prefill" not in METHODS[method].phases:
+        raise ValueError(f"calibrate --max-dppl tunes prefill methods by perplexity; {method!r} runs in "
+                         f"{', '.join(METHODS[method].phases)} only")
+    marked = [f for f in dataclasses.fields(METHODS[method].Params) if f.metadata.get("quality")]
+    if not marked:
+        raise ValueError(f"method {method!r} declares no quality knob (param(..., quality='higher'|'lower') in its "
+                         "Params), so the generic --max-dppl search cannot tune it")
+    directions = {f.metadata["quality"] for f in marked}
+    ranges = {f.metadata.get("range") for f in marked}
+    if len(directions) != 1 or len(ranges) != 1:
+        raise ValueError(f"method {method!r}: its quality fields {[f.name for f in marked]} must share one direction "
+                         "and one range (they are set together)")
+    (rng,) = ranges
+    if rng is None or rng[0] is None or rng[1] is None or not rng[0] < rng[1]:
+        raise ValueError(f"method {method!r}: quality knob {marked[0].name!r} needs a finite range (low, high)")
+    return Knob(method, tuple(f.name for f in marked), directions.pop(), float(rng[0]), float(rng[1]))
+
+
+def ladder(knob: Knob, values: tuple[float, ...] | None = None) -> tuple[float, ...]:
+    """Candidate values from densest to sparsest (the exact end itself is the "dense" option)."""
+    if values is None:
+        span = knob.high - knob.low
+        values = tuple(round(knob.exact_end() - s * span if knob.direction == "higher" else knob.exact_end() + s * span,
+                             6) for s in LADDER_STEPS)
+    bad = [v for v in values if not knob.low <= v <= knob.high]
+    if bad:
+        raise ValueError(f"--values {bad[0]} is outside the knob's range [{knob.low:g}, {knob.high:g}]")
+    ordered = sorted(set(values), reverse=knob.direction == "higher")
+    if not ordered:
+        raise ValueError("give at least one candidate value")
+    return tuple(ordered)
+
+
+def with_knob(params: Any, knob: Knob, value: float) -> Any:
+    """`params` with every knob field set to `value` (re-validated by the Params class)."""
+    return dataclasses.replace(params, **{name: value for name in knob.fields})
+
+
+# -- 1. sensitivity -----------------------------------------------------------------------------
+
+@dataclass
+class LayerStats:
+    """Per-candidate sums over the prefill calls of one layer (divide by `calls`)."""
+
+    err: list[float]
+    density: list[float]
+    calls: int = 0
+
+
+class SensitivityProbe(TorchDispatchMode):
+    """Around the dense-policy compiled graph: at each prefill attention node, run the method at every
+    candidate value on the node's own inputs; record output error and density; return the exact output."""
+
+    def __init__(self, knob: Knob, values: tuple[float, ...], params: Any) -> None:
+        super().__init__()
+        self.knob, self.values, self.params = knob, values, params
+        self.candidates = [with_knob(params, knob, v) for v in values]
+        self.stats: dict[int, LayerStats] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "namespace", None) == "sparse_compile" and not kwargs:
+            self.measure(args, out[0])
+        return out
+
+    def measure(self, args: tuple, exact: torch.Tensor) -> None:
+        from sparse_compile.attention_mask import AttentionMask
+        from sparse_compile.methods import METHODS
+        from sparse_compile.ops import RAN, NodeConfig, call_shape, fallback_reason, parse_config
+
+        q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config = args[:10]
+        if q.shape[2] <= 1:  # decode steps: not what a perplexity budget tunes
+            return
+        site = parse_config(config).site
+        mask = AttentionMask(causal=causal, q_offset=q_offset, window=window,
+                             key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask)
+        method = METHODS[self.knob.method]
+        stats = self.stats.setdefault(site.layer, LayerStats([0.0] * len(self.values), [0.0] * len(self.values)))
+        ref = exact.float()
+        norm = float(ref.pow(2).sum().clamp_min(1e-30))
+        for i, params in enumerate(self.candidates):
+            code, _ = fallback_reason(NodeConfig(method, params, 0, site), call_shape(q, k, window, causal),
+                                      dense_mask is not None)
+            if code != RAN:  # the method would not run this call: exact attention, nothing to gain or lose
+                stats.density[i] += 1.0
+                continue
+            out, density = method.attention(q, k, v, mask, site, params, scale)
+            stats.err[i] += float((out.float() - ref).pow(2).sum()) / norm
+            stats.density[i] += float(density.float().mean())
+        stats.calls += 1
+
+
+def sensitivity_table(stats: dict[int, LayerStats]) -> dict[int, tuple[list[float], list[float]]]:
+    """{layer: (mean error per candidate, mean density per candidate)} from summed stats."""
+    return {layer: ([e / s.calls for e in s.err], [d / s.calls for d in s.density])
+            for layer, s in sorted(stats.items()) if s.calls}
+
+
+def check_direction(knob: Knob, values: tuple[float, ...], table: dict[int, tuple[list[float], list[float]]],
+                    tolerance: float = 1e-3) -> None:
+    """The mean density over layers must not rise along the ladder (densest -> sparsest); else the
+    declared direction is wrong (or the knob does not control density). Raises ValueError."""
+    if len(values) < 2 or not table:
+        return
+    mean = [sum(d[i] for _, d in table.values()) / len(table) for i in range(len(values))]
+    rises = [(values[i], mean[i], values[i + 1], mean[i + 1]) for i in range(len(values) - 1)
+             if mean[i + 1] > mean[i] + tolerance]
+    if rises:
+        a, da, b, db = rises[0]
+        raise ValueError(f"quality knob {knob.describe()}: the declared direction looks wrong: mean density "
+                         f"{da:.4f} at {a:g} but {db:.4f} at {b:g} (it should fall as the value moves away from "
+                         f"{knob.exact_end():g}); fix the method's param(quality=...)")
+
+
+# -- 2. allocation ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Allocation:
+    """One option per layer: an index into the ladder, or -1 for dense."""
+
+    choice: tuple[int, ...]
+    predicted_error: float
+    predicted_density: float
+
+
+def options(table_row: tuple[list[float], list[float]]) -> list[tuple[int, float, float]]:
+    """(option, error, density) of one layer: dense first, then the ladder."""
+    err, dens = table_row
+    return [(-1, 0.0, 1.0)] + [(i, err[i], dens[i]) for i in range(len(err))]
+
+
+def allocate(table: dict[int, tuple[list[float], list[float]]], lam: float) -> Allocation:
+    """Each layer's option minimising density + lam * error (ties: the denser option)."""
+    choice, e_sum, d_sum = [], 0.0, 0.0
+    for layer in sorted(table):
+        best = min(options(table[layer]), key=lambda o: (o[2] + lam * o[1], -o[2]))
+        choice.append(best[0])
+        e_sum += best[1]
+        d_sum += best[2]
+    return Allocation(tuple(choice), e_sum, d_sum / max(1, len(table)))
+
+
+def allocation_path(table: dict[int, tuple[list[float], list[float]]]) -> list[Allocation]:
+    """Distinct allocations along lam (log grid), sparsest first, ending with all dense."""
+    path: list[Allocation] = []
+    for exponent in range(-40, 161):
+        alloc = allocate(table, 10.0 ** (exponent / 10))
+        if not path or alloc.choice != path[-1].choice:
+            path.append(alloc)
+    dense = Allocation(tuple(-1 for _ in table), 0.0, 1.0)
+    if path[-1].choice != dense.choice:
+        path.append(dense)
+    return path
+
+
+def next_probe(path: list[Allocation], probes: list[tuple[int, float]], budget: float) -> int | None:
+    """Index into `path` of the next allocation to measure, from (index, measured max ΔPPL %) so far.
+
+    Secant on log ΔPPL vs log E aimed at TARGET_FRACTION of the budget, kept inside the bracket of
+    the sparsest feasible (ΔPPL <= budget) and densest infeasible probes; None when nothing new is left.
+    """
+    feasible = [i for i, d in probes if d <= budget]
+    infeasible = [i for i, d in probes if d > budget]
+    lo = max(infeasible) + 1 if infeasible else 0  # sparsest index still allowed
+    hi = min(feasible) - 1 if feasible else len(path) - 2  # denser than the best feasible is pointless
+    if lo > hi:
+        return None
+    target = TARGET_FRACTION * budget
+    pts = sorted(((path[i].predicted_error, max(d, 1e-6)) for i, d in probes if path[i].predicted_error > 0),
+                 key=lambda p: p[0])
+    if not pts:
+        # first probe: the allocation closest (in log E) to the geometric middle of the path's errors
+        errors = [path[i].predicted_error for i in range(lo, hi + 1) if path[i].predicted_error > 0]
+        if not errors:
+            return hi
+        goal = math.sqrt(min(errors) * max(errors))
+    elif len(pts) == 1:
+        (e0, d0), = pts
+        goal = e0 * target / d0  # ΔPPL proportional to E
+    else:
+        (e0, d0), (e1, d1) = pts[0], pts[-1]
+        slope = (math.log(d1) - math.log(d0)) / (math.log(e1) - math.log(e0)) if e1 > e0 and d1 != d0 else 1.0
+        slope = min(max(slope, 0.3), 3.0)
+        anchor_e, anchor_d = min(pts, key=lambda p: abs(math.log(p[1] / target)))
+        goal = anchor_e * (target / anchor_d) ** (1.0 / slope)
+    tried = {i for i, _ in probes}
+    candidates = [i for i in range(lo, hi + 1) if i not in tried]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda i: abs(math.log(max(path[i].predicted_error, 1e-30) / goal)))
+
+
+# -- 3./4. perplexity through the compiled model ------------------------------------------------
+
+@dataclass
+class Measured:
+    """ΔPPL % per length and mean density of one policy on a set of windows."""
+
+    dppl_pct: dict[int, float]
+    ppl: dict[int, float]
+    density: dict[int, float]
+    layer_density: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    def worst(self) -> float:
+        return max(self.dppl_pct.values())
+
+    def mean_density(self) -> float:
+        return sum(self.density.values()) / len(self.density)
+
+
+@dataclass
+class Context:
+    """What one calibration run shares: the evaluator (model, tokens, cache), windows, progress bar."""
+
+    ev: Any
+    lengths: tuple[int, ...]
+    calibration: dict[int, list[tuple[int, torch.Tensor]]]
+    holdout: dict[int, list[tuple[int, torch.Tensor]]]
+    inner: str
+    bar: Any
+
+    def baseline_nll(self, windows: list[tuple[int, torch.Tensor]]) -> list[dict[str, Any]]:
+        """Eager NLL summaries of the windows (cached like `eval`'s baseline)."""
+        from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, window_nll
+
+        forward = logits_fn(self.ev.model, self.ev.config.torch_device())
+        rows = []
+        for _, ids in windows:
+            key = self.ev.cache_key("ppl_window", ids)
+            row = self.ev.cache.get(key)
+            if row is None:
+                t0 = time.perf_counter()
+                row = {**nll_summary(window_nll(forward, ids)), "seconds": time.perf_counter() - t0}
+                self.ev.cache.put(key, row)
+            rows.append(row)
+            self.bar.update(1)
+        return rows
+
+    def measure(self, policy: Any, which: dict[int, list[tuple[int, torch.Tensor]]]) -> Measured:
+        """ΔPPL % (against the eager model) and density of `policy` on the windows `which`."""
+        from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
+        from sparse_compile.evaluation.runner import compile_with_policy
+        from sparse_compile.report import Report
+
+        report = Report()
+        compiled = compile_with_policy(self.ev.model, policy, report, self.inner)
+        forward = logits_fn(compiled, self.ev.config.torch_device())
+        result = Measured({}, {}, {})
+        for length in self.lengths:
+            rows, layers = [], []
+            base = perplexity(self.baseline_nll(which[length]))
+            for _, ids in which[length]:
+                rows.append(nll_summary(window_nll(forward, ids)))
+                layers.append(report.layer_density("prefill"))
+                self.bar.update(1)
+            ppl = perplexity(rows)
+            per_layer = {layer: sum(d.get(layer, 1.0) for d in layers) / len(layers)
+                         for layer in sorted({x for d in layers for x in d})}
+            result.ppl[length] = ppl
+            result.dppl_pct[length] = 100.0 * (ppl - base) / base
+            result.density[length] = sum(per_layer.values()) / len(per_layer) if per_layer else 1.0
+            result.layer_density[length] = per_layer
+        torch._dynamo.reset()
+        return result
+
+    def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any) -> dict[int, tuple[list, list]]:
+        """Per-layer error and density of every candidate, over the calibration windows (step 1)."""
+        import sparse_compile
+        from sparse_compile.evaluation.perplexity import logits_fn
+
+        probe = SensitivityProbe(knob, values, params)
+        inner = sparse_compile.backend("dense", inner="eager")
+
+        def capturing(gm: Any, example_inputs: Any, **kwargs: Any) -> Any:
+            compiled = inner(gm, example_inputs, **kwargs)
+
+            def run(*args: Any) -> Any:
+                with probe:
+                    return compiled(*args)
+
+            return run
+
+        torch._dynamo.reset()
+        forward = logits_fn(torch.compile(self.ev.model, backend=capturing), self.ev.config.torch_device())
+        with torch.no_grad():
+            for length in self.lengths:
+                for _, ids in self.calibration[length]:
+                    forward(ids[None])
+                    self.bar.update(1)
+        torch._dynamo.reset()
+        table = sensitivity_table(probe.stats)
+        if not table:
+            raise ValueError("no attention site was found in the model: nothing to calibrate")
+        return table
+
+
+# -- 5. the policy --------------------------------------------------------------------------------
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def params_table(params: Any) -> dict[str, Any]:
+    """The params that a TOML table must state: every field that is set (None fields left out)."""
+    return {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
+
+
+def inline(table: dict[str, Any]) -> str:
+    return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in table.items()) + " }"
+
+
+def policy_toml(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[int, int], name: str,
+                description: str, header: list[str]) -> str:
+    """The tuned policy: the base policy's phases, the most common per-layer value as the prefill default,
+    one override per other value (layers as compact ranges) and the header comment lines."""
+    from sparse_compile.policy import LayerSet
+
+    phase = base.prefill
+    method_params = phase.params if phase.method == knob.method else None
+    if method_params is None:
+        from sparse_compile.methods import METHODS
+
+        method_params = METHODS[knob.method].Params()
+    groups: dict[int, list[int]] = {}
+    for layer, option in sorted(choice.items()):
+        groups.setdefault(option, []).append(layer)
+    sparse_groups = {o: ls for o, ls in groups.items() if o >= 0}
+    default = max(sparse_groups, key=lambda o: (len(sparse_groups[o]), -o)) if sparse_groups else 0
+    lines = [f"# {line}" if line else "#" for line in header]
+    lines += ["", f"name = {toml_value(name)}", f"description = {toml_value(description)}", "", "[prefill]",
+              f'method = "{knob.method}"', f"min_seq_len = {phase.min_seq_len}", "",
+              "[prefill.params]"]
+    default_params = params_table(with_knob(method_params, knob, values[default]))
+    lines += [f"{k} = {toml_value(v)}" for k, v in default_params.items()]
+    for option in sorted(groups, key=lambda o: (o != -1, o)):
+        if option == default:
+            continue
+        layers = toml_value_list(LayerSet.of(groups[option]).to_list())
+        lines += ["", "[[prefill.overrides]]", f"layers = {layers}"]
+        if option == -1:
+            lines.append('method = "dense"')
+        else:
+            lines.append(f"params = {inline(params_table(with_knob(method_params, knob, values[option])))}")
+    decode = base.decode
+    lines += ["", "[decode]", f'method = "{decode.method}"']
+    if decode.min_seq_len:
+        lines.append(f"min_seq_len = {decode.min_seq_len}")
+    decode_params = params_table(decode.params) if decode.params is not None else {}
+    if decode_params:
+        lines += ["", "[decode.params]"] + [f"{k} = {toml_value(v)}" for k, v in decode_params.items()]
+    if decode.overrides:
+        raise ValueError("the base policy's decode overrides cannot be carried over; use a base policy without them")
+    return "\n".join(lines) + "\n"
+
+
+def toml_value_list(items: list[int | str]) -> str:
+    return "[" + ", ".join(toml_value(x) for x in items) + "]"
+
+
+def base_policy(method: str, spec: str | None) -> Any:
+    """The policy whose phases the tuned one keeps: `--base`, else the shipped one named after the method,
+    else prefill = method (defaults, min_seq_len 0) with dense decode."""
+    from sparse_compile.policy import Policy, load_policy, shipped_policies
+
+    if spec is not None:
+        policy = load_policy(spec)
+    elif method in shipped_policies():
+        policy = load_policy(method)
+    else:
+        return Policy.from_mapping({"name": method, "prefill": {"method": method}}, source=f"<{method} defaults>")
+    if policy.prefill.method != method:
+        raise ValueError(f"--base {policy.source}: its prefill method is {policy.prefill.method!r}, not {method!r}")
+    return policy
+
+
+# -- the command -----------------------------------------------------------------------------------
+
 def description(method: str) -> str:
     return (f"Search per-layer values of {method}'s quality knob that minimise mean attention density subject "
             "to a perplexity budget on calibration windows, verify on held-out windows, write a policy.")
+
+
+def parse_values(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"invalid number list {text!r}: {err}") from err
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one value")
+    return values
 
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,14 +485,19 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     from sparse_compile.__main__ import parse_lengths, positive_int
 
     parser.add_argument("--max-dppl", type=float, required=True, metavar="PCT",
-                        help="perplexity budget: relative PPL increase over the eager model, in percent (e.g. 0.5)")
+                        help="perplexity budget: relative PPL increase over the eager model, in percent (e.g. 0.5), "
+                             "at every length, on the calibration and on the held-out windows")
     parser.add_argument("--lengths", type=parse_lengths, default=(8192,), help="window lengths (default 8K)")
     parser.add_argument("--windows", type=positive_int, default=2, help="calibration windows per length (2)")
     parser.add_argument("--holdout-windows", type=positive_int, default=2,
                         help="held-out verification windows per length, at other text positions (2)")
+    parser.add_argument("--values", type=parse_values, help="candidate knob values (default: a ladder toward the "
+                        "exact end, e.g. 0.998,0.995,0.99,0.98,0.97,0.95,0.9,0.8 for a [0, 1] knob)")
+    parser.add_argument("--max-probes", type=positive_int, default=4,
+                        help="perplexity measurements of candidate allocations on the calibration windows (4)")
     parser.add_argument("--base", help="policy whose other settings are kept (default: the shipped policy named "
                         "after the method, else one built from the method's defaults)")
-    parser.add_argument("--name", help="name of the written policy (default: <method>-<model>)")
+    parser.add_argument("--name", help="name of the written policy (default: the --out file's stem)")
     parser.add_argument("--inner", choices=("eager", "inductor"), default="eager",
                         help="inner compiler of the sparse backend (default eager)")
     parser.add_argument("--cache-dir", default=None, help="where eager baselines are cached (default: eval's)")
@@ -45,9 +505,166 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
 
 
+def split_windows(ev: Any, lengths: tuple[int, ...], n_cal: int, n_hold: int
+                  ) -> tuple[dict[int, list], dict[int, list]]:
+    """Calibration and held-out windows per length: n_cal + n_hold windows evenly spaced over the corpus,
+    interleaved (held-out ones between calibration ones), so both cover the text and never share a start."""
+    from sparse_compile.evaluation.corpus import windows
+
+    cal, hold = {}, {}
+    for length in lengths:
+        every = windows(ev.corpus_ids, length, n_cal + n_hold)
+        order = interleave(n_cal, n_hold)
+        cal[length] = [w for w, tag in zip(every, order, strict=True) if tag == "c"]
+        hold[length] = [w for w, tag in zip(every, order, strict=True) if tag == "h"]
+    return cal, hold
+
+
+def interleave(n_cal: int, n_hold: int) -> list[str]:
+    """"c"/"h" tags for n_cal + n_hold evenly spaced windows: held-out windows spread evenly among them."""
+    total = n_cal + n_hold
+    held = {round((i + 0.5) * total / n_hold - 0.5) for i in range(n_hold)}
+    tags = ["h" if i in held else "c" for i in range(total)]
+    while tags.count("h") < n_hold:  # rounding collisions (never for n_hold <= n_cal + 1)
+        tags[tags.index("c")] = "h"
+    return tags
+
+
 def run_quality(args: argparse.Namespace) -> int:
-    """Run the generic search for `args.method` (see the module docstring)."""
-    raise ValueError(f"calibrate {args.method} --max-dppl: the generic search is not implemented yet")
+    """Run the generic search for `args.method` (see the module docstring); the exit status."""
+    from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
+    from sparse_compile.evaluation.corpus import default_corpus
+    from sparse_compile.evaluation.runner import EvalConfig, environment, prepare
+
+    t_start = time.perf_counter()
+    if not math.isfinite(args.max_dppl) or args.max_dppl < 0:
+        raise ValueError(f"--max-dppl {args.max_dppl}: give a budget in percent >= 0 (e.g. 0.5)")
+    if not args.out:
+        raise ValueError("give --out policy.toml (where the tuned policy goes)")
+    out = Path(args.out)
+    if out.suffix != ".toml":
+        raise ValueError(f"--out {args.out}: the policy file must end in .toml")
+    if out.parent and not out.parent.exists():
+        raise ValueError(f"--out {args.out}: folder {out.parent} does not exist")
+    knob = method_knob(args.method)
+    values = ladder(knob, args.values)
+    base = base_policy(args.method, args.base)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    config = EvalConfig(
+        model=args.model, policies=(base,), corpus=args.corpus or default_corpus(), lengths=tuple(args.lengths),
+        windows=args.windows + args.holdout_windows, tasks=("ppl",),
+        cache_dir=None if args.no_cache else (args.cache_dir or str(DEFAULT_CACHE_DIR)),
+        progress=not args.no_progress, device=args.device, dtype=args.dtype,
+    )
+    ev, _ = prepare(config)  # loads and checks everything (policy, corpus length, model) before any work
+    cal, hold = split_windows(ev, config.lengths, args.windows, args.holdout_windows)
+    n_cal, n_hold = sum(map(len, cal.values())), sum(map(len, hold.values()))
+    from tqdm.auto import tqdm
+
+    total = n_cal + 2 * n_cal * args.max_probes + 2 * n_hold  # sensitivity, probes (+ baselines), verification
+    bar = tqdm(total=total, desc=f"calibrate {args.method}", disable=args.no_progress, dynamic_ncols=True)
+    ctx = Context(ev, config.lengths, cal, hold, args.inner, bar)
+    params = base.prefill.params if base.prefill.method == args.method else None
+    if params is None:
+        from sparse_compile.methods import METHODS
+
+        params = METHODS[args.method].Params()
+
+    table = ctx.sensitivity(knob, values, params)  # 1
+    check_direction(knob, values, table)
+    path = allocation_path(table)  # 2
+    layers = sorted(table)
+
+    def policy_of(alloc: Allocation) -> Any:
+        from sparse_compile.policy import parse_toml
+
+        choice = dict(zip(layers, alloc.choice, strict=True))
+        return parse_toml(policy_toml(base, knob, values, choice, "probe", "", []), "<calibration probe>")
+
+    probes: list[tuple[int, float]] = []  # 3
+    measured: dict[int, Measured] = {}
+    for _ in range(args.max_probes):
+        index = next_probe(path, probes, args.max_dppl)
+        if index is None:
+            break
+        measured[index] = ctx.measure(policy_of(path[index]), cal)
+        probes.append((index, measured[index].worst()))
+        bar.set_postfix_str(f"probe E={path[index].predicted_error:.2e} dPPL={probes[-1][1]:+.3f}%")
+    feasible = [i for i, d in probes if d <= args.max_dppl]
+    if feasible:
+        best = min(feasible, key=lambda i: measured[i].mean_density())
+    else:  # every probe was over budget: the next denser allocation is unmeasured; all dense is safe
+        best = len(path) - 1
+        measured[best] = ctx.measure(policy_of(path[best]), cal)
+    winner = path[best]
+    held = ctx.measure(policy_of(winner), hold)  # 4
+    bar.close()
+    ok = held.worst() <= args.max_dppl
+
+    env = environment(getattr(args, "command_argv", None), config.torch_device(), config.torch_dtype())
+    choice = dict(zip(layers, winner.choice, strict=True))
+    header = make_header(args, env, ev, knob, values, table, choice, cal, hold, measured[best], held, probes, path,
+                         time.perf_counter() - t_start, ok)
+    name = args.name or out.stem
+    text = policy_toml(base, knob, values, choice, name,
+                       f"{args.method} tuned per layer to dPPL <= {args.max_dppl:g}% at "
+                       f"{','.join(str(n) for n in config.lengths)} tokens on {ev.corpus.name} "
+                       f"({'verified' if ok else 'FAILED verification'} on held-out windows)", header)
+    from sparse_compile.policy import parse_toml
+
+    parse_toml(text, str(out))  # the file must load (a bug here must not write a broken policy)
+    target = out if ok else out.with_suffix(".unverified.toml")
+    target.write_text(text)
+    summary = (f"{args.method}: held-out dPPL {', '.join(f'{L}: {d:+.3f}%' for L, d in held.dppl_pct.items())}, "
+               f"mean density {held.mean_density():.3f} (calibration: "
+               f"{', '.join(f'{L}: {d:+.3f}%' for L, d in measured[best].dppl_pct.items())}); "
+               f"{time.perf_counter() - t_start:.0f} s")
+    if not ok:
+        print(f"error: held-out verification FAILED: dPPL {held.worst():+.3f}% > budget {args.max_dppl:g}% "
+              f"({summary}); the policy went to {target}, not {out}", file=sys.stderr)
+        return 1
+    print(f"wrote {target}: {summary}", file=sys.stderr)
+    return 0
 
 
-__all__: list[Any] = ["add_quality_arguments", "description", "quality_knobs", "run_quality"]
+def make_header(args: argparse.Namespace, env: dict[str, Any], ev: Any, knob: Knob, values: tuple[float, ...],
+                table: dict[int, tuple[list, list]], choice: dict[int, int], cal: dict, hold: dict,
+                cal_result: Measured, held: Measured, probes: list[tuple[int, float]], path: list[Allocation],
+                seconds: float, ok: bool) -> list[str]:
+    """The policy file's header comment: how it was made and what it achieved."""
+    lengths = list(cal)
+    layer_word = {-1: "dense"} | {i: f"{v:g}" for i, v in enumerate(values)}
+    lines = [
+        f"Made by `python -m sparse_compile calibrate {args.method} --max-dppl {args.max_dppl:g}` "
+        f"({'verified' if ok else 'FAILED held-out verification'}).",
+        f"Command: {env['command']}",
+        f"Date {env['date']}; sparse_compile {env['sparse_compile_revision']}; torch {env['torch']}, transformers "
+        f"{env['transformers']}; device {env.get('gpu', env['device'])}, dtype {env['dtype']}.",
+        f"Model: {args.model} ({ev.model.config.num_hidden_layers} layers), fingerprint {ev.fingerprint[:16]}.",
+        f"Corpus: {ev.corpus.name} (sha256 {ev.corpus.sha256[:16]}, {int(ev.corpus_ids.numel())} tokens).",
+        f"Knob: {knob.describe()}; candidates {', '.join(f'{v:g}' for v in values)} or dense.",
+        f"Calibration windows (token starts): {', '.join(f'{L}: {[s for s, _ in cal[L]]}' for L in lengths)}.",
+        f"Held-out windows (token starts): {', '.join(f'{L}: {[s for s, _ in hold[L]]}' for L in lengths)}.",
+        "Search: per-layer output error of each candidate on exact inputs (one pass per window), allocation",
+        "minimising density + lam * error, lam fitted to the budget by measured dPPL "
+        f"({len(probes)} probes of {len(path)} allocations).",
+        "Calibration: " + "; ".join(f"L={L} dPPL {cal_result.dppl_pct[L]:+.3f}% density {cal_result.density[L]:.3f}"
+                                    for L in lengths) + ".",
+        "Held-out:    " + "; ".join(f"L={L} dPPL {held.dppl_pct[L]:+.3f}% density {held.density[L]:.3f}"
+                                    for L in lengths) + f"; mean density {held.mean_density():.3f}.",
+        f"Wall time {seconds:.0f} s.",
+        "",
+        "layer: value (relative output error, density on the calibration windows)",
+    ]
+    row = []
+    for layer, option in choice.items():
+        err, dens = (0.0, 1.0) if option < 0 else (table[layer][0][option], table[layer][1][option])
+        row.append(f"{layer}: {layer_word[option]} ({err:.1e}, {dens:.2f})")
+    for i in range(0, len(row), 4):
+        lines.append("  " + "; ".join(row[i:i + 4]))
+    return lines
+
+
+__all__ = ["Knob", "add_quality_arguments", "allocate", "allocation_path", "check_direction",
+           "description", "ladder", "method_knob", "next_probe", "quality_knobs", "run_quality"]
