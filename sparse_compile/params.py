@@ -148,7 +148,10 @@ def params_from_mapping(cls: type, mapping: Mapping[str, Any], where: str) -> An
             f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(sorted(known)) or '(none)'}"
         )
     values = {name: check_value(known[name], value, where) for name, value in mapping.items()}
-    obj = cls(**values)
+    try:
+        obj = cls(**values)
+    except PolicyError as err:  # checks a Params class makes while it builds itself (e.g. a nested table)
+        raise PolicyError(f"{where}: {err}") from err
     validate = getattr(obj, "validate", None)
     if validate is not None:
         problem = validate()

@@ -245,8 +245,9 @@ def test_policy_and_params_validation():
                         ({"inner": "pbs", "inner_params": {"thresold": 1.0}}, "unknown key 'thresold'"),
                         ({"layers": ["9-2"]}, "empty"), ({"recent": 0}, "recent"),
                         ({"dropped_mass": float("nan")}, "dropped_mass")]:
-        with pytest.raises(PolicyError, match=needle):
+        with pytest.raises(PolicyError, match=needle) as err:
             sparse_compile.load_policy({"prefill": {"method": "token_sparse", "params": bad}})
+        assert str(err.value).startswith("<mapping>: [prefill].params: ")  # the table is named
 
 
 def reference_attention_function(params: ts.TokenSparseParams, key_valid: torch.Tensor):
