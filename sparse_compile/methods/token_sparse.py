@@ -29,6 +29,7 @@ head_dim > 256 or float64 on CUDA.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -46,7 +47,9 @@ NAME = "token_sparse"
 MAX_HEAD_DIM = 256
 
 
-def _layer_set(layers: Any, where: str):
+@functools.lru_cache(maxsize=256)
+def _layer_set(layers: tuple, where: str):
+    """The LayerSet of a `layers` value (memoised: `unsupported` asks at every call)."""
     from sparse_compile.policy import parse_layers
 
     return parse_layers(list(layers), where)
@@ -79,7 +82,7 @@ class TokenSparseParams:
         if self.smooth % 2 == 0:
             raise PolicyError(f"{where}: key 'smooth' = {self.smooth} must be odd (same-length pooling)")
         if self.layers is not None:
-            layer_set = _layer_set(self.layers, where)
+            layer_set = _layer_set(tuple(self.layers), where)
             object.__setattr__(self, "layers", tuple(layer_set.to_list()))
         if self.inner is not None:
             from sparse_compile.methods import METHODS
@@ -171,7 +174,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     sel = token_select(q, k, v, mask, site, params, scale, impl=impl)
-    if sel.drops_nothing():  # exact attention on every row: skip the copies
+    if sel.drops_nothing() or not sel.idx.shape[2]:  # exact attention on every row (or nothing kept: every row
+        # is padding, which exact attention also returns as zeros): skip the copies
         out, _ = METHODS["dense"].attention(q, k, v, mask, site, METHODS["dense"].Params(), scale)
         return out, torch.ones(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
     qc, kc, vc = gather_qkv(q, k, v, sel.idx, impl=impl)
