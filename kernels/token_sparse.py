@@ -267,7 +267,7 @@ class TokenSelection:
 
     def kept_fraction(self) -> Tensor:
         """(B, H) float32: kept tokens / valid tokens of the row (1.0 for an empty row)."""
-        frac = self.kept.float() / self.valid.clamp_min(1).float()
+        frac = torch.where(self.valid > 0, self.kept.float() / self.valid.clamp_min(1).float(), 1.0)
         return frac[:, None].expand(self.inv.shape[0], self.inv.shape[1]).contiguous()
 
 
