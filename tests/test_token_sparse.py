@@ -327,3 +327,13 @@ def test_calibration_measures_drift_and_writes_a_policy_that_loads(tmp_path):
     assert policy.prefill.params == dataclasses.replace(shipped.prefill.params, layers=layers)
     with pytest.raises(ValueError, match="quantile"):
         run_calibration("token_sparse", ["--model", str(tmp_path / "m"), "--quantile", "2", "--no-progress"])
+
+
+def test_an_all_padding_row_is_zeros_and_counts_as_exact():
+    q, k, v = tensors(2, 2, 1, 60, 8, seed=9)
+    key_valid = torch.ones(2, 60, dtype=torch.bool)
+    key_valid[1] = False
+    mask = AttentionMask(key_valid=key_valid)
+    out, density = ts.attention(q, k, v, mask, SITE, ts.TokenSparseParams(dropped_mass=0.3, min_keep=4, recent=8,
+                                                                          smooth=3), 0.3)
+    assert not out[1].any() and bool((density[1] == 1).all()) and bool((density[0] < 1).all())
