@@ -334,7 +334,7 @@ def sparse_decode_attention(
     idx = indices if indices.stride(-1) == 1 else indices.contiguous()
     if out is None:
         out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # never read (its flags are off)
     cnt = counts if counts is not None else dummy.view(1, 1)
     valid = key_valid.view(torch.int8) if key_valid is not None and key_valid.dtype == torch.bool else key_valid
     valid = valid if valid is not None else dummy.view(1, 1)

@@ -10,7 +10,8 @@ same call, i.e. without launch overhead, as mode="reduce-overhead" runs it):
                               block mask holds every 128-key block that has a selected token
   gather_sdpa:<gqa>           the selected K/V rows gathered with torch.gather, then SDPA (torch only)
   fasa:<gqa>[:<chunks>]       METHODS["fasa"].attention: scores + top-k + sparse decode (what the node runs)
-  fasa_scores / fasa_topk / sparse_decode   its three steps alone
+  fasa_scores / fasa_topk / sparse_decode   its three steps alone (fasa_topk: torch.topk unsorted + sentinels)
+  topk_sorted:<gqa>           torch.topk sorted=True on the same scores
 Chunks: "low" = the model-agnostic rule (the 16 lowest-frequency chunks of 64: two 32-byte sectors of each
 K row), "scattered" = 16 random chunks per head (the union over a group spans every sector of K).
 Checks: sparse decode (bf16) vs its fp32 reference on the same selection; Triton scores vs the fp32

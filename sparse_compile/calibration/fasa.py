@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", type=int, default=64,
                         help="decode positions per window, evenly spaced over its second half (default 64)")
     parser.add_argument("--top-n", type=int, default=256, help="N of the top-N overlap criterion (default 256)")
-    parser.add_argument("--keep", type=int, default=0, help="chunks written per head (default 0: head_dim / 8)")
+    parser.add_argument("--keep", type=int, default=0,
+                        help="chunks used per head: the policy's n_chunks (default 0: head_dim / 8); every chunk is "
+                             "written, ranked best first, so n_chunks can be raised without recalibrating")
     parser.add_argument("--budget", type=float, default=0.25,
                         help="the policy's budget: tokens (>= 1) or a fraction of the cache (< 1); default 0.25")
     parser.add_argument("--gqa", choices=("per_head", "per_kv_head"), default="per_head", help="the policy's gqa")
@@ -125,7 +127,8 @@ def toml_chunks(chunks: list[list[list[int]]]) -> str:
     return "chunks = [\n" + "\n".join(rows) + "\n]"
 
 
-def policy_text(model_name: str, chunks: list[list[list[int]]], args: argparse.Namespace, summary: str) -> str:
+def policy_text(model_name: str, chunks: list[list[list[int]]], args: argparse.Namespace, summary: str,
+                keep: int) -> str:
     budget = int(args.budget) if args.budget >= 1 else args.budget
     what = f"{budget} tokens" if args.budget >= 1 else f"{args.budget:.0%} of the cache"
     return "\n".join([
@@ -144,7 +147,7 @@ def policy_text(model_name: str, chunks: list[list[list[int]]], args: argparse.N
         "",
         "[decode.params]",
         f"budget = {budget}",
-        "n_chunks = 0",
+        f"n_chunks = {keep}",
         "sink = 0",
         "recent = 0",
         "dense_layers = [0]",
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
                 model.model(window[None].to(device))
     finally:
         model.set_attn_implementation(previous)
-    chunks = {lay: [stats.ranking(lay, layer)[:, :keep].tolist() for layer in layers] for lay in layouts}
+    chunks = {lay: [stats.ranking(lay, layer).tolist() for layer in layers] for lay in layouts}  # full ranking
 
     def mean(name: str) -> float:
         rows = [value for layer, value in stats.recalls[name].items() if layer != 0]
@@ -222,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     out_chunks = chunks[layout]
     if layers != list(range(len(layers))):
         raise ValueError(f"site layers {layers} are not 0..{len(layers) - 1}: cannot index chunks by layer")
-    text = policy_text(args.model, out_chunks, args, summary)
+    text = policy_text(args.model, out_chunks, args, summary, keep)
     sparse_compile.load_policy(text_policy(text))  # validates what is written
     if args.out:
         Path(args.out).write_text(text)

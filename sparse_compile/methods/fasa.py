@@ -217,9 +217,12 @@ def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: Site
         slots = min(slots, Lk)
         denominator = float(max(n_vis, 1))
     idx = select_tokens(scores, slots, counts)
-    kept = (idx >= 0).sum(-1).float()  # (B, S)
-    density = (kept / denominator).repeat_interleave(H // idx.shape[1], dim=1)
-    return Selection(idx, density.contiguous())
+    if padded:
+        kept = (idx >= 0).sum(-1).float()  # (B, S)
+        density = (kept / denominator).repeat_interleave(H // idx.shape[1], dim=1).contiguous()
+    else:  # every visible key scores finite, so min(slots, visible) slots hold one: known on the host
+        density = torch.full((B, H), min(slots, n_vis) / denominator, dtype=torch.float32, device=q.device)
+    return Selection(idx, density)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
