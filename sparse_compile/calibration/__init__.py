@@ -14,9 +14,10 @@ Two kinds of calibration, found by looking (no list to edit):
   `calibrate <method> ...` builds a parser with the module's flags plus the common ones it did not
   declare itself (`add_common_arguments`: --model, --corpus, --out, --device, --dtype, --no-progress)
   and calls `run`.
-* Any other registered method whose Params declare a quality knob (`param(..., knob="higher")`,
-  see `sparse_compile.params`) gets the generic per-layer search `calibrate <method> --max-dppl X`
-  (`sparse_compile.calibration.quality`).
+* Any registered method whose Params declare a quality knob (`param(..., quality="higher")`, see
+  `sparse_compile.params`) gets the generic per-layer search `calibrate <method> --max-dppl X`
+  (`sparse_compile.calibration.quality`); with `--max-dppl` this runs even for a method that also
+  has its own module.
 
     calibration_modules()      {method name: module name} of the method-specific modules (not imported)
     calibration_parser(m)      the argparse parser of `calibrate m`
@@ -100,9 +101,17 @@ def available() -> list[str]:
     return sorted(set(calibration_modules()) | set(generic_methods()))
 
 
-def calibration_parser(method: str, prog: str = "python -m sparse_compile calibrate") -> argparse.ArgumentParser:
-    """The parser of `calibrate <method>`; ValueError for a method that cannot be calibrated."""
-    module = load_calibration_module(method)
+def wants_generic(method: str, argv: list[str]) -> bool:
+    """`--max-dppl` given for a method with a quality knob: the generic search, even when the method also
+    has its own calibration module (which then runs without --max-dppl)."""
+    return any(a == "--max-dppl" or a.startswith("--max-dppl=") for a in argv) and method in generic_methods()
+
+
+def calibration_parser(method: str, prog: str = "python -m sparse_compile calibrate",
+                       generic: bool = False) -> argparse.ArgumentParser:
+    """The parser of `calibrate <method>` (generic: the --max-dppl search's, even when the method has its
+    own module); ValueError for a method that cannot be calibrated."""
+    module = None if generic else load_calibration_module(method)
     if module is not None:
         parser = argparse.ArgumentParser(prog=f"{prog} {method}",
                                          description=(module.__doc__ or "").strip().split("\n\n")[0] or None)
@@ -127,11 +136,12 @@ def run_calibration(method: str, argv: list[str], prog: str = "python -m sparse_
     ValueError for an unknown method or bad input found by the calibration; argparse exits 2 itself
     on a bad flag.
     """
-    parser = calibration_parser(method, prog)
+    generic = wants_generic(method, argv)
+    parser = calibration_parser(method, prog, generic)
     args = parser.parse_args(argv)
     args.method = method
     args.command_argv = ["calibrate", method, *argv]  # what the written policy records as its command
-    module = load_calibration_module(method)
+    module = None if generic else load_calibration_module(method)
     if module is not None:
         return int(module.run(args))
     from sparse_compile.calibration import quality

@@ -498,6 +498,8 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="policy whose other settings are kept (default: the shipped policy named "
                         "after the method, else one built from the method's defaults)")
     parser.add_argument("--name", help="name of the written policy (default: the --out file's stem)")
+    parser.add_argument("--verify", metavar="POLICY", help="no search: measure POLICY on the held-out windows and "
+                        "fail (exit 1) when its dPPL exceeds --max-dppl at any length")
     parser.add_argument("--inner", choices=("eager", "inductor"), default="eager",
                         help="inner compiler of the sparse backend (default eager)")
     parser.add_argument("--cache-dir", default=None, help="where eager baselines are cached (default: eval's)")
@@ -535,16 +537,18 @@ def run_quality(args: argparse.Namespace) -> int:
     from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
     from sparse_compile.evaluation.corpus import default_corpus
     from sparse_compile.evaluation.runner import EvalConfig, environment, prepare
+    from sparse_compile.policy import load_policy
 
     t_start = time.perf_counter()
     if not math.isfinite(args.max_dppl) or args.max_dppl < 0:
         raise ValueError(f"--max-dppl {args.max_dppl}: give a budget in percent >= 0 (e.g. 0.5)")
-    if not args.out:
+    verify = load_policy(args.verify) if getattr(args, "verify", None) else None
+    if not args.out and verify is None:
         raise ValueError("give --out policy.toml (where the tuned policy goes)")
-    out = Path(args.out)
+    out = Path(args.out or "unused.toml")
     if out.suffix != ".toml":
         raise ValueError(f"--out {args.out}: the policy file must end in .toml")
-    if out.parent and not out.parent.exists():
+    if not out.parent.exists():
         raise ValueError(f"--out {args.out}: folder {out.parent} does not exist")
     knob = method_knob(args.method)
     values = ladder(knob, args.values)
@@ -565,6 +569,8 @@ def run_quality(args: argparse.Namespace) -> int:
     total = n_cal + 2 * n_cal * args.max_probes + 2 * n_hold  # sensitivity, probes (+ baselines), verification
     bar = tqdm(total=total, desc=f"calibrate {args.method}", disable=args.no_progress, dynamic_ncols=True)
     ctx = Context(ev, config.lengths, cal, hold, args.inner, bar)
+    if verify is not None:
+        return verify_policy(ctx, verify, args.max_dppl)
     params = base.prefill.params if base.prefill.method == args.method else None
     if params is None:
         from sparse_compile.methods import METHODS
@@ -625,6 +631,21 @@ def run_quality(args: argparse.Namespace) -> int:
               f"({summary}); the policy went to {target}, not {out}", file=sys.stderr)
         return 1
     print(f"wrote {target}: {summary}", file=sys.stderr)
+    return 0
+
+
+def verify_policy(ctx: Context, policy: Any, budget: float) -> int:
+    """Measure `policy` on the held-out windows: 0 when dPPL <= budget at every length, else 1 (loudly)."""
+    held = ctx.measure(policy, ctx.holdout)
+    ctx.bar.close()
+    numbers = ", ".join(f"{L}: dPPL {held.dppl_pct[L]:+.3f}% density {held.density[L]:.3f}" for L in ctx.lengths)
+    windows = ", ".join(f"{L}: {[s for s, _ in ctx.holdout[L]]}" for L in ctx.lengths)
+    if held.worst() > budget:
+        print(f"error: held-out verification FAILED for {policy.source}: {numbers} (budget {budget:g}%; "
+              f"held-out window starts {windows})", file=sys.stderr)
+        return 1
+    print(f"verified {policy.source}: {numbers} (budget {budget:g}%; held-out window starts {windows})",
+          file=sys.stderr)
     return 0
 
 
