@@ -80,6 +80,18 @@ def test_eval_usage_errors_exit_2(extra, message, tiny_model, corpus_file, tmp_p
     assert not (tmp_path / "out").exists()  # nothing written on a usage error
 
 
+def test_eval_bf16_and_device_errors(tiny_model, corpus_file, tmp_path, capsys):
+    res = run_eval_cli(tiny_model, corpus_file, tmp_path / "bf", tmp_path / "cache", "--tasks", "ppl", "--lengths",
+                       "64", "--windows", "1", "--dtype", "bf16", "--device", "cpu")
+    assert res["meta"]["env"]["dtype"] == "bf16" and res["meta"]["model"]["dtype"] == "bfloat16"
+    assert res["runs"][0]["ppl"]["64"]["dppl"] == 0.0  # dense == eager in bf16 too
+    if not torch.cuda.is_available():
+        argv = ["eval", "--model", tiny_model, "--corpus", corpus_file, "--device", "cuda", "--no-progress",
+                "--out", str(tmp_path / "none")]
+        assert main(argv) == 2
+        assert "no CUDA GPU is available" in capsys.readouterr().err
+
+
 def test_bench_usage_errors(capsys):
     assert main(["bench", "--what", "everything"]) == 2
     assert "--what 'everything'" in capsys.readouterr().err
@@ -124,10 +136,14 @@ def test_eval_end_to_end_dense_equals_eager(tiny_model, corpus_file, tmp_path, c
     assert list(grid) == ["400"] and list(grid["400"]) == ["0", "1"]
     assert [s["answer"] for s in run["niah"]["samples"]] == [s["answer"] for s in res["baseline"]["niah"]["samples"]]
     assert run["niah"]["decode_mean_density"] == 1.0
+    assert run["niah"]["vs_eager"] == {"compared": 2, "lost": [], "gained": []}  # dense loses no needle
+    assert run["niah"]["hits"]["400"].keys() == {"0", "1"} and res["meta"]["env"]["device"] == "cpu"
+    assert all(run["ppl"][L]["first_s"] > 0 and run["ppl"][L]["steady_s"] is not None for L in ("64", "128"))
     for name in ("ppl_vs_density.png", "niah.png"):
         assert (tmp_path / "a" / name).read_bytes()[:8] == PNG_MAGIC
     report = (tmp_path / "a" / "results.md").read_text()
     assert "| dense | 64 | 2 |" in report and "| eager | 128 | 2 |" in report
+    assert "- Device: cpu; dtype fp32" in report and "| policy | L | depth 0 | depth 1 | lost vs eager |" in report
     assert "<!-- BEGIN tiny -->" in md.read_text() and "| dense | 128 | 2 |" in md.read_text()
     assert "| dense | 64 |" in capsys.readouterr().out
 

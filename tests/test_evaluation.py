@@ -178,3 +178,65 @@ def test_bench_fails_fast_without_cuda(tmp_path):
     with pytest.raises(mbench.BenchmarkUnavailable, match="needs a CUDA GPU"):
         mbench.run_benchmarks(tmp_path / "out")
     assert not (tmp_path / "out").exists()  # failed before writing anything
+
+
+def test_device_and_dtype_resolution():
+    from sparse_compile.evaluation.device import default_device, dtype_name, resolve_device, resolve_dtype
+
+    assert resolve_device("cpu") == torch.device("cpu") and str(resolve_device(None)) == default_device()
+    assert resolve_dtype(None) is torch.float32 and resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_dtype("float16") is torch.float16 and dtype_name(torch.bfloat16) == "bf16"
+    for bad in ("tpu", "cuda:x", "cpu:1"):
+        with pytest.raises(ValueError, match="choose cpu or cuda"):
+            resolve_device(bad)
+    with pytest.raises(ValueError, match="choose fp32, bf16, fp16"):
+        resolve_dtype("int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            resolve_device("cuda")
+
+
+def test_eval_config_resolves_device_and_niah_samples():
+    from sparse_compile.evaluation.runner import EvalConfig
+
+    cpu = EvalConfig(device="cpu")
+    assert cpu.device == "cpu" and cpu.dtype == "fp32" and cpu.niah_samples == 1
+    assert EvalConfig(device="cpu", dtype="bfloat16", niah_samples=4).dtype == "bf16"
+    assert EvalConfig(device="cpu", niah_samples=4).niah_samples == 4
+    if torch.cuda.is_available():
+        assert EvalConfig(device="cuda").niah_samples == 3
+
+
+def niah_row(length, depth, index, score, answer="x"):
+    return {"length": length, "depth": depth, "index": index, "key": "k", "value": "1234567", "answer": answer,
+            "score": score, "seconds": 1.0 + index}
+
+
+def test_niah_hits_timing_and_comparison_with_eager():
+    from sparse_compile.evaluation.runner import compare_niah, summarize_niah
+
+    eager = [niah_row(64, 0.0, i, s) for i, s in enumerate((1.0, 1.0, 0.0))] + [niah_row(64, 1.0, 0, 1.0)]
+    policy = [niah_row(64, 0.0, i, s) for i, s in enumerate((1.0, 0.0, 1.0))] + [niah_row(64, 1.0, 0, 1.0)]
+    summary = summarize_niah(policy)
+    assert summary["hits"] == {"64": {"0": [2, 3], "1": [1, 1]}}
+    assert summary["timing"]["64"] == {"first_s": 1.0, "steady_s": pytest.approx((2.0 + 3.0 + 1.0) / 3)}
+    vs = compare_niah(eager, policy)
+    assert vs["compared"] == 4
+    assert [(x["depth"], x["index"]) for x in vs["lost"]] == [(0.0, 1)]
+    assert [(x["depth"], x["index"]) for x in vs["gained"]] == [(0.0, 2)]
+    assert compare_niah(eager, eager) == {"compared": 4, "lost": [], "gained": []}
+
+
+def test_baseline_cache_key_separates_device_and_dtype(tmp_path):
+    from types import SimpleNamespace
+
+    from sparse_compile.evaluation.runner import EvalConfig, Evaluator
+
+    def key(dtype):
+        ev = Evaluator(EvalConfig(device="cpu", dtype=dtype), SimpleNamespace(), None, torch.zeros(1), "fp",
+                       ResultCache(tmp_path), None)
+        return ev.cache_key("ppl_window", torch.arange(5))
+
+    fp32, bf16 = key("fp32"), key("bf16")
+    assert "device" not in fp32 and "dtype" not in fp32  # the CPU fp32 reference keeps its keys
+    assert bf16["dtype"] == "bf16" and {k: v for k, v in bf16.items() if k != "dtype"} == fp32
