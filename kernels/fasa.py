@@ -74,8 +74,10 @@ def default_chunk_count(head_dim: int) -> int:
 
 def default_chunks(rotary_dim: int, head_dim: int, count: int) -> tuple[int, ...]:
     """The model-agnostic rule, for models without calibrated chunks: the `count` lowest-frequency rotary
-    chunks (c = R/2 - 1 down; the slowly rotating dims, which carry content rather than position and
-    dominated the calibrated choice on SmolLM2, EVAL.md), then pass-through chunks if R/2 < count."""
+    chunks (c = R/2 - 1 down: the slowly rotating dims, which carry content rather than position), then
+    pass-through chunks if R/2 < count. On SmolLM2 the calibrated choice leans the same way (68% of the
+    calibrated chunks of layers 1-29 lie in the lower-frequency half, 39% in this quarter) but the rule
+    predicts worse (top-1024 recall 0.61 against 0.78; EVAL.md): calibrate when you can."""
     half = rotary_dim // 2
     order = list(range(half - 1, -1, -1)) + list(range(half, head_dim // 2))
     return tuple(sorted(order[:count]))
