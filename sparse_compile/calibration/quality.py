@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -390,9 +391,11 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
-def params_table(params: Any) -> dict[str, Any]:
-    """The params that a TOML table must state: every field that is set (None fields left out)."""
-    return {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
+def params_table(params: Any, knob: Knob) -> dict[str, Any]:
+    """The params a TOML table must state: the knob fields and every field that differs from its default
+    (an override's params start from the method's defaults, not from the phase's params)."""
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
+            if f.name in knob.fields or getattr(params, f.name) != f.default}
 
 
 def inline(table: dict[str, Any]) -> str:
@@ -420,7 +423,7 @@ def policy_toml(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[i
     lines += ["", f"name = {toml_value(name)}", f"description = {toml_value(description)}", "", "[prefill]",
               f'method = "{knob.method}"', f"min_seq_len = {phase.min_seq_len}", "",
               "[prefill.params]"]
-    default_params = params_table(with_knob(method_params, knob, values[default]))
+    default_params = params_table(with_knob(method_params, knob, values[default]), knob)
     lines += [f"{k} = {toml_value(v)}" for k, v in default_params.items()]
     for option in sorted(groups, key=lambda o: (o != -1, o)):
         if option == default:
@@ -430,12 +433,13 @@ def policy_toml(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[i
         if option == -1:
             lines.append('method = "dense"')
         else:
-            lines.append(f"params = {inline(params_table(with_knob(method_params, knob, values[option])))}")
+            lines.append(f"params = {inline(params_table(with_knob(method_params, knob, values[option]), knob))}")
     decode = base.decode
     lines += ["", "[decode]", f'method = "{decode.method}"']
     if decode.min_seq_len:
         lines.append(f"min_seq_len = {decode.min_seq_len}")
-    decode_params = params_table(decode.params) if decode.params is not None else {}
+    decode_params = ({f.name: getattr(decode.params, f.name) for f in dataclasses.fields(decode.params)
+                      if getattr(decode.params, f.name) != f.default} if decode.params is not None else {})
     if decode_params:
         lines += ["", "[decode.params]"] + [f"{k} = {toml_value(v)}" for k, v in decode_params.items()]
     if decode.overrides:
@@ -498,6 +502,8 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="policy whose other settings are kept (default: the shipped policy named "
                         "after the method, else one built from the method's defaults)")
     parser.add_argument("--name", help="name of the written policy (default: the --out file's stem)")
+    parser.add_argument("--report", metavar="FILE.json", help="also write the search's details as JSON: per-layer "
+                        "error and density of every candidate, the probes, calibration and held-out numbers")
     parser.add_argument("--verify", metavar="POLICY", help="no search: measure POLICY on the held-out windows and "
                         "fail (exit 1) when its dPPL exceeds --max-dppl at any length")
     parser.add_argument("--inner", choices=("eager", "inductor"), default="eager",
@@ -622,6 +628,14 @@ def run_quality(args: argparse.Namespace) -> int:
     parse_toml(text, str(out))  # the file must load (a bug here must not write a broken policy)
     target = out if ok else out.with_suffix(".unverified.toml")
     target.write_text(text)
+    if getattr(args, "report", None):
+        Path(args.report).write_text(json.dumps({
+            "env": env, "knob": dataclasses.asdict(knob), "values": list(values), "budget_pct": args.max_dppl,
+            "sensitivity": {str(layer): {"error": e, "density": d} for layer, (e, d) in table.items()},
+            "path": [dataclasses.asdict(a) for a in path], "probes": [list(p) for p in probes],
+            "probe_results": {str(i): dataclasses.asdict(m) for i, m in measured.items()}, "chosen": best,
+            "heldout": dataclasses.asdict(held), "verified": ok, "seconds": time.perf_counter() - t_start,
+        }, indent=1, default=str) + "\n")
     summary = (f"{args.method}: held-out dPPL {', '.join(f'{L}: {d:+.3f}%' for L, d in held.dppl_pct.items())}, "
                f"mean density {held.mean_density():.3f} (calibration: "
                f"{', '.join(f'{L}: {d:+.3f}%' for L, d in measured[best].dppl_pct.items())}); "
