@@ -125,10 +125,15 @@ def with_knob(params: Any, knob: Knob, value: float) -> Any:
 
 @dataclass
 class LayerStats:
-    """Per-candidate sums over the prefill calls of one layer (divide by `calls`)."""
+    """Per-candidate sums over the prefill calls of one layer (divide by `calls`).
+
+    err: |out_v - out|^2 / |out|^2 (relative to the layer's attention output);
+    err_value: |out_v - out|^2 / (rows * mean |v_j|^2) (relative to the size of one value vector: a layer
+    whose attention is diffuse has a small |out| without its errors mattering more)."""
 
     err: list[float]
     density: list[float]
+    err_value: list[float] = field(default_factory=list)
     calls: int = 0
 
 
@@ -144,7 +149,7 @@ class SensitivityProbe(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "namespace", None) == "sparse_compile" and not kwargs:
+        if getattr(func, "namespace", None) == "sparse_compile" and not kwargs and len(args) == 10:
             self.measure(args, out[0])
         return out
 
@@ -160,9 +165,12 @@ class SensitivityProbe(TorchDispatchMode):
         mask = AttentionMask(causal=causal, q_offset=q_offset, window=window,
                              key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask)
         method = METHODS[self.knob.method]
-        stats = self.stats.setdefault(site.layer, LayerStats([0.0] * len(self.values), [0.0] * len(self.values)))
+        n = len(self.values)
+        stats = self.stats.setdefault(site.layer, LayerStats([0.0] * n, [0.0] * n, [0.0] * n))
         ref = exact.float()
         norm = float(ref.pow(2).sum().clamp_min(1e-30))
+        value_norm = float(v.float().pow(2).sum(-1).mean()) * ref.shape[0] * ref.shape[1] * ref.shape[2]
+        value_norm = max(value_norm, 1e-30)
         for i, params in enumerate(self.candidates):
             code, _ = fallback_reason(NodeConfig(method, params, 0, site), call_shape(q, k, window, causal),
                                       dense_mask is not None)
@@ -170,15 +178,72 @@ class SensitivityProbe(TorchDispatchMode):
                 stats.density[i] += 1.0
                 continue
             out, density = method.attention(q, k, v, mask, site, params, scale)
-            stats.err[i] += float((out.float() - ref).pow(2).sum()) / norm
+            sq = float((out.float() - ref).pow(2).sum())
+            stats.err[i] += sq / norm
+            stats.err_value[i] += sq / value_norm
             stats.density[i] += float(density.float().mean())
         stats.calls += 1
 
 
-def sensitivity_table(stats: dict[int, LayerStats]) -> dict[int, tuple[list[float], list[float]]]:
-    """{layer: (mean error per candidate, mean density per candidate)} from summed stats."""
-    return {layer: ([e / s.calls for e in s.err], [d / s.calls for d in s.density])
+def sensitivity_table(stats: dict[int, LayerStats], error: str = "output"
+                      ) -> dict[int, tuple[list[float], list[float]]]:
+    """{layer: (mean error per candidate, mean density per candidate)} from summed stats; error "output"
+    (relative to |out|) or "value" (relative to the value vectors' size)."""
+    pick = (lambda s: s.err) if error == "output" else (lambda s: s.err_value)
+    return {layer: ([e / s.calls for e in pick(s)], [d / s.calls for d in s.density])
             for layer, s in sorted(stats.items()) if s.calls}
+
+
+class SubstituteMode(TorchDispatchMode):
+    """Around the dense-policy compiled graph: the prefill attention nodes of the layers in `layers`
+    return the method's output with the given params instead of exact attention (the same call the op
+    makes, fallback rules included), so any per-layer allocation runs without recompiling."""
+
+    def __init__(self, method: str, layers: dict[int, Any]) -> None:
+        super().__init__()
+        self.method, self.layers = method, layers
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if getattr(func, "namespace", None) != "sparse_compile" or kwargs or len(args) != 10:
+            return func(*args, **(kwargs or {}))  # not a plain attention node (e.g. a selection-sharing one)
+        from sparse_compile.attention_mask import AttentionMask
+        from sparse_compile.methods import METHODS
+        from sparse_compile.ops import RAN, NodeConfig, call_shape, fallback_reason, parse_config
+
+        q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config = args[:10]
+        site = parse_config(config).site
+        params = self.layers.get(site.layer)
+        if params is None or q.shape[2] <= 1:
+            return func(*args)
+        method = METHODS[self.method]
+        code, _ = fallback_reason(NodeConfig(method, params, 0, site), call_shape(q, k, window, causal),
+                                  dense_mask is not None)
+        if code != RAN:
+            return func(*args)
+        mask = AttentionMask(causal=causal, q_offset=q_offset, window=window,
+                             key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask)
+        out, density = method.attention(q, k, v, mask, site, params, scale)
+        return out.contiguous(), density.float(), torch.zeros((), dtype=torch.int32, device=q.device)
+
+
+def dense_graph_with(model: Any, mode: TorchDispatchMode) -> Any:
+    """`torch.compile(model)` through the sparse backend with the dense policy, every graph call run
+    inside `mode` (a TorchDispatchMode that sees the attention nodes' inputs)."""
+    import sparse_compile
+
+    inner = sparse_compile.backend("dense", inner="eager")
+
+    def capturing(gm: Any, example_inputs: Any, **kwargs: Any) -> Any:
+        compiled = inner(gm, example_inputs, **kwargs)
+
+        def run(*args: Any) -> Any:
+            with mode:
+                return compiled(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=capturing)
 
 
 def check_direction(knob: Knob, values: tuple[float, ...], table: dict[int, tuple[list[float], list[float]]],
@@ -225,11 +290,28 @@ def allocate(table: dict[int, tuple[list[float], list[float]]], lam: float) -> A
     return Allocation(tuple(choice), e_sum, d_sum / max(1, len(table)))
 
 
+def breakpoints(table: dict[int, tuple[list[float], list[float]]]) -> list[float]:
+    """Every lam at which some layer's best option can change: (d_a - d_b) / (e_b - e_a) > 0 for each pair
+    of a layer's options, sorted. Between two consecutive ones the allocation is constant."""
+    found = set()
+    for row in table.values():
+        opts = options(row)
+        for i, (_, ea, da) in enumerate(opts):
+            for _, eb, db in opts[i + 1:]:
+                if eb != ea and (da - db) / (eb - ea) > 0:
+                    found.add((da - db) / (eb - ea))
+    return sorted(found)
+
+
 def allocation_path(table: dict[int, tuple[list[float], list[float]]]) -> list[Allocation]:
-    """Distinct allocations along lam (log grid), sparsest first, ending with all dense."""
+    """Distinct allocations along lam, sparsest first (lam -> 0), ending with all dense: one allocation
+    between each pair of consecutive breakpoints, so consecutive entries differ in few layers."""
+    points = breakpoints(table)
+    lams = [0.0] + [math.sqrt(a * b) for a, b in zip(points, points[1:], strict=False)] + (
+        [points[-1] * 2.0] if points else [])
     path: list[Allocation] = []
-    for exponent in range(-40, 161):
-        alloc = allocate(table, 10.0 ** (exponent / 10))
+    for lam in lams:
+        alloc = allocate(table, lam)
         if not path or alloc.choice != path[-1].choice:
             path.append(alloc)
     dense = Allocation(tuple(-1 for _ in table), 0.0, 1.0)
@@ -350,23 +432,10 @@ class Context:
 
     def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any) -> dict[int, tuple[list, list]]:
         """Per-layer error and density of every candidate, over the calibration windows (step 1)."""
-        import sparse_compile
         from sparse_compile.evaluation.perplexity import logits_fn
 
         probe = SensitivityProbe(knob, values, params)
-        inner = sparse_compile.backend("dense", inner="eager")
-
-        def capturing(gm: Any, example_inputs: Any, **kwargs: Any) -> Any:
-            compiled = inner(gm, example_inputs, **kwargs)
-
-            def run(*args: Any) -> Any:
-                with probe:
-                    return compiled(*args)
-
-            return run
-
-        torch._dynamo.reset()
-        forward = logits_fn(torch.compile(self.ev.model, backend=capturing), self.ev.config.torch_device())
+        forward = logits_fn(dense_graph_with(self.ev.model, probe), self.ev.config.torch_device())
         with torch.no_grad():
             for length in self.lengths:
                 for _, ids in self.calibration[length]:
