@@ -430,7 +430,8 @@ class Context:
         torch._dynamo.reset()
         return result
 
-    def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any) -> dict[int, tuple[list, list]]:
+    def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any, error: str = "output"
+                    ) -> dict[int, tuple[list, list]]:
         """Per-layer error and density of every candidate, over the calibration windows (step 1)."""
         from sparse_compile.evaluation.perplexity import logits_fn
 
@@ -442,7 +443,7 @@ class Context:
                     forward(ids[None])
                     self.bar.update(1)
         torch._dynamo.reset()
-        table = sensitivity_table(probe.stats)
+        table = sensitivity_table(probe.stats, error)
         if not table:
             raise ValueError("no attention site was found in the model: nothing to calibrate")
         return table
@@ -566,6 +567,9 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out verification windows per length, at other text positions (2)")
     parser.add_argument("--values", type=parse_values, help="candidate knob values (default: a ladder toward the "
                         "exact end, e.g. 0.998,0.995,0.99,0.98,0.97,0.95,0.9,0.8 for a [0, 1] knob)")
+    parser.add_argument("--error", choices=("output", "value"), default="output",
+                        help="sensitivity proxy: output error relative to |out| (default) or to the value vectors' "
+                             "size (see scripts/calibration_proxy_check.py)")
     parser.add_argument("--max-probes", type=positive_int, default=4,
                         help="perplexity measurements of candidate allocations on the calibration windows (4)")
     parser.add_argument("--base", help="policy whose other settings are kept (default: the shipped policy named "
@@ -652,7 +656,7 @@ def run_quality(args: argparse.Namespace) -> int:
 
         params = METHODS[args.method].Params()
 
-    table = ctx.sensitivity(knob, values, params)  # 1
+    table = ctx.sensitivity(knob, values, params, args.error)  # 1
     check_direction(knob, values, table)
     path = allocation_path(table)  # 2
     layers = sorted(table)
@@ -750,7 +754,8 @@ def make_header(args: argparse.Namespace, env: dict[str, Any], ev: Any, knob: Kn
         f"Knob: {knob.describe()}; candidates {', '.join(f'{v:g}' for v in values)} or dense.",
         f"Calibration windows (token starts): {', '.join(f'{L}: {[s for s, _ in cal[L]]}' for L in lengths)}.",
         f"Held-out windows (token starts): {', '.join(f'{L}: {[s for s, _ in hold[L]]}' for L in lengths)}.",
-        "Search: per-layer output error of each candidate on exact inputs (one pass per window), allocation",
+        f"Search: per-layer output error ({getattr(args, 'error', 'output')}-relative) of each candidate on exact "
+        "inputs (one pass per window), allocation",
         "minimising density + lam * error, lam fitted to the budget by measured dPPL "
         f"({len(probes)} probes of {len(path)} allocations).",
         "Calibration: " + "; ".join(f"L={L} dPPL {cal_result.dppl_pct[L]:+.3f}% density {cal_result.density[L]:.3f}"
