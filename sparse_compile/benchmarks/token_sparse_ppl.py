@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     corpus = load_corpus(args.corpus or default_corpus())
     ids_all = tokenize(tokenizer, corpus.text)
     configs = configurations(args.taus, args.stacked_taus, args.prism_thresholds)
+    if args.only:
+        configs = {label: policy for label, policy in configs.items() if label in args.only}
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for length in args.lengths:
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"config": "eager", "length": length, "start": start, "nll_sum": float(ref_nll.sum()),
                          "nll_last": float(ref_nll[-args.last:].sum()), "tokens": ref_nll.numel(),
                          "agree_last": 1.0, "density": 1.0})
+            print(json.dumps(rows[-1]), flush=True)
             for label, policy in tqdm(configs.items(), desc=f"{length} @ {start}", disable=args.no_progress):
                 fast = sparse_compile.compile(model, policy, inner="eager")
                 with torch.no_grad():
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--taus", type=parse_floats, default=(0.005, 0.02, 0.05), help="dropped_mass values, alone")
     ap.add_argument("--stacked-taus", type=parse_floats, default=(0.005, 0.02), help="dropped_mass values, stacked")
     ap.add_argument("--prism-thresholds", type=parse_floats, default=(0.95, 0.9), help="Prism top-p values")
+    ap.add_argument("--only", action="append", metavar="LABEL",
+                    help="run only the configurations with this label (repeatable), e.g. 'prism 0.95'")
     ap.add_argument("--threads", type=positive_int, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--out", type=Path, help="JSON results file (a .md table is written beside it)")
