@@ -293,7 +293,8 @@ def fasa_reference_factory(params: dict, head_dim: int):
         vv = value.repeat_interleave(H // Hkv, dim=1)
         slots = min(Lk, max(budget, sink + recent))
         if Lq > 1 or module.layer_idx in params["dense_layers"] or slots >= Lk:
-            out = F.scaled_dot_product_attention(query, kk, vv, attn_mask=attention_mask, scale=scaling)
+            out = F.scaled_dot_product_attention(query, kk, vv, attn_mask=attention_mask, scale=scaling,
+                                                 is_causal=attention_mask is None and Lq > 1)
             return out.transpose(1, 2).contiguous(), None
         visible = attention_mask[:, 0, 0, :] if attention_mask is not None else torch.ones(B, Lk, dtype=torch.bool)
         out = torch.zeros(B, H, 1, D)
@@ -313,8 +314,8 @@ def fasa_reference_factory(params: dict, head_dim: int):
 
 
 def generate(model, ids, mask, cache, forward_backend=None, **extra):
-    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True, **extra)
+    kwargs = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "output_logits": True,
+              "return_dict_in_generate": True, **extra}
     if cache:
         kwargs["cache_implementation"] = cache
     forward = model.forward
@@ -394,3 +395,38 @@ def test_calibration_ranks_a_planted_chunk_first_and_writes_a_valid_policy():
     args = argparse.Namespace(budget=0.25, min_seq_len=0, gqa="per_head")
     policy = text_policy(policy_text("tiny", chunks, args, "test", 2))
     assert policy.decode.params.chunks[0] == tuple(map(tuple, chunks[0])) and policy.decode.params.n_chunks == 2
+
+
+@pytest.mark.slow
+def test_smollm2_generation_equals_the_loop_reference():
+    """SmolLM2-135M-Instruct (real weights, its first 6 layers to keep the CPU test short), 64 tokens of license
+    text, the shipped policy's calibrated chunks (n_chunks = 8), budget 24: greedy generation through the
+    compiled model == the loop reference token for token, and differs from dense decode."""
+    from sparse_compile.evaluation.corpus import load_corpus, tokenize
+    from sparse_compile.evaluation.models import ModelLoadError, load_model
+
+    try:
+        model, tokenizer = load_model("smollm2")
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+    model.model.layers = model.model.layers[:6]
+    model.config.num_hidden_layers = 6
+    ids = tokenize(tokenizer, load_corpus("licenses").text)[None, 1000:1064]
+    mask = torch.ones_like(ids)
+    shipped = sparse_compile.load_policy("fasa").decode.params
+    chunks = [[list(h[: shipped.n_chunks]) for h in layer] for layer in shipped.chunks[:6]]
+    params = {"budget": 24, "sink": 0, "recent": 0, "dense_layers": [0], "chunks": chunks}
+    policy = {"name": "fasa-smollm2", "decode": {"method": "fasa", "min_seq_len": 0, "params": params}}
+    AttentionInterface.register("fasa_reference_smollm2", fasa_reference_factory(params, 64))
+    ALL_MASK_ATTENTION_FUNCTIONS.register("fasa_reference_smollm2", sdpa_mask)
+    dense_run = generate(model, ids, mask, None, max_new_tokens=8)
+    model.set_attn_implementation("fasa_reference_smollm2")
+    try:
+        ref = generate(model, ids, mask, None, max_new_tokens=8)
+    finally:
+        model.set_attn_implementation("sdpa")
+    got = generate(model, ids, mask, None, sparse_compile.backend(policy, inner="eager"), max_new_tokens=8)
+    assert got.sequences.tolist() == ref.sequences.tolist()
+    for a, b in zip(got.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+    assert max(float((a - b).abs().max()) for a, b in zip(got.logits[1:], dense_run.logits[1:], strict=True)) > 1e-3
