@@ -11,8 +11,11 @@ per layer (Prism: threshold_high and threshold_low). The search, for any such me
    q, k, v, mask and site) the method runs once per candidate value of the knob on the layer's exact
    inputs, and records the relative output error e_l(v) = |out_v - out_exact|^2 / |out_exact|^2 and
    the achieved density d_l(v). The forward itself continues with the exact output, so every layer
-   is measured on the inputs the exact model gives it. Candidates: `ladder` (for a [0, 1] knob
-   pointing up: 0.998 0.995 0.99 0.98 0.97 0.95 0.9 0.8), plus "dense" (e = 0, d = 1).
+   is measured on the inputs the exact model gives it. `--error value` (default) divides the squared
+   error by the size of the layer's value vectors instead of |out_exact|^2: a layer with diffuse attention
+   has a small |out| without its errors costing more perplexity (EVAL.md, proxy check). Candidates:
+   `ladder` (for a [0, 1] knob pointing up: 0.998 0.995 0.99 0.98 0.97 0.95 0.9 0.8), plus "dense"
+   (e = 0, d = 1).
    The knob's declared direction is checked here: the mean density must fall along the ladder.
 2. **Allocation.** For a multiplier lam, each layer picks the option minimising d_l + lam * e_l
    (a Lagrangian relaxation of "minimise mean density subject to sum of errors <= E"); the lam path
@@ -430,7 +433,7 @@ class Context:
         torch._dynamo.reset()
         return result
 
-    def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any, error: str = "output"
+    def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any, error: str = "value"
                     ) -> dict[int, tuple[list, list]]:
         """Per-layer error and density of every candidate, over the calibration windows (step 1)."""
         from sparse_compile.evaluation.perplexity import logits_fn
@@ -567,9 +570,9 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out verification windows per length, at other text positions (2)")
     parser.add_argument("--values", type=parse_values, help="candidate knob values (default: a ladder toward the "
                         "exact end, e.g. 0.998,0.995,0.99,0.98,0.97,0.95,0.9,0.8 for a [0, 1] knob)")
-    parser.add_argument("--error", choices=("output", "value"), default="output",
-                        help="sensitivity proxy: output error relative to |out| (default) or to the value vectors' "
-                             "size (see scripts/calibration_proxy_check.py)")
+    parser.add_argument("--error", choices=("output", "value"), default="value",
+                        help="sensitivity proxy: output error relative to the value vectors' size (default) or to "
+                             "|out| (EVAL.md: scripts/calibration_proxy_check.py ranks them against real dNLL)")
     parser.add_argument("--max-probes", type=positive_int, default=4,
                         help="perplexity measurements of candidate allocations on the calibration windows (4)")
     parser.add_argument("--base", help="policy whose other settings are kept (default: the shipped policy named "
@@ -754,7 +757,7 @@ def make_header(args: argparse.Namespace, env: dict[str, Any], ev: Any, knob: Kn
         f"Knob: {knob.describe()}; candidates {', '.join(f'{v:g}' for v in values)} or dense.",
         f"Calibration windows (token starts): {', '.join(f'{L}: {[s for s, _ in cal[L]]}' for L in lengths)}.",
         f"Held-out windows (token starts): {', '.join(f'{L}: {[s for s, _ in hold[L]]}' for L in lengths)}.",
-        f"Search: per-layer output error ({getattr(args, 'error', 'output')}-relative) of each candidate on exact "
+        f"Search: per-layer output error ({getattr(args, 'error', 'value')}-relative) of each candidate on exact "
         "inputs (one pass per window), allocation",
         "minimising density + lam * error, lam fitted to the budget by measured dPPL "
         f"({len(probes)} probes of {len(path)} allocations).",
