@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  {"budget": budget, "chunks": calibrated, "n_chunks": 2 * n_chunks}),
                 (f"budget={budget} calibrated per_head sink=4 recent=64",
                  {"budget": budget, "chunks": calibrated, "n_chunks": n_chunks, "sink": 4, "recent": 64}),
+                (f"budget={budget} calibrated per_head n_chunks={2 * n_chunks} sink=4 recent=64",
+                 {"budget": budget, "chunks": calibrated, "n_chunks": 2 * n_chunks, "sink": 4, "recent": 64}),
             ]
     configs = [(n, p) for n, p in configs if not args.only or any(o in n for o in args.only)]
     name = "sparse_compile_fasa_accuracy"
