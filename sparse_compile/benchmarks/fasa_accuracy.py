@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 (f"budget={budget} calibrated per_head n_chunks={2 * n_chunks} sink=4 recent=64",
                  {"budget": budget, "chunks": calibrated, "n_chunks": 2 * n_chunks, "sink": 4, "recent": 64}),
             ]
-    configs = [(n, p) for n, p in configs if not args.only or any(o in n for o in args.only)]
+    configs = [(n, p) for n, p in configs if not args.only or n in args.only]
     name = "sparse_compile_fasa_accuracy"
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     rows: list[dict[str, Any]] = []
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=2, help="text windows per length")
     parser.add_argument("--steps", type=int, default=64, help="decode steps (continuation tokens) per window")
     parser.add_argument("--budgets", type=parse_budget, nargs="+", default=[0.25, 0.1, 256], help="budgets")
-    parser.add_argument("--only", nargs="*", default=[], help="only configurations whose name contains one of these")
+    parser.add_argument("--only", nargs="*", default=[], help="only the configurations of these names")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
