@@ -392,9 +392,10 @@ def test_calibration_ranks_a_planted_chunk_first_and_writes_a_valid_policy():
     assert 3 not in stats.ranking("adjacent", 0)[:, :1].tolist()
     assert stats.recalls["calibrated"][0] > 0.9 > stats.recalls["rule"][0]
     chunks = [ranking.tolist()]
-    args = argparse.Namespace(budget=0.25, min_seq_len=0, gqa="per_head")
+    args = argparse.Namespace(budget=0.25, min_seq_len=0, gqa="per_head", sink=4, recent=64)
     policy = text_policy(policy_text("tiny", chunks, args, "test", 2))
     assert policy.decode.params.chunks[0] == tuple(map(tuple, chunks[0])) and policy.decode.params.n_chunks == 2
+    assert (policy.decode.params.sink, policy.decode.params.recent) == (4, 64)
 
 
 @pytest.mark.slow

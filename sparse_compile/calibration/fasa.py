@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=0.25,
                         help="the policy's budget: tokens (>= 1) or a fraction of the cache (< 1); default 0.25")
     parser.add_argument("--gqa", choices=("per_head", "per_kv_head"), default="per_head", help="the policy's gqa")
+    parser.add_argument("--sink", type=int, default=0, help="the policy's sink (first tokens always kept; default 0)")
+    parser.add_argument("--recent", type=int, default=0, help="the policy's recent (last tokens kept; default 0)")
     parser.add_argument("--min-seq-len", type=int, default=1024, help="the policy's decode min_seq_len")
     parser.add_argument("--compare-adjacent", action="store_true",
                         help="also rank and score the authors' (2i, 2i+1) pairing (rotate-half models)")
@@ -148,8 +150,8 @@ def policy_text(model_name: str, chunks: list[list[list[int]]], args: argparse.N
         "[decode.params]",
         f"budget = {budget}",
         f"n_chunks = {keep}",
-        "sink = 0",
-        "recent = 0",
+        f"sink = {args.sink}",
+        f"recent = {args.recent}",
         "dense_layers = [0]",
         'mismatch = "rule"',
         f'gqa = "{args.gqa}"',
@@ -171,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("length", "samples", "queries", "top_n"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.sink < 0 or args.recent < 0:
+        raise ValueError(f"--sink and --recent must be >= 0, got {args.sink} and {args.recent}")
     if args.top_n * 2 > args.length:
         raise ValueError(f"--top-n {args.top_n} must be at most half of --length {args.length}")
     if args.budget <= 0 or (args.budget >= 1 and args.budget != int(args.budget)):
