@@ -14,8 +14,9 @@ with the smallest keys. `union_reference` is the plain loop it must equal.
     budget_split(budget, sink, recent_fraction) -> (sink, middle, recent)
     decode_logits(q, k, scale, visible)          (B, H, Lk) float32 scaled logits, -inf where invisible
     select_tokens(logits, visible, budget, ...)  (B, budget) int32 token indices, -1 padded
-    shared_selection_attention(q, k, v, selection, visible, scale)
-                                                 attention over the selected tokens only (reference)
+
+Attention over the selection is the shared sparse decode kernel (kernels/sparse_decode.py) with one
+index set for all heads, so K/V of each selected token are read once per KV head.
 """
 
 from __future__ import annotations
@@ -132,29 +133,3 @@ def selection_visible(selection: Tensor, length: int) -> Tensor:
     slot = torch.where(selection < 0, length, selection.long())
     hit.scatter_(1, slot, True)
     return hit[:, :length]
-
-
-def shared_selection_attention(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, visible: Tensor,
-                               scale: float) -> Tensor:
-    """Attention of one query per head over the selected tokens only (the PyTorch path; CUDA uses the
-    shared sparse decode kernel when it is available).
-
-    q: (B, H, 1, D); k, v: (B, Hkv, Lk, D); selection: (B, N) int32, -1 padded; visible: (B, Lk) bool
-    (a selected token that is not visible is ignored). Returns (B, H, 1, Dv) in q's dtype; a row with no
-    selected visible token is zeros. K/V of each selected token are gathered once per KV head, and a
-    non-finite value in an unselected key never reaches the output."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    slot_ok = (selection >= 0) & visible.gather(1, selection.clamp(min=0).long())  # (B, N)
-    index = selection.clamp(min=0).long()[:, None, :, None]
-    ks = k.gather(2, index.expand(B, Hkv, -1, D)).float()  # (B, Hkv, N, D)
-    vs = v.gather(2, index.expand(B, Hkv, -1, v.shape[-1])).float()
-    vs = vs.masked_fill(~slot_ok[:, None, :, None], 0.0)
-    qg = q.reshape(B, Hkv, H // Hkv, D).float()
-    logits = torch.matmul(qg, ks.transpose(-1, -2)) * scale  # (B, Hkv, G, N)
-    logits = logits.masked_fill(~slot_ok[:, None, None, :], float("-inf"))
-    peak = logits.amax(dim=-1, keepdim=True)
-    weights = torch.exp(logits - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
-    total = weights.sum(dim=-1, keepdim=True)
-    out = torch.matmul(weights, vs) / torch.where(total > 0, total, torch.ones_like(total))
-    return out.reshape(B, H, 1, v.shape[-1]).to(q.dtype)

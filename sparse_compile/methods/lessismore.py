@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
-from sparse_compile.kernels.lessismore import budget_split, decode_logits, select_tokens, shared_selection_attention
+from sparse_compile.kernels.lessismore import budget_split, decode_logits, select_tokens
+from sparse_compile.kernels.sparse_decode import sparse_decode_attention
 from sparse_compile.method import Method
 from sparse_compile.params import check_value, param
 
@@ -132,7 +133,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
     if role != "reuse" or selection is None:
         raise ValueError(f"LessIsMore attention: role {role!r} needs a selection" if role == "reuse"
                          else f"LessIsMore attention: unknown role {role!r}")
-    out = shared_selection_attention(q, k, v, selection, visible, scale)
+    # one index set for every head: the kernel reads each selected token's K/V once per KV head
+    out = sparse_decode_attention(q, k, v, selection[:, None, :], scale=scale, key_valid=visible)
     kept = ((selection >= 0) & visible.gather(1, selection.clamp(min=0).long())).sum(dim=1).float()
     density = (kept / visible.sum(dim=1).clamp(min=1).float())[:, None].expand(B, H).contiguous()
     return out, density, selection.new_empty((B, 0))

@@ -1,0 +1,247 @@
+"""LessIsMore (decode): the rank-by-rank union, the token set's properties, the selection edges in the
+graph, and a compiled model against an independent reference attention written with Python loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from sparse_compile.kernels.lessismore import (
+    budget_split,
+    decode_logits,
+    select_tokens,
+    selection_visible,
+    union_by_rank,
+    union_reference,
+)
+from test_backend import tiny_llama
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+import sparse_compile
+from sparse_compile.methods import lessismore
+from sparse_compile.ops import CallShape
+from sparse_compile.params import PolicyError, params_from_mapping
+
+
+@given(B=st.integers(1, 2), H=st.integers(1, 5), M=st.integers(1, 12), length=st.integers(12, 40),
+       middle=st.integers(0, 14), seed=st.integers(0, 2**16))
+def test_union_by_rank_equals_the_loop(B, H, M, length, middle, seed):
+    g = torch.Generator().manual_seed(seed)
+    # each head ranks M distinct tokens (as topk does), some slots invalid
+    head_top = torch.stack([torch.stack([torch.randperm(length, generator=g)[:M] for _ in range(H)])
+                            for _ in range(B)])
+    valid = torch.rand(B, H, M, generator=g) > 0.2
+    got = union_by_rank(head_top, valid, length, middle)
+    want = union_reference(head_top, valid, middle)
+    assert got.shape == (B, middle)
+    for b in range(B):
+        assert [t for t in got[b].tolist() if t >= 0] == want[b]
+        assert (got[b, len(want[b]):] == -1).all()
+
+
+def visible_rows(B: int, Lk: int, pads: list[int], q_offset: int) -> torch.Tensor:
+    pos = torch.arange(Lk)
+    return torch.stack([(pos >= pads[b]) & (pos <= q_offset) for b in range(B)])
+
+
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 2), G=st.integers(1, 3), Lk=st.integers(20, 90),
+       budget=st.integers(8, 40), sink=st.integers(0, 4), recent_fraction=st.sampled_from([0.0, 0.25, 0.5]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_selected_set_properties(B, Hkv, G, Lk, budget, sink, recent_fraction, seed, data):
+    """Size, sink, recency window, visibility, no duplicates, and the rank order: a token some head ranks
+    r-th is kept before any token whose best rank is worse than r."""
+    if math.ceil(recent_fraction * budget) + sink > budget:
+        return
+    g = torch.Generator().manual_seed(seed)
+    H, D = Hkv * G, 8
+    pads = [data.draw(st.integers(0, Lk // 3)) for _ in range(B)]
+    q_offset = data.draw(st.integers(Lk // 2, Lk - 1))  # static-cache slots after q_offset are unwritten
+    visible = visible_rows(B, Lk, pads, q_offset)
+    q, k = torch.randn(B, H, 1, D, generator=g), torch.randn(B, Hkv, Lk, D, generator=g)
+    logits = decode_logits(q, k, 0.3, visible)
+    chosen = select_tokens(logits, visible, budget, sink, recent_fraction)
+    n_sink, middle, n_recent = budget_split(budget, sink, recent_fraction)
+    assert chosen.shape == (B, budget) and chosen.dtype == torch.int32
+    for b in range(B):
+        tokens = [t for t in chosen[b].tolist() if t >= 0]
+        assert len(tokens) == len(set(tokens)) == min(budget, int(visible[b].sum()))
+        assert all(visible[b, t] for t in tokens)
+        seen = visible[b].nonzero().flatten().tolist()
+        assert set(seen[:n_sink]) <= set(tokens)
+        assert set(seen[max(0, len(seen) - n_recent):]) <= set(tokens)
+        region = [t for t in seen[n_sink:len(seen) - n_recent] if t not in seen[:n_sink]]
+        # best rank of each middle token over the heads
+        order = logits[b][:, region].argsort(dim=1, descending=True, stable=True)
+        best = {}
+        for h in range(H):
+            for r, j in enumerate(order[h].tolist()):
+                best[region[j]] = min(best.get(region[j], r), r)
+        kept = [t for t in tokens if t in best]
+        dropped = [t for t in region if t not in kept]
+        assert len(kept) == min(middle, len(region))
+        if kept and dropped:
+            assert max(best[t] for t in kept) <= min(best[t] for t in dropped)
+    assert torch.equal(selection_visible(chosen, Lk) & ~visible, torch.zeros_like(visible))
+
+
+def test_params_and_roles():
+    params = lessismore.LessIsMoreParams()
+    assert params.dense_layers == ("0-1",) and params.selection_layers == ()
+    roles = [lessismore.selection_role(i, 30, params) for i in range(30)]
+    assert roles[:3] == ["exact", "exact", "select"] and roles[10] == "select"
+    assert roles.count("select") == 2 and roles.count("reuse") == 26
+    with pytest.raises(PolicyError, match="budget 8 < sink 4 \\+ recent 6"):
+        params_from_mapping(lessismore.LessIsMoreParams, {"budget": 8, "recent_fraction": 0.7}, "t.toml")
+    with pytest.raises(PolicyError, match="selection_layers"):
+        params_from_mapping(lessismore.LessIsMoreParams, {"selection_layers": ["x"]}, "t.toml")
+    call = CallShape(1, 4, 2, 1, 100, 16, torch.float32, "cpu")
+    assert "budget 2048 >= cache length 100" in lessismore.unsupported(call, None, params)
+    assert "q_len 5" in lessismore.unsupported(CallShape(1, 4, 2, 5, 9000, 16, torch.float32, "cpu"), None, params)
+
+
+POLICY = {"name": "lim-test", "decode": {"method": "lessismore", "min_seq_len": 0,
+                                         "params": {"budget": 24, "selection_layers": [2, 4], "dense_layers": [0]}}}
+
+
+def peaked_llama(layers: int) -> torch.nn.Module:
+    """tiny_llama with sharper attention (random weights otherwise attend almost uniformly)."""
+    model = tiny_llama(layers)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
+def rewritten_decode_graph(model, ids, mask, policy) -> torch.fx.GraphModule:
+    """The FX graph of one decode step after the pass (nothing computed but the prefill)."""
+    from sparse_compile.compiler import rewrite_graph
+    from sparse_compile.explain import run_on_fake_tensors
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        gm, n_outputs, layers = rewrite_graph(gm, example_inputs, sparse_compile.load_policy(policy),
+                                              sparse_compile.Report())
+        graphs.append(gm)
+        return run_on_fake_tensors(gm, n_outputs, 2 * len(layers))
+
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(ids[:, :1], attention_mask=step_mask, past_key_values=cache,
+                                              use_cache=True)
+    return graphs[0]
+
+
+def test_selection_edges_in_the_graph():
+    """Layers 2 and 4 select; 3 reuses 2's selection, 5 reuses 4's; layer 0 is dense; layer 1 (before any
+    selection) runs exact attention; nothing else takes a selection."""
+    model = peaked_llama(6)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    gm = rewritten_decode_graph(model, ids, torch.ones_like(ids), POLICY)
+    op = torch.ops.sparse_compile.attention_sharing_selection.default
+    nodes = [n for n in gm.graph.nodes if n.target is op]
+    assert [n.args[11] for n in nodes] == ["exact", "exact", "select", "reuse", "select", "reuse"]
+    made = {}
+    for layer, node in enumerate(nodes):
+        out3 = [u for u in node.users if u.args[1] == 3]
+        if node.args[11] == "select":
+            made[layer] = out3[0]
+        source = node.args[10]
+        expected = {3: made.get(2), 5: made.get(4)}.get(layer)
+        assert source is expected, (layer, source)
+
+
+def reference_attention_factory(params: dict, layers: int):
+    """An eager attention implementing LessIsMore decode with plain loops (registered through transformers'
+    AttentionInterface, an explicit object: the selection of the latest selection layer is its state)."""
+    budget, sink, rf = params["budget"], 4, 0.25
+    n_sink, middle, n_recent = budget_split(budget, sink, rf)
+    state = {}
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        B, H, Lq, D = query.shape
+        Hkv, Lk = key.shape[1], key.shape[2]
+        kk = key.repeat_interleave(H // Hkv, dim=1)
+        vv = value.repeat_interleave(H // Hkv, dim=1)
+        layer = module.layer_idx
+        if Lq > 1 or layer in params["dense_layers"] or layer < min(params["selection_layers"]):
+            out = F.scaled_dot_product_attention(query, kk, vv, attn_mask=attention_mask, scale=scaling)
+            return out.transpose(1, 2).contiguous(), None
+        visible = attention_mask[:, 0, 0, :] if attention_mask is not None else torch.ones(B, Lk, dtype=torch.bool)
+        logits = torch.einsum("bhd,bhld->bhl", query[:, :, 0].float(), kk.float()) * scaling
+        if layer in params["selection_layers"]:
+            out = F.scaled_dot_product_attention(query, kk, vv, attn_mask=attention_mask, scale=scaling)
+            for b in range(B):
+                seen = visible[b].nonzero().flatten().tolist()
+                fixed = seen[:n_sink] + seen[max(n_sink, len(seen) - n_recent):]
+                region = [t for t in seen if t not in fixed]
+                chosen: list[int] = []
+                ranked = [sorted(region, key=lambda t, h=h: -float(logits[b, h, t])) for h in range(H)]
+                for r in range(len(region)):
+                    for h in range(H):
+                        if len(chosen) < middle and ranked[h][r] not in chosen:
+                            chosen.append(ranked[h][r])
+                state[b] = fixed + chosen
+            return out.transpose(1, 2).contiguous(), None
+        out = torch.zeros(B, H, 1, D)
+        for b in range(B):
+            keep = torch.tensor(state[b])
+            w = torch.softmax(logits[b][:, keep], dim=-1)
+            out[b, :, 0] = (w[:, None, :] @ vv[b][:, keep].float())[:, 0]
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    attend.state = state
+    return attend
+
+
+def test_compiled_decode_equals_the_loop_reference():
+    """Greedy generation through the compiled model (left-padded batch of 2) == the same model run with a
+    reference attention written from the spec with loops, logits of every step included; budget >= the
+    cache runs exact attention (== eager dense)."""
+    model = peaked_llama(6)
+    ids = torch.randint(0, 128, (2, 60), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    params = {"budget": 24, "selection_layers": [2, 4], "dense_layers": [0]}
+    AttentionInterface.register("lessismore_reference", reference_attention_factory(params, 6))
+    ALL_MASK_ATTENTION_FUNCTIONS.register("lessismore_reference", sdpa_mask)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        dense = model.generate(ids, **kwargs)
+        model.set_attn_implementation("lessismore_reference")
+        ref = model.generate(ids, **kwargs)
+        model.set_attn_implementation("sdpa")
+        report = sparse_compile.Report()
+        forward = model.forward
+        model.forward = torch.compile(forward, backend=sparse_compile.backend(POLICY, inner="eager", report=report))
+        try:
+            got = model.generate(ids, **kwargs)
+        finally:
+            model.forward = forward
+    assert got.sequences.tolist() == ref.sequences.tolist()
+    for a, b in zip(got.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    assert max(float((a - b).abs().max()) for a, b in zip(got.logits[1:], dense.logits[1:], strict=True)) > 1e-3
+    density = report.layer_density("decode")
+    assert density[0] == density[1] == density[2] == density[4] == 1.0 and 0 < density[3] < 0.5
+    assert report.fallbacks("decode") == {}
+    big = {**POLICY, "decode": {**POLICY["decode"], "params": {**params, "budget": 4096}}}
+    report = sparse_compile.Report()
+    with torch.no_grad():
+        model.forward = torch.compile(forward, backend=sparse_compile.backend(big, inner="eager", report=report))
+        try:
+            exact = model.generate(ids, **kwargs)
+        finally:
+            model.forward = forward
+    assert exact.sequences.tolist() == dense.sequences.tolist()
+    assert "call not supported by the method" in report.fallbacks("decode")[3], str(report)
