@@ -218,7 +218,7 @@ def parse_layers(value: Any, where: str, key: str = "layers", allow_empty: bool 
 
     key: the key named in errors; allow_empty: accept [] (an empty set)."""
     allowed = f"allowed: ints in [0, {MAX_LAYER}] and 'a-b' ranges with 0 <= a <= b <= {MAX_LAYER}"
-    if not isinstance(value, (list, tuple)) or not (value or allow_empty):
+    if not isinstance(value, list) or not (value or allow_empty):
         raise PolicyError(f"{where}: key '{key}' must be a non-empty list, got {show(value)}; {allowed}")
     ranges: list[tuple[int, int]] = []
     for item in value:

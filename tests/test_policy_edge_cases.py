@@ -42,10 +42,12 @@ def mapping_error(data) -> str:
     return str(err.value)
 
 
-def float_fields():
-    """(method, field) for every float parameter of every registered method."""
+def float_fields(phase: str = "prefill"):
+    """(method, field) for every float parameter of every registered method of `phase`."""
     out = []
     for name, module in METHODS.items():
+        if phase not in module.phases:
+            continue
         for f in dataclasses.fields(module.Params):
             kind = f.metadata.get("type")
             kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -54,9 +56,11 @@ def float_fields():
     return out
 
 
-def int_fields():
+def int_fields(phase: str = "prefill"):
     out = []
     for name, module in METHODS.items():
+        if phase not in module.phases:
+            continue
         for f in dataclasses.fields(module.Params):
             if f.metadata.get("type") is int:
                 out.append((name, f))
@@ -87,6 +91,13 @@ def test_non_finite_float_in_toml_is_rejected(tmp_path, method, field, literal):
     if field.metadata.get("range") is not None:
         lo, hi = field.metadata["range"]
         assert f"in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]" in message  # allowed range
+
+
+@pytest.mark.parametrize("method, field", float_fields("decode") + int_fields("decode"),
+                         ids=lambda x: getattr(x, "name", x))
+def test_decode_method_params_reject_nan_in_toml(tmp_path, method, field):
+    message = load_error(tmp_path, f"[decode]\nmethod = '{method}'\n[decode.params]\n{field.name} = nan\n")
+    assert f"[decode].params: key '{field.name}' = nan" in message
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, float("-nan")])
