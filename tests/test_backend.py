@@ -21,6 +21,17 @@ def tiny_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+def peaked_llama(layers: int) -> LlamaForCausalLM:
+    """tiny_llama (4 heads, 2 KV heads, D = 16) with sharper attention, so that token selection matters
+    (random weights otherwise attend almost uniformly)."""
+    model = tiny_llama(layers)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
 def test_backend_registered_as_entry_point():
     names = {e.name: e.value for e in importlib.metadata.entry_points(group="torch_dynamo_backends")}
     assert names.get("sparse") == "sparse_compile.compiler:sparse_backend"

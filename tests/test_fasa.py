@@ -19,7 +19,7 @@ from sparse_compile.kernels.fasa import (
     key_state,
     select_tokens,
 )
-from test_backend import tiny_llama
+from test_backend import peaked_llama
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -269,16 +269,6 @@ def test_unsupported_and_params():
 
 
 # --- generation through the compiled model == a loop reference of the spec ---------------------------
-
-
-def peaked_llama(layers: int) -> torch.nn.Module:
-    """tiny_llama (4 heads, 2 KV heads, D = 16) with sharper attention, so that selection matters."""
-    model = tiny_llama(layers)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    return model
 
 
 def fasa_reference_factory(params: dict, head_dim: int):

@@ -18,7 +18,7 @@ from sparse_compile.kernels.lessismore import (
     union_by_rank,
     union_reference,
 )
-from test_backend import tiny_llama
+from test_backend import peaked_llama
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -106,16 +106,6 @@ def test_params_and_roles():
 
 POLICY = {"name": "lim-test", "decode": {"method": "lessismore", "min_seq_len": 0,
                                          "params": {"budget": 24, "selection_layers": [2, 4], "dense_layers": [0]}}}
-
-
-def peaked_llama(layers: int) -> torch.nn.Module:
-    """tiny_llama with sharper attention (random weights otherwise attend almost uniformly)."""
-    model = tiny_llama(layers)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    return model
 
 
 def rewritten_decode_graph(model, ids, mask, policy) -> torch.fx.GraphModule:
