@@ -9,12 +9,15 @@ prompt + new tokens (reset between runs, so every run sees the same shapes and a
   compile_ro       torch.compile(forward, mode="reduce-overhead")           (Inductor + CUDA graphs)
   sparse_ro        torch.compile(forward, backend="sparse", mode="reduce-overhead")   (dense policy)
   compile, sparse  the same without CUDA graphs (mode="default")
+  sparse_ro:P, sparse:P   the sparse variants with policy P (a shipped name or a TOML file), e.g.
+                   sparse_ro:lessismore, sparse_ro:fasa (decode methods: their selection runs in the graph)
 
 TTFT = median time of generate(max_new_tokens=1) (prefill + one token); decode tokens/s =
 new_tokens / (median time of generate(max_new_tokens=1 + new_tokens) - TTFT). Warm-up runs
 (compilation, CUDA-graph recording) are not timed. transformers' own auto-compile is disabled.
 
     python -m sparse_compile.benchmarks.generate --prompt 32768 --new-tokens 128
+    python -m sparse_compile.benchmarks.generate --variants compile_ro,sparse_ro,sparse_ro:lessismore,sparse_ro:fasa
 """
 
 from __future__ import annotations
@@ -40,18 +43,23 @@ VARIANTS = ("eager", "compile_ro", "sparse_ro", "compile", "sparse")
 def compiled_forward(variant: str, forward: Callable, report: Any) -> Callable:
     """The variant's forward; CUDA-graph variants mark a new step per call (generate reads each call's
     logits before the next one, as torch.compiler.cudagraph_mark_step_begin requires)."""
+    variant, _, policy = variant.partition(":")
+    if policy and variant not in ("sparse", "sparse_ro"):
+        raise ValueError(f"variant {variant!r} takes no policy (only sparse and sparse_ro do)")
+    policy = policy or None
     if variant == "eager":
         return forward
     if variant == "compile_ro":
         compiled = torch.compile(forward, mode="reduce-overhead")
     elif variant == "sparse_ro":
-        compiled = torch.compile(forward, backend=sparse_compile.backend(report=report), mode="reduce-overhead")
+        compiled = torch.compile(forward, backend=sparse_compile.backend(policy, report=report),
+                                 mode="reduce-overhead")
     elif variant == "compile":
         return torch.compile(forward)
     elif variant == "sparse":
-        return torch.compile(forward, backend=sparse_compile.backend(report=report))
+        return torch.compile(forward, backend=sparse_compile.backend(policy, report=report))
     else:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS} (sparse ones may add :POLICY)")
 
     def step(*args: Any, **kwargs: Any) -> Any:
         torch.compiler.cudagraph_mark_step_begin()

@@ -1,6 +1,6 @@
-"""FASA decode on the GPU: selection + sparse decode against dense decode, with accuracy checks.
+"""Decode methods (FASA, LessIsMore) on the GPU: selection + sparse decode against dense decode.
 
-    python -m sparse_compile.benchmarks.fasa_bench [--lengths 32768 131072] [--budget 2048] [--out f.json]
+    python -m sparse_compile.benchmarks.decode_bench [--lengths 32768 131072] [--budget 2048] [--out f.json]
 
 One decode query, B=1, H=32, Hkv=8, D=128, bf16, K/V from `methods.structured_qkv` (sinks, local window,
 vertical keys). Rows (medians of triton.testing.do_bench; `graph` rows replay a captured CUDA graph of the
@@ -12,10 +12,16 @@ same call, i.e. without launch overhead, as mode="reduce-overhead" runs it):
   fasa:<gqa>[:<chunks>]       METHODS["fasa"].attention: scores + top-k + sparse decode (what the node runs)
   fasa_scores / fasa_topk / sparse_decode   its three steps alone (fasa_topk: torch.topk unsorted + sentinels)
   topk_sorted:<gqa>           torch.topk sorted=True on the same scores
+  lessismore:select           a selection layer: exact attention + logits + the shared token set
+  lessismore:reuse            a reusing layer: the shared sparse decode over the one token set (G = 1)
+  lessismore_selection        logits + select_tokens alone
+  model32:<method>            derived, not timed: the mean per-layer step of a 32-layer model with the
+                              defaults (fasa: layer 0 dense, 31 fasa layers; lessismore: layers 0-1
+                              dense, 2 and 10 select, 28 reuse; dense: cuDNN), from the rows above
 Chunks: "low" = the model-agnostic rule (the 16 lowest-frequency chunks of 64: two 32-byte sectors of each
 K row), "scattered" = 16 random chunks per head (the union over a group spans every sector of K).
 Checks: sparse decode (bf16) vs its fp32 reference on the same selection; Triton scores vs the fp32
-reference; FASA output vs dense attention (relative error of the whole output).
+reference; FASA and LessIsMore (reuse) output vs dense attention (relative error of the whole output).
 Bytes model (predicted time at 2.8 TB/s): scores read Hkv * L * (sectors touched * 32 B) of K and write
 S * L * 4 B; top-k reads the scores (a few radix passes); sparse decode reads S * budget * D * 2 * 2 B.
 """
@@ -167,15 +173,62 @@ def run(lengths: tuple[int, ...], budget: int, rep_ms: float) -> dict[str, Any]:
                     rows.append({**base, "impl": f"flex_tokens:{gqa}", "ms": None,
                                  "error": f"{type(err).__name__}: {str(err)[:200]}"})
 
+        lessismore_rows(q, k, v, mask, site, dense_out, add, checks)
+
+    def lessismore_rows(q, k, v, mask, site, dense_out, add, checks) -> None:
+        from kernels.lessismore import decode_logits, select_tokens
+        from sparse_compile.methods import lessismore
+
+        params = lessismore.LessIsMoreParams(budget=budget)
+        L = k.shape[2]
+        add("lessismore:select", lambda: lessismore.attention(q, k, v, mask, site, params, scale, role="select"))
+        _, _, chosen = lessismore.attention(q, k, v, mask, site, params, scale, role="select")
+        out, density, _ = lessismore.attention(q, k, v, mask, site, params, scale, role="reuse", selection=chosen)
+        add("lessismore:reuse", lambda: lessismore.attention(q, k, v, mask, site, params, scale, role="reuse",
+                                                             selection=chosen),
+            density=float(density.mean()), rel_err_vs_dense=rel_err(out, dense_out))
+        visible = torch.ones(q.shape[0], L, dtype=torch.bool, device=q.device)
+        add("lessismore_selection", lambda: select_tokens(decode_logits(q, k, scale, visible), visible, budget,
+                                                          params.sink, params.recent_fraction))
+        ref = sparse_decode_reference(q.float(), k.float(), v.float(), chosen[:, None, :], scale=scale)
+        checks.append({"L": L, "lessismore_reuse_bf16_vs_fp32_ref": rel_err(out, ref),
+                       "selection_size": int((chosen >= 0).sum(dim=1).min()),
+                       "lessismore_vs_dense": rel_err(out, dense_out)})
+        print(json.dumps(checks[-1]), flush=True)
+
     for L in lengths:
         bench_length(L)
         torch.cuda.empty_cache()
+    rows += model_means(rows, budget)
     ref = {(r["L"], r["impl"]): r["ms"] for r in rows if r.get("ms")}
     for r in rows:
         for dense in ("sdpa_cudnn", "sdpa_flash"):
             if r.get("ms") and ref.get((r["L"], dense)):
                 r[f"speedup_{dense[5:]}"] = ref[(r["L"], dense)] / r["ms"]
     return {"env": environment("cuda"), "rows": rows, "checks": checks}
+
+
+MODEL32 = {  # method: [(row impl, layers)] of a 32-layer model with the method's default layer roles
+    "dense": [("sdpa_cudnn", 32)],
+    "fasa per_kv_head": [("sdpa_cudnn", 1), ("fasa:per_kv_head", 31)],
+    "fasa per_head": [("sdpa_cudnn", 1), ("fasa:per_head", 31)],
+    "lessismore": [("sdpa_cudnn", 2), ("lessismore:select", 2), ("lessismore:reuse", 28)],
+}
+
+
+def model_means(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """Derived rows: mean per-layer decode time of a 32-layer model (eager ms and graph ms)."""
+    out = []
+    for L in sorted({r["L"] for r in rows}):
+        found = {r["impl"]: r for r in rows if r["L"] == L and r.get("ms")}
+        for method, parts in MODEL32.items():
+            if not all(impl in found and isinstance(found[impl].get("graph_ms"), float) for impl, _ in parts):
+                continue
+            row = {"L": L, "impl": f"model32:{method}", "budget": budget, "derived": True}
+            for key in ("ms", "graph_ms"):
+                row[key] = sum(found[impl][key] * n for impl, n in parts) / 32
+            out.append(row)
+    return out
 
 
 def table(result: dict[str, Any]) -> str:
@@ -202,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("fasa_bench needs a CUDA GPU")
+        raise SystemExit("decode_bench needs a CUDA GPU")
     result = run(tuple(args.lengths), args.budget, args.rep_ms)
     print(json.dumps(result["env"]))
     print(table(result))
