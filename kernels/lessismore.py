@@ -13,6 +13,7 @@ with the smallest keys. `union_reference` is the plain loop it must equal.
 
     budget_split(budget, sink, recent_fraction) -> (sink, middle, recent)
     decode_logits(q, k, scale, visible)          (B, H, Lk) float32 scaled logits, -inf where invisible
+                                                 (CUDA: FASA's scoring kernel with every dim kept)
     select_tokens(logits, visible, budget, ...)  (B, budget) int32 token indices, -1 padded
 
 Attention over the selection is the shared sparse decode kernel (kernels/sparse_decode.py) with one
@@ -39,11 +40,29 @@ def budget_split(budget: int, sink: int, recent_fraction: float) -> tuple[int, i
     return sink, middle, recent
 
 
-def decode_logits(q: Tensor, k: Tensor, scale: float, visible: Tensor) -> Tensor:
+def decode_logits(q: Tensor, k: Tensor, scale: float, visible: Tensor, impl: str = "auto") -> Tensor:
     """Scaled logits of one query per head, float32, -inf at keys the query cannot see.
 
     q: (B, H, 1, D); k: (B, Hkv, Lk, D) (un-expanded, H % Hkv == 0); visible: (B, Lk) bool.
-    Returns (B, H, Lk). K is read once per KV head (the group's queries share the matmul)."""
+    Returns (B, H, Lk). K is read once per KV head (the group's queries share the work). On CUDA the
+    products come from FASA's scoring kernel with every dim kept (K read once in its own dtype, float32
+    accumulation); elsewhere from `decode_logits_reference`. impl: "auto" | "triton" (CUDA or the
+    Triton interpreter) | "reference"."""
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if impl == "reference" or (impl == "auto" and not q.is_cuda):
+        return decode_logits_reference(q, k, scale, visible)
+    from sparse_compile.kernels.fasa import chunk_tables, fasa_scores, key_state
+
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    segs, member = chunk_tables((tuple(range(D // 2)),), H, Hkv, D, D, "rotate_half", str(q.device))
+    scores = fasa_scores(q, k, segs, member, per_kv_head=False, state=key_state(visible, 0, 0))
+    return scores * scale
+
+
+def decode_logits_reference(q: Tensor, k: Tensor, scale: float, visible: Tensor) -> Tensor:
+    """`decode_logits` in PyTorch (float32 matmul of the un-expanded K)."""
     B, H, _, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     qg = q.reshape(B, Hkv, H // Hkv, D).float()

@@ -44,6 +44,25 @@ def test_union_by_rank_equals_the_loop(B, H, M, length, middle, seed):
         assert (got[b, len(want[b]):] == -1).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("H", "Hkv", "D"), [(4, 2, 64), (3, 1, 80), (2, 2, 128)])
+def test_decode_logits_kernel_equals_reference(dtype, H, Hkv, D):
+    """The Triton logits (FASA's scoring kernel with every dim, interpreter) == the PyTorch reference, -inf
+    exactly at the invisible keys (left padding included)."""
+    g = torch.Generator().manual_seed(H * D)
+    B, Lk = 2, 70
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    visible = torch.rand(B, Lk, generator=g) > 0.3
+    visible[1, :10] = False
+    got = decode_logits(q, k, D ** -0.5, visible, impl="triton")
+    want = decode_logits(q, k, D ** -0.5, visible, impl="reference")
+    hidden = ~visible[:, None, :].expand(B, H, Lk)
+    assert got.shape == (B, H, Lk) and got.dtype == torch.float32
+    assert torch.equal(got == float("-inf"), hidden)
+    torch.testing.assert_close(got[~hidden], want[~hidden], rtol=1e-4, atol=1e-4)
+
+
 def visible_rows(B: int, Lk: int, pads: list[int], q_offset: int) -> torch.Tensor:
     pos = torch.arange(Lk)
     return torch.stack([(pos >= pads[b]) & (pos <= q_offset) for b in range(B)])

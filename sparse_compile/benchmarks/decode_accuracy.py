@@ -18,7 +18,7 @@ tensor edge). Per config:
   density     mean kept / visible keys over the FASA layers (the Report's run-time record)
 Configurations: FASA: budgets (fractions of the cache and token counts) x chunk sources ("calibrated": the
 shipped policy's chunks; "rule": the model-agnostic rule) x gqa modes, and sink/recent variants (the
-variants at the first budget only). LessIsMore (the shipped policy's layers, sink and recent_fraction):
+variants at the first budget only). LessIsMore (each of `--lessismore-policies`: its layers, sink, recent_fraction):
 each budget in tokens, a fraction f < 1 becoming round(f * prompt length) tokens (FASA's fraction is of
 the growing cache: at most steps/length more tokens).
 """
@@ -123,6 +123,7 @@ FACTORIES = {"fasa": fasa_attention_factory, "lessismore": lessismore_attention_
 
 def configurations(args: argparse.Namespace, length: int) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, method, params mapping) for one prompt length."""
+    from sparse_compile.params import params_to_dict
     from sparse_compile.policy import load_policy
 
     configs: list[tuple[str, str, dict[str, Any]]] = []
@@ -142,9 +143,12 @@ def configurations(args: argparse.Namespace, length: int) -> list[tuple[str, str
                      {"budget": budget, **base, "sink": 4, "recent": 64}),
                 ]
     if "lessismore" in args.methods:
-        for budget in args.budgets:
-            tokens = int(round(budget * length)) if budget < 1 else int(budget)
-            configs.append((f"lessismore budget={budget} ({tokens} tokens)", "lessismore", {"budget": tokens}))
+        for name in args.lessismore_policies:
+            params = dict(params_to_dict(load_policy(name).decode.params))
+            for budget in args.budgets:
+                tokens = int(round(budget * length)) if budget < 1 else int(budget)
+                configs.append((f"{name} budget={budget} ({tokens} tokens)", "lessismore",
+                                {**params, "budget": tokens}))
     return [c for c in configs if not args.only or c[0] in args.only]
 
 
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", type=parse_budget, nargs="+", default=[0.25, 0.1, 256], help="budgets")
     parser.add_argument("--methods", nargs="+", choices=sorted(FACTORIES), default=sorted(FACTORIES),
                         help="decode methods to run")
+    parser.add_argument("--lessismore-policies", nargs="+", default=["lessismore"],
+                        help="LessIsMore policies (their layers, sink, recent_fraction) run at each budget")
     parser.add_argument("--no-variants", action="store_true", help="FASA: no gqa/rule/sink variants")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; fp32 either way")
     parser.add_argument("--only", nargs="*", default=[], help="only the configurations of these names")

@@ -176,7 +176,7 @@ def run(lengths: tuple[int, ...], budget: int, rep_ms: float) -> dict[str, Any]:
         lessismore_rows(q, k, v, mask, site, dense_out, add, checks)
 
     def lessismore_rows(q, k, v, mask, site, dense_out, add, checks) -> None:
-        from kernels.lessismore import decode_logits, select_tokens
+        from sparse_compile.kernels.lessismore import decode_logits, select_tokens
         from sparse_compile.methods import lessismore
 
         params = lessismore.LessIsMoreParams(budget=budget)

@@ -112,6 +112,15 @@ def decode_visible(mask: AttentionMask, batch: int, kv_len: int, device: torch.d
     return visible_keys(mask, batch, 1, kv_len, device=device)[:, 0, 0, :]
 
 
+def visible_count(mask: AttentionMask, batch: int, kv_len: int, device: torch.device) -> Tensor:
+    """(B,) float32 number of keys the decode query sees (at least 1): arithmetic without a key mask."""
+    if mask.key_valid is None:
+        last = min(mask.q_offset, kv_len - 1) if mask.causal else kv_len - 1
+        first = max(0, last - mask.window + 1) if mask.window else 0
+        return torch.full((batch,), float(max(last - first + 1, 1)), device=device)
+    return decode_visible(mask, batch, kv_len, device).sum(dim=1).clamp(min=1).float()
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: LessIsMoreParams,
               scale: float, role: str = "reuse", selection: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One decode step of one layer. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D).
@@ -123,8 +132,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
 
     B, H = q.shape[:2]
     Lk = k.shape[2]
-    visible = decode_visible(mask, B, Lk, q.device)
     if role == "select":
+        visible = decode_visible(mask, B, Lk, q.device)
         dense = METHODS["dense"]
         out, density = dense.attention(q, k, v, mask, site, dense.Params(), scale)
         logits = decode_logits(q, k, scale, visible)
@@ -133,10 +142,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
     if role != "reuse" or selection is None:
         raise ValueError(f"LessIsMore attention: role {role!r} needs a selection" if role == "reuse"
                          else f"LessIsMore attention: unknown role {role!r}")
-    # one index set for every head: the kernel reads each selected token's K/V once per KV head
-    out = sparse_decode_attention(q, k, v, selection[:, None, :], scale=scale, key_valid=visible)
-    kept = ((selection >= 0) & visible.gather(1, selection.clamp(min=0).long())).sum(dim=1).float()
-    density = (kept / visible.sum(dim=1).clamp(min=1).float())[:, None].expand(B, H).contiguous()
+    # one index set for every head: the kernel reads each selected token's K/V once per KV head. Every
+    # listed token is visible (the selection layer chose among the visible keys of this same step and mask),
+    # so the kernel needs no key mask; -1 slots are skipped.
+    out = sparse_decode_attention(q, k, v, selection[:, None, :], scale=scale)
+    kept = (selection >= 0).sum(dim=1).float()
+    density = (kept / visible_count(mask, B, Lk, q.device))[:, None].expand(B, H).contiguous()
     return out, density, selection.new_empty((B, 0))
 
 
