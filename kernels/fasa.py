@@ -39,6 +39,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from sparse_compile.kernels.device_constants import host_constant, on_device
 from torch import Tensor
 
 LAYOUTS = ("rotate_half", "interleaved", "adjacent")
@@ -86,7 +87,6 @@ def default_chunks(rotary_dim: int, head_dim: int, count: int) -> tuple[int, ...
 SEGMENT = 16  # dims per K segment the scores read: 32 bytes (one memory sector) of a bf16/fp16 row
 
 
-@functools.lru_cache(maxsize=512)
 def chunk_tables(per_head: tuple[tuple[int, ...], ...], num_heads: int, num_kv_heads: int, head_dim: int,
                  rotary_dim: int, layout: str, device: str) -> tuple[Tensor, Tensor]:
     """(segs (Hkv, NSEG) int32, member (H, D) float32) for one layer's dominant chunks.
@@ -94,8 +94,17 @@ def chunk_tables(per_head: tuple[tuple[int, ...], ...], num_heads: int, num_kv_h
     per_head: one chunk tuple per query head (len H), per KV head (len Hkv), or one for all (len 1).
     segs[g] lists the start dims (multiples of SEGMENT) of the segments of K holding a dominant dim of one
     of KV head g's query heads, ascending, padded with -1; member[h, d] = 1 iff d is a dominant dim of h.
-    Memoised: constants built once per layer and device, so CUDA graph capture never copies from the host.
+    Built once per layer on the host (memoised, page-locked) and copied to `device` per call: a copy a CUDA
+    graph can capture, and no memoised tensor inside a CUDA-graph memory pool (`device_constants`).
     """
+    segs, member = host_chunk_tables(per_head, num_heads, num_kv_heads, head_dim, rotary_dim, layout)
+    return on_device(segs, device), on_device(member, device)
+
+
+@functools.lru_cache(maxsize=512)
+def host_chunk_tables(per_head: tuple[tuple[int, ...], ...], num_heads: int, num_kv_heads: int, head_dim: int,
+                      rotary_dim: int, layout: str) -> tuple[Tensor, Tensor]:
+    """`chunk_tables` on the host (memoised, page-locked when CUDA is available)."""
     H, Hkv = num_heads, num_kv_heads
     if len(per_head) not in (H, Hkv, 1):
         raise ValueError(f"chunks name {len(per_head)} heads; expected {H} (query heads), {Hkv} (KV heads) or 1")
@@ -110,7 +119,7 @@ def chunk_tables(per_head: tuple[tuple[int, ...], ...], num_heads: int, num_kv_h
     segs = torch.full((Hkv, max(len(x) for x in starts)), -1, dtype=torch.int32)
     for g, x in enumerate(starts):
         segs[g, : len(x)] = torch.tensor(x, dtype=torch.int32)
-    return segs.to(device), member.to(device)
+    return host_constant(segs), host_constant(member)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -254,3 +254,63 @@ def test_compiled_decode_equals_the_loop_reference():
             model.forward = forward
     assert exact.sequences.tolist() == dense.sequences.tolist()
     assert "call not supported by the method" in report.fallbacks("decode")[3], str(report)
+
+
+def brute_force_choice(coverage: torch.Tensor, dense: set[int], count: int) -> float:
+    """The best mean coverage over every admissible choice of selection layers (itertools, no DP)."""
+    import itertools
+
+    from sparse_compile.calibration.lessismore import mean_coverage
+
+    free = [layer for layer in range(coverage.shape[0]) if layer not in dense]
+    return max(mean_coverage(coverage, dense, [free[0], *rest])
+               for rest in itertools.combinations(free[1:], count - 1))
+
+
+@given(n=st.integers(3, 8), count=st.integers(1, 3), dense_mask=st.integers(0, 7), seed=st.integers(0, 2**16))
+def test_selection_layer_choice_is_the_best_split(n, count, dense_mask, seed):
+    """The dynamic programme finds the best mean coverage that trying every choice finds, starts at the
+    first non-dense layer, and its reported mean equals `mean_coverage` of the layers it returns."""
+    from sparse_compile.calibration.lessismore import choose_selection_layers, mean_coverage
+
+    dense = {layer for layer in range(3) if dense_mask >> layer & 1}
+    free = [layer for layer in range(n) if layer not in dense]
+    if count > len(free):
+        with pytest.raises(ValueError, match="--selections"):
+            choose_selection_layers(torch.rand(n, n), dense, count)
+        return
+    coverage = torch.rand(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    layers, mean = choose_selection_layers(coverage, dense, count)
+    assert len(layers) == count and layers[0] == free[0] and layers == sorted(layers)
+    assert not set(layers) & dense
+    assert mean == pytest.approx(mean_coverage(coverage, dense, layers))
+    assert mean == pytest.approx(brute_force_choice(coverage, dense, count))
+
+
+def test_calibrate_lessismore_end_to_end(tmp_path, capsys):
+    """`calibrate lessismore` on a tiny random model writes a policy that loads, with the chosen layers and
+    the coverage it measured in its header; the report holds an (N, N) matrix of fractions."""
+    import json
+
+    from sparse_compile.__main__ import main
+    from sparse_compile.evaluation.models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model", layers=4)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(" ".join(f"token{i % 97} attends to key{i % 13}." for i in range(400)))
+    out, report = tmp_path / "lim.toml", tmp_path / "cov.json"
+    argv = ["calibrate", "lessismore", "--model", str(model), "--corpus", str(corpus), "--length", "160",
+            "--samples", "1", "--queries", "4", "--budget", "24", "--policy-budget", "64", "--selections", "2",
+            "--dense-layers", "0", "--device", "cpu", "--no-progress", "--out", str(out), "--report", str(report)]
+    assert main(argv) == 0, capsys.readouterr().err
+    policy = sparse_compile.load_policy(str(out))
+    params = policy.decode.params
+    assert policy.decode.method == "lessismore" and params.budget == 64 and params.dense_layers == (0,)
+    chosen = json.loads(report.read_text())
+    assert list(params.selection_layers) == chosen["chosen"]
+    assert chosen["chosen"][0] == 1 and len(chosen["chosen"]) == 2
+    cov = torch.tensor(chosen["coverage"])
+    assert cov.shape == (4, 4) and bool(((cov >= 0) & (cov <= 1 + 1e-9)).all())
+    assert "mean attention mass of the reusing layers" in out.read_text()
+    assert main(argv[:-4] + ["--selections", "9", "--out", str(out)]) == 2
+    assert "--selections must be in [1, 3]" in capsys.readouterr().err
