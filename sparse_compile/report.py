@@ -194,7 +194,7 @@ class Report:
             methods = {(s.method, repr(sorted(s.params.items()))): s.params for s in self.sites if s.params}
             for (method, _), params in sorted(methods.items(), key=lambda item: item[0]):
                 params = sorted(params.items())
-                lines.append(f"{method} params: " + ", ".join(f"{k}={v}" for k, v in params))
+                lines.append(f"{method} params: " + ", ".join(f"{k}={short_value(v)}" for k, v in params))
         static = [s for s in self.sites if s.fallback]
         if static:
             lines.append("runs exact attention instead of its method (decided at compile time):")
@@ -230,3 +230,13 @@ def merge_layers(items: list[tuple[int, int, str]]) -> list[str]:
         else:
             rows.append([graph, layer, layer, why])
     return [f"  graph {g} layer{'s' if a != b else ''} {a if a == b else f'{a}-{b}'}: {why}" for g, a, b, why in rows]
+
+
+def short_value(value: Any, limit: int = 80) -> str:
+    """A parameter as the report prints it: long values (FASA's per-layer chunk tables) are cut, with their
+    size, so the table stays readable; the whole value is in the policy and in `Site.params`."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} entries, " if isinstance(value, (list, tuple, dict)) else ""
+    return f"{text[:limit - 20]}... ({size}{len(text)} characters)"

@@ -421,3 +421,13 @@ def test_smollm2_generation_equals_the_loop_reference():
     for a, b in zip(got.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
     assert max(float((a - b).abs().max()) for a, b in zip(got.logits[1:], dense_run.logits[1:], strict=True)) > 1e-3
+
+
+def test_report_cuts_long_parameter_values():
+    """The Report prints FASA's per-layer chunk tables cut to a readable size, saying how long they are."""
+    from sparse_compile.report import short_value
+
+    chunks = sparse_compile.load_policy("fasa").decode.params.chunks
+    text = short_value(chunks)
+    assert len(text) < 120 and text.endswith(f"({len(chunks)} entries, {len(str(chunks))} characters)")
+    assert short_value((0, 1)) == "(0, 1)" and short_value("per_head") == "per_head"
