@@ -431,3 +431,25 @@ def test_report_cuts_long_parameter_values():
     text = short_value(chunks)
     assert len(text) < 120 and text.endswith(f"({len(chunks)} entries, {len(str(chunks))} characters)")
     assert short_value((0, 1)) == "(0, 1)" and short_value("per_head") == "per_head"
+
+
+def test_calibrate_fasa_end_to_end(tmp_path, capsys):
+    """`calibrate fasa` on a tiny random model writes a policy that loads, with a full chunk ranking per
+    layer and head (a permutation of the head's chunks) and the recall summary in its header."""
+    from sparse_compile.__main__ import main
+    from sparse_compile.evaluation.models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model", layers=2)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(" ".join(f"token{i % 97} attends to key{i % 13}." for i in range(400)))
+    out = tmp_path / "fasa.toml"
+    argv = ["calibrate", "fasa", "--model", str(model), "--corpus", str(corpus), "--length", "160", "--samples", "1",
+            "--queries", "4", "--top-n", "16", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    params = sparse_compile.load_policy(str(out)).decode.params
+    assert len(params.chunks) == 2 and params.n_chunks == 2  # head_dim 16: 8 chunks, the quarter kept
+    for layer in params.chunks:
+        assert len(layer) == 4 and all(sorted(head) == list(range(8)) for head in layer)
+    assert "recall of the kept chunks" in out.read_text()
+    assert main(argv[:-2] + ["--top-n", "100"]) == 2
+    assert "--top-n 100 must be at most half of --length 160" in capsys.readouterr().err

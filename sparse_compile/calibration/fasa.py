@@ -108,19 +108,13 @@ class OverlapStats:
 
 def capture_attention(stats: OverlapStats, layers: set[int]):
     """A transformers attention function that records post-RoPE q/k of each layer, then runs SDPA."""
-    import torch.nn.functional as F
+    from sparse_compile.calibration._decode_text import recording_attention
 
-    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        layer = int(module.layer_idx)
+    def record(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         if layer in layers:
-            stats.add(layer, query[0].float(), key[0].float())
-        group = query.shape[1] // key.shape[1]
-        out = F.scaled_dot_product_attention(query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
-                                             attn_mask=attention_mask, scale=scaling,
-                                             is_causal=attention_mask is None and query.shape[2] > 1)
-        return out.transpose(1, 2).contiguous(), None
+            stats.add(layer, q.float(), k.float())
 
-    return attend
+    return recording_attention(record)
 
 
 def toml_chunks(chunks: list[list[list[int]]]) -> str:
@@ -162,13 +156,13 @@ def policy_text(model_name: str, chunks: list[list[list[int]]], args: argparse.N
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     import sparse_compile
-    from sparse_compile.evaluation.corpus import default_corpus, load_corpus, tokenize, windows
-    from sparse_compile.evaluation.device import resolve_device, resolve_dtype
-    from sparse_compile.evaluation.models import load_model
+    from sparse_compile.calibration._decode_text import (
+        attention_implementation,
+        decode_positions,
+        load_calibration_text,
+    )
 
     for name in ("length", "samples", "queries", "top_n"):
         if getattr(args, name) < 1:
@@ -179,17 +173,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-n {args.top_n} must be at most half of --length {args.length}")
     if args.budget <= 0 or (args.budget >= 1 and args.budget != int(args.budget)):
         raise ValueError(f"--budget must be a whole number of tokens >= 1 or a fraction in (0, 1), got {args.budget}")
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    model, tokenizer = load_model(args.model, dtype=dtype)
-    model = model.to(device)
-    corpus = load_corpus(args.corpus or default_corpus())
-    ids = tokenize(tokenizer, corpus.text)
-    texts = windows(ids, args.length, args.samples)
-
-    report = sparse_compile.explain(model, ids[None, :32].to(device), policy="dense")
-    sites = {s.layer: s for s in report.sites if s.phase == "prefill"}
-    if not sites:
-        raise ValueError(f"no RoPE attention site found in {args.model}: nothing to calibrate")
+    source = load_calibration_text(args)
+    model, sites, texts, device = source.model, source.sites, source.windows, source.device
     layers = sorted(sites)
     D = sites[layers[0]].head_dim
     rotary = {layer: sites[layer].rotary_dim for layer in layers}
@@ -198,29 +183,22 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= keep <= D // 2:
         raise ValueError(f"--keep {keep} must be in [1, head_dim / 2 = {D // 2}]")
     layouts = (layout, "adjacent") if args.compare_adjacent and layout != "adjacent" else (layout,)
-    half = args.length // 2
-    positions = sorted({half + i * (args.length - 1 - half) // max(args.queries - 1, 1) for i in range(args.queries)})
+    positions = decode_positions(args.length, args.queries)
     stats = OverlapStats(args.top_n, positions, layouts, rotary, keep)
 
-    name = "sparse_compile_fasa_calibration"
-    AttentionInterface.register(name, capture_attention(stats, set(layers)))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
+    with attention_implementation(model, "sparse_compile_fasa_calibration", capture_attention(stats, set(layers))):
         for i, (_, window) in enumerate(tqdm(texts, desc="calibrate fasa (windows)", disable=args.no_progress)):
             stats.final = i == len(texts) - 1  # the last window also measures the chosen sets' recall
             with torch.no_grad():
                 model.model(window[None].to(device))
-    finally:
-        model.set_attn_implementation(previous)
     chunks = {lay: [stats.ranking(lay, layer).tolist() for layer in layers] for lay in layouts}  # full ranking
 
     def mean(name: str) -> float:
         rows = [value for layer, value in stats.recalls[name].items() if layer != 0]
         return sum(rows) / len(rows) if rows else math.nan
 
-    summary = (f"{args.model}, corpus {corpus.name}, {args.samples} x {args.length} tokens, {len(positions)} decode "
+    summary = (f"{args.model}, corpus {source.corpus_name}, {args.samples} x {args.length} tokens, "
+               f"{len(positions)} decode "
                f"steps per window, top-{args.top_n} overlap, {keep} of {D // 2} chunks per head ({layout}); top-"
                f"{args.top_n} recall of the kept chunks on the last window (layers 1+): calibrated "
                f"{mean('calibrated'):.3f}, rule {mean('rule'):.3f}"

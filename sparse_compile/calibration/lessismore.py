@@ -139,17 +139,9 @@ def mean_coverage(coverage: torch.Tensor, dense: set[int], selecting: list[int])
 
 def capture_attention(stats: CoverageStats):
     """A transformers attention function that records post-RoPE q/k of each layer, then runs SDPA."""
-    import torch.nn.functional as F
+    from sparse_compile.calibration._decode_text import recording_attention
 
-    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        stats.capture(int(module.layer_idx), query[0], key[0])
-        group = query.shape[1] // key.shape[1]
-        out = F.scaled_dot_product_attention(query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
-                                             attn_mask=attention_mask, scale=scaling,
-                                             is_causal=attention_mask is None and query.shape[2] > 1)
-        return out.transpose(1, 2).contiguous(), None
-
-    return attend
+    return recording_attention(stats.capture)
 
 
 def policy_text(model_name: str, layers: list[int], dense: list[int | str], args: argparse.Namespace,
@@ -182,13 +174,12 @@ def policy_text(model_name: str, layers: list[int], dense: list[int | str], args
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    import sparse_compile
-    from sparse_compile.evaluation.corpus import default_corpus, load_corpus, tokenize, windows
-    from sparse_compile.evaluation.device import resolve_device, resolve_dtype
-    from sparse_compile.evaluation.models import load_model
+    from sparse_compile.calibration._decode_text import (
+        attention_implementation,
+        decode_positions,
+        load_calibration_text,
+    )
     from sparse_compile.methods import lessismore
     from sparse_compile.policy import parse_layers, parse_toml
 
@@ -202,42 +193,27 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.sink}")
     dense_spec = parse_layers([part.strip() for part in args.dense_layers.split(",") if part.strip()],
                               "calibrate lessismore", "--dense-layers", allow_empty=True)
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    model, tokenizer = load_model(args.model, dtype=dtype)
-    model = model.to(device)
-    corpus = load_corpus(args.corpus or default_corpus())
-    ids = tokenize(tokenizer, corpus.text)
-    texts = windows(ids, args.length, args.samples)
-    report = sparse_compile.explain(model, ids[None, :32].to(device), policy="dense")
-    sites = {s.layer: s for s in report.sites if s.phase == "prefill"}
-    if not sites:
-        raise ValueError(f"no RoPE attention site found in {args.model}: nothing to calibrate")
+    source = load_calibration_text(args)
+    sites = source.sites
     num_layers = len(sites)
     if sorted(sites) != list(range(num_layers)):
         raise ValueError(f"site layers {sorted(sites)} are not 0..{num_layers - 1}: cannot index layers")
     dense = {layer for layer in range(num_layers) if layer in dense_spec}
     scale = sites[0].head_dim ** -0.5
-    half = args.length // 2
-    positions = sorted({half + i * (args.length - 1 - half) // max(args.queries - 1, 1) for i in range(args.queries)})
+    positions = decode_positions(args.length, args.queries)
     stats = CoverageStats(positions, args.budget, args.sink, args.recent_fraction)
 
-    name = "sparse_compile_lessismore_calibration"
-    AttentionInterface.register(name, capture_attention(stats))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        for _, window in tqdm(texts, desc="calibrate lessismore (windows)", disable=args.no_progress):
+    with attention_implementation(source.model, "sparse_compile_lessismore_calibration", capture_attention(stats)):
+        for _, window in tqdm(source.windows, desc="calibrate lessismore (windows)", disable=args.no_progress):
             with torch.no_grad():
-                model.model(window[None].to(device))
+                source.model.model(window[None].to(source.device))
             stats.finish_window(scale)
-    finally:
-        model.set_attn_implementation(previous)
     coverage = stats.coverage()
     layers, chosen = choose_selection_layers(coverage, dense, args.selections)
     default_params = lessismore.LessIsMoreParams(dense_layers=tuple(dense_spec.to_list()))
     default = [int(x) for x in lessismore.selection_layers(default_params, num_layers)]
-    summary = (f"{args.model}, corpus {corpus.name}, {args.samples} x {args.length} tokens, {len(positions)} decode "
+    summary = (f"{args.model}, corpus {source.corpus_name}, {args.samples} x {args.length} tokens, "
+               f"{len(positions)} decode "
                f"steps per window, budget {args.budget:g} at calibration; mean attention mass of the reusing layers "
                f"inside the reused set: chosen {layers} {chosen:.3f}, default {default} "
                f"{mean_coverage(coverage, dense, default):.3f}")
