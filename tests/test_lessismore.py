@@ -314,3 +314,16 @@ def test_calibrate_lessismore_end_to_end(tmp_path, capsys):
     assert "mean attention mass of the reusing layers" in out.read_text()
     assert main(argv[:-4] + ["--selections", "9", "--out", str(out)]) == 2
     assert "--selections must be in [1, 3]" in capsys.readouterr().err
+
+
+@given(B=st.integers(1, 3), Lk=st.integers(1, 40), q_offset=st.integers(0, 50), window=st.integers(0, 12),
+       causal=st.booleans(), padded=st.booleans(), seed=st.integers(0, 2**16))
+def test_visible_count_equals_the_mask(B, Lk, q_offset, window, causal, padded, seed):
+    """The reusing layer's density denominator (arithmetic without a key mask) == the visible keys the mask
+    gives, at least 1."""
+    from sparse_compile.attention_mask import AttentionMask
+
+    key_valid = torch.rand(B, Lk, generator=torch.Generator().manual_seed(seed)) > 0.4 if padded else None
+    mask = AttentionMask(causal=causal, q_offset=q_offset, window=window, key_valid=key_valid)
+    want = lessismore.decode_visible(mask, B, Lk, torch.device("cpu")).sum(dim=1).clamp(min=1).float()
+    assert torch.equal(lessismore.visible_count(mask, B, Lk, torch.device("cpu")), want)

@@ -116,7 +116,7 @@ def visible_count(mask: AttentionMask, batch: int, kv_len: int, device: torch.de
     """(B,) float32 number of keys the decode query sees (at least 1): arithmetic without a key mask."""
     if mask.key_valid is None:
         last = min(mask.q_offset, kv_len - 1) if mask.causal else kv_len - 1
-        first = max(0, last - mask.window + 1) if mask.window else 0
+        first = max(0, mask.q_offset - mask.window + 1) if mask.window else 0
         return torch.full((batch,), float(max(last - first + 1, 1)), device=device)
     return decode_visible(mask, batch, kv_len, device).sum(dim=1).clamp(min=1).float()
 
