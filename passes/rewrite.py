@@ -80,13 +80,15 @@ def static_fallback(site: SiteMatch, config: str) -> str:
 
 def site_record(site: SiteMatch, graph_index: int, method: str, params: Any, min_seq_len: int, fallback: str,
                 captured: bool, role: str = "") -> Site:
+    notes = METHODS[method].notes
+    note = (notes(site_facts(site), params) or "") if notes is not None else ""
     return Site(
         graph=graph_index, layer=site.layer, phase=site.phase, rope=site.rope.layout,
         rotary_dim=site.rope.rotary_dim, num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
         head_dim=site.head_dim, causal=site.mask.causal, window=site.mask.window or None, method=method,
         params=params_to_dict(params), mask=site.mask.describe(), cache=site.cache, gqa=site.gqa,
         q_len=str(site.q_len), kv_len=str(site.kv_len), min_seq_len=min_seq_len, fallback=fallback,
-        cuda_graphs=captured, role=role,
+        cuda_graphs=captured, role=role, note=note,
     )
 
 

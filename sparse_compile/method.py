@@ -66,6 +66,9 @@ class Method:
         (the Report says so).
     summary: one line for `--help` and the README's method table.
     selection_role, selection_size: for methods whose layers share one selection (module docstring).
+    notes: optional (site, params) -> a line the user should read about this site although the method
+        runs there (e.g. a calibrated table that does not fit this model, replaced by a rule), or None;
+        the pass puts it in the Report at compile time.
     """
 
     name: str
@@ -78,6 +81,7 @@ class Method:
     summary: str = ""
     selection_role: Callable[[int, int, Any], str] | None = None
     selection_size: Callable[[Any], int] | None = None
+    notes: Callable[[Any, Any], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.phases or any(p not in PHASES for p in self.phases):

@@ -54,6 +54,7 @@ class Site:
     fallback: str = ""
     cuda_graphs: bool = True
     role: str = ""
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,10 @@ class Report:
             for (method, _), params in sorted(methods.items(), key=lambda item: item[0]):
                 params = sorted(params.items())
                 lines.append(f"{method} params: " + ", ".join(f"{k}={short_value(v)}" for k, v in params))
+        noted = [s for s in self.sites if s.note and not s.fallback]
+        if noted:
+            lines.append("runs its method, with a note:")
+            lines.extend(merge_layers([(s.graph, s.layer, s.note) for s in noted]))
         static = [s for s in self.sites if s.fallback]
         if static:
             lines.append("runs exact attention instead of its method (decided at compile time):")

@@ -453,3 +453,30 @@ def test_calibrate_fasa_end_to_end(tmp_path, capsys):
     assert "recall of the kept chunks" in out.read_text()
     assert main(argv[:-2] + ["--top-n", "100"]) == 2
     assert "--top-n 100 must be at most half of --length 160" in capsys.readouterr().err
+
+
+def test_report_notes_calibrated_chunks_that_do_not_fit():
+    """The shipped policy's chunks are SmolLM2's (30 layers x 9 heads): on another model each FASA layer
+    runs the model-agnostic rule, and the Report says so per layer at compile time; the dense layer gets
+    no note. With mismatch = "dense" the same layers fall back instead (a fallback, not a note)."""
+    from test_backend import tiny_llama
+    from transformers import DynamicCache
+
+    model = tiny_llama(3)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 40)), past_key_values=cache, use_cache=True)
+    step = {"input_ids": torch.randint(0, 100, (1, 1)), "past_key_values": cache, "use_cache": True}
+    policy = sparse_compile.load_policy("fasa").to_dict()
+    policy["decode"]["min_seq_len"] = 0  # a 41-token cache: FASA must run for the note to matter
+    report = sparse_compile.explain(model, policy=policy, **step)
+    decode = {s.layer: s for s in report.sites if s.phase == "decode"}
+    assert set(decode) == {0, 1, 2} and decode[0].note == ""
+    for layer in (1, 2):
+        assert "the model-agnostic chunk rule runs instead" in decode[layer].note
+        assert "name 9 heads; the site has 4 query heads and 2 KV heads" in decode[layer].note
+    assert "runs its method, with a note:" in str(report)
+    policy["decode"]["params"]["mismatch"] = "dense"
+    report = sparse_compile.explain(model, policy=policy, **step)
+    assert all(s.note == "" for s in report.sites)
+    assert all("name 9 heads" in s.fallback for s in report.sites if s.phase == "decode" and s.layer > 0)

@@ -130,18 +130,25 @@ class FasaParams:
 Params = FasaParams
 
 
+def chunk_misfit(params: FasaParams, layer: int, num_heads: int, num_kv_heads: int, head_dim: int) -> str:
+    """Why the policy's calibrated chunks do not fit this layer of this model, or "" (they fit, or the
+    policy lists none and uses the rule by design)."""
+    listed = params.chunks[layer] if layer < len(params.chunks) else None
+    if params.chunks and listed is None:
+        return f"no calibrated chunks for layer {layer} (the policy lists {len(params.chunks)} layers)"
+    if listed and len(listed) not in (num_heads, num_kv_heads, 1):
+        return (f"calibrated chunks of layer {layer} name {len(listed)} heads; the site has {num_heads} "
+                f"query heads and {num_kv_heads} KV heads")
+    if listed and max(max(head) for head in listed) >= head_dim // 2:
+        return f"a calibrated chunk of layer {layer} is >= head_dim / 2 = {head_dim // 2}"
+    return ""
+
+
 def layer_chunks(params: FasaParams, layer: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, rotary_dim: int) -> tuple[tuple[tuple[int, ...], ...] | None, str]:
     """(per-head chunk tuples for this layer, "") or (None, why the layer cannot use FASA)."""
     listed = params.chunks[layer] if layer < len(params.chunks) else None
-    misfit = ""
-    if params.chunks and listed is None:
-        misfit = f"no calibrated chunks for layer {layer} (the policy lists {len(params.chunks)} layers)"
-    elif listed and len(listed) not in (num_heads, num_kv_heads, 1):
-        misfit = (f"calibrated chunks of layer {layer} name {len(listed)} heads; the site has {num_heads} "
-                  f"query heads and {num_kv_heads} KV heads")
-    elif listed and max(max(head) for head in listed) >= head_dim // 2:
-        misfit = f"a calibrated chunk of layer {layer} is >= head_dim / 2 = {head_dim // 2}"
+    misfit = chunk_misfit(params, layer, num_heads, num_kv_heads, head_dim)
     if misfit and params.mismatch == "dense":
         return None, misfit
     if misfit or not listed:
@@ -149,6 +156,17 @@ def layer_chunks(params: FasaParams, layer: int, num_heads: int, num_kv_heads: i
         return (default_chunks(rotary_dim, head_dim, count),), ""
     n = params.n_chunks or len(listed[0])
     return tuple(head[:n] for head in listed), ""
+
+
+def notes(site: SiteFacts, params: FasaParams) -> str | None:
+    """The Report's note when a layer's calibrated chunks do not fit this site and `mismatch = "rule"`
+    replaces them by the model-agnostic rule (much worse than calibrated chunks: EVAL.md)."""
+    if params.mismatch != "rule" or in_layers(site.layer, params.dense_layers):
+        return None
+    misfit = chunk_misfit(params, site.layer, site.num_heads, site.num_kv_heads, site.head_dim)
+    if not misfit:
+        return None
+    return f"{misfit}: the model-agnostic chunk rule runs instead (run `calibrate fasa` for this model)"
 
 
 def unsupported(call: Any, site: SiteFacts, params: FasaParams) -> str | None:
@@ -241,6 +259,7 @@ METHOD = Method(
     Params=FasaParams,
     attention=attention,
     unsupported=unsupported,
+    notes=notes,
     select=fasa_select,
     capturable_phases=("decode",),  # Triton scores, torch.topk, the split-K kernel: no host sync on CUDA
     summary="decode: top tokens by a few dominant RoPE frequency chunks of q.k, exact attention over them (FASA)",
