@@ -79,7 +79,7 @@ class CoverageStats:
             sets = []
             for m, p in enumerate(self.positions):  # each step selects from its own visible keys
                 budget = int(round(self.budget * (p + 1))) if self.budget < 1 else int(self.budget)
-                budget = max(budget, self.sink + budget_split(budget, 0, self.recent_fraction)[2])
+                budget = self.fitting_budget(budget)
                 sel = select_tokens(logits[m:m + 1], visible[m:m + 1], budget, self.sink, self.recent_fraction)
                 sets.append(selection_visible(sel, L)[0])
             chosen.append(torch.stack(sets).double())  # (M, L)
@@ -90,6 +90,13 @@ class CoverageStats:
         self.sums = window if self.sums is None else self.sums + window
         self.steps += len(self.positions)
         self.captured.clear()
+
+    def fitting_budget(self, want: int) -> int:
+        """The smallest budget >= want that holds the sink and the recency share (a middle >= 0)."""
+        budget = max(want, 1)
+        while budget - self.sink - budget_split(budget, 0, self.recent_fraction)[2] < 0:
+            budget += 1
+        return budget
 
     def coverage(self) -> torch.Tensor:
         """(N, N) mean coverage: [s, l] = mass of layer l inside the set layer s selects."""
@@ -188,8 +195,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.budget <= 0 or (args.budget >= 1 and args.budget != int(args.budget)):
         raise ValueError(f"--budget must be a whole number of tokens >= 1 or a fraction in (0, 1), got {args.budget}")
-    if not 0.0 <= args.recent_fraction <= 1.0 or args.sink < 0:
-        raise ValueError(f"--recent-fraction must be in [0, 1] and --sink >= 0, got {args.recent_fraction}, "
+    if not 0.0 <= args.recent_fraction < 1.0 or args.sink < 0:
+        raise ValueError(f"--recent-fraction must be in [0, 1) and --sink >= 0, got {args.recent_fraction}, "
                          f"{args.sink}")
     dense_spec = parse_layers([part.strip() for part in args.dense_layers.split(",") if part.strip()],
                               "calibrate lessismore", "--dense-layers", allow_empty=True)
