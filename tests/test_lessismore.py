@@ -212,6 +212,16 @@ def reference_attention_factory(params: dict, layers: int):
     return attend
 
 
+def compiled_generate(model, policy: dict, report, ids: torch.Tensor, kwargs: dict):
+    """generate() with the model's forward compiled by the sparse backend (eager inner), forward restored after."""
+    forward = model.forward
+    model.forward = torch.compile(forward, backend=sparse_compile.backend(policy, inner="eager", report=report))
+    try:
+        return model.generate(ids, **kwargs)
+    finally:
+        model.forward = forward
+
+
 def test_compiled_decode_equals_the_loop_reference():
     """Greedy generation through the compiled model (left-padded batch of 2) == the same model run with a
     reference attention written from the spec with loops, logits of every step included; budget >= the
@@ -231,12 +241,7 @@ def test_compiled_decode_equals_the_loop_reference():
         ref = model.generate(ids, **kwargs)
         model.set_attn_implementation("sdpa")
         report = sparse_compile.Report()
-        forward = model.forward
-        model.forward = torch.compile(forward, backend=sparse_compile.backend(POLICY, inner="eager", report=report))
-        try:
-            got = model.generate(ids, **kwargs)
-        finally:
-            model.forward = forward
+        got = compiled_generate(model, POLICY, report, ids, kwargs)
     assert got.sequences.tolist() == ref.sequences.tolist()
     for a, b in zip(got.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
@@ -247,11 +252,7 @@ def test_compiled_decode_equals_the_loop_reference():
     big = {**POLICY, "decode": {**POLICY["decode"], "params": {**params, "budget": 4096}}}
     report = sparse_compile.Report()
     with torch.no_grad():
-        model.forward = torch.compile(forward, backend=sparse_compile.backend(big, inner="eager", report=report))
-        try:
-            exact = model.generate(ids, **kwargs)
-        finally:
-            model.forward = forward
+        exact = compiled_generate(model, big, report, ids, kwargs)
     assert exact.sequences.tolist() == dense.sequences.tolist()
     assert "call not supported by the method" in report.fallbacks("decode")[3], str(report)
 

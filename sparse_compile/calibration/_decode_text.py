@@ -12,6 +12,7 @@ import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,3 +86,12 @@ def attention_implementation(model: Any, name: str, attend: Callable) -> Iterato
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def write_policy(text: str, out: str | Path | None) -> None:
+    """Write the calibrated policy's TOML to `out` (and say so), or print it when no file was given."""
+    if out:
+        Path(out).write_text(text)
+        print(f"wrote {out}")
+    else:
+        print(text)

@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         attention_implementation,
         decode_positions,
         load_calibration_text,
+        write_policy,
     )
 
     for name in ("length", "samples", "queries", "top_n"):
@@ -209,11 +210,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"site layers {layers} are not 0..{len(layers) - 1}: cannot index chunks by layer")
     text = policy_text(args.model, out_chunks, args, summary, keep)
     sparse_compile.load_policy(text_policy(text))  # validates what is written
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    else:
-        print(text)
+    write_policy(text, args.out)
     if args.report is not None:
         detail: dict[str, Any] = {"summary": summary, "recall": stats.recalls, "layout": layout, "keep": keep,
                                   "top_n": args.top_n,

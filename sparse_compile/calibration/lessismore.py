@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         attention_implementation,
         decode_positions,
         load_calibration_text,
+        write_policy,
     )
     from sparse_compile.methods import lessismore
     from sparse_compile.policy import parse_layers, parse_toml
@@ -227,11 +228,7 @@ def run(args: argparse.Namespace) -> int:
     print(summary)
     text = policy_text(args.model, layers, dense_spec.to_list(), args, summary)
     parse_toml(text, "calibrate lessismore output")  # validates what is written
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    else:
-        print(text)
+    write_policy(text, args.out)
     if args.report is not None:
         args.report.write_text(json.dumps({"summary": summary, "coverage": coverage.tolist(), "chosen": layers,
                                            "default": default, "positions": positions}))
