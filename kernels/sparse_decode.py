@@ -8,7 +8,8 @@ exactly those tokens of the KV cache.
 
       q:        (B, H, 1, D)  float16 / bfloat16 / float32 (float64 on the reference path)
       k, v:     (B, Hkv, Lk, D) same dtype, H % Hkv == 0 (un-expanded: GQA groups read K/V once)
-      indices:  (B, G, N) int32 / int64 token indices into the Lk keys, G one of
+      indices:  None: every key 0 .. Lk-1, one set for all heads (dense decode; loads are contiguous), or
+                (B, G, N) int32 / int64 token indices into the Lk keys, G one of
                   H   one index set per query head,
                   Hkv one set per KV head (shared by the heads of its group),
                   1   one set for every head;
@@ -58,16 +59,23 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_block(
-    start, acc, l_i, m_i, any_ok, any_bad, q, offs_n, offs_d, idx_base, split_end, n_listed,
+    start, acc, l_i, m_i, seen, bad, q, offs_n, offs_d, idx_base, split_end, n_listed,
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, valid_base, stride_vln, qk_scale, kv_len,
-    HEAD_DIM: tl.constexpr, HAS_VALID: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, EVERY_KEY: tl.constexpr,
 ):
-    """One BLOCK_N chunk of slots: returns the updated (acc, l_i, m_i, any_ok, any_bad)."""
+    """One BLOCK_N chunk of slots: returns the updated (acc, l_i, m_i, seen, bad).
+
+    seen (BLOCK_N,) and bad (BLOCK_H, BLOCK_N) are element-wise ORs over the chunks (reduced once, after the
+    loop): a counted slot was met at that lane; a counted key's logit was not finite for that head."""
     # 1. which slots count: listed, in range, valid
     slots = start + offs_n
     listed = (slots < split_end) & (slots < n_listed)
-    idx = tl.load(idx_base + slots, mask=listed, other=-1).to(tl.int64)
-    ok = listed & (idx >= 0) & (idx < kv_len)
+    if EVERY_KEY:  # slot n is key n: no index load, so the K/V loads do not wait on one
+        idx = slots.to(tl.int64)
+        ok = listed
+    else:
+        idx = tl.load(idx_base + slots, mask=listed, other=-1).to(tl.int64)
+        ok = listed & (idx >= 0) & (idx < kv_len)
     if HAS_VALID:
         kvalid = tl.load(valid_base + idx * stride_vln, mask=ok, other=0)
         ok = ok & (kvalid != 0)
@@ -78,6 +86,8 @@ def _decode_block(
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))
+    # a NaN/inf in the head's q or in a counted key's K row makes its logit NaN or +-inf (0 * inf = NaN)
+    bad = bad | (ok[None, :] & ~(tl.abs(qk) < float("inf")))
     qk = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
     # 3. online softmax in base 2 (a chunk with no counted slot leaves the state unchanged)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -91,12 +101,10 @@ def _decode_block(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    # 5. non-finite bookkeeping: a counted key whose K or V row holds NaN/inf poisons the program's heads
-    finite = (tl.abs(k.to(tl.float32)) < float("inf")) & (tl.abs(v.to(tl.float32)) < float("inf"))
-    row_bad = tl.max(tl.where(finite, 0, 1), axis=1)
-    any_bad = tl.maximum(any_bad, tl.max(tl.where(ok, row_bad, 0), axis=0))
-    any_ok = tl.maximum(any_ok, tl.max(ok.to(tl.int32), axis=0))
-    return acc, l_i, m_new, any_ok, any_bad
+    # a NaN/inf in a counted key's V row reaches acc through the dot (p * inf = inf, 0 * inf = NaN): the
+    # kernel turns a non-finite output into NaN when it stores it
+    seen = seen | ok
+    return acc, l_i, m_new, seen, bad
 
 
 @triton.jit
@@ -115,7 +123,7 @@ def _sparse_decode_kernel(
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_COUNTS: tl.constexpr, HAS_VALID: tl.constexpr, ONE_SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    EVERY_KEY: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     split = tl.program_id(0)
     p = tl.program_id(1)
@@ -149,26 +157,29 @@ def _sparse_decode_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
-    any_ok = tl.zeros((), dtype=tl.int32)
-    any_bad = tl.zeros((), dtype=tl.int32)
+    seen = tl.zeros((BLOCK_N,), dtype=tl.int1)
+    bad = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.int1)
     stop = tl.minimum(split_end, n_listed)
     if INTERPRET:  # the interpreter cannot take a run-time `range` bound with numpy >= 2.4
         start = split_start
         while start < stop:
-            acc, l_i, m_i, any_ok, any_bad = _decode_block(
-                start, acc, l_i, m_i, any_ok, any_bad, q, offs_n, offs_d, idx_base, split_end, n_listed,
+            acc, l_i, m_i, seen, bad = _decode_block(
+                start, acc, l_i, m_i, seen, bad, q, offs_n, offs_d, idx_base, split_end, n_listed,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, valid_base, stride_vln, qk_scale,
-                kv_len, HEAD_DIM, HAS_VALID, IEEE_DOT)
+                kv_len, HEAD_DIM, HAS_VALID, IEEE_DOT, EVERY_KEY)
             start += BLOCK_N
     else:
         for start in range(split_start, stop, BLOCK_N):
-            acc, l_i, m_i, any_ok, any_bad = _decode_block(
-                start, acc, l_i, m_i, any_ok, any_bad, q, offs_n, offs_d, idx_base, split_end, n_listed,
+            acc, l_i, m_i, seen, bad = _decode_block(
+                start, acc, l_i, m_i, seen, bad, q, offs_n, offs_d, idx_base, split_end, n_listed,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, valid_base, stride_vln, qk_scale,
-                kv_len, HEAD_DIM, HAS_VALID, IEEE_DOT)
+                kv_len, HEAD_DIM, HAS_VALID, IEEE_DOT, EVERY_KEY)
 
-    # 3. poisoned heads: a counted non-finite key, or a non-finite q that sees some key
-    poison = (any_bad > 0) | ((q_bad > 0) & (any_ok > 0))  # (BLOCK_H,)
+    # 3. poisoned heads: a counted non-finite key (K via its logit, V via acc), or a non-finite q that sees
+    # some key
+    any_ok = tl.max(seen.to(tl.int32), axis=0)
+    poison = (tl.max(bad.to(tl.int32), axis=1) > 0) | ((q_bad > 0) & (any_ok > 0))  # (BLOCK_H,)
+    poison = poison | (tl.max(tl.where(tl.abs(acc) < float("inf"), 0, 1), axis=1) > 0)
     heads = h0 + offs_h
     if ONE_SPLIT:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -268,12 +279,13 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tenso
                          f"on {key_valid.device}")
 
 
-def default_splits(batch: int, programs_per_batch: int, n_slots: int, block_n: int, device: torch.device) -> int:
-    """Splits per index set: about two programs per SM (CUDA) without splitting below one BLOCK_N."""
+def default_splits(batch: int, programs_per_batch: int, n_slots: int, block_n: int, device: torch.device,
+                   per_sm: int = 2) -> int:
+    """Splits per index set: about `per_sm` programs per SM (CUDA) without splitting below one BLOCK_N."""
     blocks = max(1, triton.cdiv(n_slots, block_n))
     if device.type != "cuda":
         return min(blocks, 2)
-    target = 2 * _sm_count(device)
+    target = per_sm * _sm_count(device)
     return max(1, min(blocks, triton.cdiv(target, batch * programs_per_batch)))
 
 
@@ -281,7 +293,7 @@ def sparse_decode_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    indices: Tensor,
+    indices: Tensor | None,
     counts: Tensor | None = None,
     *,
     scale: float | None = None,
@@ -289,11 +301,16 @@ def sparse_decode_attention(
     impl: str = "auto",
     num_splits: int | None = None,
     out: Tensor | None = None,
+    launch: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """Attention of one query token per head over the listed keys (module docstring: shapes, semantics).
 
     out: optional (B, H, 1, D) buffer in q's dtype on q's device (written and returned).
+    launch: optional (BLOCK_N, num_warps, num_stages) override of the launch config (benchmarks).
     Returns (B, H, 1, D) in q's dtype."""
+    every_key = indices is None
+    if every_key:
+        indices = every_key_indices(k)
     check_inputs(q, k, v, indices, counts, key_valid)
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
@@ -322,10 +339,17 @@ def sparse_decode_attention(
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_H = max(16, triton.next_power_of_2(HP))
     BLOCK_N = 64 if BLOCK_D <= 128 else 32
+    num_warps = 4 if BLOCK_D <= 128 else 8
+    num_stages = 3
+    per_sm = 2
+    if every_key and BLOCK_D <= 128:  # decode_paths.py --sweep (H100, 32K/128K, B 1/4): within 1% of SDPA
+        BLOCK_N, num_stages, per_sm = 128, 2, 4
     if not q.is_cuda:
         BLOCK_N = 16
+    if launch is not None:
+        BLOCK_N, num_warps, num_stages = launch
     if num_splits is None:
-        num_splits = default_splits(B, P, N, BLOCK_N, q.device)
+        num_splits = default_splits(B, P, N, BLOCK_N, q.device, per_sm)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     split_n = triton.cdiv(triton.cdiv(max(N, 1), num_splits), BLOCK_N) * BLOCK_N
@@ -346,7 +370,6 @@ def sparse_decode_attention(
         m_part = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
         l_part = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
         acc_part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
-    num_warps = 4 if BLOCK_D <= 128 else 8
     _sparse_decode_kernel[(num_splits, P, B)](
         q, k, v, idx, cnt, valid, out, m_part, l_part, acc_part,
         Lk, N, split_n, scale * LOG2E,
@@ -357,7 +380,8 @@ def sparse_decode_attention(
         *m_part.stride(), *acc_part.stride(),
         H=H, HKV=Hkv, G=G, P=P, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
         HAS_COUNTS=counts is not None, HAS_VALID=key_valid is not None, ONE_SPLIT=one,
-        IEEE_DOT=q.dtype == torch.float32, INTERPRET=not q.is_cuda, num_warps=num_warps,
+        IEEE_DOT=q.dtype == torch.float32, EVERY_KEY=every_key, INTERPRET=not q.is_cuda, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not one:
         _combine_kernel[(H, B)](
@@ -386,10 +410,17 @@ def counted_slots(indices: Tensor, counts: Tensor | None, kv_len: int, key_valid
     return ok
 
 
-def sparse_decode_reference(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor | None = None, *,
-                            scale: float | None = None, key_valid: Tensor | None = None) -> Tensor:
+def every_key_indices(k: Tensor) -> Tensor:
+    """indices = None spelled out: (B, 1, Lk) int32 [0, Lk), one set for every head (an expanded view)."""
+    B, Lk = k.shape[0], k.shape[2]
+    return torch.arange(Lk, device=k.device, dtype=torch.int32).view(1, 1, Lk).expand(B, 1, Lk)
+
+
+def sparse_decode_reference(q: Tensor, k: Tensor, v: Tensor, indices: Tensor | None, counts: Tensor | None = None,
+                            *, scale: float | None = None, key_valid: Tensor | None = None) -> Tensor:
     """The same function in PyTorch (float32, or float64 for float64 inputs): gather the listed K/V rows
     per head, softmax over the counted slots. Shapes as `sparse_decode_attention`; returns q's dtype."""
+    indices = every_key_indices(k) if indices is None else indices
     check_inputs(q, k, v, indices, counts, key_valid)
     B, H, _, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]

@@ -92,3 +92,25 @@ def test_cpu_dense_nonfinite_key_reaches_only_rows_that_see_it(problem, value, w
     nan_rows = torch.isnan(out).any(-1)  # (B, H, Lq)
     assert torch.equal(nan_rows, sees[:, None, :].expand_as(nan_rows)), (nan_rows, sees)
     torch.testing.assert_close(out[~nan_rows].double(), ref[~nan_rows], atol=1e-5, rtol=1e-5)
+
+
+@given(problems(), st.sampled_from([float("nan"), float("inf")]), st.sampled_from(["k", "v"]), st.data())
+def test_masked_decode_kernel_ignores_masked_keys(problem, value, where, data):
+    """CUDA decode with masked keys runs `masked_decode_attention` (the sparse decode kernel over every
+    key, here under the Triton interpreter): it equals the float64 reference, and a NaN/inf planted in a
+    key the query cannot see leaves the row unchanged, while one in a key it sees makes the row NaN."""
+    B, H, Hkv, _, Lk, D, mask, seed = problem
+    mask = AttentionMask(mask.causal, Lk - 1 - data.draw(st.integers(0, Lk - 1), label="tail") if mask.causal
+                         else 0, mask.window, mask.key_valid)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, 1), (Hkv, Lk), (Hkv, Lk)))
+    key_valid = dense.decode_key_mask(mask, B, Lk, q.device).reshape(B, Lk)
+    ref = exact_attention_reference(q.double(), k.double(), v.double(), mask, scale=0.3)
+    out = dense.masked_decode_attention(q, k, v, key_valid, scale=0.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    j = data.draw(st.integers(0, Lk - 1), label="poisoned key")
+    (k if where == "k" else v)[:, :, j, :] = value
+    out = dense.masked_decode_attention(q, k, v, key_valid, scale=0.3)
+    nan_rows = torch.isnan(out).any(-1)[..., 0]  # (B, H)
+    assert torch.equal(nan_rows, key_valid[:, j, None].expand(B, H))
+    torch.testing.assert_close(out[~nan_rows].double(), ref[~nan_rows], atol=1e-5, rtol=1e-5)

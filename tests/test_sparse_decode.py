@@ -159,3 +159,43 @@ def test_bad_inputs_name_the_argument():
         sparse_decode_attention(q, k, v, idx, impl="triton", num_splits=0)
     with pytest.raises(ValueError, match="scale"):
         sparse_decode_attention(q, k, v, idx, scale=float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_indices_none_is_every_key_with_validity(dtype, splits):
+    """indices=None (the contiguous every-key path the dense method's masked decode runs) == the same keys
+    listed explicitly == the float64 masked reference; a NaN in an invalid key's V changes nothing."""
+    B, H, Hkv, D, Lk = 2, 8, 2, 80, 150
+    q, k, v, _, _, _ = make(B, H, Hkv, 1, D, Lk, 1, False, 0, dtype, 11)
+    key_valid = torch.rand(B, Lk, generator=torch.Generator().manual_seed(5)) > 0.3
+    listed = torch.arange(Lk, dtype=torch.int32).view(1, 1, Lk).expand(B, 1, Lk)
+    want = oracle(q, k, v, listed, None, key_valid, 0.2)
+    got = sparse_decode_attention(q, k, v, None, scale=0.2, key_valid=key_valid, impl="triton", num_splits=splits)
+    torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(sparse_decode_reference(q, k, v, None, scale=0.2, key_valid=key_valid).double(),
+                               want, atol=TOL[dtype], rtol=TOL[dtype])
+    v[:, :, ~key_valid[0]] = float("nan")  # invalid keys of row 0 (of row 1 too where they coincide)
+    hit = (~key_valid[0] & key_valid[1]).any()
+    again = sparse_decode_attention(q, k, v, None, scale=0.2, key_valid=key_valid, impl="triton", num_splits=splits)
+    assert torch.equal(again[0], got[0])
+    assert bool(torch.isnan(again[1]).all()) == bool(hit)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("dim", [0, 63])
+def test_one_nonfinite_element_of_a_counted_key_poisons_exactly_its_heads(value, where, dim):
+    """One NaN/+inf/-inf element (any dim) in a counted key's K or V row: the heads whose sets count the key
+    are NaN on the kernel and the reference, the other heads equal the reference."""
+    B, H, Hkv, D, Lk, N = 1, 4, 1, 64, 50, 12
+    q, k, v, _, _, _ = make(B, H, Hkv, H, D, Lk, N, False, 0, torch.float32, 5)
+    idx = torch.tensor([[list(range(0, 12)), list(range(10, 22)), list(range(30, 42)), list(range(38, 50))]],
+                       dtype=torch.int32)
+    (k if where == "k" else v)[0, 0, 11, dim] = value  # counted by heads 0 and 1
+    for splits in (1, 2):
+        got = sparse_decode_attention(q, k, v, idx, impl="triton", num_splits=splits)
+        ref = sparse_decode_reference(q, k, v, idx)
+        assert torch.isnan(got[0, :2]).all() and torch.isnan(ref[0, :2]).all()
+        torch.testing.assert_close(got[0, 2:], ref[0, 2:], atol=2e-5, rtol=2e-5)
+        assert torch.isfinite(got[0, 2:]).all()

@@ -7,10 +7,10 @@ Variants (B=1, H=32, Hkv=8, D=128, bf16, medians of triton.testing.do_bench):
   grouped           SDPA(q viewed as (B,Hkv,H/Hkv,D), k, v): query heads as queries of their KV head
   expanded          SDPA on K/V expanded to H heads (what repeat_kv feeds eager)
   ..._mask          the same with a boolean (B,1,1,Lk) key mask (padding)
-  sparse_decode_all_mask   kernels/sparse_decode.py over every key (indices = arange(Lk), one set for all
-                   heads) with key_valid: the candidate for dense CUDA decode with a key mask, since it
-                   skips invalid keys on load (non-finite contract); also a NaN planted in a masked key's V
-                   (SDPA: the row turns NaN; the kernel: unchanged)
+  sparse_decode_all_mask   kernels/sparse_decode.py over every key (indices=None, one set for all heads)
+                   with key_valid, both timed as CUDA-graph replays: what the dense method's CUDA decode with
+                   masked keys runs, since it skips them on load (non-finite contract); also a NaN planted
+                   in a masked key's V (SDPA: the row turns NaN; the kernel: unchanged)
 """
 
 from __future__ import annotations
@@ -50,10 +50,25 @@ def run_length(L: int, B: int = 1, H: int = 32, Hkv: int = 8, D: int = 128) -> N
                 print(f"L={L} {name + suffix:16s} {ms * 1000:8.1f} us   max|diff| vs enable_gqa {err:.2e}", flush=True)
 
 
-def sparse_decode_all(L: int, B: int, H: int = 32, Hkv: int = 8, D: int = 128) -> None:
-    """SDPA enable_gqa with a key mask vs the sparse decode kernel over every key with key_valid."""
+def graph_time(fn) -> float:
+    """Median ms of one replay of `fn` captured in a CUDA graph (what decode under reduce-overhead runs:
+    no host launch cost)."""
     import triton
 
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, rep=200, return_mode="median")
+
+
+def sparse_decode_all(L: int, B: int, H: int = 32, Hkv: int = 8, D: int = 128) -> None:
+    """SDPA enable_gqa with a key mask vs the sparse decode kernel over every key with key_valid."""
     from sparse_compile.kernels.sparse_decode import sparse_decode_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -64,18 +79,16 @@ def sparse_decode_all(L: int, B: int, H: int = 32, Hkv: int = 8, D: int = 128) -
     valid[:, -64:] = False  # StaticCache: slots after the current position
     if B > 1:
         valid[1, : L // 4] = False  # row 1 left-padded
-    idx = torch.arange(L, device="cuda", dtype=torch.int32).view(1, 1, L).expand(B, 1, L)
 
     def sdpa():
         with sdpa_kernel(ORDER, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], enable_gqa=True)
 
     def kernel():
-        return sparse_decode_attention(q, k, v, idx, key_valid=valid)
+        return sparse_decode_attention(q, k, v, None, key_valid=valid)
 
     ref, out = sdpa(), kernel()
-    times = {name: triton.testing.do_bench(fn, rep=200, return_mode="median") for name, fn in
-             (("sdpa_mask", sdpa), ("sparse_decode_all_mask", kernel))}
+    times = {name: graph_time(fn) for name, fn in (("sdpa_mask", sdpa), ("sparse_decode_all_mask", kernel))}
     v[0, 0, L - 1, 0] = float("nan")  # a masked slot
     nan_rows = {name: int(torch.isnan(fn().float()).any(dim=-1).sum()) for name, fn in
                 (("sdpa_mask", sdpa), ("sparse_decode_all_mask", kernel))}
@@ -86,7 +99,56 @@ def sparse_decode_all(L: int, B: int, H: int = 32, Hkv: int = 8, D: int = 128) -
           f"V: {nan_rows}", flush=True)
 
 
+def every_key_sweep(L: int, B: int, H: int = 32, Hkv: int = 8, D: int = 128) -> None:
+    """Launch configs of the every-key path (indices=None) against SDPA with the same key mask."""
+    import triton
+
+    from sparse_compile.kernels.sparse_decode import sparse_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    valid = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    valid[:, -64:] = False
+    with sdpa_kernel(ORDER, set_priority=True):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], enable_gqa=True)
+        t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=valid[:, None, None, :], enable_gqa=True), rep=200, return_mode="median")
+    rows = []
+    for launch in [None] + [(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]:
+        for mult in (1, 2, 4):
+            def fn(launch=launch, mult=mult):
+                splits = None
+                if mult > 1:
+                    sm = torch.cuda.get_device_properties(0).multi_processor_count
+                    splits = max(1, mult * 2 * sm // (B * Hkv))
+                return sparse_decode_attention(q, k, v, None, key_valid=valid, launch=launch, num_splits=splits)
+            try:
+                err = float((fn().float() - ref.float()).abs().max())
+                t = triton.testing.do_bench(fn, rep=100, return_mode="median")
+            except Exception as exc:  # a config that does not fit: say so and go on
+                print(f"L={L} B={B} launch={launch} x{mult}: {type(exc).__name__}", flush=True)
+                continue
+            rows.append((t, launch, mult, err))
+    rows.sort(key=lambda r: r[0])
+    print(f"L={L} B={B} sdpa_mask {t_sdpa * 1000:.1f} us; every-key configs, fastest first:")
+    for t, launch, mult, err in rows[:6] + [r for r in rows if r[1] is None and r[2] == 1]:
+        print(f"   launch={launch} splits x{mult}: {t * 1000:8.1f} us  ratio {t / t_sdpa:.3f}  max|diff| {err:.1e}",
+              flush=True)
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="only the every-key launch-config sweep")
+    args = parser.parse_args()
+    if args.sweep:
+        for L in (32768, 131072):
+            for B in (1, 4):
+                every_key_sweep(L, B)
+        return
     for L in (32768, 131072):
         run_length(L)
     for L in (32768, 131072):

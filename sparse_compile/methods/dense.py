@@ -3,7 +3,9 @@
 CUDA, by structure (each path measured in BENCHMARKS.md):
   causal prefill, no padding        SDPA is_causal=True, cuDNN first, then flash
   left-padded causal prefill        one causal SDPA call per batch row on its unpadded part
-  decode (one query)                SDPA with enable_gqa (K/V read once) and a (B,1,1,Lk) key mask if needed
+  decode (one query), every key     SDPA with enable_gqa (K/V read once)
+  decode with masked keys           kernels/sparse_decode.py over every key with a (B, Lk) validity row:
+                                    masked keys are never loaded (padding, StaticCache tail, window)
   windows, other padding, chunks    the block-sparse engine over every allowed block
 CPU: SDPA math on the reference mask, which is what the eager model runs.
 
@@ -12,9 +14,9 @@ of a key a row cannot see reach that row (0 * NaN in probs @ V), and its CPU ker
 does see. So when q, K or V holds a non-finite value (checked on the host: free on CPU, one reduction
 and sync per prefill call on CUDA), the call runs the
 contract's exact reference (CPU) or the block-sparse engine (CUDA), which never let such a key influence
-a row that cannot see it. Finite inputs take the paths above unchanged. Not covered: CUDA decode with a
-key mask (padding), which stays on SDPA to keep decode free of host syncs (CUDA graphs); a non-finite
-value in a padded key's V reaches its row there.
+a row that cannot see it. Finite inputs take the paths above unchanged. CUDA decode needs no check (and
+stays free of host syncs, so CUDA graphs capture it): with every key visible SDPA is exact under the
+contract, and with masked keys the sparse decode kernel never loads them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
+from sparse_compile.kernels.sparse_decode import sparse_decode_attention
 from sparse_compile.method import Method
 
 FAST_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -68,6 +71,15 @@ def sdpa_with_mask(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
 def decode_key_mask(mask: AttentionMask, batch: int, kv_len: int, device) -> torch.Tensor:
     """(B, 1, 1, Lk) bool visibility for one query: linear in Lk, never L x L."""
     return visible_keys(mask, batch, 1, kv_len, device=device)
+
+
+def masked_decode_attention(q, k, v, key_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query over every key whose key_valid is True, on the sparse decode kernel: keys that are not
+    valid are never loaded, so their values cannot reach the row (SDPA with a key mask lets a NaN there
+    through). No host sync, fixed shapes: capturable. decode_paths.py times it against SDPA with the mask.
+
+    q: (B, H, 1, D); k, v: (B, Hkv, Lk, D); key_valid: (B, Lk) bool. Returns (B, H, 1, D)."""
+    return sparse_decode_attention(q, k, v, None, key_valid=key_valid, scale=scale)
 
 
 def left_padding_starts(key_valid: torch.Tensor) -> list[int] | None:
@@ -115,8 +127,10 @@ def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
     with sdpa_kernel(FAST_BACKENDS + [SDPBackend.MATH], set_priority=True):
         if Lq == 1 and mask.dense_mask is None:
             see_all = plain and (not mask.causal or mask.q_offset >= Lk - 1)
+            if not see_all and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and D <= 256:
+                return masked_decode_attention(q, k, v, decode_key_mask(mask, B, Lk, q.device).reshape(B, Lk), scale)
             key_mask = None if see_all else decode_key_mask(mask, B, Lk, q.device)
-            # enable_gqa: K/V read once per group (decode_paths.py measured it fastest, mask or not)
+            # enable_gqa: K/V read once per group (decode_paths.py measured it fastest)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale, enable_gqa=H != k.shape[1])
         if plain and not mask.causal:
             return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), scale=scale)
