@@ -28,6 +28,7 @@ from sparse_compile.calibration.quality import (
     ladder,
     method_knob,
     next_probe,
+    uniform_candidates,
 )
 from sparse_compile.evaluation.models import save_tiny_llama
 from sparse_compile.params import param
@@ -124,6 +125,14 @@ def test_next_probe_stays_inside_the_bracket():
     assert next_probe(path, everything, budget=1.0) is None
 
 
+def test_uniform_candidates_are_sparser_than_the_winner_densest_first():
+    found = uniform_candidates(TABLE, density=0.6)
+    assert [a.choice for a in found] == [(1, 1, 1), (2, 2, 2)]  # mean densities 0.5667, 0.4333 (0.7333 is not)
+    assert [round(a.predicted_density, 4) for a in found] == [0.5667, 0.4333]
+    assert found[0].predicted_error == pytest.approx(sum(TABLE[layer][0][1] for layer in TABLE))
+    assert uniform_candidates(TABLE, density=0.4) == []
+
+
 def test_windows_interleave():
     assert interleave(2, 2) == ["h", "c", "h", "c"]
     assert interleave(3, 1) == ["c", "c", "h", "c"]
@@ -191,3 +200,31 @@ def test_calibrate_usage_errors(tiny_model, corpus_file, tmp_path, capsys):
     assert main(cli(tiny_model, corpus_file, tmp_path, "--max-dppl", "1", "--base", "dense",
                     "--out", str(tmp_path / "x.toml"))) == 2
     assert "not 'prism'" in capsys.readouterr().err
+
+
+def test_sensitivity_length_and_uniform_probes_end_to_end(tiny_model, corpus_file, base_policy, tmp_path, capsys):
+    """--sensitivity-length measures step 1 on shorter windows (the report's per-layer table comes from them);
+    --uniform-probes adds uniform allocations to the path as measured probes; the winner is the sparsest
+    measured probe within the budget, and the policy loads."""
+    import json
+
+    out, report = tmp_path / "short.toml", tmp_path / "report.json"
+    argv = cli(tiny_model, corpus_file, tmp_path, "--base", base_policy, "--max-dppl", "1000", "--values",
+               "0.9,0.3", "--max-probes", "1", "--uniform-probes", "2", "--sensitivity-length", "192",
+               "--report", str(report), "--out", str(out))
+    assert main(argv) == 0, capsys.readouterr().err
+    details = json.loads(report.read_text())
+    n_layers = len(details["sensitivity"])
+    uniform = [i for i, alloc in enumerate(details["path"])
+               if len(set(alloc["choice"])) == 1 and alloc["choice"][0] >= 0 and i in {p[0] for p in details["probes"]}]
+    assert uniform, details["probes"]  # at least one uniform value was measured
+    measured = {int(i): r for i, r in details["probe_results"].items()}
+    feasible = [i for i, d in details["probes"] if d <= 1000]
+    mean = {i: sum(measured[i]["density"].values()) / len(measured[i]["density"]) for i in feasible}
+    assert details["chosen"] == min(feasible, key=lambda i: mean[i])
+    assert "sensitivity at 192" in out.read_text()
+    policy = load_policy(str(out))
+    chosen = details["path"][details["chosen"]]["choice"]
+    for layer in range(n_layers):
+        method, params = policy.prefill.for_layer(layer)
+        assert (method == "dense") == (chosen[layer] < 0)

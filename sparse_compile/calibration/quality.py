@@ -24,7 +24,11 @@ per layer (Prism: threshold_high and threshold_low). The search, for any such me
 3. **Fit to the budget on real perplexity.** ΔPPL is measured through the compiled model on the
    calibration windows for a few allocations along the path (secant steps on log ΔPPL vs log E,
    aiming at 85% of the budget, at most --max-probes); the sparsest allocation within the budget
-   at every length wins.
+   at every length wins. Then the best *uniform* value (one knob value for every layer, what a global
+   setting gives) is probed too (`--uniform-probes`, default 2: the densest uniform value predicted
+   sparser than the per-layer winner first, then sparser ones while they stay within the budget), and
+   replaces the per-layer winner if it is sparser within the budget: the result is never worse than the
+   best global value the probes reach.
 4. **Held-out verification.** The winner runs on held-out windows (other positions of the corpus:
    the calibration and held-out windows interleave, evenly spaced); ΔPPL above the budget at any
    length fails loudly: exit status 1, and the policy is written as `<out>.unverified.toml` only.
@@ -32,6 +36,11 @@ per layer (Prism: threshold_high and threshold_low). The search, for any such me
    one `[[prefill.overrides]]` table per distinct value (compact layer ranges) and a header comment
    saying how it was made: command, model fingerprint, corpus, windows, device, achieved density and
    ΔPPL on calibration and held-out windows, wall time.
+
+`--sensitivity-length N` measures step 1 on windows of N tokens (at the calibration windows' corpus
+positions) instead of at every calibration length: the allocation needs each layer's ranking, not its
+absolute error, and the one-pass sensitivity is the step that grows fastest with length (on CPU it runs
+the method's reference once per layer and candidate). Steps 3-4 still run at the calibration lengths.
 
 Deterministic (fixed windows, no sampling); the eager baseline is cached per window like `eval`'s.
 """
@@ -323,6 +332,20 @@ def allocation_path(table: dict[int, tuple[list[float], list[float]]]) -> list[A
     return path
 
 
+def uniform_candidates(table: dict[int, tuple[list[float], list[float]]], density: float) -> list[Allocation]:
+    """The uniform allocations (one ladder value for every layer) predicted sparser than `density`, densest
+    first: the order in which step 3b probes them."""
+    layers = sorted(table)
+    n_values = len(table[layers[0]][0])
+    found = []
+    for i in range(n_values):
+        alloc = Allocation(tuple(i for _ in layers), sum(table[layer][0][i] for layer in layers),
+                           sum(table[layer][1][i] for layer in layers) / len(layers))
+        if alloc.predicted_density < density:
+            found.append(alloc)
+    return sorted(found, key=lambda a: -a.predicted_density)
+
+
 def next_probe(path: list[Allocation], probes: list[tuple[int, float]], budget: float) -> int | None:
     """Index into `path` of the next allocation to measure, from (index, measured max ΔPPL %) so far.
 
@@ -433,16 +456,19 @@ class Context:
         torch._dynamo.reset()
         return result
 
-    def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any, error: str = "value"
+    def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any, error: str = "value",
+                    windows: dict[int, list[tuple[int, torch.Tensor]]] | None = None
                     ) -> dict[int, tuple[list, list]]:
-        """Per-layer error and density of every candidate, over the calibration windows (step 1)."""
+        """Per-layer error and density of every candidate, over `windows` (default: the calibration windows;
+        step 1)."""
         from sparse_compile.evaluation.perplexity import logits_fn
 
+        windows = self.calibration if windows is None else windows
         probe = SensitivityProbe(knob, values, params)
         forward = logits_fn(dense_graph_with(self.ev.model, probe), self.ev.config.torch_device())
         with torch.no_grad():
-            for length in self.lengths:
-                for _, ids in self.calibration[length]:
+            for length in windows:
+                for _, ids in windows[length]:
                     forward(ids[None])
                     self.bar.update(1)
         torch._dynamo.reset()
@@ -559,7 +585,7 @@ def parse_values(text: str) -> tuple[float, ...]:
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the generic search (the common ones come from `add_common_arguments`)."""
-    from sparse_compile.__main__ import parse_lengths, positive_int
+    from sparse_compile.__main__ import parse_length, parse_lengths, positive_int
 
     parser.add_argument("--max-dppl", type=float, required=True, metavar="PCT",
                         help="perplexity budget: relative PPL increase over the eager model, in percent (e.g. 0.5), "
@@ -573,6 +599,12 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error", choices=("output", "value"), default="value",
                         help="sensitivity proxy: output error relative to the value vectors' size (default) or to "
                              "|out| (EVAL.md: scripts/calibration_proxy_check.py ranks them against real dNLL)")
+    parser.add_argument("--sensitivity-length", type=parse_length, metavar="N",
+                        help="measure the one-pass sensitivity on N-token windows (e.g. 2K) instead of at every "
+                             "--lengths value; the probes and the held-out check still run at --lengths")
+    parser.add_argument("--uniform-probes", type=int, default=2, metavar="K",
+                        help="after the per-layer search, measure up to K uniform values (one value for every "
+                             "layer) and keep the sparsest within the budget (default 2; 0: none)")
     parser.add_argument("--max-probes", type=positive_int, default=4,
                         help="perplexity measurements of candidate allocations on the calibration windows (4)")
     parser.add_argument("--base", help="policy whose other settings are kept (default: the shipped policy named "
@@ -646,9 +678,16 @@ def run_quality(args: argparse.Namespace) -> int:
     ev, _ = prepare(config)  # loads and checks everything (policy, corpus length, model) before any work
     cal, hold = split_windows(ev, config.lengths, args.windows, args.holdout_windows)
     n_cal, n_hold = sum(map(len, cal.values())), sum(map(len, hold.values()))
+    sens_windows = None
+    if getattr(args, "sensitivity_length", None):
+        sens_windows = split_windows(ev, (args.sensitivity_length,), args.windows, args.holdout_windows)[0]
+    uniform_probes = getattr(args, "uniform_probes", 0)
+    if isinstance(uniform_probes, bool) or not isinstance(uniform_probes, int) or uniform_probes < 0:
+        raise ValueError(f"--uniform-probes {uniform_probes!r}: give an int >= 0")
     from tqdm.auto import tqdm
 
-    total = n_cal + 2 * n_cal * args.max_probes + 2 * n_hold  # sensitivity, probes (+ baselines), verification
+    n_sens = n_cal if sens_windows is None else args.windows
+    total = n_sens + 2 * n_cal * (args.max_probes + uniform_probes) + 2 * n_hold  # sensitivity, probes, held-out
     bar = tqdm(total=total, desc=f"calibrate {args.method}", disable=args.no_progress, dynamic_ncols=True)
     ctx = Context(ev, config.lengths, cal, hold, args.inner, bar)
     if verify is not None:
@@ -659,7 +698,7 @@ def run_quality(args: argparse.Namespace) -> int:
 
         params = METHODS[args.method].Params()
 
-    table = ctx.sensitivity(knob, values, params, args.error)  # 1
+    table = ctx.sensitivity(knob, values, params, args.error, sens_windows)  # 1
     check_direction(knob, values, table)
     path = allocation_path(table)  # 2
     layers = sorted(table)
@@ -685,6 +724,16 @@ def run_quality(args: argparse.Namespace) -> int:
     else:  # every probe was over budget: the next denser allocation is unmeasured; all dense is safe
         best = len(path) - 1
         measured[best] = ctx.measure(policy_of(path[best]), cal)
+    for alloc in uniform_candidates(table, path[best].predicted_density)[:uniform_probes]:  # 3b
+        path.append(alloc)
+        index = len(path) - 1
+        measured[index] = ctx.measure(policy_of(alloc), cal)
+        probes.append((index, measured[index].worst()))
+        bar.set_postfix_str(f"uniform {values[alloc.choice[0]]:g} dPPL={probes[-1][1]:+.3f}%")
+        if probes[-1][1] > args.max_dppl:
+            break
+        if measured[index].mean_density() < measured[best].mean_density():
+            best = index
     winner = path[best]
     held = ctx.measure(policy_of(winner), hold)  # 4
     bar.close()
@@ -760,7 +809,8 @@ def make_header(args: argparse.Namespace, env: dict[str, Any], ev: Any, knob: Kn
         f"Search: per-layer output error ({getattr(args, 'error', 'value')}-relative) of each candidate on exact "
         "inputs (one pass per window), allocation",
         "minimising density + lam * error, lam fitted to the budget by measured dPPL "
-        f"({len(probes)} probes of {len(path)} allocations).",
+        f"({len(probes)} probes of {len(path)} allocations, uniform values included); sensitivity at "
+        f"{getattr(args, 'sensitivity_length', None) or 'the calibration lengths'}.",
         "Calibration: " + "; ".join(f"L={L} dPPL {cal_result.dppl_pct[L]:+.3f}% density {cal_result.density[L]:.3f}"
                                     for L in lengths) + ".",
         "Held-out:    " + "; ".join(f"L={L} dPPL {held.dppl_pct[L]:+.3f}% density {held.density[L]:.3f}"
