@@ -63,7 +63,8 @@ def _attend_chunk(
     idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     desc_k, desc_v, kv_row0,
     KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-    KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+    KeyValid, valid_base, stride_vln, valid_first, valid_last, valid_contig,
+    KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr,
@@ -119,8 +120,8 @@ def _attend_chunk(
         need_mask = need_mask | (pos_max > q_first)
     if HAS_WINDOW:
         need_mask = need_mask | (pos_min <= q_last - window)
-    if HAS_KEY_VALID:  # padding is not tracked per block: always mask
-        need_mask = need_mask | (start_n >= 0)
+    if HAS_KEY_VALID:  # chunks inside the valid span of a batch row without holes need no padding mask
+        need_mask = need_mask | (valid_contig == 0) | (start_n < valid_first) | (start_n + BLOCK_N - 1 > valid_last)
     if need_mask:
         vis = cols[None, :] < kv_len
         q_pos = q_offset + offs_m
@@ -166,7 +167,8 @@ def _attend_range(
     idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     desc_k, desc_v, kv_row0,
     KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-    KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+    KeyValid, valid_base, stride_vln, valid_first, valid_last, valid_contig,
+    KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr,
@@ -181,7 +183,8 @@ def _attend_range(
                 idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 desc_k, desc_v, kv_row0,
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-                KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+                KeyValid, valid_base, stride_vln, valid_first, valid_last, valid_contig,
+                KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
                 HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, GUARDED,
             )
@@ -193,7 +196,8 @@ def _attend_range(
                 idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 desc_k, desc_v, kv_row0,
                 KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-                KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+                KeyValid, valid_base, stride_vln, valid_first, valid_last, valid_contig,
+                KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
                 HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, GUARDED,
             )
@@ -208,6 +212,7 @@ def _block_sparse_attn_fwd(
     KvOrder,  # (B, Hkv, Lk) int32 original key positions (HAS_KV_ORDER)
     KvBlockMin, KvBlockMax,  # (B, Hkv, nk) int32 min / max original position per key block (HAS_KV_ORDER)
     KeyValid,  # (B, Lk) int8, 0 at padded keys (HAS_KEY_VALID)
+    ValidSpan,  # (B, 3) int32: first and last valid key, 1 if every key between them is valid (HAS_KEY_VALID)
     KvBad,  # (B, Hkv, Lk) int8, 1 where the key's K or V row holds a NaN/inf (NONFINITE)
     AnyBad,  # (B * Hkv,) int32, nonzero where that (batch, KV head) has a flagged key (NONFINITE)
     TileFlag,  # (num_q_tiles * B * H,) int8: pass 1 writes 1 for the tiles it leaves to pass 2 (NONFINITE)
@@ -222,7 +227,7 @@ def _block_sparse_attn_fwd(
     stride_ib, stride_ih, stride_im, stride_ik,
     stride_pb, stride_ph, stride_pn,
     stride_bb, stride_bh, stride_bk,
-    stride_vlb, stride_vln,
+    stride_vlb, stride_vln, stride_sb,
     stride_fb, stride_fh, stride_fn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
@@ -289,6 +294,17 @@ def _block_sparse_attn_fwd(
             if HAS_WINDOW:
                 lo = tl.maximum(0, q_first - window + 1)
                 lo = (lo // BLOCK_N) * BLOCK_N
+    valid_first = 0
+    valid_last = kv_len - 1
+    valid_contig = 1
+    if HAS_KEY_VALID:  # padding: key chunks before the first / after the last valid key are never visited
+        valid_first = tl.load(ValidSpan + off_b.to(tl.int64) * stride_sb)
+        valid_last = tl.load(ValidSpan + off_b.to(tl.int64) * stride_sb + 1)
+        valid_contig = tl.load(ValidSpan + off_b.to(tl.int64) * stride_sb + 2)
+    if not HAS_LISTS:
+        if HAS_KEY_VALID:
+            lo = tl.maximum(lo, (valid_first // BLOCK_N) * BLOCK_N)
+            hi = tl.minimum(hi, valid_last + 1)
         n_iter = tl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
 
     m_i = tl.full([BLOCK_M], _NEG_INIT, dtype=tl.float32)
@@ -325,7 +341,8 @@ def _block_sparse_attn_fwd(
         idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         desc_k, desc_v, kv_row0,
         KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-        KeyValid, valid_base, stride_vln, KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
+        KeyValid, valid_base, stride_vln, valid_first, valid_last, valid_contig,
+        KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
         HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
         HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, PHASE == 2, INTERPRET,
     )
@@ -372,6 +389,19 @@ def _nonfinite_keys(
     tl.store(Bad + off_b * stride_fb + off_h * stride_fh + rows * stride_fn, bad.to(tl.int8), mask=rows < kv_len)
     if tl.max(bad.to(tl.int32)) != 0:
         tl.atomic_max(AnyBad + pid_bh, 1)
+
+
+def valid_span(valid8: Tensor) -> Tensor:
+    """(B, 3) int32 per batch row of valid8 (B, Lk) int8: the first valid key (Lk if none), the last valid key
+    (-1 if none), and 1 if every key between them is valid (left/right padding) else 0. Device ops only (no
+    sync): the kernel skips the key chunks outside [first, last] and the padding mask inside it when 1."""
+    B, Lk = valid8.shape
+    seen = valid8 != 0
+    has = seen.any(dim=1)
+    first = torch.where(has, seen.to(torch.int32).argmax(dim=1), Lk)
+    last = torch.where(has, Lk - 1 - seen.flip(1).to(torch.int32).argmax(dim=1), -1)
+    contiguous = seen.sum(dim=1) == (last - first + 1)
+    return torch.stack([first, last, contiguous.to(first.dtype)], dim=1).to(torch.int32).contiguous()
 
 
 def nonfinite_keys(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -675,6 +705,7 @@ def block_sparse_attention(
     else:
         order32, blk_min, blk_max = dummy.view(1, 1, 1), dummy.view(1, 1, 1), dummy.view(1, 1, 1)
     valid8 = key_valid.to(torch.int8) if key_valid is not None else dummy.view(1, 1)
+    span = valid_span(valid8) if key_valid is not None else dummy.view(1, 1)
     # non-finite contract: one O(Lk * D) pass flags the keys whose K or V row holds a NaN/inf
     nonfinite = bool(cfg["NONFINITE"])
     kv_bad, any_bad = nonfinite_keys(k, v) if nonfinite else (dummy.view(1, 1, 1), dummy)
@@ -697,13 +728,13 @@ def block_sparse_attention(
         grid = (num_q_tiles, B * H)
         _block_sparse_attn_fwd[grid](
             q, k, v, out, desc_k, desc_v,
-            kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8, kv_bad, any_bad, tile_flag,
+            kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8, span, kv_bad, any_bad, tile_flag,
             scale * 1.4426950408889634,
             Lq, Lk, q_off, window,
             H, num_q_tiles, H // Hkv, 1 if Hm == H else H // Hkv, B * Hkv,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *kv_num_blocks.stride(), *kv_indices.stride(),
-            *order32.stride(), *blk_min.stride(), *valid8.stride(), *kv_bad.stride(),
+            *order32.stride(), *blk_min.stride(), *valid8.stride(), span.stride(0), *kv_bad.stride(),
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KV_BLOCK=block_size,
             HAS_LISTS=has_lists, CAUSAL=causal, HAS_WINDOW=window > 0,
             HAS_KV_ORDER=kv_order is not None, HAS_KEY_VALID=key_valid is not None,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparse_compile.kernels import BlockList, block_sparse_attention, block_sparse_attention_reference
 from sparse_compile.kernels.block_sparse_attention import (
@@ -389,3 +389,42 @@ def test_unknown_config_key_raises():
     q, k, v, num, idx = _inputs()
     with pytest.raises(ValueError, match=r"config keys \['BLOCK_K'\] unknown"):
         block_sparse_attention(q, k, v, num, idx, block_size=16, impl="triton", config={"BLOCK_K": 32})
+
+
+def test_valid_span_first_last_and_holes():
+    from sparse_compile.kernels.block_sparse_attention import valid_span
+
+    valid = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 1, 0]],
+                         dtype=torch.int8)
+    assert valid_span(valid).tolist() == [[2, 4, 1], [0, 5, 1], [6, -1, 0], [1, 4, 0]]
+
+
+@settings(max_examples=5)
+@given(starts=st.lists(st.integers(0, 100), min_size=2, max_size=2), right=st.integers(0, 40),
+       lists=st.booleans(), window=st.sampled_from([0, 50]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       hole=st.booleans(), seed=st.integers(0, 2**16))
+def test_padding_span_is_skipped_and_exact(starts, right, lists, window, dtype, hole, seed):
+    """Left padding (per row, up to the whole row), right padding and optionally one hole: the engine skips
+    key chunks outside each row's valid span and unmasks the chunks inside it; the output equals the exact
+    reference, and NaN in every padded key's K and V changes nothing."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D, L, bs = len(starts), 4, 2, 32, 100, 32
+    pos = torch.arange(L)[None]
+    key_valid = (pos >= torch.tensor(starts)[:, None]) & (pos < L - right)
+    if hole:
+        key_valid[0, 50:60] = False
+    q = torch.randn(B, H, L, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    args = ()
+    if lists:
+        bl = BlockList.causal_full(B, Hkv, L, L, bs, device=q.device)
+        args = (bl.kv_num_blocks, bl.kv_indices)
+    ref = exact_attention_reference(q, k, v, AttentionMask(causal=True, q_offset=0, window=window,
+                                                           key_valid=key_valid))
+    out = _run(q, k, v, *args, block_size=bs, window=window, key_valid=key_valid)
+    _close(out, ref, dtype)
+    pad = ~key_valid[:, None, :, None].expand(B, Hkv, L, D)
+    k2, v2 = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf"))
+    torch.testing.assert_close(_run(q, k2, v2, *args, block_size=bs, window=window, key_valid=key_valid), out,
+                               atol=0, rtol=0)

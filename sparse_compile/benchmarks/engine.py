@@ -184,6 +184,49 @@ def run_engine_benchmark(
             "alt_config": alt_config, "rows": rows}
 
 
+def padding_benchmark(L: int = 32768, B: int = 4, pad: float = 0.2, heads: int = 32, kv_heads: int = 8,
+                      head_dim: int = 128, rep_ms: float = 200.0, seed: int = 0) -> list[dict]:
+    """Left-padded batch through the engine (rows 1..B-1 lose their first `pad` of keys and queries) against
+    the same batch unpadded: the dense engine (no lists) and full causal lists, and per-row cuDNN causal on
+    the unpadded parts (what the dense method runs for left padding). Times in ms."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sparse_compile.kernels.block_mask import BlockList
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, kv_heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    starts = [0] + [int(pad * L)] * (B - 1)
+    key_valid = torch.arange(L, device="cuda")[None, :] >= torch.tensor(starts, device="cuda")[:, None]
+    bl = BlockList.causal_full(B, kv_heads, L, L, BLOCK, device="cuda")
+    lists = (bl.kv_num_blocks, bl.kv_indices)
+
+    def engine(valid, with_lists):
+        return lambda: block_sparse_attention(q, k, v, *(lists if with_lists else ()), block_size=BLOCK,
+                                              key_valid=valid, validate=False)
+
+    def per_row_cudnn():
+        out = torch.zeros_like(q)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+            for b, s in enumerate(starts):
+                kk = k[b:b + 1, :, s:].repeat_interleave(heads // kv_heads, 1)
+                vv = v[b:b + 1, :, s:].repeat_interleave(heads // kv_heads, 1)
+                out[b:b + 1, :, s:] = torch.nn.functional.scaled_dot_product_attention(
+                    q[b:b + 1, :, s:], kk, vv, is_causal=True)
+        return out
+
+    rows = []
+    for name, fn in (("engine dense, unpadded", engine(None, False)),
+                     ("engine dense, left-padded", engine(key_valid, False)),
+                     ("engine full lists, unpadded", engine(None, True)),
+                     ("engine full lists, left-padded", engine(key_valid, True)),
+                     ("per-row cuDNN causal, left-padded", per_row_cudnn)):
+        rows.append({"L": L, "B": B, "pad": pad, "variant": name, "ms": _bench(fn, rep_ms)})
+        print(f"L={L} B={B} pad={pad:.0%} {name:36s} {rows[-1]['ms']:8.3f} ms", flush=True)
+    return rows
+
+
 def _causal_mod(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
@@ -347,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                     "inputs, printed in the last column (version comparison)")
     ap.add_argument("--check", action="store_true", help="run GPU correctness checks first")
     ap.add_argument("--sweep", action="store_true", help="time tile configs at 32K before the benchmark")
-    ap.add_argument("--skip-bench", action="store_true", help="only --check / --sweep")
+    ap.add_argument("--padding", action="store_true", help="time a left-padded B=4 batch against the unpadded one "
+                    "(dense engine and full lists, at the --lengths)")
+    ap.add_argument("--skip-bench", action="store_true", help="only --check / --sweep / --padding")
     ap.add_argument("--out-dir", default="results", help="where engine_<date>.json and .md are written")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -360,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checks passed in {time.time() - t0:.1f} s", flush=True)
     if args.sweep:
         extra["sweep"] = sweep_configs()
+    if args.padding:
+        extra["padding"] = [r for L in args.lengths.split(",") for r in padding_benchmark(int(L), rep_ms=args.rep_ms)]
     if args.skip_bench:
         if extra:
             Path(args.out_dir).mkdir(parents=True, exist_ok=True)
