@@ -404,6 +404,19 @@ def valid_span(valid8: Tensor) -> Tensor:
     return torch.stack([first, last, contiguous.to(first.dtype)], dim=1).to(torch.int32).contiguous()
 
 
+def drop_padding_blocks(kv_num_blocks: Tensor, kv_indices: Tensor, span: Tensor, block_size: int
+                        ) -> tuple[Tensor, Tensor]:
+    """The lists without the key blocks that lie wholly outside their batch row's valid span (`valid_span`):
+    (kv_num_blocks, kv_indices) of the same shapes, kept entries first in their order. Device ops only."""
+    B, max_blocks = span.shape[0], kv_indices.shape[-1]
+    first, last = span[:, 0].view(B, 1, 1, 1), span[:, 1].view(B, 1, 1, 1)
+    start = kv_indices.to(torch.int64) * block_size
+    defined = torch.arange(max_blocks, device=kv_indices.device) < kv_num_blocks[..., None]
+    keep = defined & (start + block_size > first) & (start <= last)
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+    return keep.sum(dim=-1, dtype=torch.int32), torch.gather(kv_indices, -1, order).contiguous()
+
+
 def nonfinite_keys(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(bad, any_bad): bad (B, Hkv, Lk) int8 is 1 where the key's K or V row holds a NaN or an inf;
     any_bad (B * Hkv,) int32 is nonzero where (b, h) has such a key. Triton (CUDA, or the interpreter);
@@ -706,6 +719,8 @@ def block_sparse_attention(
         order32, blk_min, blk_max = dummy.view(1, 1, 1), dummy.view(1, 1, 1), dummy.view(1, 1, 1)
     valid8 = key_valid.to(torch.int8) if key_valid is not None else dummy.view(1, 1)
     span = valid_span(valid8) if key_valid is not None else dummy.view(1, 1)
+    if key_valid is not None and has_lists:  # padding blocks are dropped from the lists, never loaded
+        kv_num_blocks, kv_indices = drop_padding_blocks(kv_num_blocks, kv_indices, span, block_size)
     # non-finite contract: one O(Lk * D) pass flags the keys whose K or V row holds a NaN/inf
     nonfinite = bool(cfg["NONFINITE"])
     kv_bad, any_bad = nonfinite_keys(k, v) if nonfinite else (dummy.view(1, 1, 1), dummy)

@@ -428,3 +428,14 @@ def test_padding_span_is_skipped_and_exact(starts, right, lists, window, dtype, 
     k2, v2 = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf"))
     torch.testing.assert_close(_run(q, k2, v2, *args, block_size=bs, window=window, key_valid=key_valid), out,
                                atol=0, rtol=0)
+
+
+def test_drop_padding_blocks_keeps_order_and_counts():
+    from sparse_compile.kernels.block_sparse_attention import drop_padding_blocks
+
+    span = torch.tensor([[70, 199, 1], [0, 63, 1]], dtype=torch.int32)  # row 0: blocks 1-3 of 64; row 1: block 0
+    num = torch.tensor([[[4]], [[3]]], dtype=torch.int32)
+    idx = torch.tensor([[[[3, 0, 1, 2, 9]]], [[[2, 0, 1, -5, -5]]]], dtype=torch.int32)
+    new_num, new_idx = drop_padding_blocks(num, idx, span, 64)
+    assert new_num.tolist() == [[[3]], [[1]]]
+    assert new_idx[0, 0, 0, :3].tolist() == [3, 1, 2] and new_idx[1, 0, 0, :1].tolist() == [0]
