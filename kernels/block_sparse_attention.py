@@ -31,6 +31,11 @@ q and K/V are finite with the plain loop; pass 2 reruns only the other tiles wit
 flagged keys loaded as zeros so 0 * NaN never enters P V, flagged keys NaN to the rows that see them, q rows
 with a NaN/inf computed as zeros then written NaN). Measured cost: KERNEL_NOTES.md.
 
+Padding (key_valid): per batch row the launcher finds the valid span (first and last valid key, and whether
+a hole lies between them; `valid_span`, no sync). Key chunks outside the span are never visited (the dense
+range is cut to it; listed blocks wholly outside it are dropped by `drop_padding_blocks`), and chunks inside
+a hole-free span skip the padding mask.
+
 Launch configs: tile sizes by head_dim padded to BLOCK_D (every head_dim 1..256), then shrunk until the
 modelled shared memory fits what the device reports (`default_config`, `fit_shared_mem`).
 
