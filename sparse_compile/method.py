@@ -53,7 +53,8 @@ class Method:
     name: the policy's `method = "<name>"`.
     phases: the phases it runs in, a subset of ("prefill", "decode").
     Params: its frozen parameter dataclass (fields made with `sparse_compile.params.param`).
-    attention: (q, k, v, mask, site, params, scale) -> (out, density).
+    attention: (q, k, v, mask, site, params, scale) -> (out, density): density (B, H) float32, or
+        (B, H, 1 + len(density_parts)) with the total first and then the named factors.
     unsupported: (q_len, kv_len, head_dim, dtype, site, params) -> a reason string when the method
         cannot run this call (the node then runs exact attention and the Report shows the reason), or
         None. Shapes only: it runs on the host, at compile time on fake shapes and at run time.
@@ -69,6 +70,9 @@ class Method:
     notes: optional (site, params) -> a line the user should read about this site although the method
         runs there (e.g. a calibrated table that does not fit this model, replaced by a rule), or None;
         the pass puts it in the Report at compile time.
+    density_parts: names of the factors whose product is the density, when the method reports them
+        (token_sparse: ("kept", "inner")); the node then returns (B, H, 1 + len(density_parts)) and the
+        Report shows each factor per layer.
     """
 
     name: str
@@ -82,6 +86,7 @@ class Method:
     selection_role: Callable[[int, int, Any], str] | None = None
     selection_size: Callable[[Any], int] | None = None
     notes: Callable[[Any, Any], str | None] | None = None
+    density_parts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.phases or any(p not in PHASES for p in self.phases):

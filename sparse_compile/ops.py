@@ -156,13 +156,17 @@ def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, co
     code, _ = fallback_reason(node, call_shape(q, k, window, causal), dense_mask is not None)
     method, params = (node.method, node.params) if code == RAN else (METHODS["dense"], METHODS["dense"].Params())
     out, density = method.attention(q, k, v, mask, node.site, params, scale)
-    return out.contiguous(), density, torch.full((), code, dtype=torch.int32, device=q.device)
+    parts = len(node.method.density_parts)
+    if parts and density.dim() == 2:  # exact attention ran instead: every factor is 1
+        density = density[..., None].expand(*density.shape, 1 + parts)
+    return out.contiguous(), density.contiguous(), torch.full((), code, dtype=torch.int32, device=q.device)
 
 
 def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
     B, H, Lq, _ = q.shape
-    return (q.new_empty((B, H, Lq, v.shape[-1])), q.new_empty((B, H), dtype=torch.float32),
-            q.new_empty((), dtype=torch.int32))
+    parts = len(parse_config(config).method.density_parts)
+    density = q.new_empty((B, H, 1 + parts) if parts else (B, H), dtype=torch.float32)
+    return q.new_empty((B, H, Lq, v.shape[-1])), density, q.new_empty((), dtype=torch.int32)
 
 
 

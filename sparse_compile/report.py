@@ -143,8 +143,26 @@ class Report:
         if graph is None:
             return {}
         out = {s.layer: 1.0 for s in self.sites if s.graph == graph and s.method == "dense"}
-        out.update({layer: float(value.float().mean()) for (g, layer), value in self.densities.items() if g == graph})
+        out.update({layer: float(total(value).float().mean()) for (g, layer), value in self.densities.items()
+                    if g == graph})
         return dict(sorted(out.items()))
+
+    def layer_density_parts(self, phase: str = "prefill") -> dict[int, dict[str, float]]:
+        """{layer: {factor: mean}} for the layers whose method reports its density as named factors
+        (`Method.density_parts`, e.g. token_sparse's kept fraction and inner block density), in the latest
+        call of the latest graph of `phase`; {} if none."""
+        from sparse_compile.methods import METHODS
+
+        graph = self.latest_graph(phase)
+        names = {s.layer: METHODS[s.method].density_parts for s in self.sites
+                 if s.graph == graph and s.method in METHODS}
+        out = {}
+        for (g, layer), value in sorted(self.densities.items()):
+            parts = names.get(layer, ())
+            if g == graph and parts and value.dim() == 3 and value.shape[-1] == 1 + len(parts):
+                means = value.float().mean(dim=(0, 1))
+                out[layer] = {name: float(means[1 + i]) for i, name in enumerate(parts)}
+        return out
 
     def mean_density(self, phase: str = "prefill") -> float | None:
         """Mean of `layer_density(phase)` over the layers, or None if nothing ran."""
@@ -160,6 +178,7 @@ class Report:
             d = self.densities.get((s.graph, s.layer))
             if d is None and s.method == "dense" and s.graph in self.calls:
                 d = torch.ones(())
+            d = None if d is None else total(d)
             dens = "-" if d is None else f"{float(d.float().mean()):.3f}"
             method = f"{s.method} ({s.role})" if s.role else s.method
             key = (str(s.graph), s.phase, method, s.rope, str(s.rotary_dim), str(s.num_heads),
@@ -196,6 +215,12 @@ class Report:
             for (method, _), params in sorted(methods.items(), key=lambda item: item[0]):
                 params = sorted(params.items())
                 lines.append(f"{method} params: " + ", ".join(f"{k}={short_value(v)}" for k, v in params))
+        for phase in ("prefill", "decode"):
+            parts = self.layer_density_parts(phase)
+            if parts:
+                lines.append(f"density factors in the latest {phase} call (density = their product):")
+                lines.extend(merge_layers([(self.latest_graph(phase), layer, ", ".join(
+                    f"{name} {value:.3f}" for name, value in factors.items())) for layer, factors in parts.items()]))
         noted = [s for s in self.sites if s.note and not s.fallback]
         if noted:
             lines.append("runs its method, with a note:")
@@ -224,6 +249,11 @@ class Report:
             )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def total(density: torch.Tensor) -> torch.Tensor:
+    """The node's total density: (B, H) as is, or the first entry of a (B, H, 1 + factors) density."""
+    return density[..., 0] if density.dim() == 3 else density
 
 
 def merge_layers(items: list[tuple[int, int, str]]) -> list[str]:

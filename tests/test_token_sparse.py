@@ -72,7 +72,9 @@ def test_kept_rows_are_attention_over_kept_tokens_and_dropped_rows_are_zero(prob
     B, H, Hkv, L, D, mask, params, seed = problem
     q, k, v = tensors(B, H, Hkv, L, D, seed)
     torch.manual_seed(seed)
-    out, density = ts.attention(q, k, v, mask, SITE, params, 0.3)
+    out, parts = ts.attention(q, k, v, mask, SITE, params, 0.3)
+    density, kept, inner = parts.unbind(-1)  # alone: total == kept fraction, inner 1
+    assert bool((inner == 1).all()) and torch.equal(density, kept)
     sel = ts.token_select(q, k, v, mask, SITE, params, 0.3)
     keep = sel.keep_mask()
     ref = restricted_reference(q, k, v, mask, keep, 0.3)
@@ -177,7 +179,7 @@ def test_triton_path_equals_the_reference_path(pad):
     out_ref, d_ref = ts.attention(q, k, v, mask, SITE, params, 0.3, impl="reference")
     out_tri, d_tri = ts.attention(q, k, v, mask, SITE, params, 0.3, impl="triton")
     torch.testing.assert_close(out_tri, out_ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(d_tri, d_ref) and bool((d_ref < 1).all())
+    assert torch.equal(d_tri, d_ref) and bool((d_ref[..., 0] < 1).all())
 
 
 def test_smoothing_keeps_length_and_mass_inside():
@@ -208,6 +210,9 @@ def test_stacked_at_full_budget_equals_token_sparse_alone(inner, inner_params):
     sparse, d_sparse = ts.attention(q, k, v, mask, SITE, ts.TokenSparseParams(**base, inner=inner, inner_params=low),
                                     0.3)
     assert torch.isfinite(sparse).all() and bool((d_sparse <= d_alone).all()) and d_sparse.mean() < d_alone.mean()
+    # the factors: the same kept fraction, the inner block density below 1, their product the total
+    assert torch.equal(d_sparse[..., 1], d_alone[..., 1]) and float(d_sparse[..., 2].mean()) < 1.0
+    torch.testing.assert_close(d_sparse[..., 0], d_sparse[..., 1] * d_sparse[..., 2])
 
 
 L8 = SiteFacts(layer=8)
@@ -297,6 +302,11 @@ def test_compiled_model_equals_the_method_reference():
     density = report.layer_density("prefill")
     assert density[0] == 1.0 and 0 < density[1] < 1 and 0 < density[2] < 1, density
     assert "layer 0 is not in layers ['1-2']" in str(report)
+    parts = report.layer_density_parts("prefill")  # alone: kept == density, inner 1; layer 0 ran exact
+    assert parts[0] == {"kept": 1.0, "inner": 1.0}
+    assert all(abs(parts[i]["kept"] - density[i]) < 1e-6 and parts[i]["inner"] == 1.0 for i in (1, 2)), parts
+    assert "density factors in the latest prefill call" in str(report)
+    assert f"kept {parts[1]['kept']:.3f}, inner 1.000" in str(report)
 
 
 def test_calibration_measures_drift_and_writes_a_policy_that_loads(tmp_path):
@@ -334,6 +344,7 @@ def test_an_all_padding_row_is_zeros_and_counts_as_exact():
     key_valid = torch.ones(2, 60, dtype=torch.bool)
     key_valid[1] = False
     mask = AttentionMask(key_valid=key_valid)
-    out, density = ts.attention(q, k, v, mask, SITE, ts.TokenSparseParams(dropped_mass=0.3, min_keep=4, recent=8,
-                                                                          smooth=3), 0.3)
+    out, parts = ts.attention(q, k, v, mask, SITE, ts.TokenSparseParams(dropped_mass=0.3, min_keep=4, recent=8,
+                                                                        smooth=3), 0.3)
+    density = parts[..., 0]
     assert not out[1].any() and bool((density[1] == 1).all()) and bool((density[0] < 1).all())

@@ -86,7 +86,7 @@ def bench_length(L: int, taus: tuple[float, ...], inners: tuple[str, ...], *, he
         params = ts.TokenSparseParams(dropped_mass=tau)
         out, density = ts.attention(q, k, v, mask, site, params, scale)
         sel = ts.token_select(q, k, v, mask, site, params, scale)
-        kept = float(density.mean())
+        kept = float(density[..., 1].mean())
         tag = f"token_sparse tau={tau}"
         extra = {"kept": kept, "Lc": max(sel.kept_host)}
         if check:
@@ -120,7 +120,7 @@ def bench_length(L: int, taus: tuple[float, ...], inners: tuple[str, ...], *, he
             _, d_stacked = ts.attention(q, k, v, mask, site, stacked, scale)
             row(f"token_sparse kept={frac} + {inner}", lambda stacked=stacked: ts.attention(q, k, v, mask, site,
                                                                                             stacked, scale),
-                kept=kept, density=float(d_stacked.mean()))
+                kept=kept, density=float(d_stacked[..., 0].mean()))
         torch.cuda.empty_cache()
 
     for inner in inners:
@@ -136,7 +136,7 @@ def bench_length(L: int, taus: tuple[float, ...], inners: tuple[str, ...], *, he
         kept = float(ts.token_select(q, k, v, mask, site, params, scale).kept_fraction().mean())
         row(f"token_sparse tau={taus[0]} + {inner}", lambda params=params: ts.attention(q, k, v, mask, site, params,
                                                                                            scale),
-            kept=kept, density=float(d_stacked.mean()))
+            kept=kept, density=float(d_stacked[..., 0].mean()))
         torch.cuda.empty_cache()
 
     ref = {r["impl"]: r["ms"] for r in rows if r.get("ms")}

@@ -169,7 +169,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
               scale: float | None = None, *, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """Token Sparse prefill. q: (B, H, L, D); k, v: (B, Hkv, L, D) post-RoPE (calls `unsupported` accepts:
     q_len == kv_len, causal, no window). Returns (out (B, H, L, D) in q's dtype with zero rows for dropped
-    tokens, density (B, H) float32 = kept fraction x inner density). impl: kernels' "auto"/"triton"/"reference"."""
+    tokens, density (B, H, 3) float32: [kept fraction x inner density, kept fraction, inner density on the
+    compressed sequence (1 alone)]). impl: kernels' "auto"/"triton"/"reference"."""
     from sparse_compile.methods import METHODS
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -177,11 +178,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
     if sel.drops_nothing() or not sel.idx.shape[2]:  # exact attention on every row (or nothing kept: every row
         # is padding, which exact attention also returns as zeros): skip the copies
         out, _ = METHODS["dense"].attention(q, k, v, mask, site, METHODS["dense"].Params(), scale)
-        return out, torch.ones(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+        return out, torch.ones(q.shape[0], q.shape[1], 3, dtype=torch.float32, device=q.device)
     qc, kc, vc = gather_qkv(q, k, v, sel.idx, impl=impl)
     oc, inner_density = attend_compressed(qc, kc, vc, sel, site, params, scale)
     out = scatter_rows(oc.contiguous(), sel.inv, impl=impl)
-    return out, sel.kept_fraction() * inner_density.float()
+    kept, inner = sel.kept_fraction().float(), inner_density.float()
+    return out, torch.stack([kept * inner, kept, inner], dim=-1)
 
 
 METHOD = Method(
@@ -194,6 +196,7 @@ METHOD = Method(
     # kept tokens are `token_select(...)`, a TokenSelection
     # the kept counts size the compressed buffers (one host sync per call): not captured in CUDA graphs
     capturable_phases=(),
+    density_parts=("kept", "inner"),
     summary="per-head token coverage -> gather Q/K/V, attend on the compressed sequence (optionally stacked "
             "on a block method), scatter with zeros (Token Sparse Attention)",
 )
