@@ -133,11 +133,14 @@ def configurations(args: argparse.Namespace, length: int) -> list[tuple[str, str
         n_chunks = shipped.decode.params.n_chunks
         base = {"chunks": calibrated, "n_chunks": n_chunks}
         for budget in args.budgets:
-            configs.append((f"fasa budget={budget} calibrated per_head", "fasa", {"budget": budget, **base}))
+            for gqa in args.fasa_gqa:
+                configs.append((f"fasa budget={budget} calibrated {gqa}", "fasa",
+                                {"budget": budget, **base, "gqa": gqa}))
             if budget == args.budgets[0] and not args.no_variants:
                 configs += [
                     (f"fasa budget={budget} calibrated per_kv_head", "fasa", {"budget": budget, **base,
                                                                               "gqa": "per_kv_head"}),
+                ] * ("per_kv_head" not in args.fasa_gqa) + [
                     (f"fasa budget={budget} rule per_head", "fasa", {"budget": budget, "chunks": []}),
                     (f"fasa budget={budget} calibrated per_head sink=4 recent=64", "fasa",
                      {"budget": budget, **base, "sink": 4, "recent": 64}),
@@ -239,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lessismore-policies", nargs="+", default=["lessismore"],
                         help="LessIsMore policies (their layers, sink, recent_fraction) run at each budget")
     parser.add_argument("--no-variants", action="store_true", help="FASA: no gqa/rule/sink variants")
+    parser.add_argument("--fasa-gqa", nargs="+", choices=("per_head", "per_kv_head"), default=["per_head"],
+                        help="FASA's gqa modes at every budget (default per_head; the variants add per_kv_head "
+                             "at the first budget)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; fp32 either way")
     parser.add_argument("--only", nargs="*", default=[], help="only the configurations of these names")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
