@@ -239,12 +239,16 @@ def _block_sparse_attn_fwd(
     HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     REVERSE_TILES: tl.constexpr, IEEE_DOT: tl.constexpr, INTERPRET: tl.constexpr, USE_TMA: tl.constexpr,
-    PHASE: tl.constexpr,
+    PHASE: tl.constexpr, PACK: tl.constexpr,
 ):
     """PHASE 0: no non-finite handling (one launch). With it, two launches over the same grid: PHASE 1 runs
     every tile whose q and K/V are finite with the plain loop and flags the others; PHASE 2 runs only the
-    flagged tiles, with the guarded loop. Each launch holds one loop, so shared memory is one loop's."""
-    tl.static_assert(KV_BLOCK % BLOCK_M == 0, "a query block must split into whole BLOCK_M tiles")
+    flagged tiles, with the guarded loop. Each launch holds one loop, so shared memory is one loop's.
+    PACK > 1 (GQA packing, = the group size): one program owns the PACK query heads of one KV head for
+    BLOCK_M // PACK query positions (row r: position start + r // PACK, head first + r % PACK), so each
+    K/V chunk is loaded once for the whole group; the lists must be per KV head."""
+    TILE_Q: tl.constexpr = BLOCK_M // PACK  # query positions per tile
+    tl.static_assert(KV_BLOCK % TILE_Q == 0, "a query block must split into whole tiles")
     tl.static_assert(KV_BLOCK % BLOCK_N == 0, "a key block must split into whole BLOCK_N chunks")
     CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -253,12 +257,18 @@ def _block_sparse_attn_fwd(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     tile = (num_q_tiles - 1 - pid_m) if REVERSE_TILES else pid_m
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
-    off_hkv = off_h // group
+    if PACK > 1:  # programs per (batch, KV head); off_h: the group's first query head
+        off_b = pid_bh // (num_heads // group)
+        off_hkv = pid_bh % (num_heads // group)
+        off_h = off_hkv * group
+    else:
+        off_b = pid_bh // num_heads
+        off_h = pid_bh % num_heads
+        off_hkv = off_h // group
     off_hm = off_h // list_head_div
-    start_m = tile * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m = tile * TILE_Q  # the tile's first query position
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows // PACK  # each row's query position
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -268,6 +278,8 @@ def _block_sparse_attn_fwd(
             return
 
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    if PACK > 1:  # each row's head within the group
+        q_base = q_base + ((rows % PACK).to(tl.int64) * stride_qh)[:, None]
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
 
@@ -280,7 +292,7 @@ def _block_sparse_attn_fwd(
 
     # 3. the key chunks to visit: listed blocks, or the causal/window range (dense engine)
     q_first = q_offset + start_m  # position of the tile's first and last query
-    q_last = q_offset + tl.minimum(start_m + BLOCK_M, q_len) - 1
+    q_last = q_offset + tl.minimum(start_m + TILE_Q, q_len) - 1
     if HAS_LISTS:
         q_block = start_m // KV_BLOCK
         list_off = off_b.to(tl.int64) * stride_nb + off_hm.to(tl.int64) * stride_nh + q_block * stride_nm
@@ -361,6 +373,8 @@ def _block_sparse_attn_fwd(
     acc = acc / l_safe[:, None]
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+    if PACK > 1:
+        o_ptrs = o_ptrs + ((rows % PACK).to(tl.int64) * stride_oh)[:, None]
     if EVEN_D:
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < q_len)
     else:
@@ -442,7 +456,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "NONFINITE")
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "NONFINITE", "GQA_PACK")
 _MAX_SHARED_MEM: dict[int, int] = {}  # CUDA device index -> opt-in shared memory per block, bytes
 
 
@@ -500,7 +514,7 @@ def default_config(head_dim: int, block_size: int, device_type: str, capability:
     if device_type != "cuda":  # interpreter: fewer, larger programs are faster
         bm = min(block_size, 64)
         return {"BLOCK_M": bm, "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1, "USE_TMA": False,
-                "NONFINITE": True}
+                "NONFINITE": True, "GQA_PACK": False}
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 64:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
@@ -510,11 +524,21 @@ def default_config(head_dim: int, block_size: int, device_type: str, capability:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     cfg["USE_TMA"] = False
     cfg["NONFINITE"] = True
+    cfg["GQA_PACK"] = False  # opt-in until measured on the GPU (KERNEL_NOTES.md)
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
     if max_shared is not None:
         cfg = fit_shared_mem(cfg, block_d, torch.empty((), dtype=dtype).element_size(), max_shared)
     return cfg
+
+
+def gqa_pack(cfg: dict, num_heads: int, num_kv_heads: int, list_heads: int, has_lists: bool) -> int:
+    """The query heads one program packs (1: none). cfg["GQA_PACK"] asks for it; it applies when there is a
+    group (H > Hkv) of power-of-two size dividing BLOCK_M, and the lists (if any) are per KV head."""
+    group = num_heads // num_kv_heads
+    ok = (bool(cfg.get("GQA_PACK")) and group > 1 and group & (group - 1) == 0 and cfg["BLOCK_M"] % group == 0
+          and (not has_lists or list_heads == num_kv_heads))
+    return group if ok else 1
 
 
 def _is_int(x) -> bool:
@@ -660,7 +684,9 @@ def block_sparse_attention(
       (window=True is refused) and 16.0 is not a block size; NumPy integers/floats are accepted.
     impl: "auto" (Triton on CUDA, reference on CPU), "triton" (also on CPU under TRITON_INTERPRET=1)
       or "reference". config: optional override of {BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA,
-      NONFINITE}; NONFINITE=False drops the non-finite handling (one pass, no pre-pass: for measuring it).
+      NONFINITE, GQA_PACK}; NONFINITE=False drops the non-finite handling (one pass, no pre-pass: for measuring
+      it); GQA_PACK=True packs the query heads of a KV head into one program (K/V loaded once per group;
+      `gqa_pack` says when it applies: per-KV-head lists or none, power-of-two group dividing BLOCK_M).
     Returns (B, H, Lq, D) in q's dtype; rows with no visible key are zeros; non-finite inputs follow the
     module docstring's contract.
     """
@@ -744,8 +770,8 @@ def block_sparse_attention(
             desc_v = TensorDescriptor(v, [B * Hkv * Lk, D], [D, 1], [BLOCK_N, D])
         else:
             desc_k, desc_v = k, v
-        num_q_tiles = _cdiv(Lq, BLOCK_M)
-        grid = (num_q_tiles, B * H)
+        num_q_tiles = _cdiv(Lq, BLOCK_M // pack)
+        grid = (num_q_tiles, B * H // pack)
         _block_sparse_attn_fwd[grid](
             q, k, v, out, desc_k, desc_v,
             kv_num_blocks, kv_indices, order32, blk_min, blk_max, valid8, span, kv_bad, any_bad, tile_flag,
@@ -759,7 +785,7 @@ def block_sparse_attention(
             HAS_LISTS=has_lists, CAUSAL=causal, HAS_WINDOW=window > 0,
             HAS_KV_ORDER=kv_order is not None, HAS_KEY_VALID=key_valid is not None,
             REVERSE_TILES=causal, IEEE_DOT=q.dtype == torch.float32, INTERPRET=not q.is_cuda,
-            USE_TMA=use_tma, PHASE=phase,
+            USE_TMA=use_tma, PHASE=phase, PACK=pack,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -769,7 +795,8 @@ def block_sparse_attention(
     while True:
         try:
             # one int8 per program of pass 1, written by it (no initialisation); pass 2 runs the flagged tiles
-            n_programs = _cdiv(Lq, cfg["BLOCK_M"]) * B * H
+            pack = gqa_pack(cfg, H, Hkv, Hm, has_lists)
+            n_programs = _cdiv(Lq, cfg["BLOCK_M"] // pack) * B * H // pack
             tile_flag = torch.empty(n_programs, dtype=torch.int8, device=q.device) if nonfinite else dummy
             for phase in (1, 2) if nonfinite else (0,):
                 launch(cfg, phase, tile_flag)

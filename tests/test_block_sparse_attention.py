@@ -44,6 +44,13 @@ def _run(q, k, v, *args, **kw):
     return out
 
 
+def _run_raw(q, k, v, *args, **kw):
+    """The Triton kernel (interpreter) into a NaN-poisoned buffer, without the no-NaN check of `_close`."""
+    out = torch.full_like(q, float("nan"))
+    assert block_sparse_attention(q, k, v, *args, out=out, impl="triton", **kw) is out
+    return out
+
+
 def _shuffle_rows(bl: BlockList, g: torch.Generator) -> torch.Tensor:
     """The same lists with each row's defined entries in random order (and junk past the count)."""
     slot = torch.arange(bl.kv_indices.shape[-1])
@@ -439,3 +446,54 @@ def test_drop_padding_blocks_keeps_order_and_counts():
     new_num, new_idx = drop_padding_blocks(num, idx, span, 64)
     assert new_num.tolist() == [[[3]], [[1]]]
     assert new_idx[0, 0, 0, :3].tolist() == [3, 1, 2] and new_idx[1, 0, 0, :1].tolist() == [0]
+
+
+@settings(max_examples=6)
+@given(group=st.sampled_from([2, 4]), Lq=st.integers(1, 100), dk=st.integers(0, 60), lists=st.booleans(),
+       p=st.sampled_from([0.4, 1.0]), window=st.sampled_from([0, 24]), padded=st.booleans(),
+       permuted=st.booleans(), poison=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_gqa_packing_equals_per_head_programs(group, Lq, dk, lists, p, window, padded, permuted, poison, dtype,
+                                              seed):
+    """GQA_PACK (one program for the query heads of a KV head): the same output as one program per head and
+    as the reference, for per-KV-head lists or the dense engine, chunked prefill (Lq < Lk), window, padding,
+    permuted keys and a NaN planted in one key (rows that see it NaN, the others unchanged)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, D, bs = 2, 2, 32, 32
+    H, Lk = Hkv * group, Lq + dk
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    if poison:
+        k[1, 0, int(torch.randint(0, Lk, (1,), generator=g)), 3] = float("nan")
+    args = ()
+    if lists:
+        dense_blocks = torch.rand(B, Hkv, math.ceil(Lq / bs), math.ceil(Lk / bs), generator=g) < p
+        bl = BlockList.from_dense(dense_blocks, bs, Lq, Lk)
+        args = (bl.kv_num_blocks, bl.kv_indices)
+    kv_order = None
+    if permuted:
+        kv_order = torch.arange(Lk).repeat(B, Hkv, 1)
+        for s0 in range(0, Lk - 2 * bs + 1, 2 * bs):
+            kv_order[..., s0:s0 + 2 * bs] = s0 + torch.argsort(torch.rand(B, Hkv, 2 * bs, generator=g), dim=-1)
+    key_valid = torch.rand(B, Lk, generator=g) < 0.8 if padded else None
+    kw = dict(block_size=bs, window=window, key_valid=key_valid, kv_order=kv_order)
+    per_head = _run_raw(q, k, v, *args, config={"GQA_PACK": False}, **kw)
+    packed = _run_raw(q, k, v, *args, config={"GQA_PACK": True}, **kw)
+    ref = block_sparse_attention_reference(q, k, v, *args, **kw)
+    assert torch.equal(torch.isnan(packed), torch.isnan(ref)) and torch.equal(torch.isnan(per_head), torch.isnan(ref))
+    finite = ~torch.isnan(ref)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(packed[finite].float(), ref[finite].float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(packed[finite].float(), per_head[finite].float(), atol=atol, rtol=rtol)
+
+
+def test_gqa_pack_applies_only_where_it_can():
+    from sparse_compile.kernels.block_sparse_attention import gqa_pack
+
+    on = {"GQA_PACK": True, "BLOCK_M": 64}
+    assert gqa_pack(on, 32, 8, 8, True) == 4 and gqa_pack(on, 32, 8, 0, False) == 4
+    assert gqa_pack(on, 32, 8, 32, True) == 1  # per-head lists
+    assert gqa_pack(on, 9, 3, 3, True) == 1  # group 3: not a power of two
+    assert gqa_pack(on, 8, 8, 8, True) == 1  # no group
+    assert gqa_pack({"GQA_PACK": False, "BLOCK_M": 64}, 32, 8, 8, True) == 1
