@@ -235,6 +235,35 @@ def padding_benchmark(L: int = 32768, B: int = 4, pad: float = 0.2, heads: int =
     return rows
 
 
+def gqa_benchmark(L: int = 32768, densities: tuple[float, ...] = (1.0, 0.3, 0.1), heads: int = 32,
+                  kv_heads: int = 8, head_dim: int = 128, rep_ms: float = 200.0, seed: int = 0) -> list[dict]:
+    """Per-head lists against per-KV-head lists at the same causal block density, the latter with one program
+    per query head and with GQA_PACK (one program per KV head's group: K/V loaded once per group); the
+    packed output is checked against the unpacked one. B=1, bf16. Times in ms."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, kv_heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    n = math.ceil(L / BLOCK)
+    rows = []
+    for density in densities:
+        per_head = _lists_full_width(random_causal_block_mask(1, heads, n, density, g, "cuda"))
+        per_kv = _lists_full_width(random_causal_block_mask(1, kv_heads, n, density, g, "cuda"))
+
+        def run(lists, pack):
+            return lambda: block_sparse_attention(q, k, v, *lists, block_size=BLOCK, validate=False,
+                                                  config={"GQA_PACK": pack})
+        err = float((run(per_kv, True)().float() - run(per_kv, False)().float()).abs().max())
+        if not err < 2e-2:
+            raise AssertionError(f"GQA_PACK output differs from per-head programs: {err}")
+        for name, lists, pack in (("per-head lists", per_head, False), ("per-KV-head lists", per_kv, False),
+                                  ("per-KV-head lists, GQA_PACK", per_kv, True)):
+            rows.append({"L": L, "density": density, "variant": name, "ms": _bench(run(lists, pack), rep_ms)})
+            print(f"L={L} density={density:.2f} {name:30s} {rows[-1]['ms']:8.3f} ms (packed vs unpacked max|diff| "
+                  f"{err:.1e})", flush=True)
+    return rows
+
+
 def _causal_mod(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
@@ -400,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="time tile configs at 32K before the benchmark")
     ap.add_argument("--padding", action="store_true", help="time a left-padded B=4 batch against the unpadded one "
                     "(dense engine and full lists, at the --lengths)")
-    ap.add_argument("--skip-bench", action="store_true", help="only --check / --sweep / --padding")
+    ap.add_argument("--gqa", action="store_true", help="time per-head vs per-KV-head lists, the latter with and "
+                    "without GQA_PACK (at the --lengths and --densities)")
+    ap.add_argument("--skip-bench", action="store_true", help="only --check / --sweep / --padding / --gqa")
     ap.add_argument("--out-dir", default="results", help="where engine_<date>.json and .md are written")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -413,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checks passed in {time.time() - t0:.1f} s", flush=True)
     if args.sweep:
         extra["sweep"] = sweep_configs()
+    if args.gqa:
+        extra["gqa"] = [r for L in args.lengths.split(",") for r in gqa_benchmark(
+            int(L), tuple(float(x) for x in args.densities.split(",")), rep_ms=args.rep_ms)]
     if args.padding:
         extra["padding"] = [r for L in args.lengths.split(",") for r in padding_benchmark(int(L), rep_ms=args.rep_ms)]
     if args.skip_bench:
