@@ -121,6 +121,11 @@ def test_params_and_roles():
     call = CallShape(1, 4, 2, 1, 100, 16, torch.float32, "cpu")
     assert "budget 2048 >= cache length 100" in lessismore.unsupported(call, None, params)
     assert "q_len 5" in lessismore.unsupported(CallShape(1, 4, 2, 5, 9000, 16, torch.float32, "cpu"), None, params)
+    assert "head_dim 512 > 256" in lessismore.unsupported(CallShape(1, 4, 2, 1, 9000, 512, torch.bfloat16, "cuda"),
+                                                           None, params)
+    assert "dtype torch.float64 on CUDA" in lessismore.unsupported(
+        CallShape(1, 4, 2, 1, 9000, 64, torch.float64, "cuda"), None, params)
+    assert lessismore.unsupported(CallShape(1, 4, 2, 1, 9000, 512, torch.float32, "cpu"), None, params) is None
 
 
 POLICY = {"name": "lim-test", "decode": {"method": "lessismore", "min_seq_len": 0,

@@ -104,6 +104,11 @@ def unsupported(call: Any, site: SiteFacts, params: LessIsMoreParams) -> str | N
         return f"sliding window {call.window}"
     if params.budget >= call.kv_len:
         return f"budget {params.budget} >= cache length {call.kv_len}: every token is attended"
+    if call.device_type == "cuda":  # the Triton scoring and sparse decode kernels
+        if call.head_dim > 256:
+            return f"head_dim {call.head_dim} > 256"
+        if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {call.dtype} on CUDA (float16, bfloat16 or float32)"
     return None
 
 
