@@ -246,7 +246,8 @@ def prism_select(
     if not q.is_cuda:
         return prism_select_reference(q, k, mask, site, params, dtype=torch.float32, block_size=block_size)
     _check_site(q, k, site)
-    kw = selection_kwargs(site, params, block_size=block_size, device=str(q.device))
+    # band dims stay on the host: the kernel's range check then reads them without a device sync
+    kw = selection_kwargs(site, params, block_size=block_size)
     kv_num_blocks, kv_indices = prism_select_triton(q, k, mask=mask, **kw)
     return BlockList(kv_num_blocks, kv_indices, kw["block_size"], q.shape[2], k.shape[2])
 
