@@ -67,18 +67,25 @@ def graph_time(fn) -> float:
     return triton.testing.do_bench(graph.replay, rep=200, return_mode="median")
 
 
-def sparse_decode_all(L: int, B: int, H: int = 32, Hkv: int = 8, D: int = 128) -> None:
-    """SDPA enable_gqa with a key mask vs the sparse decode kernel over every key with key_valid."""
-    from sparse_compile.kernels.sparse_decode import sparse_decode_attention
-
+def masked_decode_inputs(L: int, B: int, H: int, Hkv: int, D: int) -> tuple[torch.Tensor, ...]:
+    """q (B, H, 1, D), k, v (B, Hkv, L, D) bf16 and valid (B, L): the last 64 slots masked (a StaticCache's
+    empty tail) and, for B > 1, row 1 left-padded by a quarter."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
     valid = torch.ones(B, L, dtype=torch.bool, device="cuda")
-    valid[:, -64:] = False  # StaticCache: slots after the current position
+    valid[:, -64:] = False
     if B > 1:
-        valid[1, : L // 4] = False  # row 1 left-padded
+        valid[1, : L // 4] = False
+    return q, k, v, valid
+
+
+def sparse_decode_all(L: int, B: int, H: int = 32, Hkv: int = 8, D: int = 128) -> None:
+    """SDPA enable_gqa with a key mask vs the sparse decode kernel over every key with key_valid."""
+    from sparse_compile.kernels.sparse_decode import sparse_decode_attention
+
+    q, k, v, valid = masked_decode_inputs(L, B, H, Hkv, D)
 
     def sdpa():
         with sdpa_kernel(ORDER, set_priority=True):
@@ -105,12 +112,7 @@ def every_key_sweep(L: int, B: int, H: int = 32, Hkv: int = 8, D: int = 128) -> 
 
     from sparse_compile.kernels.sparse_decode import sparse_decode_attention
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    valid = torch.ones(B, L, dtype=torch.bool, device="cuda")
-    valid[:, -64:] = False
+    q, k, v, valid = masked_decode_inputs(L, B, H, Hkv, D)
     with sdpa_kernel(ORDER, set_priority=True):
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], enable_gqa=True)
         t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(
