@@ -11,7 +11,8 @@ Its arguments name everything that will run, so a printed graph shows it:
       config: canonical JSON {"method", "params", "min_seq_len", "site"} (see `node_config`)
     returns (out (B, H, Lq, Dv) in q's dtype,
              density (B, H) float32: the fraction of the allowed key blocks that were computed,
-                     1.0 for exact attention,
+                     1.0 for exact attention; (B, H, 1 + F) for a method with F `density_parts`
+                     (the total first, then its factors, all 1.0 when exact attention ran),
              fallback () int32: 0 when the method ran, else the index in FALLBACKS of the reason the
                      node ran exact attention instead)
 

@@ -32,12 +32,12 @@ from sparse_compile.evaluation.models import DEFAULT_MODEL, load_model
 from sparse_compile.policy import load_policy
 
 
-def configurations(taus: tuple[float, ...], stacked_taus: tuple[float, ...], prism_thresholds: tuple[float, ...]
-                   ) -> dict[str, Any]:
-    """{label: policy mapping}: token_sparse alone (shipped layers), Prism alone, and Prism everywhere with
-    token_sparse + Prism on the shipped token_sparse layers."""
+def configurations(taus: tuple[float, ...], stacked_taus: tuple[float, ...], prism_thresholds: tuple[float, ...],
+                   layers: list | None = None) -> dict[str, Any]:
+    """{label: policy mapping}: token_sparse alone (on `layers`, default the shipped policy's), Prism alone,
+    and Prism everywhere with token_sparse + Prism on those layers."""
     shipped = load_policy("token_sparse").prefill.params
-    layers = list(shipped.layers)
+    layers = list(shipped.layers) if layers is None else layers
     base = {k: getattr(shipped, k) for k in ("min_keep", "recent", "smooth")}
     out: dict[str, Any] = {}
     for tau in taus:
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(args.model)
     corpus = load_corpus(args.corpus or default_corpus())
     ids_all = tokenize(tokenizer, corpus.text)
-    configs = configurations(args.taus, args.stacked_taus, args.prism_thresholds)
+    configs = configurations(args.taus, args.stacked_taus, args.prism_thresholds,
+                             None if args.layers is None else [x.strip() for x in args.layers.split(",")])
     if args.only:
         configs = {label: policy for label, policy in configs.items() if label in args.only}
     rows: list[dict[str, Any]] = []
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prism-thresholds", type=parse_floats, default=(0.95, 0.9), help="Prism top-p values")
     ap.add_argument("--only", action="append", metavar="LABEL",
                     help="run only the configurations with this label (repeatable), e.g. 'prism 0.95'")
+    ap.add_argument("--layers", help="token_sparse layers, e.g. 15-29 (default: the shipped policy's)")
     ap.add_argument("--threads", type=positive_int, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--out", type=Path, help="JSON results file (a .md table is written beside it)")
