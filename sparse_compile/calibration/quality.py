@@ -60,6 +60,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sparse_compile.report import total
+
 DENSE = "dense"
 LADDER_STEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)  # distance from the exact end, fraction of range
 TARGET_FRACTION = 0.85  # aim the secant steps at this fraction of the budget
@@ -193,7 +195,7 @@ class SensitivityProbe(TorchDispatchMode):
             sq = float((out.float() - ref).pow(2).sum())
             stats.err[i] += sq / norm
             stats.err_value[i] += sq / value_norm
-            stats.density[i] += float(density.float().mean())
+            stats.density[i] += float(total(density).float().mean())
         stats.calls += 1
 
 
@@ -235,7 +237,8 @@ class SubstituteMode(TorchDispatchMode):
         mask = AttentionMask(causal=causal, q_offset=q_offset, window=window,
                              key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask)
         out, density = method.attention(q, k, v, mask, site, params, scale)
-        return out.contiguous(), density.float(), torch.zeros((), dtype=torch.int32, device=q.device)
+        # the dense node it stands in for returns a (B, H) density: the total of a factored one
+        return out.contiguous(), total(density).float(), torch.zeros((), dtype=torch.int32, device=q.device)
 
 
 def dense_graph_with(model: Any, mode: TorchDispatchMode) -> Any:
@@ -723,8 +726,19 @@ def run_quality(args: argparse.Namespace) -> int:
         best = min(feasible, key=lambda i: measured[i].mean_density())
     else:  # every probe was over budget: the next denser allocation is unmeasured; all dense is safe
         best = len(path) - 1
+        bar.total += 2 * n_cal
         measured[best] = ctx.measure(policy_of(path[best]), cal)
-    for alloc in uniform_candidates(table, path[best].predicted_density)[:uniform_probes]:  # 3b
+    measured_choices = {path[i].choice: i for i in measured}
+    uniform_left = uniform_probes
+    for alloc in uniform_candidates(table, path[best].predicted_density):  # 3b
+        if uniform_left == 0:
+            break
+        if alloc.choice in measured_choices:  # e.g. the sparsest end of the path is uniform
+            index = measured_choices[alloc.choice]
+            if measured[index].worst() > args.max_dppl:
+                break
+            continue
+        uniform_left -= 1
         path.append(alloc)
         index = len(path) - 1
         measured[index] = ctx.measure(policy_of(alloc), cal)
@@ -735,6 +749,8 @@ def run_quality(args: argparse.Namespace) -> int:
         if measured[index].mean_density() < measured[best].mean_density():
             best = index
     winner = path[best]
+    bar.total -= 2 * n_cal * uniform_left  # uniform probes not needed
+    bar.refresh()
     held = ctx.measure(policy_of(winner), hold)  # 4
     bar.close()
     ok = held.worst() <= args.max_dppl

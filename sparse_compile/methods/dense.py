@@ -5,7 +5,8 @@ CUDA, by structure (each path measured in BENCHMARKS.md):
   left-padded causal prefill        one causal SDPA call per batch row on its unpadded part
   decode (one query), every key     SDPA with enable_gqa (K/V read once)
   decode with masked keys           kernels/sparse_decode.py over every key with a (B, Lk) validity row:
-                                    masked keys are never loaded (padding, StaticCache tail, window)
+                                    masked keys are never loaded (padding, StaticCache tail, window);
+                                    float64 or head_dim > 256: the O(Lk) exact reference
   windows, other padding, chunks    the block-sparse engine over every allowed block
 CPU: SDPA math on the reference mask, which is what the eager model runs.
 
@@ -127,11 +128,13 @@ def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
     with sdpa_kernel(FAST_BACKENDS + [SDPBackend.MATH], set_priority=True):
         if Lq == 1 and mask.dense_mask is None:
             see_all = plain and (not mask.causal or mask.q_offset >= Lk - 1)
-            if not see_all and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and D <= 256:
-                return masked_decode_attention(q, k, v, decode_key_mask(mask, B, Lk, q.device).reshape(B, Lk), scale)
-            key_mask = None if see_all else decode_key_mask(mask, B, Lk, q.device)
-            # enable_gqa: K/V read once per group (decode_paths.py measured it fastest)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale, enable_gqa=H != k.shape[1])
+            if not see_all:  # masked keys must not be loaded: the kernel, else the O(Lk) reference
+                if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and D <= 256:
+                    return masked_decode_attention(q, k, v, decode_key_mask(mask, B, Lk, q.device).reshape(B, Lk),
+                                                   scale)
+                return exact_attention_reference(q, k, v, mask, scale)
+            # every key visible; enable_gqa: K/V read once per group (decode_paths.py measured it fastest)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=H != k.shape[1])
         if plain and not mask.causal:
             return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), scale=scale)
         if plain and mask.q_offset == 0 and Lq == Lk:
