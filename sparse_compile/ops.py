@@ -157,10 +157,17 @@ def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, co
     code, _ = fallback_reason(node, call_shape(q, k, window, causal), dense_mask is not None)
     method, params = (node.method, node.params) if code == RAN else (METHODS["dense"], METHODS["dense"].Params())
     out, density = method.attention(q, k, v, mask, node.site, params, scale)
-    parts = len(node.method.density_parts)
-    if parts and density.dim() == 2:  # exact attention ran instead: every factor is 1
+    return out.contiguous(), with_factors(density, node.method), torch.full((), code, dtype=torch.int32,
+                                                                            device=q.device)
+
+
+def with_factors(density: torch.Tensor, method) -> torch.Tensor:
+    """The node's density output: (B, H), or (B, H, 1 + F) for a method with F `density_parts` (a (B, H)
+    density from exact attention, which ran instead, gets every factor 1), as the fake impls declare."""
+    parts = len(method.density_parts)
+    if parts and density.dim() == 2:
         density = density[..., None].expand(*density.shape, 1 + parts)
-    return out.contiguous(), density.contiguous(), torch.full((), code, dtype=torch.int32, device=q.device)
+    return density.contiguous()
 
 
 def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
@@ -218,7 +225,8 @@ def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, wi
         made = torch.full((q.shape[0], width), -1, dtype=torch.int32, device=q.device)
     else:
         out, density, made = node.method.attention(q, k, v, mask, node.site, node.params, scale, role, selection)
-    return out.contiguous(), density, torch.full((), code, dtype=torch.int32, device=q.device), made
+    return (out.contiguous(), with_factors(density, node.method), torch.full((), code, dtype=torch.int32,
+                                                                             device=q.device), made)
 
 
 def fake_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role):

@@ -348,3 +348,25 @@ def test_an_all_padding_row_is_zeros_and_counts_as_exact():
                                                                         smooth=3), 0.3)
     density = parts[..., 0]
     assert not out[1].any() and bool((density[1] == 1).all()) and bool((density[0] < 1).all())
+
+
+@pytest.mark.parametrize("L, min_seq_len", [(200, 0), (200, 500), (16, 0)])
+def test_node_density_factors_match_the_fake_shape(L, min_seq_len):
+    """The op's density is (B, H, 3) for token_sparse whether the method ran (L=200), the node fell back for
+    min_seq_len (500) or the method declined the call (L=16 <= min_keep + recent): the fake impl's shape, so
+    the compiled graph and the Report see one layout."""
+    from sparse_compile.ops import fake_node, node_config, run_node
+
+    B, H, Hkv, D = 2, 4, 2, 16
+    q, k, v = tensors(B, H, Hkv, L, D, seed=3)
+    params = ts.TokenSparseParams(dropped_mass=0.3, min_keep=8, recent=8, smooth=3)
+    config = node_config("token_sparse", params, min_seq_len, SITE)
+    args = (q, k, v, None, None, 0.25, True, 0, 0, config)
+    out, density, code = run_node(*args)
+    fake = fake_node(*args)
+    assert density.shape == fake[1].shape == (B, H, 3) and out.shape == fake[0].shape
+    total, kept, inner = density.unbind(-1)
+    torch.testing.assert_close(total, kept * inner)
+    assert bool((inner == 1).all())
+    assert (int(code) == 0) == (L == 200 and min_seq_len == 0)
+    assert bool((kept < 1).all()) == (int(code) == 0)
