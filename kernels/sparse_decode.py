@@ -53,6 +53,7 @@ import triton.language as tl
 from torch import Tensor
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
 _INDEX_DTYPES = (torch.int32, torch.int64)
 LOG2E = 1.4426950408889634
 
@@ -244,6 +245,15 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def kernel_unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernel cannot take this head_dim or dtype (the callers' fallback reason), or None."""
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
+    if dtype not in _KERNEL_DTYPES:
+        return f"dtype {dtype} on CUDA (float16, bfloat16 or float32)"
+    return None
+
+
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor | None,
                  key_valid: Tensor | None) -> None:
     """Raise ValueError naming the argument when shapes, dtypes or devices do not fit (no device sync)."""
@@ -327,10 +337,9 @@ def sparse_decode_attention(
         return res if out is None else out.copy_(res)
     if not (q.is_cuda or _interpreting()):
         raise ValueError("impl='triton' needs CUDA tensors or TRITON_INTERPRET=1")
-    if q.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"the Triton kernel takes float16/bfloat16/float32, got {q.dtype}")
-    if D > 256:
-        raise ValueError(f"head_dim {D} > 256 is not supported by the kernel")
+    limit = kernel_unsupported(D, q.dtype)
+    if limit:
+        raise ValueError(f"the Triton kernel cannot take {limit}")
 
     Hkv, Lk = k.shape[1], k.shape[2]
     G, N = indices.shape[1], indices.shape[2]

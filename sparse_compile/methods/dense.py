@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
-from sparse_compile.kernels.sparse_decode import sparse_decode_attention
+from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.method import Method
 
 FAST_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -129,7 +129,7 @@ def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
         if Lq == 1 and mask.dense_mask is None:
             see_all = plain and (not mask.causal or mask.q_offset >= Lk - 1)
             if not see_all:  # masked keys must not be loaded: the kernel, else the O(Lk) reference
-                if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and D <= 256:
+                if not kernel_unsupported(D, q.dtype):
                     return masked_decode_attention(q, k, v, decode_key_mask(mask, B, Lk, q.device).reshape(B, Lk),
                                                    scale)
                 return exact_attention_reference(q, k, v, mask, scale)

@@ -43,12 +43,11 @@ from sparse_compile.kernels.fasa import (
     select_tokens,
     visible_range,
 )
-from sparse_compile.kernels.sparse_decode import sparse_decode_attention
+from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.method import Method
 from sparse_compile.params import check_value, param
 
 GQA_MODES = ("per_head", "per_kv_head")
-MAX_HEAD_DIM = 256
 
 
 def layer_list(value: Any, key: str) -> tuple[int | str, ...]:
@@ -178,11 +177,9 @@ def unsupported(call: Any, site: SiteFacts, params: FasaParams) -> str | None:
     slots = budget_slots(params.budget, call.kv_len, params.sink, params.recent)
     if slots >= call.kv_len:
         return f"budget {params.budget} covers the cache length {call.kv_len}: every token is attended"
-    if call.device_type == "cuda":
-        if call.head_dim > MAX_HEAD_DIM:
-            return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
-        if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"dtype {call.dtype} on CUDA (float16, bfloat16 or float32)"
+    limit = kernel_unsupported(call.head_dim, call.dtype) if call.device_type == "cuda" else None
+    if limit:  # the Triton scoring and sparse decode kernels
+        return limit
     rotary = min(site.rotary_dim, call.head_dim)
     _, problem = layer_chunks(params, site.layer, call.num_heads, call.num_kv_heads, call.head_dim, rotary)
     return problem or None

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
 from sparse_compile.kernels.lessismore import budget_split, decode_logits, select_tokens
-from sparse_compile.kernels.sparse_decode import sparse_decode_attention
+from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.method import Method
 from sparse_compile.params import check_value, param
 
@@ -105,10 +105,7 @@ def unsupported(call: Any, site: SiteFacts, params: LessIsMoreParams) -> str | N
     if params.budget >= call.kv_len:
         return f"budget {params.budget} >= cache length {call.kv_len}: every token is attended"
     if call.device_type == "cuda":  # the Triton scoring and sparse decode kernels
-        if call.head_dim > 256:
-            return f"head_dim {call.head_dim} > 256"
-        if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"dtype {call.dtype} on CUDA (float16, bfloat16 or float32)"
+        return kernel_unsupported(call.head_dim, call.dtype)
     return None
 
 
