@@ -51,20 +51,14 @@ def run_length(L: int, B: int = 1, H: int = 32, Hkv: int = 8, D: int = 128) -> N
 
 
 def graph_time(fn) -> float:
-    """Median ms of one replay of `fn` captured in a CUDA graph (what decode under reduce-overhead runs:
-    no host launch cost)."""
-    import triton
+    """Median ms of one replay of `fn` captured in a CUDA graph (decode_bench's `graph_ms`: what decode under
+    reduce-overhead runs, no host launch cost); raises when the capture fails."""
+    from sparse_compile.benchmarks.decode_bench import graph_ms
 
-    fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, rep=200, return_mode="median")
+    ms = graph_ms(fn, rep_ms=200.0)
+    if isinstance(ms, str):
+        raise RuntimeError(ms)
+    return ms
 
 
 def masked_decode_inputs(L: int, B: int, H: int, Hkv: int, D: int) -> tuple[torch.Tensor, ...]:
