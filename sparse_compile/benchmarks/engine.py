@@ -189,9 +189,10 @@ def padding_benchmark(L: int = 32768, B: int = 4, pad: float = 0.2, heads: int =
     """Left-padded batch through the engine (rows 1..B-1 lose their first `pad` of keys and queries) against
     the same batch unpadded: the dense engine (no lists) and full causal lists, and per-row cuDNN causal on
     the unpadded parts (what the dense method runs for left padding). Times in ms."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     from sparse_compile.kernels.block_mask import BlockList
+    from sparse_compile.methods.dense import FAST_BACKENDS, left_padded_causal_attention
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -206,15 +207,9 @@ def padding_benchmark(L: int = 32768, B: int = 4, pad: float = 0.2, heads: int =
         return lambda: block_sparse_attention(q, k, v, *(lists if with_lists else ()), block_size=BLOCK,
                                               key_valid=valid, validate=False)
 
-    def per_row_cudnn():
-        out = torch.zeros_like(q)
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
-            for b, s in enumerate(starts):
-                kk = k[b:b + 1, :, s:].repeat_interleave(heads // kv_heads, 1)
-                vv = v[b:b + 1, :, s:].repeat_interleave(heads // kv_heads, 1)
-                out[b:b + 1, :, s:] = torch.nn.functional.scaled_dot_product_attention(
-                    q[b:b + 1, :, s:], kk, vv, is_causal=True)
-        return out
+    def per_row_cudnn():  # the dense method's path for left padding
+        with sdpa_kernel(FAST_BACKENDS, set_priority=True):
+            return left_padded_causal_attention(q, k, v, starts, head_dim ** -0.5)
 
     want = per_row_cudnn().float()
     valid_rows = key_valid[:, None, :, None]
