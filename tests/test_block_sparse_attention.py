@@ -51,6 +51,14 @@ def _run_raw(q, k, v, *args, **kw):
     return out
 
 
+def _segment_permutation(B: int, Hkv: int, Lk: int, bs: int, g: torch.Generator) -> torch.Tensor:
+    """PBS-Attn-like kv_order (B, Hkv, Lk): keys permuted inside segments of 2 blocks, original positions kept."""
+    kv_order = torch.arange(Lk).repeat(B, Hkv, 1)
+    for s0 in range(0, Lk - 2 * bs + 1, 2 * bs):
+        kv_order[..., s0:s0 + 2 * bs] = s0 + torch.argsort(torch.rand(B, Hkv, 2 * bs, generator=g), dim=-1)
+    return kv_order
+
+
 def _shuffle_rows(bl: BlockList, g: torch.Generator) -> torch.Tensor:
     """The same lists with each row's defined entries in random order (and junk past the count)."""
     slot = torch.arange(bl.kv_indices.shape[-1])
@@ -96,11 +104,7 @@ def test_kernel_equals_reference_and_token_masked_attention(
     nq, nk = math.ceil(Lq / bs), math.ceil(Lk / bs)
     dense_blocks = torch.rand(B, Hkv if per_kv else H, nq, nk, generator=g) < p  # p = 0: every row empty
     bl = BlockList.from_dense(dense_blocks, bs, Lq, Lk)
-    kv_order = None
-    if permuted:  # PBS-Attn: keys permuted inside segments of 2 blocks, original positions kept
-        kv_order = torch.arange(Lk).repeat(B, Hkv, 1)
-        for s0 in range(0, Lk - 2 * bs + 1, 2 * bs):
-            kv_order[..., s0:s0 + 2 * bs] = s0 + torch.argsort(torch.rand(B, Hkv, 2 * bs, generator=g), dim=-1)
+    kv_order = _segment_permutation(B, Hkv, Lk, bs, g) if permuted else None
     key_valid = torch.rand(B, Lk, generator=g) < 0.8 if padded else None
     kw = dict(block_size=bs, causal=causal, window=window, key_valid=key_valid, kv_order=kv_order)
     config = {"BLOCK_M": bs // 2, "BLOCK_N": bs // 2} if split_m else None
@@ -471,11 +475,7 @@ def test_gqa_packing_equals_per_head_programs(group, Lq, dk, lists, p, window, p
         dense_blocks = torch.rand(B, Hkv, math.ceil(Lq / bs), math.ceil(Lk / bs), generator=g) < p
         bl = BlockList.from_dense(dense_blocks, bs, Lq, Lk)
         args = (bl.kv_num_blocks, bl.kv_indices)
-    kv_order = None
-    if permuted:
-        kv_order = torch.arange(Lk).repeat(B, Hkv, 1)
-        for s0 in range(0, Lk - 2 * bs + 1, 2 * bs):
-            kv_order[..., s0:s0 + 2 * bs] = s0 + torch.argsort(torch.rand(B, Hkv, 2 * bs, generator=g), dim=-1)
+    kv_order = _segment_permutation(B, Hkv, Lk, bs, g) if permuted else None
     key_valid = torch.rand(B, Lk, generator=g) < 0.8 if padded else None
     kw = dict(block_size=bs, window=window, key_valid=key_valid, kv_order=kv_order)
     per_head = _run_raw(q, k, v, *args, config={"GQA_PACK": False}, **kw)
