@@ -405,6 +405,65 @@ def sweep_configs(L: int = 32768, densities=(1.0, 0.1), rep_ms: float = 100.0) -
     return out
 
 
+def dense_sweep(L: int, rep_ms: float = 100.0, head_dim: int = 128) -> list[dict]:
+    """The dense causal engine (no lists) under the v6 variants (SPLIT_CAUSAL: the unmasked chunks in a loop
+    without mask code; WARP_SPECIALIZE: Triton's automatic warp specialisation of the key loop) and a few tile
+    configs, beside SDPA cuDNN and flash on the same inputs (B=1, H=32, Hkv=8, bf16). Output checked
+    against cuDNN. TFLOP/s = 4 * H * D * L(L+1)/2 / time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    H, Hkv, D = 32, 8, head_dim
+    q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    ke, ve = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    flop = 4 * H * D * L * (L + 1) / 2
+    rows = []
+
+    def sdpa(backend):
+        def fn():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+        return fn
+    ref = sdpa(SDPBackend.CUDNN_ATTENTION)()
+    for name, fn in (("SDPA cuDNN", sdpa(SDPBackend.CUDNN_ATTENTION)),
+                     ("SDPA flash", sdpa(SDPBackend.FLASH_ATTENTION))):
+        t = _bench(fn, rep_ms)
+        rows.append({"L": L, "variant": name, "ms": t, "tflops": flop / t / 1e9})
+    cudnn = rows[0]["ms"]
+    base = default_config(D, BLOCK, "cuda", torch.cuda.get_device_capability()[0])
+    variants = [("default", {})]
+    for split in (False, True):
+        for ws in (False, True):
+            if split or ws:
+                variants.append((f"split={split} ws={ws}", {"SPLIT_CAUSAL": split, "WARP_SPECIALIZE": ws}))
+    for tiles in ({"BLOCK_N": 128, "num_stages": 2}, {"num_stages": 4}, {"num_stages": 2},
+                  {"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_N": 128, "num_stages": 2, "num_warps": 4},
+                  {"BLOCK_N": 32, "num_stages": 4}):
+        for ws in (False, True):
+            variants.append((f"split {tiles} ws={ws}", {"SPLIT_CAUSAL": True, "WARP_SPECIALIZE": ws, **tiles}))
+    for name, over in variants:
+        cfg = {**base, **over}
+
+        def run(cfg=cfg):
+            return block_sparse_attention(q, k, v, validate=False, config=cfg)
+        try:
+            err = float((run().float() - ref.float()).abs().max())
+            t = _bench(run, rep_ms)
+        except Exception as e:  # a variant the compiler rejects is a result too
+            print(f"dense L={L} {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            rows.append({"L": L, "variant": name, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            continue
+        rows.append({"L": L, "variant": name, "config": cfg, "ms": t, "tflops": flop / t / 1e9,
+                     "vs_cudnn": t / cudnn, "max_abs_diff": err})
+    for r in rows:
+        if "ms" in r:
+            print(f"dense L={L} {r['variant']:60s} {r['ms']:9.3f} ms {r['tflops']:5.0f} TFLOP/s "
+                  f"{r.get('vs_cudnn', float('nan')):.3f}x cuDNN  diff {r.get('max_abs_diff', 0):.1e}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sparse_compile.benchmarks.engine",
                                  description="Block-sparse engine vs FlexAttention vs SDPA (flash, cuDNN).")
@@ -426,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(dense engine and full lists, at the --lengths)")
     ap.add_argument("--gqa", action="store_true", help="time per-head vs per-KV-head lists, the latter with and "
                     "without GQA_PACK (at the --lengths and --densities)")
-    ap.add_argument("--skip-bench", action="store_true", help="only --check / --sweep / --padding / --gqa")
+    ap.add_argument("--dense-sweep", action="store_true", help="time the dense causal engine's v6 variants and "
+                    "tile configs beside SDPA cuDNN/flash (at the --lengths)")
+    ap.add_argument("--skip-bench", action="store_true",
+                    help="only --check / --sweep / --padding / --gqa / --dense-sweep")
     ap.add_argument("--out-dir", default="results", help="where engine_<date>.json and .md are written")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -439,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checks passed in {time.time() - t0:.1f} s", flush=True)
     if args.sweep:
         extra["sweep"] = sweep_configs()
+    if args.dense_sweep:
+        extra["dense_sweep"] = [r for L in args.lengths.split(",") for r in dense_sweep(int(L), args.rep_ms,
+                                                                                     args.head_dim)]
     if args.gqa:
         extra["gqa"] = [r for L in args.lengths.split(",") for r in gqa_benchmark(
             int(L), tuple(float(x) for x in args.densities.split(",")), rep_ms=args.rep_ms)]
