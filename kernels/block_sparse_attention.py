@@ -73,11 +73,10 @@ def _attend_chunk(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr,
-    GUARDED: tl.constexpr, NO_MASK: tl.constexpr,
+    GUARDED: tl.constexpr,
 ):
     """One BLOCK_N chunk of keys for one query tile: returns the updated (acc, l_i, m_i, bad_acc).
-    GUARDED: the non-finite-safe variant (pass 2 of the launch, only for tiles that meet a NaN/inf).
-    NO_MASK: the caller guarantees that every key of the chunk is visible to every row (no mask code)."""
+    GUARDED: the non-finite-safe variant (pass 2 of the launch, only for tiles that meet a NaN/inf)."""
     # 4. this chunk's first key
     if HAS_LISTS:
         kb = tl.load(idx_base + (it // CHUNKS) * stride_ik)
@@ -128,8 +127,6 @@ def _attend_chunk(
         need_mask = need_mask | (pos_min <= q_last - window)
     if HAS_KEY_VALID:  # chunks inside the valid span of a batch row without holes need no padding mask
         need_mask = need_mask | (valid_contig == 0) | (start_n < valid_first) | (start_n + BLOCK_N - 1 > valid_last)
-    if NO_MASK:
-        need_mask = False
     if need_mask:
         vis = cols[None, :] < kv_len
         q_pos = q_offset + offs_m
@@ -180,10 +177,9 @@ def _attend_range(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr,
-    GUARDED: tl.constexpr, INTERPRET: tl.constexpr, NO_MASK: tl.constexpr, WARP_SPEC: tl.constexpr,
+    GUARDED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """The key loop of one query tile: n_iter chunks through `_attend_chunk`. WARP_SPEC: ask the compiler
-    to warp-specialise the loop (Hopper/Blackwell; an experiment, see KERNEL_NOTES.md)."""
+    """The key loop of one query tile: n_iter chunks through `_attend_chunk`."""
     if INTERPRET:  # the interpreter cannot take a run-time `range` bound with numpy >= 2.4
         it = 0
         while it < n_iter:
@@ -195,11 +191,11 @@ def _attend_range(
                 KeyValid, valid_base, stride_vln, valid_first, valid_last, valid_contig,
                 KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, GUARDED, NO_MASK,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, GUARDED,
             )
             it += 1
     else:  # a `for` loop so that the compiler software-pipelines the K/V loads
-        for it in tl.range(0, n_iter, warp_specialize=WARP_SPEC):
+        for it in range(0, n_iter):
             acc, l_i, m_i, bad_acc = _attend_chunk(
                 it, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
                 idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -208,7 +204,7 @@ def _attend_range(
                 KeyValid, valid_base, stride_vln, valid_first, valid_last, valid_contig,
                 KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
                 HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, GUARDED, NO_MASK,
+                HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, GUARDED,
             )
     return acc, l_i, m_i, bad_acc
 
@@ -243,16 +239,14 @@ def _block_sparse_attn_fwd(
     HAS_LISTS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     REVERSE_TILES: tl.constexpr, IEEE_DOT: tl.constexpr, INTERPRET: tl.constexpr, USE_TMA: tl.constexpr,
-    PHASE: tl.constexpr, PACK: tl.constexpr, SPLIT_CAUSAL: tl.constexpr, WARP_SPEC: tl.constexpr,
+    PHASE: tl.constexpr, PACK: tl.constexpr,
 ):
     """PHASE 0: no non-finite handling (one launch). With it, two launches over the same grid: PHASE 1 runs
     every tile whose q and K/V are finite with the plain loop and flags the others; PHASE 2 runs only the
     flagged tiles, with the guarded loop. Each launch holds one loop, so shared memory is one loop's.
     PACK > 1 (GQA packing, = the group size): one program owns the PACK query heads of one KV head for
     BLOCK_M // PACK query positions (row r: position start + r // PACK, head first + r % PACK), so each
-    K/V chunk is loaded once for the whole group; the lists must be per KV head.
-    SPLIT_CAUSAL (dense causal engine only, the launcher decides): the key loop runs in two parts, the
-    chunks wholly at or before the tile's first query without any mask code, then the diagonal ones."""
+    K/V chunk is loaded once for the whole group; the lists must be per KV head."""
     TILE_Q: tl.constexpr = BLOCK_M // PACK  # query positions per tile
     tl.static_assert(KV_BLOCK % TILE_Q == 0, "a query block must split into whole tiles")
     tl.static_assert(KV_BLOCK % BLOCK_N == 0, "a key block must split into whole BLOCK_N chunks")
@@ -359,28 +353,15 @@ def _block_sparse_attn_fwd(
             return
     if PHASE == 2:
         q = tl.where(q_bad[:, None], tl.zeros_like(q), q)
-    n_full = 0
-    if SPLIT_CAUSAL:  # chunks ending at or before the tile's first query see every key: no mask code
-        n_full = tl.minimum(tl.maximum(tl.minimum(q_first + 1, kv_len) - lo, 0) // BLOCK_N, n_iter)
-        acc, l_i, m_i, bad_acc = _attend_range(
-            n_full, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
-            idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            desc_k, desc_v, kv_row0,
-            KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
-            KeyValid, valid_base, stride_vln, valid_first, valid_last, valid_contig,
-            KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
-            HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-            HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, PHASE == 2, INTERPRET, True, WARP_SPEC,
-        )
     acc, l_i, m_i, bad_acc = _attend_range(
-        n_iter - n_full, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
-        idx_base, stride_ik, lo + n_full * BLOCK_N, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        n_iter, acc, l_i, m_i, bad_acc, q, q_first, q_last, q_offset, offs_m, offs_n, offs_d,
+        idx_base, stride_ik, lo, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         desc_k, desc_v, kv_row0,
         KvOrder, order_base, stride_pn, KvBlockMin, KvBlockMax, blk_base, stride_bk,
         KeyValid, valid_base, stride_vln, valid_first, valid_last, valid_contig,
         KvBad, bad_base, stride_fn, qk_scale, kv_len, window,
         HEAD_DIM, BLOCK_N, KV_BLOCK, CHUNKS, EVEN_D, HAS_LISTS, CAUSAL, HAS_WINDOW,
-        HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, PHASE == 2, INTERPRET, False, WARP_SPEC,
+        HAS_KV_ORDER, HAS_KEY_VALID, IEEE_DOT, USE_TMA, PHASE == 2, INTERPRET,
     )
 
     # 8. normalise; rows that saw no visible key have l_i == 0 and are written as zeros; rows with a
@@ -475,8 +456,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "NONFINITE", "GQA_PACK",
-                "SPLIT_CAUSAL", "WARP_SPECIALIZE")
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "NONFINITE", "GQA_PACK")
 _MAX_SHARED_MEM: dict[int, int] = {}  # CUDA device index -> opt-in shared memory per block, bytes
 
 
@@ -534,7 +514,7 @@ def default_config(head_dim: int, block_size: int, device_type: str, capability:
     if device_type != "cuda":  # interpreter: fewer, larger programs are faster
         bm = min(block_size, 64)
         return {"BLOCK_M": bm, "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1, "USE_TMA": False,
-                "NONFINITE": True, "GQA_PACK": False, "SPLIT_CAUSAL": True, "WARP_SPECIALIZE": False}
+                "NONFINITE": True, "GQA_PACK": False}
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 64:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
@@ -545,8 +525,6 @@ def default_config(head_dim: int, block_size: int, device_type: str, capability:
     cfg["USE_TMA"] = False
     cfg["NONFINITE"] = True
     cfg["GQA_PACK"] = False  # opt-in until measured on the GPU (KERNEL_NOTES.md)
-    cfg["SPLIT_CAUSAL"] = False  # v6 experiment, off until measured (KERNEL_NOTES.md)
-    cfg["WARP_SPECIALIZE"] = False
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
     if max_shared is not None:
@@ -808,9 +786,6 @@ def block_sparse_attention(
             HAS_KV_ORDER=kv_order is not None, HAS_KEY_VALID=key_valid is not None,
             REVERSE_TILES=causal, IEEE_DOT=q.dtype == torch.float32, INTERPRET=not q.is_cuda,
             USE_TMA=use_tma, PHASE=phase, PACK=pack,
-            SPLIT_CAUSAL=bool(cfg["SPLIT_CAUSAL"]) and causal and not has_lists and kv_order is None
-            and window == 0 and key_valid is None and phase != 2,
-            WARP_SPEC=bool(cfg["WARP_SPECIALIZE"]) and q.is_cuda,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 

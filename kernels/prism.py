@@ -22,6 +22,7 @@ The reference these kernels equal (up to fp32 rounding at the top-p boundary) is
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -29,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from sparse_compile.kernels.block_mask import MaskStructure, _cdiv, allowed_blocks
+from sparse_compile.kernels.device_constants import host_constant, on_device
 from torch import Tensor
 
 __all__ = ["prism_select_triton", "reference", "select_blocks_reference"]
@@ -430,11 +432,7 @@ def prism_select_triton(
     f32 = torch.float32
 
     # inputs of the kernels: band dims and membership, key-validity prefix sums, sink blocks
-    high_idx = high_idx.to(device=dev, dtype=torch.int32).contiguous()
-    low_idx = low_idx.to(device=dev, dtype=torch.int32).contiguous()
-    band = torch.zeros(D, dtype=torch.int32, device=dev)
-    band[high_idx.long()] |= 1
-    band[low_idx.long()] |= 2
+    high_idx, low_idx, band = band_tables(high_idx, low_idx, D, dev)
     has_valid = mask.key_valid is not None
     if has_valid:
         cum = torch.zeros(B, Lk + 1, dtype=torch.int32, device=dev)
@@ -506,6 +504,36 @@ def prism_select_triton(
             num_warps=tune["select_warps"],
         )
     return kv_num_blocks, kv_indices
+
+
+def band_tables(high_idx: Tensor, low_idx: Tensor, head_dim: int,
+                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(high_idx (n_high,) int32, low_idx (n_low,) int32, band (head_dim,) int32) on `device`; band[d] has
+    bit 0 set iff d is a high-band dim and bit 1 iff a low-band dim.
+
+    Host band dims (what the Prism method passes) are turned into tables once (memoised, page-locked) and
+    copied asynchronously per call: no device sync, and a copy a CUDA graph can capture
+    (`device_constants`). Device band dims are used as they are (the membership is built on the device).
+    """
+    if high_idx.device.type == "cpu" and low_idx.device.type == "cpu":
+        tables = host_band_tables(tuple(high_idx.tolist()), tuple(low_idx.tolist()), head_dim)
+        return tuple(on_device(t, device) for t in tables)
+    high = high_idx.to(device=device, dtype=torch.int32).contiguous()
+    low = low_idx.to(device=device, dtype=torch.int32).contiguous()
+    band = torch.zeros(head_dim, dtype=torch.int32, device=device)
+    band[high.long()] |= 1
+    band[low.long()] |= 2
+    return high, low, band
+
+
+@functools.lru_cache(maxsize=256)
+def host_band_tables(high: tuple[int, ...], low: tuple[int, ...], head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`band_tables` on the host for band dims given as tuples (memoised, page-locked when CUDA is available)."""
+    band = torch.zeros(head_dim, dtype=torch.int32)
+    band[list(high)] |= 1
+    band[list(low)] |= 2
+    return (host_constant(torch.tensor(high, dtype=torch.int32)), host_constant(torch.tensor(low, dtype=torch.int32)),
+            host_constant(band))
 
 
 def _select_buckets(nq: int, nk: int, Lq: int, q_offset: int, block_size: int, causal: bool,

@@ -165,6 +165,26 @@ def kernel_times(fn, iters=10) -> dict[str, float]:
     return out
 
 
+def capture(fn):
+    """(graph, outputs): fn() captured in a CUDA graph after two warm-up calls on a side stream; raises if
+    fn synchronises with the device or copies from pageable host memory (what a capture forbids)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def same_lists(a, b) -> bool:
+    """Two BlockLists select the same blocks (entries past each row's count are undefined)."""
+    return bool(torch.equal(a.to_dense(), b.to_dense()))
+
+
 def time_length(L: int, device="cuda") -> list[dict]:
     """Timing rows (per_head and per_kv_head) at one length L (B=1, H=32, Hkv=8, D=128, bf16)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -213,13 +233,31 @@ def time_length(L: int, device="cuda") -> list[dict]:
                     warmup=5, rep=50)
             print(f"L={L} {gqa}: estimation by precision: " +
                   ", ".join(f"{key} {ms:.3f} ms" for key, ms in by_precision.items()))
-        row = {"L": L, "gqa": gqa, "estimation_ms": t_est,
+        # the method's selection and attention captured in CUDA graphs: replay equals eager, and its time
+        graph, captured = capture(lambda params=params: prism.prism_select(q, k, mask, site, params))
+        graph.replay()
+        torch.cuda.synchronize()
+        if not same_lists(captured, blocks):
+            raise AssertionError(f"L={L} {gqa}: the captured selection's replay differs from the eager lists")
+        t_est_graph = do_bench(graph.replay, warmup=5, rep=50)
+        attn_graph, attn_out = capture(lambda params=params: prism.attention(q, k, v, mask, site, params)[0])
+        attn_graph.replay()
+        torch.cuda.synchronize()
+        err = float((attn_out.float() - prism.attention(q, k, v, mask, site, params)[0].float()).abs().max())
+        if err != 0.0:
+            raise AssertionError(f"L={L} {gqa}: captured attention differs from eager by {err}")
+        t_attn_graph = do_bench(attn_graph.replay, warmup=3, rep=30)
+        del graph, attn_graph
+        row = {"L": L, "gqa": gqa, "estimation_ms": t_est, "estimation_graph_ms": t_est_graph,
+               "prism_attention_graph_ms": t_attn_graph,
                "estimation_by_precision_ms": by_precision, "estimation_gflops": flops / t_est / 1e6,
                "estimation_extra_gib": extra_gib, "density": density, "prism_attention_ms": t_attn,
                **dense, "kernels_ms": kernel_times(est)}
         rows.append(row)
-        print(f"L={L} {gqa}: estimation {t_est:.3f} ms ({row['estimation_gflops']:.0f} GFLOP/s, "
-              f"+{extra_gib:.2f} GiB), density {density:.3f}, prism attention {t_attn:.2f} ms, "
+        print(f"L={L} {gqa}: estimation {t_est:.3f} ms (CUDA-graph replay {t_est_graph:.3f} ms; "
+              f"{row['estimation_gflops']:.0f} GFLOP/s, "
+              f"+{extra_gib:.2f} GiB), density {density:.3f}, prism attention {t_attn:.2f} ms (replay "
+              f"{t_attn_graph:.2f}), "
               f"SDPA cuDNN {dense['sdpa_cudnn_ms']:.2f} / flash {dense['sdpa_flash_ms']:.2f} ms")
         for name, ms in sorted(row["kernels_ms"].items(), key=lambda kv: -kv[1])[:6]:
             print(f"    {ms:8.3f} ms  {name}")

@@ -246,7 +246,7 @@ def prism_select(
     if not q.is_cuda:
         return prism_select_reference(q, k, mask, site, params, dtype=torch.float32, block_size=block_size)
     _check_site(q, k, site)
-    # band dims stay on the host: the kernel's range check then reads them without a device sync
+    # band dims stay on the host: checked there, copied page-locked (`kernels.prism.band_tables`)
     kw = selection_kwargs(site, params, block_size=block_size)
     kv_num_blocks, kv_indices = prism_select_triton(q, k, mask=mask, **kw)
     return BlockList(kv_num_blocks, kv_indices, kw["block_size"], q.shape[2], k.shape[2])
@@ -317,8 +317,8 @@ METHOD = Method(
     attention=attention,
     unsupported=unsupported,
     select=lambda q, k, v, mask, site, params, scale=None: prism_select(q, k, mask, site, params),
-    # the selection moves band indices to the device and the launch sizes depend on host values:
-    # not captured in CUDA graphs yet (runs between captured partitions)
-    capturable_phases=(),
+    # no host sync on CUDA: band tables are page-locked host constants copied asynchronously, launch sizes
+    # come from shapes (`benchmarks/prism_check.py` captures the selection and the attention and replays them)
+    capturable_phases=("prefill",),
     summary="spectral block scoring (dual RoPE-frequency bands, calibrated temperatures, top-p) -> block-sparse",
 )
