@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_compile.benchmarks.decode_bench import graph_ms
 from sparse_compile.kernels.block_mask import BlockList
 from sparse_compile.kernels.block_sparse_attention import (
     block_sparse_attention,
@@ -191,7 +192,6 @@ def padding_benchmark(L: int = 32768, B: int = 4, pad: float = 0.2, heads: int =
     the unpadded parts (what the dense method runs for left padding). Times in ms."""
     from torch.nn.attention import sdpa_kernel
 
-    from sparse_compile.kernels.block_mask import BlockList
     from sparse_compile.methods.dense import FAST_BACKENDS, left_padded_causal_attention
 
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -303,6 +303,7 @@ def _bench_length(L, densities, H, Hkv, D, dtype, rep_ms, with_flex, with_sdpa, 
             return block_sparse_attention(q, k, v, num, idx, block_size=BLOCK, causal=True,
                                           validate=False, config=config)
         row["ours"] = _bench(run_ours, rep_ms)
+        row["ours_graph"] = graph_ms(run_ours, rep_ms)
         if alt_config is not None:  # a second kernel config on the same inputs (version comparison)
             def run_alt(num=num, idx=idx):
                 return block_sparse_attention(q, k, v, num, idx, block_size=BLOCK, validate=False,
@@ -323,6 +324,7 @@ def _bench_length(L, densities, H, Hkv, D, dtype, rep_ms, with_flex, with_sdpa, 
                 return flex(q, k, v, block_mask=bm, enable_gqa=True)
             try:
                 row["flex"] = _bench(run_flex, rep_ms)
+                row["flex_graph"] = graph_ms(run_flex, rep_ms)
                 if L <= 32768:  # same mask, same function: outputs must agree
                     o1, o2 = run_ours().float(), run_flex().float()
                     row["ours_vs_flex_rel_err"] = ((o1 - o2).norm() / o2.norm()).item()
@@ -345,10 +347,14 @@ def _fmt_row(r: dict) -> str:
     ratio_c = r["ours"] / r["sdpa_cudnn"] if r.get("sdpa_cudnn") else float("nan")
     flex_tflops = r.get("flex_tflops", float("nan"))
     alt = f" | {ms(r['ours_alt'])}" if "ours_alt" in r else ""
+    graphs = ""
+    if "ours_graph" in r:
+        ratio_g = r["ours_graph"] / r["flex_graph"] if r.get("flex_graph") else float("nan")
+        graphs = f" | {ms(r['ours_graph'])} | {ms(r.get('flex_graph'))} | {ratio_g:.2f}"
     return (f"| {r['L'] // 1024}K | {100 * r['density_target']:.0f}% ({100 * r['density']:.1f}%) | "
             f"{ms(r['ours'])} | {ms(r.get('flex'))} | {ms(r.get('sdpa_flash'))} | "
             f"{ms(r.get('sdpa_cudnn'))} | {ratio_f:.2f} | {ratio_c:.2f} | {r['ours_tflops']:.0f} | "
-            f"{flex_tflops:.0f}{alt} |")
+            f"{flex_tflops:.0f}{graphs}{alt} |")
 
 
 def markdown_table(result: dict) -> str:
@@ -358,11 +364,15 @@ def markdown_table(result: dict) -> str:
             f"Kernel config: `{result['config']}`\n\n"
             "| L | density target (actual) | ours ms | Flex ms | SDPA flash ms | SDPA cuDNN ms | ours/Flex | "
             "ours/cuDNN | ours TFLOP/s | Flex TFLOP/s |")
+    cols = 10
+    if any("ours_graph" in r for r in result["rows"]):  # CUDA-graph replays: no host launch overhead
+        head += " ours graph ms | Flex graph ms | graph ours/Flex |"
+        cols += 3
     if result.get("alt_config"):
         head = head.replace("Kernel config:", f"Alt config (last column): `{result['alt_config']}`; kernel config:")
-        head += " ours (alt config) ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
-    else:
-        head += "\n|---|---|---|---|---|---|---|---|---|---|\n"
+        head += " ours (alt config) ms |"
+        cols += 1
+    head += "\n|" + "---|" * cols + "\n"
     return head + "\n".join(_fmt_row(r) for r in result["rows"]) + "\n"
 
 

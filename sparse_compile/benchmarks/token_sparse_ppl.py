@@ -1,4 +1,4 @@
-"""Token Sparse Attention on SmolLM2: the continuation perplexity the whole-window PPL hides (CPU).
+"""Token Sparse Attention on SmolLM2: the continuation perplexity the whole-window PPL hides (CPU or GPU).
 
 A token dropped in a layer gets a zero attention output there, so its own next-token prediction degrades
 by design, while the always-kept recent tokens (the end of the prompt a continuation starts from) barely
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
+    model = model.to(args.device)
     corpus = load_corpus(args.corpus or default_corpus())
     ids_all = tokenize(tokenizer, corpus.text)
     configs = configurations(args.taus, args.stacked_taus, args.prism_thresholds,
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     for length in args.lengths:
         for start, ids in windows(ids_all, length, args.windows):
+            ids = ids.to(args.device)
             with torch.no_grad():
                 ref_nll, ref_top = scores(model(ids[None]).logits, ids, args.last)
             rows.append({"config": "eager", "length": length, "start": start, "nll_sum": float(ref_nll.sum()),
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       flush=True)
                 torch._dynamo.reset()
     return {"model": args.model, "corpus": corpus.name, "last": args.last, "windows": args.windows,
-            "rows": rows, "wall_s": time.perf_counter() - t0, "torch": torch.__version__}
+            "rows": rows, "wall_s": time.perf_counter() - t0, "torch": torch.__version__, "device": args.device}
 
 
 def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -124,7 +126,8 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"SmolLM2-135M-Instruct (GGUF), corpus {result['corpus']}, {result['windows']} window(s) per length, "
-             f"CPU fp32, torch {result['torch']}; last = the last {result['last']} predicted tokens", "",
+             f"{result.get('device', 'cpu')} fp32, torch {result['torch']}; last = the last {result['last']} "
+             "predicted tokens", "",
              "| L | config | mean density (all layers) | PPL last | ΔPPL last | greedy agree last | whole-window PPL "
              "| ΔPPL whole |", "|---|---|---|---|---|---|---|---|"]
     for r in summary(result):
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", metavar="LABEL",
                     help="run only the configurations with this label (repeatable), e.g. 'prism 0.95'")
     ap.add_argument("--layers", help="token_sparse layers, e.g. 15-29 (default: the shipped policy's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; cuda runs the Triton kernels)")
     ap.add_argument("--threads", type=positive_int, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--out", type=Path, help="JSON results file (a .md table is written beside it)")
