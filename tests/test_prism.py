@@ -446,3 +446,26 @@ def test_attention_dense_fallbacks():
     # no length gate inside the method (the policy's phase-level min_seq_len is the one gate): 40 keys run sparse
     _, density = prism.attention(q, k, v, AttentionMask(q_offset=32), site, params, block_size=16)
     assert (density < 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# band tables: the host constants the CUDA path copies (capturable) hold the bands' dims and membership
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("D,R,rope", [(64, 64, "rotate_half"), (96, 64, "interleaved"), (128, 128, "rotate_half")])
+def test_band_tables_from_host_dims(D, R, rope):
+    from sparse_compile.kernels.prism import band_tables
+
+    high, low = band_dims(_site(D, R, rope), PrismParams())
+    tables = band_tables(high, low, D, torch.device("cpu"))
+    expect_band = torch.zeros(D, dtype=torch.int32)
+    expect_band[high] |= 1
+    expect_band[low] |= 2
+    assert all(t.dtype == torch.int32 for t in tables)
+    assert torch.equal(tables[0], high.to(torch.int32)) and torch.equal(tables[1], low.to(torch.int32))
+    assert torch.equal(tables[2], expect_band)
+    assert bool((tables[2] & 1).sum() == high.numel()) and bool(((tables[2] & 2) != 0).sum() == low.numel())
+    # memoised per dims: a captured graph's copy keeps reading the same (page-locked) memory
+    again = band_tables(high.clone(), low.clone(), D, torch.device("cpu"))
+    assert all(a is b for a, b in zip(tables, again, strict=True))
