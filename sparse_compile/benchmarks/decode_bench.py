@@ -46,19 +46,25 @@ def bench(fn, rep_ms: float = 60.0) -> float:
     return float(triton.testing.do_bench(fn, warmup=15, rep=rep_ms, return_mode="median"))
 
 
+def capture(fn) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, outputs): fn() captured in a CUDA graph after two warm-up calls on a side stream; raises if
+    fn synchronises with the device or copies from pageable host memory (what a capture forbids)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def graph_ms(fn, rep_ms: float = 60.0) -> float | str:
     """Median ms of replaying a CUDA graph that captured fn() (fn must not sync or allocate by data)."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return bench(graph.replay, rep_ms)
+        return bench(capture(fn)[0].replay, rep_ms)
     except Exception as err:  # record why capture failed
         return f"capture failed: {type(err).__name__}: {str(err)[:160]}"
 

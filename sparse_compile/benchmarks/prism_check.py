@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
+from sparse_compile.benchmarks.decode_bench import capture
 from sparse_compile.kernels.block_mask import BlockList
 from sparse_compile.kernels.prism import estimation_flops, prism_select_triton
 from sparse_compile.methods import prism
@@ -163,21 +164,6 @@ def kernel_times(fn, iters=10) -> dict[str, float]:
             if t:
                 out[evt.key[:60]] = t / 1000.0 / iters
     return out
-
-
-def capture(fn):
-    """(graph, outputs): fn() captured in a CUDA graph after two warm-up calls on a side stream; raises if
-    fn synchronises with the device or copies from pageable host memory (what a capture forbids)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def same_lists(a, b) -> bool:
