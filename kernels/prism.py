@@ -511,19 +511,12 @@ def band_tables(high_idx: Tensor, low_idx: Tensor, head_dim: int,
     """(high_idx (n_high,) int32, low_idx (n_low,) int32, band (head_dim,) int32) on `device`; band[d] has
     bit 0 set iff d is a high-band dim and bit 1 iff a low-band dim.
 
-    Host band dims (what the Prism method passes) are turned into tables once (memoised, page-locked) and
-    copied asynchronously per call: no device sync, and a copy a CUDA graph can capture
-    (`device_constants`). Device band dims are used as they are (the membership is built on the device).
+    Built once per band layout on the host (memoised, page-locked) and copied asynchronously per call: a copy
+    a CUDA graph can capture (`device_constants`). Host band dims (what the Prism method passes) cost no
+    device sync; device band dims are read back once per call (as `_check_inputs` already does).
     """
-    if high_idx.device.type == "cpu" and low_idx.device.type == "cpu":
-        tables = host_band_tables(tuple(high_idx.tolist()), tuple(low_idx.tolist()), head_dim)
-        return tuple(on_device(t, device) for t in tables)
-    high = high_idx.to(device=device, dtype=torch.int32).contiguous()
-    low = low_idx.to(device=device, dtype=torch.int32).contiguous()
-    band = torch.zeros(head_dim, dtype=torch.int32, device=device)
-    band[high.long()] |= 1
-    band[low.long()] |= 2
-    return high, low, band
+    tables = host_band_tables(tuple(high_idx.tolist()), tuple(low_idx.tolist()), head_dim)
+    return tuple(on_device(t, device) for t in tables)
 
 
 @functools.lru_cache(maxsize=256)

@@ -148,11 +148,12 @@ def resolved_band_sizes(site: SiteFacts, params: PrismParams) -> tuple[int, int]
 
 
 @functools.lru_cache(maxsize=256)
-def band_dims(site: SiteFacts, params: PrismParams, device: str = "cpu") -> tuple[Tensor, Tensor]:
+def band_dims(site: SiteFacts, params: PrismParams) -> tuple[Tensor, Tensor]:
     """The head-dim indices of the high and the low band, from the site's RoPE layout.
 
-    Returns (high_idx, low_idx): int64 tensors on `device` of shapes (high_dims,) and (low_dims,),
-    ascending; memoised per (site, params, device), so a node builds them once (treat as read-only).
+    Returns (high_idx, low_idx): int64 CPU tensors of shapes (high_dims,) and (low_dims,), ascending;
+    memoised per (site, params), so a node builds them once (treat as read-only). The CUDA selection copies
+    them to the device itself (`kernels.prism.band_tables`, page-locked and capturable).
 
     Frequency index f in [0, R/2) (R = rotary_dim; lower f = higher frequency) owns the pair
       rotate_half: dims (f, f + R/2);   interleaved: dims (2f, 2f + 1).
@@ -177,8 +178,7 @@ def band_dims(site: SiteFacts, params: PrismParams, device: str = "cpu") -> tupl
     n_pass = min(low, D - R)
     low_rot_pairs = (low - n_pass) // 2
     low_idx = list(range(D - n_pass, D)) + pair_dims(range(R // 2 - low_rot_pairs, R // 2))
-    return (torch.tensor(sorted(high_idx), dtype=torch.long, device=device),
-            torch.tensor(sorted(low_idx), dtype=torch.long, device=device))
+    return torch.tensor(sorted(high_idx), dtype=torch.long), torch.tensor(sorted(low_idx), dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +186,10 @@ def band_dims(site: SiteFacts, params: PrismParams, device: str = "cpu") -> tupl
 # ---------------------------------------------------------------------------------------------
 
 
-def selection_kwargs(site: SiteFacts, params: PrismParams, *, block_size: int | None = None,
-                     device: str = "cpu") -> dict:
+def selection_kwargs(site: SiteFacts, params: PrismParams, *, block_size: int | None = None) -> dict:
     """The keyword arguments of select_blocks_reference / prism_select_triton for a site (params were
     validated when the policy loaded; nothing is re-checked here)."""
-    high_idx, low_idx = band_dims(site, params, str(device))
+    high_idx, low_idx = band_dims(site, params)
     return dict(
         high_idx=high_idx,
         low_idx=low_idx,
