@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
+from sparse_compile.kernels.block_mask import BlockList
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention, nonfinite_keys
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
 from sparse_compile.benchmarks.decode_bench import graph_ms
-from sparse_compile.benchmarks.engine import _causal_mod, _lists_full_width, random_causal_block_mask
+from sparse_compile.benchmarks.engine import _lists_full_width, random_causal_block_mask
+from sparse_compile.benchmarks.methods import flex_block_mask
 
 H, HKV, D, BLOCK = 32, 8, 128, 128
 
@@ -26,12 +28,7 @@ def row(L: int, density: float, flex, g: torch.Generator) -> str:
     n = math.ceil(L / BLOCK)
     mask = random_causal_block_mask(1, H, n, density, g, "cuda")
     num, idx = _lists_full_width(mask)
-    diag = torch.eye(n, dtype=torch.bool, device="cuda").expand_as(mask)
-    f_num, f_idx = _lists_full_width(mask & ~diag)
-    p_num = torch.ones(1, H, n, dtype=torch.int32, device="cuda")
-    p_idx = torch.arange(n, dtype=torch.int32, device="cuda")[:, None].expand(1, H, n, n).contiguous()
-    bm = BlockMask.from_kv_blocks(p_num, p_idx, f_num, f_idx, BLOCK_SIZE=BLOCK, mask_mod=_causal_mod,
-                                  seq_lengths=(L, L), compute_q_blocks=False)
+    bm = flex_block_mask(BlockList(num, idx, BLOCK, L, L), H)  # the same blocks, diagonal ones causal
 
     def ours(config=None):
         return lambda: block_sparse_attention(q, k, v, num, idx, block_size=BLOCK, validate=False, config=config)
