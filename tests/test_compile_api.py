@@ -29,7 +29,7 @@ from sparse_compile.ops import (
 from sparse_compile.params import PolicyError
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if p.stem != "__init__")
+KERNEL_MODULES = sorted(p.stem for p in (ROOT / "sparse_compile" / "kernels").glob("*.py") if p.stem != "__init__")
 
 
 def prism_policy(min_seq_len: int, block_size: int = 64) -> sparse_compile.Policy:
@@ -129,7 +129,7 @@ def test_method_rejects_unknown_phases():
 def test_kernel_modules_import_nothing_above_them(module):
     """Statically (every import in the file) and at run time (a fresh interpreter imports the module and
     no sparse_compile.methods / passes / ops module gets loaded)."""
-    tree = ast.parse((ROOT / "kernels" / f"{module}.py").read_text())
+    tree = ast.parse((ROOT / "sparse_compile" / "kernels" / f"{module}.py").read_text())
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
