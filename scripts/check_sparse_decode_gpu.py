@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 
 import torch
-from sparse_compile.kernels.sparse_decode import sparse_decode_attention
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference
+from sparse_compile.kernels.sparse_decode import sparse_decode_attention
 from sparse_compile.methods import dense
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}

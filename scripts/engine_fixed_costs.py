@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
-from sparse_compile.kernels.block_mask import BlockList
-from sparse_compile.kernels.block_sparse_attention import block_sparse_attention, nonfinite_keys
 from torch.nn.attention.flex_attention import flex_attention
 
 from sparse_compile.benchmarks.decode_bench import graph_ms
 from sparse_compile.benchmarks.engine import _lists_full_width, random_causal_block_mask
 from sparse_compile.benchmarks.methods import flex_block_mask
+from sparse_compile.kernels.block_mask import BlockList
+from sparse_compile.kernels.block_sparse_attention import block_sparse_attention, nonfinite_keys
 
 H, HKV, D, BLOCK = 32, 8, 128, 128
 

@@ -12,9 +12,9 @@ import pstats
 import time
 
 import torch
-from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
 
 from sparse_compile.benchmarks.engine import _lists_full_width, random_causal_block_mask
+from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from sparse_compile.kernels import BlockList
 from sparse_compile.kernels.block_mask import causal_block_mask
 

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from triton.runtime.errors import OutOfResources
+
+from sparse_compile.attention_mask import AttentionMask, exact_attention_reference
 from sparse_compile.kernels import BlockList, block_sparse_attention, block_sparse_attention_reference
 from sparse_compile.kernels.block_sparse_attention import (
     default_config,
@@ -21,9 +24,6 @@ from sparse_compile.kernels.block_sparse_attention import (
     max_shared_mem,
     shared_mem_estimate,
 )
-from triton.runtime.errors import OutOfResources
-
-from sparse_compile.attention_mask import AttentionMask, exact_attention_reference
 
 bsa_module = importlib.import_module("sparse_compile.kernels.block_sparse_attention")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparse_compile.kernels.block_mask import BlockList
 
 from sparse_compile.benchmarks import methods as mbench
 from sparse_compile.evaluation import needle
 from sparse_compile.evaluation.cache import ResultCache
 from sparse_compile.evaluation.output import update_markdown_section
 from sparse_compile.evaluation.policies import expand_policies, parse_sweep
+from sparse_compile.kernels.block_mask import BlockList
 from sparse_compile.methods import METHODS
 from sparse_compile.params import PolicyError
 

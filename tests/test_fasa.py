@@ -10,6 +10,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_backend import peaked_llama
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+import sparse_compile
+from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.kernels.fasa import (
     chunk_dims,
     chunk_tables,
@@ -19,12 +25,6 @@ from sparse_compile.kernels.fasa import (
     key_state,
     select_tokens,
 )
-from test_backend import peaked_llama
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-import sparse_compile
-from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.methods import dense, fasa
 from sparse_compile.ops import CallShape
 from sparse_compile.params import PolicyError, params_from_mapping

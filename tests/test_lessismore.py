@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from test_backend import peaked_llama
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+import sparse_compile
 from sparse_compile.kernels.lessismore import (
     budget_split,
     decode_logits,
@@ -18,11 +23,6 @@ from sparse_compile.kernels.lessismore import (
     union_by_rank,
     union_reference,
 )
-from test_backend import peaked_llama
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-import sparse_compile
 from sparse_compile.methods import lessismore
 from sparse_compile.ops import CallShape
 from sparse_compile.params import PolicyError, params_from_mapping

@@ -17,9 +17,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from sparse_compile.kernels import BlockList, block_sparse_attention, block_sparse_attention_reference
 
 from sparse_compile.attention_mask import AttentionMask, exact_attention_reference
+from sparse_compile.kernels import BlockList, block_sparse_attention, block_sparse_attention_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on NaN/inf
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
-from sparse_compile.kernels.pbs import ORDER_HIDDEN, key_scores, key_scores_triton, segment_permutation
 from test_backend import tiny_llama
 
 import sparse_compile
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
+from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
+from sparse_compile.kernels.pbs import ORDER_HIDDEN, key_scores, key_scores_triton, segment_permutation
 from sparse_compile.methods import pbs
 from sparse_compile.ops import CallShape
 from sparse_compile.params import PolicyError, params_from_mapping

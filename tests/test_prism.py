@@ -14,10 +14,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparse_compile.kernels.block_mask import BlockList, causal_block_mask
-from sparse_compile.kernels.prism import prism_select_triton
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
+from sparse_compile.kernels.block_mask import BlockList, causal_block_mask
+from sparse_compile.kernels.prism import prism_select_triton
 from sparse_compile.methods import prism
 from sparse_compile.methods.prism import (
     PrismParams,

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from sparse_compile.passes.sites import Candidate, SiteMatch, find_sites
 from torch import nn
 
 from sparse_compile import Report
+from sparse_compile.passes.sites import Candidate, SiteMatch, find_sites
 
 B, L, H, HKV, D = 2, 9, 4, 2, 16
 

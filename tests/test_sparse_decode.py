@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparse_compile.kernels.sparse_decode import sparse_decode_attention, sparse_decode_reference
 
 from sparse_compile.attention_mask import AttentionMask, exact_attention_reference
+from sparse_compile.kernels.sparse_decode import sparse_decode_attention, sparse_decode_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 

@@ -10,6 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_backend import tiny_llama
+
+import sparse_compile
+from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference
 from sparse_compile.kernels.token_sparse import (
     gather_qkv,
     gather_qkv_reference,
@@ -18,10 +22,6 @@ from sparse_compile.kernels.token_sparse import (
     smooth_scores,
     token_scores,
 )
-from test_backend import tiny_llama
-
-import sparse_compile
-from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference
 from sparse_compile.methods import token_sparse as ts
 from sparse_compile.ops import CallShape
 from sparse_compile.params import PolicyError

@@ -53,9 +53,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from sparse_compile.kernels.block_mask import _cdiv
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
+
+from sparse_compile.kernels.block_mask import _cdiv
 
 _SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -39,8 +39,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from sparse_compile.kernels.device_constants import host_constant, on_device
 from torch import Tensor
+
+from sparse_compile.kernels.device_constants import host_constant, on_device
 
 LAYOUTS = ("rotate_half", "interleaved", "adjacent")
 INVISIBLE, VISIBLE, FORCED = 0, 1, 2  # the per-key state vector

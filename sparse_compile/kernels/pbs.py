@@ -36,8 +36,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sparse_compile.kernels.block_mask import _cdiv
 from torch import Tensor
+
+from sparse_compile.kernels.block_mask import _cdiv
 
 ORDER_HIDDEN = 2**30  # kv_order of a padded key: after every query position, so never visible
 LAST_QUERIES = 128  # queries whose attention ranks the keys (the authors' choice)

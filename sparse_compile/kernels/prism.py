@@ -29,9 +29,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from sparse_compile.kernels.block_mask import MaskStructure, _cdiv, allowed_blocks
 from sparse_compile.kernels.device_constants import host_constant, on_device
-from torch import Tensor
 
 __all__ = ["prism_select_triton", "reference", "select_blocks_reference"]
 

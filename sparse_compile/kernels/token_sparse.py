@@ -40,8 +40,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from sparse_compile.kernels.pbs import key_scores, key_scores_triton
 from torch import Tensor
+
+from sparse_compile.kernels.pbs import key_scores, key_scores_triton
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+
 from sparse_compile.passes.graph import meta_value, op_name, shape_of
 
 # Offsets are ints, or FX nodes producing SymInts (e.g. the cache length in decode graphs).

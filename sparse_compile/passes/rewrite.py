@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from sparse_compile.passes.graph import meta_value
-from sparse_compile.passes.masks import MaskMatch
-from sparse_compile.passes.sites import SiteMatch, find_sites
 
 from sparse_compile.attention_mask import SiteFacts
 from sparse_compile.methods import METHODS
 from sparse_compile.ops import RAN, CallShape, fallback_reason, node_config, parse_config
 from sparse_compile.params import params_to_dict
+from sparse_compile.passes.graph import meta_value
+from sparse_compile.passes.masks import MaskMatch
+from sparse_compile.passes.sites import SiteMatch, find_sites
 from sparse_compile.policy import Policy
 from sparse_compile.report import Rejection, Site
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
+
 from sparse_compile.passes.graph import GraphView, op_name, shape_of, skip_transparent
 
 

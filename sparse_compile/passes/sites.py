@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.fx as fx
+
 from sparse_compile.passes.graph import GraphView, op_name, sdpa_args, shape_of, skip_transparent
 from sparse_compile.passes.masks import MaskMatch, analyze_mask
 from sparse_compile.passes.rope import RopeMatch, match_rope
