@@ -8,50 +8,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
 from typing import Any
 
-from sparse_compile.compiler import MODES, SparseBackend
-from sparse_compile.explain import explain
-from sparse_compile.params import PolicyError
-from sparse_compile.policy import Policy, load_policy, shipped_policies
-from sparse_compile.report import Report, Site
+# Public names and the module that defines each. Resolved on first use (PEP 562), so importing a
+# submodule (`sparse_compile.kernels.prism`, say) does not load the compiler, the methods and the passes.
+_PUBLIC = {
+    "MODES": "sparse_compile.compiler",
+    "backend": "sparse_compile.compiler",
+    "compile": "sparse_compile.compiler",
+    "explain": "sparse_compile.explain",
+    "PolicyError": "sparse_compile.params",
+    "Policy": "sparse_compile.policy",
+    "load_policy": "sparse_compile.policy",
+    "shipped_policies": "sparse_compile.policy",
+    "Report": "sparse_compile.report",
+    "Site": "sparse_compile.report",
+}
 
-__all__ = ["MODES", "Policy", "PolicyError", "Report", "Site", "backend", "compile", "explain", "load_policy",
-           "shipped_policies"]
-
-
-def backend(
-    policy: str | Policy | Mapping[str, Any] | None = None,
-    *,
-    inner: str = "inductor",
-    mode: str | None = None,
-    inductor: Mapping[str, Any] | None = None,
-    report: Report | None = None,
-    debug: bool = False,
-) -> SparseBackend:
-    """The `sparse` backend as an object, validated now: `torch.compile(model, backend=sparse_compile.backend(
-    policy="prism"), mode="reduce-overhead")`. Raises PolicyError naming a bad argument before any tracing.
-
-    policy: shipped name, TOML path, mapping or Policy (default "dense"); inner: "inductor" | "eager";
-    mode: one of MODES (or give it to torch.compile); inductor: Inductor config patches; report: a Report
-    to fill (the backend's `.report` otherwise); debug: print graphs before/after the rewrite.
-    """
-    return SparseBackend(policy, inner=inner, mode=mode, inductor=inductor, report=report, debug=debug)
+__all__ = sorted(_PUBLIC)
 
 
-def compile(model: Any, policy: str | Policy | Mapping[str, Any] | None = None, *, inner: str = "inductor",
-            mode: str | None = None, inductor: Mapping[str, Any] | None = None, **compile_kwargs: Any) -> Any:
-    """`torch.compile(model, backend=sparse_compile.backend(policy, ...), **compile_kwargs)` with its Report
-    attached as `.sparse_report`. Validates everything first (PolicyError). compile_kwargs: dynamic,
-    fullgraph, ... (not backend/options/mode)."""
-    import torch
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'sparse_compile' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
 
-    for key in ("backend", "options"):
-        if key in compile_kwargs:
-            raise PolicyError(f"sparse_compile.compile: {key!r} is set by sparse_compile; give policy/inner/mode/"
-                              "inductor instead")
-    chosen = backend(policy, inner=inner, mode=mode, inductor=inductor)
-    compiled = torch.compile(model, backend=chosen, **compile_kwargs)
-    compiled.sparse_report = chosen.report
-    return compiled
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -33,6 +33,8 @@ import torch
 import torch.fx as fx
 
 from sparse_compile.params import PolicyError
+from sparse_compile.passes.rewrite import rewrite_attention
+from sparse_compile.passes.sites import find_sites
 from sparse_compile.policy import Policy, load_policy
 from sparse_compile.report import GraphRecord, Rejection, Report
 
@@ -163,8 +165,6 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: Pol
     """Run the attention pass on one dynamo graph, record it in `report`. Returns (gm, n_outputs, layers):
     n_outputs of the original graph (None: a single output), and the layers whose (density, fallback)
     outputs the pass appended."""
-    from sparse_compile.passes.rewrite import rewrite_attention
-
     index = len(report.graphs)
     nodes_before = len(gm.graph.nodes)
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -172,8 +172,6 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: Pol
     if debug:
         print(f"[sparse_compile] graph {index} before:\n{gm.code}")
     if grads_needed(example_inputs):
-        from sparse_compile.passes.sites import find_sites
-
         matches, candidates = find_sites(gm)
         calls = [m.sdpa for m in matches] + [c.sdpa for c in candidates]
         for node in calls:
@@ -187,7 +185,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: Pol
     report.sites.extend(sites)
     report.rejected.extend(rejections)
     phase = sites[0].phase if sites else "unknown"
-    n_calls = len(sites) + sum(1 for r in rejections if not r.reason.startswith("mask not recognised"))
+    n_calls = len(sites) + sum(1 for r in rejections if not r.site_rewritten)
     report.graphs.append(GraphRecord(index, phase, n_calls, len(sites), nodes_before, len(gm.graph.nodes), policy.name))
     if debug:
         print(f"[sparse_compile] graph {index} after:\n{gm.code}")
@@ -212,3 +210,39 @@ def with_call_records(compiled: Callable, n_outputs: int | None, layers: list[in
         return kept if n_outputs is not None else kept[0]
 
     return run
+
+
+def backend(
+    policy: str | Policy | Mapping[str, Any] | None = None,
+    *,
+    inner: str = "inductor",
+    mode: str | None = None,
+    inductor: Mapping[str, Any] | None = None,
+    report: Report | None = None,
+    debug: bool = False,
+) -> SparseBackend:
+    """The `sparse` backend as an object, validated now: `torch.compile(model, backend=sparse_compile.backend(
+    policy="prism"), mode="reduce-overhead")`. Raises PolicyError naming a bad argument before any tracing.
+
+    policy: shipped name, TOML path, mapping or Policy (default "dense"); inner: "inductor" | "eager";
+    mode: one of MODES (or give it to torch.compile); inductor: Inductor config patches; report: a Report
+    to fill (the backend's `.report` otherwise); debug: print graphs before/after the rewrite.
+    """
+    return SparseBackend(policy, inner=inner, mode=mode, inductor=inductor, report=report, debug=debug)
+
+
+def compile(model: Any, policy: str | Policy | Mapping[str, Any] | None = None, *, inner: str = "inductor",
+            mode: str | None = None, inductor: Mapping[str, Any] | None = None, report: Report | None = None,
+            debug: bool = False, **compile_kwargs: Any) -> Any:
+    """`torch.compile(model, backend=sparse_compile.backend(policy, ...), **compile_kwargs)` with its Report
+    attached as `.sparse_report`. Validates everything first (PolicyError). report: a Report to fill (a new
+    one otherwise); debug: print graphs before/after the rewrite; compile_kwargs: dynamic, fullgraph, ...
+    (not backend/options/mode)."""
+    for key in ("backend", "options"):
+        if key in compile_kwargs:
+            raise PolicyError(f"sparse_compile.compile: {key!r} is set by sparse_compile; give policy/inner/mode/"
+                              "inductor instead")
+    chosen = backend(policy, inner=inner, mode=mode, inductor=inductor, report=report, debug=debug)
+    compiled = torch.compile(model, backend=chosen, **compile_kwargs)
+    compiled.sparse_report = chosen.report
+    return compiled

@@ -43,7 +43,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """What a method may look at to decide whether it can run one call (host-side facts only)."""
+
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: torch.dtype
+    device_type: str
+    window: int = 0
+    causal: bool = True
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
-from sparse_compile.method import Method
+from sparse_compile.method import CallShape, Method
+from sparse_compile.methods import METHODS
 from sparse_compile.params import canonical_json, params_from_mapping, params_to_dict
 
 # Why a node ran exact attention instead of its method; the op's `fallback` output indexes this.
@@ -54,22 +55,6 @@ FALLBACKS = (
     "call not supported by the method",
 )
 RAN, UNPROVEN_MASK, BELOW_MIN_SEQ_LEN, UNSUPPORTED = range(len(FALLBACKS))
-
-
-@dataclass(frozen=True)
-class CallShape:
-    """What a method may look at to decide whether it can run one call (host-side facts only)."""
-
-    batch: int
-    num_heads: int
-    num_kv_heads: int
-    q_len: int
-    kv_len: int
-    head_dim: int
-    dtype: torch.dtype
-    device_type: str
-    window: int = 0
-    causal: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,8 +78,6 @@ def node_config(method: str, params: Any, min_seq_len: int, site: SiteFacts) -> 
 def parse_config(config: str) -> NodeConfig:
     """The node's method, validated params, min_seq_len and site facts (memoised: a pure function of the
     string, so params are validated once per distinct node, never per call)."""
-    from sparse_compile.methods import METHODS
-
     data = json.loads(config)
     method = METHODS[data["method"]]
     params = params_from_mapping(method.Params, data["params"], f"op config of method {data['method']!r}")
@@ -144,21 +127,89 @@ def call_shape(q: torch.Tensor, k: torch.Tensor, window: int = 0, causal: bool =
     return CallShape(B, H, k.shape[1], Lq, k.shape[2], D, q.dtype, q.device.type, window, causal)
 
 
-def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
-    """The node's computation: fallback decision, then the method (or exact attention)."""
-    from sparse_compile.methods import METHODS
+@dataclass(frozen=True)
+class NodeCall:
+    """One call of a fused node with its arguments bound: what runs it (the op, calibration, tools).
 
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D); mask: the call's AttentionMask (structure, or the unproven
+    tensor); node: the parsed config; selection/role: the sharing node's extra arguments (None / "" for
+    the plain node)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: AttentionMask
+    scale: float
+    node: NodeConfig
+    selection: torch.Tensor | None = None
+    role: str = ""
+
+    @property
+    def shape(self) -> CallShape:
+        return call_shape(self.q, self.k, self.mask.window, self.mask.causal)
+
+    def plan(self, method: Method | None = None, params: Any = None) -> NodePlan:
+        """What runs this call: the node's method (or `method`/`params` put in its place, as calibration
+        does), or exact attention with the reason (`fallback_reason`)."""
+        method = self.node.method if method is None else method
+        params = self.node.params if params is None else params
+        candidate = NodeConfig(method, params, self.node.min_seq_len, self.node.site)
+        code, reason = fallback_reason(candidate, self.shape, self.mask.dense_mask is not None)
+        if code != RAN:
+            return NodePlan(METHODS["dense"], METHODS["dense"].Params(), code, reason)
+        return NodePlan(method, params, RAN, "")
+
+    def run(self, plan: NodePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out (B, H, Lq, Dv), density (B, H) or (B, H, 1 + F)) of a plain (non-sharing) method's plan."""
+        plan = self.plan() if plan is None else plan
+        return plan.method.attention(self.q, self.k, self.v, self.mask, self.node.site, plan.params, self.scale)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """The method that runs one call and its params; `code`/`reason` say why exact attention runs instead."""
+
+    method: Method
+    params: Any
+    code: int = RAN
+    reason: str = ""
+
+    @property
+    def ran(self) -> bool:
+        return self.code == RAN
+
+
+def bind_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
+              dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int,
+              config: str, selection: torch.Tensor | None = None, role: str = "") -> NodeCall:
+    """The node's arguments (either op's signature) checked and bound; ValueError names a bad one."""
     check_inputs(q, k, v, key_valid, scale, q_offset, window)
-    node = parse_config(config)
     mask = AttentionMask(
         causal=causal, q_offset=q_offset, window=window,
         key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask,
     )
-    code, _ = fallback_reason(node, call_shape(q, k, window, causal), dense_mask is not None)
-    method, params = (node.method, node.params) if code == RAN else (METHODS["dense"], METHODS["dense"].Params())
-    out, density = method.attention(q, k, v, mask, node.site, params, scale)
-    return out.contiguous(), with_factors(density, node.method), torch.full((), code, dtype=torch.int32,
-                                                                            device=q.device)
+    return NodeCall(q, k, v, mask, scale, parse_config(config), selection, role)
+
+
+def node_call_of(func: Any, args: tuple, kwargs: dict | None = None) -> NodeCall | None:
+    """The bound call when `func` (as a TorchDispatchMode sees it) is one of this module's fused ops, else
+    None: how tools that watch a compiled graph find the nodes, by op identity, not by argument count."""
+    packet = getattr(func, "overloadpacket", None)
+    if packet not in (torch.ops.sparse_compile.attention, torch.ops.sparse_compile.attention_outside_graphs,
+                      torch.ops.sparse_compile.attention_sharing_selection):
+        return None
+    bound = func._schema  # the op's own argument names: positional and keyword calls bind alike
+    values = dict(zip((a.name for a in bound.arguments), args, strict=False)) | dict(kwargs or {})
+    return bind_node(**values)
+
+
+def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
+    """The node's computation: fallback decision, then the method (or exact attention)."""
+    call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config)
+    plan = call.plan()
+    out, density = call.run(plan)
+    return out.contiguous(), with_factors(density, call.node.method), torch.full((), plan.code, dtype=torch.int32,
+                                                                                 device=q.device)
 
 
 def with_factors(density: torch.Tensor, method) -> torch.Tensor:
@@ -203,29 +254,23 @@ ROLES = ("exact", "select", "reuse")
 
 def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role):
     """The node of a selection-sharing method: fallback decision, then the method's role."""
-    from sparse_compile.methods import METHODS
-
-    check_inputs(q, k, v, key_valid, scale, q_offset, window)
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    node = parse_config(config)
+    call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role)
+    node = call.node
     if node.method.selection_size is None:
         raise ValueError(f"method {node.method.name!r} does not share selections")
     width = node.method.selection_size(node.params) if role == "select" else 0
     if role == "reuse" and (selection is None or selection.dim() != 2 or selection.shape[0] != q.shape[0]):
         raise ValueError(f"a 'reuse' node needs a (B, N) selection, got "
                          f"{None if selection is None else tuple(selection.shape)}")
-    mask = AttentionMask(
-        causal=causal, q_offset=q_offset, window=window,
-        key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask,
-    )
-    code, _ = fallback_reason(node, call_shape(q, k, window, causal), dense_mask is not None)
-    if code != RAN or role == "exact":
-        out, density = METHODS["dense"].attention(q, k, v, mask, node.site, METHODS["dense"].Params(), scale)
+    plan = call.plan()
+    if not plan.ran or role == "exact":
+        out, density = call.run(NodePlan(METHODS["dense"], METHODS["dense"].Params(), plan.code, plan.reason))
         made = torch.full((q.shape[0], width), -1, dtype=torch.int32, device=q.device)
     else:
-        out, density, made = node.method.attention(q, k, v, mask, node.site, node.params, scale, role, selection)
-    return (out.contiguous(), with_factors(density, node.method), torch.full((), code, dtype=torch.int32,
+        out, density, made = node.method.attention(q, k, v, call.mask, node.site, node.params, scale, role, selection)
+    return (out.contiguous(), with_factors(density, node.method), torch.full((), plan.code, dtype=torch.int32,
                                                                              device=q.device), made)
 
 

@@ -43,6 +43,7 @@ def param(
     type: type | tuple[type, ...] | None = None,
     even: bool = False,
     quality: str | None = None,
+    convert: Any = None,
 ) -> Any:
     """A dataclass field with validation metadata.
 
@@ -55,11 +56,14 @@ def param(
       "higher" (a larger value is closer to exact attention, and denser) or "lower" (a smaller one
       is). The knob must be a float with a finite `range`; a method may mark several fields (they
       are set together, e.g. Prism's two band thresholds).
+    convert: optional (value, key, where) -> canonical value, applied after the checks by `MethodParams`
+      (e.g. `sparse_compile.layers.layer_list` for a list of layers).
     """
     if quality not in (None, "higher", "lower"):
         raise ValueError(f"param(): quality must be 'higher', 'lower' or None, got {quality!r}")
     kind = type if type is not None else builtin_type(default)
-    meta = {"help": help, "range": range, "choices": choices, "type": kind, "even": even, "quality": quality}
+    meta = {"help": help, "range": range, "choices": choices, "type": kind, "even": even, "quality": quality,
+            "convert": convert}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -173,3 +177,24 @@ def params_help(cls: type) -> list[tuple[str, Any, str, str]]:
 def canonical_json(data: Mapping[str, Any]) -> str:
     """Deterministic JSON (sorted keys, no spaces): the op's `config` string argument."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodParams:
+    """Base of every method's frozen parameter dataclass: the one validation loop.
+
+    Construction (from a policy table or in code) checks each field against its `param(...)` metadata and
+    stores its canonical value (`convert`); `validate()` holds a method's cross-field checks (a message
+    naming the keys, or None) and is called by `params_from_mapping` when a policy loads."""
+
+    def __post_init__(self) -> None:
+        where = type(self).__name__
+        for f in dataclasses.fields(self):
+            value = check_value(f, getattr(self, f.name), where)
+            convert = f.metadata.get("convert")
+            if convert is not None:
+                value = convert(value, f.name, where)
+            object.__setattr__(self, f.name, value)
+
+    def validate(self) -> str | None:
+        return None

@@ -23,18 +23,17 @@ Shipped policies live in `sparse_compile/policies/<name>.toml` and load by name.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import hashlib
-import operator
-import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sparse_compile.layers import MAX_LAYER, LayerSet, parse_layers  # noqa: F401 - re-exported
+from sparse_compile.methods import METHODS
 from sparse_compile.params import (
     INT64_MAX,
     PolicyError,
@@ -48,53 +47,6 @@ PHASES = ("prefill", "decode")
 TOP_LEVEL_KEYS = ("name", "description", "prefill", "decode")
 PHASE_KEYS = ("method", "min_seq_len", "params", "overrides")
 OVERRIDE_KEYS = ("layers", "method", "params")
-MAX_LAYER = 100_000  # largest layer index a policy may name (no model has more layers)
-LAYER_RANGE = re.compile(r"[ \t]*([0-9]+)[ \t]*(?:-[ \t]*([0-9]+)[ \t]*)?")  # "a-b" or "a", ASCII digits
-
-
-@dataclass(frozen=True)
-class LayerSet:
-    """A set of layer indices held as sorted, merged, inclusive (lo, hi) ranges: never materialised.
-
-    `layer in layers` is a binary search; `to_list()` is the canonical form (ints and "a-b").
-    """
-
-    ranges: tuple[tuple[int, int], ...] = ()
-
-    @classmethod
-    def from_ranges(cls, ranges: Iterable[tuple[int, int]]) -> LayerSet:
-        merged: list[tuple[int, int]] = []
-        for lo, hi in sorted(ranges):
-            if lo > hi:
-                raise ValueError(f"empty layer range ({lo}, {hi})")
-            if merged and lo <= merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        return cls(tuple(merged))
-
-    @classmethod
-    def of(cls, layers: Iterable[int]) -> LayerSet:
-        """From individual layer indices (e.g. a set of ints)."""
-        return cls.from_ranges((i, i) for i in layers)
-
-    def __contains__(self, layer: object) -> bool:
-        try:
-            index = operator.index(layer)  # type: ignore[arg-type]
-        except TypeError:
-            return False
-        i = bisect.bisect_right(self.ranges, (index, float("inf"))) - 1
-        return i >= 0 and self.ranges[i][0] <= index <= self.ranges[i][1]
-
-    def __len__(self) -> int:
-        return sum(hi - lo + 1 for lo, hi in self.ranges)
-
-    def to_list(self) -> list[int | str]:
-        """[0, "2-5", 9]: single layers as ints, runs as "a-b" strings, sorted and merged."""
-        return [lo if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges]
-
-    def __repr__(self) -> str:
-        return f"LayerSet({self.to_list()!r})"
 
 
 @dataclass(frozen=True)
@@ -193,8 +145,6 @@ def check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -
 
 
 def method_params(method: str, table: Any, phase: str, where: str) -> Any:
-    from sparse_compile.methods import METHODS
-
     if not isinstance(method, str) or method not in METHODS:
         raise PolicyError(f"{where}: key 'method' = {show(method)} is not a method; allowed: {', '.join(METHODS)}")
     module = METHODS[method]
@@ -205,39 +155,6 @@ def method_params(method: str, table: Any, phase: str, where: str) -> Any:
     if not isinstance(table, Mapping):
         raise PolicyError(f"{where}: key 'params' must be a table, got {type(table).__name__}")
     return params_from_mapping(module.Params, table, f"{where}.params")
-
-
-def layer_index(text: str) -> int:
-    """A run of ASCII digits as an int, without converting absurdly long runs."""
-    digits = text.lstrip("0") or "0"
-    return int(digits) if len(digits) <= len(str(MAX_LAYER)) else MAX_LAYER + 1
-
-
-def parse_layers(value: Any, where: str, key: str = "layers", allow_empty: bool = False) -> LayerSet:
-    """[0, 3, "5-7"] -> LayerSet ranges ((0, 0), (3, 3), (5, 7)); indices in [0, MAX_LAYER].
-
-    key: the key named in errors; allow_empty: accept [] (an empty set)."""
-    allowed = f"allowed: ints in [0, {MAX_LAYER}] and 'a-b' ranges with 0 <= a <= b <= {MAX_LAYER}"
-    if not isinstance(value, list) or not (value or allow_empty):
-        raise PolicyError(f"{where}: key '{key}' must be a non-empty list, got {show(value)}; {allowed}")
-    ranges: list[tuple[int, int]] = []
-    for item in value:
-        if isinstance(item, int) and not isinstance(item, bool):
-            if not 0 <= item <= MAX_LAYER:
-                raise PolicyError(f"{where}: key '{key}': layer {show(item)} is out of range; {allowed}")
-            ranges.append((item, item))
-            continue
-        match = LAYER_RANGE.fullmatch(item) if isinstance(item, str) else None
-        if match is None:
-            raise PolicyError(f"{where}: key '{key}': entry {show(item)} is not a layer or an 'a-b' range; {allowed}")
-        lo = layer_index(match[1])
-        hi = lo if match[2] is None else layer_index(match[2])
-        if hi > MAX_LAYER:
-            raise PolicyError(f"{where}: key '{key}': layer range {show(item)} is out of range; {allowed}")
-        if lo > hi:
-            raise PolicyError(f"{where}: key '{key}': layer range {show(item)} is empty (a > b); {allowed}")
-        ranges.append((lo, hi))
-    return LayerSet.from_ranges(ranges)
 
 
 def phase_from_mapping(table: Mapping[str, Any], phase: str, source: str) -> PhasePolicy:

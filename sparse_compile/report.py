@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from sparse_compile.methods import METHODS
+from sparse_compile.ops import BELOW_MIN_SEQ_LEN, FALLBACKS
+
 
 @dataclass(frozen=True)
 class Site:
@@ -65,6 +68,7 @@ class Rejection:
     layer: int | None
     node: str
     reason: str
+    site_rewritten: bool = False  # True: the call became a fused node anyway (e.g. keeping an unproven mask)
 
 
 @dataclass
@@ -115,8 +119,6 @@ class Report:
     def fallbacks(self, phase: str = "prefill") -> dict[int, str]:
         """{layer: why it ran exact attention instead of its method} in the latest call of the latest
         graph of `phase` (layers whose method ran are absent). Reads the codes (one device sync)."""
-        from sparse_compile.ops import BELOW_MIN_SEQ_LEN, FALLBACKS
-
         graph = self.latest_graph(phase)
         if graph is None:
             return {}
@@ -151,8 +153,6 @@ class Report:
         """{layer: {factor: mean}} for the layers whose method reports its density as named factors
         (`Method.density_parts`, e.g. token_sparse's kept fraction and inner block density), in the latest
         call of the latest graph of `phase`; {} if none."""
-        from sparse_compile.methods import METHODS
-
         graph = self.latest_graph(phase)
         names = {s.layer: METHODS[s.method].density_parts for s in self.sites
                  if s.graph == graph and s.method in METHODS}

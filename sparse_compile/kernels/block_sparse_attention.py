@@ -56,10 +56,10 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from sparse_compile.kernels.block_mask import _cdiv
+from sparse_compile.kernels.block_mask import BlockList, _cdiv
+from sparse_compile.kernels.limits import KERNEL_DTYPES
 
 _SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max init: fully masked chunks then give p = 0, alpha = 1, no NaN
 
 
@@ -581,7 +581,7 @@ def _check_inputs(q, k, v, kv_num_blocks, kv_indices, block_size, q_offset, wind
             raise ValueError(f"{name} must be 4-D (B, heads, L, D), got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _KERNEL_DTYPES + (torch.float64,):
+    if q.dtype not in KERNEL_DTYPES + (torch.float64,):
         raise ValueError(f"dtype {q.dtype} not supported (float16, bfloat16, float32; float64 on CPU)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -701,7 +701,7 @@ def block_sparse_attention(
     use_triton = impl == "triton" or (impl == "auto" and q.is_cuda)
     if use_triton and not (q.is_cuda or _interpreting()):
         raise ValueError("impl='triton' needs CUDA tensors or TRITON_INTERPRET=1")
-    if use_triton and q.dtype not in _KERNEL_DTYPES:
+    if use_triton and q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the Triton kernel takes float16/bfloat16/float32, got {q.dtype}")
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -835,8 +835,6 @@ def block_sparse_attention_reference(
     module docstring's contract (K/V rows holding a NaN/inf are computed as zeros, then the rows that see
     them are NaN; no nan_to_num, which would hide a NaN).
     """
-    from sparse_compile.kernels.block_mask import BlockList
-
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     if H % Hkv:

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor
 
+from sparse_compile.kernels.fasa import chunk_tables, fasa_scores, key_state
+
 NOT_CHOSEN = torch.iinfo(torch.int32).max  # order key of a token no head chose
 
 
@@ -52,7 +54,6 @@ def decode_logits(q: Tensor, k: Tensor, scale: float, visible: Tensor, impl: str
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     if impl == "reference" or (impl == "auto" and not q.is_cuda):
         return decode_logits_reference(q, k, scale, visible)
-    from sparse_compile.kernels.fasa import chunk_tables, fasa_scores, key_state
 
     B, H, _, D = q.shape
     Hkv = k.shape[1]

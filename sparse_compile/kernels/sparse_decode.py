@@ -52,8 +52,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+from sparse_compile.kernels.limits import MAX_HEAD_DIM, kernel_unsupported  # noqa: F401 - re-exported
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
 LOG2E = 1.4426950408889634
 
@@ -243,15 +243,6 @@ def _sm_count(device: torch.device) -> int:
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
-
-
-def kernel_unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
-    """Why the Triton kernel cannot take this head_dim or dtype (the callers' fallback reason), or None."""
-    if head_dim > MAX_HEAD_DIM:
-        return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
-    if dtype not in _KERNEL_DTYPES:
-        return f"dtype {dtype} on CUDA (float16, bfloat16 or float32)"
-    return None
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor | None,

@@ -42,10 +42,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sparse_compile.kernels.limits import KERNEL_DTYPES
 from sparse_compile.kernels.pbs import key_scores, key_scores_triton
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 # ---------------------------------------------------------------------------------------------
 # Step 5: gather the kept rows of q, k, v (one launch for the three tensors)
@@ -134,7 +132,7 @@ def _check_index(name: str, index: Tensor, shape: tuple[int, ...], device: torch
 def _use_triton(impl: str, x: Tensor) -> bool:
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if impl == "triton" and x.dtype not in _KERNEL_DTYPES:
+    if impl == "triton" and x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the Triton kernels take float16/bfloat16/float32, got {x.dtype}")
     return impl == "triton" or (impl == "auto" and x.is_cuda)
 

@@ -139,7 +139,7 @@ def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.T
             return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), scale=scale)
         if plain and mask.q_offset == 0 and Lq == Lk:
             return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), is_causal=True, scale=scale)
-    if mask.dense_mask is None and q.dtype in (torch.float16, torch.bfloat16) and D <= 256:
+    if mask.dense_mask is None and not kernel_unsupported(D, q.dtype):
         return block_sparse_attention(
             q, k, v, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
             key_valid=mask.key_valid, scale=scale, validate=False,
@@ -157,8 +157,7 @@ def has_nonfinite(*tensors: torch.Tensor) -> bool:
 def nonfinite_safe_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     """Exact attention under the non-finite contract: the engine on CUDA (fp16/bf16/fp32, head_dim <= 256,
     no tensor mask), else the reference."""
-    if q.is_cuda and mask.dense_mask is None and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and (
-            q.shape[-1] <= 256):
+    if q.is_cuda and mask.dense_mask is None and not kernel_unsupported(q.shape[-1], q.dtype):
         return block_sparse_attention(q, k, v, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
                                       key_valid=mask.key_valid, scale=scale, validate=False)
     return exact_attention_reference(q, k, v, mask, scale)

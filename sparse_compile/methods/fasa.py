@@ -25,7 +25,7 @@ Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Paramet
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,27 +44,14 @@ from sparse_compile.kernels.fasa import (
     visible_range,
 )
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
+from sparse_compile.layers import in_layers, layer_list  # noqa: F401 - in_layers re-exported
 from sparse_compile.method import Method
-from sparse_compile.params import check_value, param
+from sparse_compile.params import MethodParams, param
 
 GQA_MODES = ("per_head", "per_kv_head")
 
 
-def layer_list(value: Any, key: str) -> tuple[int | str, ...]:
-    """A validated layer list ([0, "5-7"]) in canonical form, as a tuple."""
-    from sparse_compile.policy import parse_layers
-
-    return tuple(parse_layers(list(value) if isinstance(value, tuple) else value, "FasaParams", key,
-                              allow_empty=True).to_list())
-
-
-def in_layers(layer: int, layers: tuple[int | str, ...]) -> bool:
-    from sparse_compile.policy import parse_layers
-
-    return layer in parse_layers(list(layers), "FasaParams", allow_empty=True)
-
-
-def as_tuples(value: Any) -> Any:
+def as_tuples(value: Any, key: str = "", where: str = "") -> Any:
     """Nested lists -> nested tuples (hashable, frozen); other values unchanged."""
     return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -89,34 +76,25 @@ def chunks_problem(chunks: Any) -> str | None:
 
 
 @dataclass(frozen=True)
-class FasaParams:
+class FasaParams(MethodParams):
     """FASA's parameters (policy table `[decode.params]`; the module docstring explains each)."""
 
     budget: float = param(256, type=(int, float), range=(0.0, 1 << 30),
                           help="tokens kept per score row (>= 1), or a fraction (< 1) of the visible keys")
-    chunks: tuple = param((), type=(list, tuple),
+    chunks: tuple = param((), type=(list, tuple), convert=as_tuples,
                           help="per layer, per head: dominant frequency chunks, best first (from `calibrate "
                                "fasa`); [] = the model-agnostic rule (lowest-frequency quarter)")
     n_chunks: int = param(0, range=(0, 1 << 12),
                           help="chunks used per head: the first n of each list (0: all listed; D/8 for the rule)")
     sink: int = param(0, range=(0, 1 << 20), help="first visible tokens always kept (inside the budget)")
     recent: int = param(0, range=(0, 1 << 20), help="last visible tokens always kept (inside the budget)")
-    dense_layers: tuple = param((0,), type=(list, tuple), help="layers that run exact attention")
+    dense_layers: tuple = param((0,), type=(list, tuple), convert=layer_list, help="layers that run exact attention")
     mismatch: str = param("rule", choices=("rule", "dense"),
                           help="a layer whose calibrated chunks do not fit the site (another model): the "
                                "model-agnostic rule, or exact attention with the reason in the Report")
     gqa: str = param("per_head", choices=GQA_MODES,
                      help="per_head: one token set per query head (the authors'); per_kv_head: the group's "
                           "scores summed, one set per KV head (K/V rows read once per group)")
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = check_value(f, getattr(self, f.name), "FasaParams")
-            if f.name == "dense_layers":
-                value = layer_list(value, f.name)
-            if f.name == "chunks":
-                value = as_tuples(value)
-            object.__setattr__(self, f.name, value)
 
     def validate(self) -> str | None:
         if self.budget <= 0:

@@ -18,7 +18,7 @@ window (the selection would ignore it) and for prefill (q_len > 1: the method is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,43 +27,25 @@ from torch import Tensor
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
 from sparse_compile.kernels.lessismore import budget_split, decode_logits, select_tokens
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
+from sparse_compile.layers import in_layers, layer_list
 from sparse_compile.method import Method
-from sparse_compile.params import check_value, param
-
-
-def layer_list(value: Any, key: str) -> tuple[int | str, ...]:
-    """A validated layer list ([2, "5-7"]) in canonical form, as a tuple."""
-    from sparse_compile.policy import parse_layers
-
-    return tuple(parse_layers(list(value) if isinstance(value, tuple) else value, "LessIsMoreParams", key,
-                              allow_empty=True).to_list())
-
-
-def in_layers(layer: int, layers: tuple[int | str, ...]) -> bool:
-    from sparse_compile.policy import parse_layers
-
-    return layer in parse_layers(list(layers), "LessIsMoreParams", allow_empty=True)
+from sparse_compile.methods import METHODS
+from sparse_compile.params import MethodParams, param
 
 
 @dataclass(frozen=True)
-class LessIsMoreParams:
+class LessIsMoreParams(MethodParams):
     """LessIsMore's parameters (policy table `[decode.params]`)."""
 
     budget: int = param(2048, range=(8, 1 << 24), help="tokens every head attends to in reusing layers")
     recent_fraction: float = param(0.25, range=(0.0, 1.0),
                                    help="share of the budget given to the most recent tokens (ceil)")
     sink: int = param(4, range=(0, 1 << 16), help="first tokens always kept")
-    selection_layers: tuple = param((), type=(list, tuple),
+    selection_layers: tuple = param((), type=(list, tuple), convert=layer_list,
                                     help="layers that select (ints and 'a-b' ranges); [] = layer 2 and "
                                          "num_layers // 3, counted over the layers of the compiled graph")
-    dense_layers: tuple = param((0, 1), type=(list, tuple), help="layers that always run exact attention")
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = check_value(f, getattr(self, f.name), "LessIsMoreParams")
-            if f.name.endswith("_layers"):
-                value = layer_list(value, f.name)
-            object.__setattr__(self, f.name, value)
+    dense_layers: tuple = param((0, 1), type=(list, tuple), convert=layer_list,
+                                help="layers that always run exact attention")
 
     def validate(self) -> str | None:
         try:
@@ -130,8 +112,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
     role "select": exact attention, and the selection made from this layer's logits (B, budget) int32;
     role "reuse": attention over `selection` only. Returns (out (B, H, 1, D), density (B, H): selected
     visible tokens / visible tokens (1.0 when selecting), selection made ((B, 0) when reusing))."""
-    from sparse_compile.methods import METHODS
-
     B, H = q.shape[:2]
     Lk = k.shape[2]
     if role == "select":

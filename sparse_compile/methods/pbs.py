@@ -16,7 +16,7 @@ a sliding window, a non-causal mask, q_len <= segment_size (as the authors), hea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
+from sparse_compile.kernels.limits import KERNEL_DTYPES, MAX_HEAD_DIM
 from sparse_compile.kernels.pbs import (
     block_lists,
     key_scores,
@@ -33,14 +34,13 @@ from sparse_compile.kernels.pbs import (
     selection_density,
 )
 from sparse_compile.method import Method
-from sparse_compile.params import check_value, param
+from sparse_compile.params import MethodParams, param
 
 GQA_MODES = ("per_head", "per_kv_head")
-MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
-class PbsParams:
+class PbsParams(MethodParams):
     """PBS-Attn's parameters (policy table `[prefill.params]`)."""
 
     block_size: int = param(128, choices=(16, 32, 64, 128),
@@ -53,10 +53,6 @@ class PbsParams:
     gqa: str = param("per_head", choices=GQA_MODES,
                      help="per_head: one permutation per query head (the authors'); per_kv_head: one per KV "
                           "head from the group's summed scores, so K/V are permuted once per group")
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            object.__setattr__(self, f.name, check_value(f, getattr(self, f.name), "PbsParams"))
 
     def validate(self) -> str | None:
         if self.segment_size % self.block_size:
@@ -77,7 +73,7 @@ def unsupported(call: Any, site: SiteFacts, params: PbsParams) -> str | None:
         return f"q_len {call.q_len} <= segment_size {params.segment_size} (dense, as the authors)"
     if call.head_dim > MAX_HEAD_DIM:
         return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
-    if call.device_type == "cuda" and call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if call.device_type == "cuda" and call.dtype not in KERNEL_DTYPES:
         return f"dtype {call.dtype} on CUDA (float16, bfloat16 or float32)"
     return None
 

@@ -30,7 +30,7 @@ Selection, step by step (b = block_size, nq = ceil(Lq / b), nk = ceil(Lk / b)):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from torch import Tensor
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
 from sparse_compile.kernels.block_mask import BlockList, allowed_blocks  # noqa: F401 - re-exported
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
+from sparse_compile.kernels.limits import KERNEL_DTYPES, MAX_HEAD_DIM
 from sparse_compile.kernels.prism import (  # noqa: F401 - the reference's pieces, re-exported for tests and docs
     CALIBRATION_EPS,
     MAX_KV_BLOCKS,
@@ -54,14 +55,13 @@ from sparse_compile.kernels.prism import (  # noqa: F401 - the reference's piece
     top_p_blocks,
 )
 from sparse_compile.method import Method
-from sparse_compile.params import check_value, param
+from sparse_compile.params import MethodParams, param
 
 GQA_MODES = ("per_head", "per_kv_head")
-MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
-class PrismParams:
+class PrismParams(MethodParams):
     """Prism's parameters (policy table `[prefill.params]`); dims are counts, never indices."""
 
     block_size: int = param(128, help="tokens per query/key block", choices=(64, 128))
@@ -98,11 +98,6 @@ class PrismParams:
         help="per_head: one selection per query head (the authors'); per_kv_head: the union over the "
         "group, so each K/V block is loaded once per group",
     )
-
-    def __post_init__(self) -> None:
-        # programmatic construction gets the same per-field checks as a policy table
-        for f in fields(self):
-            object.__setattr__(self, f.name, check_value(f, getattr(self, f.name), "PrismParams"))
 
     def validate(self) -> str | None:
         """Cross-field checks; a message naming the keys, or None."""
@@ -264,12 +259,12 @@ def selection_density(blocks: BlockList, mask: AttentionMask, num_heads: int) ->
 def unsupported(call: Any, site: SiteFacts, params: PrismParams) -> str | None:
     """Why Prism cannot run this call (the node then runs exact attention), or None.
 
-    call: sparse_compile.ops.CallShape (batch, heads, q_len, kv_len, head_dim, dtype, device_type)."""
+    call: sparse_compile.method.CallShape (batch, heads, q_len, kv_len, head_dim, dtype, device_type)."""
     if call.q_len == 0 or call.kv_len == 0:
         return f"empty sequence (q_len {call.q_len}, kv_len {call.kv_len})"
     if call.head_dim > MAX_HEAD_DIM:
         return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
-    if call.device_type == "cuda" and call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if call.device_type == "cuda" and call.dtype not in KERNEL_DTYPES:
         return f"dtype {call.dtype} on CUDA (float16, bfloat16 or float32)"
     if call.device_type == "cuda" and -(-call.kv_len // params.block_size) > MAX_KV_BLOCKS:
         return f"{-(-call.kv_len // params.block_size)} key blocks > {MAX_KV_BLOCKS}"

@@ -32,31 +32,31 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
+from sparse_compile.kernels.limits import KERNEL_DTYPES, MAX_HEAD_DIM
 from sparse_compile.kernels.token_sparse import TokenSelection, gather_qkv, scatter_rows, select_tokens
-from sparse_compile.method import Method
-from sparse_compile.params import PolicyError, check_value, param, params_from_mapping, show
+from sparse_compile.layers import parse_layers
+from sparse_compile.method import CallShape, Method
+from sparse_compile.methods import METHODS
+from sparse_compile.params import MethodParams, PolicyError, param, params_from_mapping, show
 
 NAME = "token_sparse"
-MAX_HEAD_DIM = 256
 
 
 @functools.lru_cache(maxsize=256)
 def _layer_set(layers: tuple, where: str):
     """The LayerSet of a `layers` value (memoised: `unsupported` asks at every call)."""
-    from sparse_compile.policy import parse_layers
-
     return parse_layers(list(layers), where)
 
 
 @dataclass(frozen=True)
-class TokenSparseParams:
+class TokenSparseParams(MethodParams):
     """Token Sparse Attention's parameters (policy table `[prefill.params]`)."""
 
     dropped_mass: float = param(0.005, range=(0.0, 1.0),
@@ -75,18 +75,14 @@ class TokenSparseParams:
     inner_params: Any = param(None, type=object, help="the inner method's parameters (a sub-table)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         where = "TokenSparseParams"
-        for f in fields(self):
-            if f.name != "inner_params":
-                object.__setattr__(self, f.name, check_value(f, getattr(self, f.name), where))
         if self.smooth % 2 == 0:
             raise PolicyError(f"{where}: key 'smooth' = {self.smooth} must be odd (same-length pooling)")
         if self.layers is not None:
             layer_set = _layer_set(tuple(self.layers), where)
             object.__setattr__(self, "layers", tuple(layer_set.to_list()))
         if self.inner is not None:
-            from sparse_compile.methods import METHODS
-
             allowed = [m for m, meth in METHODS.items() if "prefill" in meth.phases and m != NAME]
             if self.inner not in allowed:
                 raise PolicyError(f"{where}: key 'inner' = {show(self.inner)} is not allowed; allowed: "
@@ -129,7 +125,7 @@ def unsupported(call: Any, site: SiteFacts, params: TokenSparseParams) -> str | 
         return "dropped_mass = 0 (dense)"
     if call.device_type == "cuda" and call.head_dim > MAX_HEAD_DIM:
         return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
-    if call.device_type == "cuda" and call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if call.device_type == "cuda" and call.dtype not in KERNEL_DTYPES:
         return f"dtype {call.dtype} on CUDA (float16, bfloat16 or float32)"
     return None
 
@@ -147,9 +143,6 @@ def attend_compressed(qc: Tensor, kc: Tensor, vc: Tensor, sel: TokenSelection, s
     """Step 6: causal attention on the compressed sequence, by the inner method or exactly.
 
     qc, kc, vc: (B, H, Lc, D). Returns (oc (B, H, Lc, D), inner density (B, H) float32)."""
-    from sparse_compile.methods import METHODS
-    from sparse_compile.ops import CallShape
-
     B, H, Lc, D = qc.shape
     key_valid = None
     if any(n != Lc for n in sel.kept_host):
@@ -171,8 +164,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
     q_len == kv_len, causal, no window). Returns (out (B, H, L, D) in q's dtype with zero rows for dropped
     tokens, density (B, H, 3) float32: [kept fraction x inner density, kept fraction, inner density on the
     compressed sequence (1 alone)]). impl: kernels' "auto"/"triton"/"reference"."""
-    from sparse_compile.methods import METHODS
-
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     sel = token_select(q, k, v, mask, site, params, scale, impl=impl)
     if sel.drops_nothing() or not sel.idx.shape[2]:  # exact attention on every row (or nothing kept: every row

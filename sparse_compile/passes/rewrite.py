@@ -170,6 +170,7 @@ def rewrite_attention(
                 graph_index, site.layer, site.sdpa.name,
                 f"mask not recognised ({site.mask.reason}): kept as a tensor argument of the fused node"
                 + ("" if method == "dense" else f", which runs exact attention instead of {method}"),
+                site_rewritten=True,
             ))
         config = node_config(method, params, phase.min_seq_len, site_facts(site))
         captured = site.phase in METHODS[method].capturable_phases
