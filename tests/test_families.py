@@ -18,6 +18,7 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 import sparse_compile
 from sparse_compile import Report
@@ -230,7 +231,7 @@ def generate_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: st
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(data=st.data())
 def test_matcher_finds_rope_layers_and_compiled_equals_eager(name: str, data: st.DataObject) -> None:
     family = FAMILIES[name]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from test_backend import peaked_llama
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -73,7 +74,7 @@ def score_problems(draw):
     return B, H, Hkv, D, Lk, count, per, pad, window, q_offset, sink, recent, per_kv_head, dtype, seed
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(score_problems())
 def test_triton_scores_equal_the_reference(problem):
     """The Triton scores (interpreter) == the full-width reference: GQA, per-head / per-KV-head / shared
@@ -139,7 +140,7 @@ def test_all_chunks_dominant_gives_exact_qk(per_kv_head):
     torch.testing.assert_close(got.double(), exact, atol=1e-4, rtol=1e-5)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(B=st.integers(1, 2), S=st.integers(1, 3), Lk=st.integers(1, 60), slots=st.integers(1, 60),
        n_hidden=st.integers(0, 20), seed=st.integers(0, 999))
 def test_select_tokens_is_torch_topk(B, S, Lk, slots, n_hidden, seed):
@@ -172,7 +173,7 @@ def selected_mask(idx: torch.Tensor, H: int, Lk: int) -> torch.Tensor:
     return out
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 3]), G=st.sampled_from([1, 3]), D=st.sampled_from([64, 96]),
        Lk=st.integers(20, 120), budget=st.sampled_from([4, 9, 0.3]), sink=st.integers(0, 2), recent=st.integers(0, 3),
        pad=st.integers(0, 9), gqa=st.sampled_from(fasa.GQA_MODES), seed=st.integers(0, 999))
@@ -404,7 +405,7 @@ def test_smollm2_generation_equals_the_loop_reference():
     model.config.num_hidden_layers = 6
     ids = tokenize(tokenizer, load_corpus("licenses").text)[None, 1000:1064]
     mask = torch.ones_like(ids)
-    shipped = sparse_compile.load_policy("fasa").decode.params
+    shipped = sparse_compile.load_policy("fasa-smollm2").decode.params
     chunks = [[list(h[: shipped.n_chunks]) for h in layer] for layer in shipped.chunks[:6]]
     params = {"budget": 24, "sink": 0, "recent": 0, "dense_layers": [0], "chunks": chunks}
     policy = {"name": "fasa-smollm2", "decode": {"method": "fasa", "min_seq_len": 0, "params": params}}
@@ -427,7 +428,7 @@ def test_report_cuts_long_parameter_values():
     """The Report prints FASA's per-layer chunk tables cut to a readable size, saying how long they are."""
     from sparse_compile.report import short_value
 
-    chunks = sparse_compile.load_policy("fasa").decode.params.chunks
+    chunks = sparse_compile.load_policy("fasa-smollm2").decode.params.chunks
     text = short_value(chunks)
     assert len(text) < 120 and text.endswith(f"({len(chunks)} entries, {len(str(chunks))} characters)")
     assert short_value((0, 1)) == "(0, 1)" and short_value("per_head") == "per_head"
@@ -467,7 +468,7 @@ def test_report_notes_calibrated_chunks_that_do_not_fit():
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 40)), past_key_values=cache, use_cache=True)
     step = {"input_ids": torch.randint(0, 100, (1, 1)), "past_key_values": cache, "use_cache": True}
-    policy = sparse_compile.load_policy("fasa").to_dict()
+    policy = sparse_compile.load_policy("fasa-smollm2").to_dict()
     policy["decode"]["min_seq_len"] = 0  # a 41-token cache: FASA must run for the note to matter
     report = sparse_compile.explain(model, policy=policy, **step)
     decode = {s.layer: s for s in report.sites if s.phase == "decode"}

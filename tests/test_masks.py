@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from test_families import (
     FAMILIES,
     VOCAB,
@@ -73,7 +74,7 @@ def compiled_vs_eager(model: nn.Module, **inputs: Any) -> Report:
 # --- padding -------------------------------------------------------------------------------------
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(
     length=st.integers(2, 12),
     data=st.data(),
@@ -91,7 +92,7 @@ def test_padding_is_key_validity(length: int, data: st.DataObject, side: str) ->
 # --- sliding windows -----------------------------------------------------------------------------
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(window=st.integers(2, 16), length=st.integers(3, 12), pad=st.integers(0, 2),
        side=st.sampled_from(["left", "right"]))
 def test_sliding_window_shorter_and_longer_than_length(window: int, length: int, pad: int, side: str) -> None:
@@ -159,7 +160,7 @@ def chunked(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, first: int,
     return [a, b]
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(first=st.integers(2, 6), second=st.integers(2, 6), pad=st.integers(0, 1))
 def test_chunked_prefill_has_a_query_offset(first: int, second: int, pad: int) -> None:
     model = llama()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from test_backend import tiny_llama
 
 import sparse_compile
@@ -75,7 +76,7 @@ def mapped_back_mask(sel: pbs.Selection, mask: AttentionMask, H: int, Lq: int, L
     return out.repeat_interleave(H // Hs, dim=1) & vis
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(problems(), st.sampled_from([0.3, 0.7, 1.0]))
 def test_pbs_equals_exact_attention_over_the_mapped_back_mask(problem, threshold):
     """Permutation invariance: attention over the permuted K/V with the permuted block mask equals exact
@@ -129,7 +130,7 @@ def test_a_future_key_never_reaches_a_query():
         assert not torch.allclose(out2[:, :, p + 1:], out[:, :, p + 1:])
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=examples(6), deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 3]), D=st.sampled_from([16, 40]),
        Lq=st.sampled_from([20, 75, 140]), extra=st.sampled_from([0, 9]), pad=st.integers(0, 12),
        per_kv_head=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 99))

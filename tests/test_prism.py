@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.kernels.block_mask import BlockList, causal_block_mask
@@ -329,7 +330,7 @@ def test_padding_only_blocks_and_sink_with_left_padding():
     strength=st.sampled_from([0.5, 1.5, 3.0]),
     min_pad=st.sampled_from([2, 64]),
 )
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 def test_kernel_matches_reference(seed, shape, D, rope, b, Lk, chunk, p, calibrate, pad, window, causal, gqa,
                                   dtype, strength, min_pad):
     B, H, Hkv = shape

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from sparse_compile.attention_mask import AttentionMask, exact_attention_reference
 from sparse_compile.kernels.sparse_decode import sparse_decode_attention, sparse_decode_reference
@@ -69,7 +70,7 @@ def make(B, H, Hkv, G, D, Lk, N, use_counts, pad, dtype, seed):
     return q, k, v, idx, counts, key_valid
 
 
-@settings(max_examples=14, deadline=None)
+@settings(max_examples=examples(14), deadline=None)
 @given(problems())
 def test_kernel_equals_reference_and_oracle(problem):
     B, H, Hkv, G, D, Lk, N, use_counts, pad, splits, dtype, seed = problem

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from test_backend import tiny_llama
 
 import sparse_compile
@@ -66,7 +67,7 @@ def restricted_reference(q, k, v, mask: AttentionMask, keep: torch.Tensor, scale
                                      AttentionMask(causal=True, key_valid=mask.key_valid, dense_mask=both), scale)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(problems())
 def test_kept_rows_are_attention_over_kept_tokens_and_dropped_rows_are_zero(problem):
     B, H, Hkv, L, D, mask, params, seed = problem
@@ -132,7 +133,7 @@ def test_dynamic_token_coverage_matches_a_plain_reimplementation(dropped_mass, m
         assert torch.equal(sel.idx[0, h, :n].long(), want), (h, sel.idx[0, h, :n], want)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 3]), G=st.sampled_from([1, 2]), L=st.integers(1, 90),
        Lc=st.integers(0, 90), D=st.sampled_from([8, 24, 80]), dtype=st.sampled_from([torch.float32, torch.float16]),
        seed=st.integers(0, 99))
@@ -238,7 +239,8 @@ def test_unsupported_calls_name_the_reason(call, site, needle):
 
 
 def test_policy_and_params_validation():
-    policy = sparse_compile.load_policy("token_sparse")
+    assert sparse_compile.load_policy("token_sparse").prefill.params.layers is None  # generic: every layer
+    policy = sparse_compile.load_policy("token_sparse-smollm2")
     assert policy.prefill.method == "token_sparse" and policy.prefill.params.layers == ("3-7", "9-10", "12-17", "25-26")
     assert policy.prefill.params.runs_on(14) and not policy.prefill.params.runs_on(8)
     stacked = sparse_compile.load_policy({"prefill": {"method": "token_sparse", "params": {
@@ -322,7 +324,7 @@ def test_calibration_measures_drift_and_writes_a_policy_that_loads(tmp_path):
     assert run_calibration("token_sparse", ["--model", str(tmp_path / "m"), "--corpus", "licenses", "--lengths", "200",
                                             "--windows", "1", "--out", str(out), "--no-progress"]) == 0
     policy = sparse_compile.load_policy(str(out))
-    shipped = sparse_compile.load_policy("token_sparse")
+    shipped = sparse_compile.load_policy("token_sparse-smollm2")
     model = tiny_llama(4)
     ids = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(1))
     drift = cal.layer_drift(model, [ids], progress=False)
