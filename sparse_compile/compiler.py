@@ -77,6 +77,8 @@ class SparseBackend:
         if not isinstance(debug, bool):
             raise PolicyError(f"backend='sparse': option 'debug' must be True or False, got {debug!r}")
         self.policy = load_policy(policy)
+        if self.policy.warning:
+            warnings.warn(f"sparse_compile policy {self.policy.name!r}: {self.policy.warning}", stacklevel=3)
         self.inner = inner
         self.mode = mode
         self.inductor = dict(inductor or {})
@@ -105,6 +107,7 @@ class SparseBackend:
     def compile_graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable:
         report = self.report
         report.policy = f"{self.policy.name} ({self.policy.fingerprint()})"
+        report.warning = self.policy.warning
         index = len(report.graphs)
         gm, n_outputs, layers = rewrite_graph(gm, example_inputs, self.policy, report, self.debug)
         if self.inner == "eager":

@@ -53,6 +53,7 @@ def explain(model: Any, *args: Any, policy: str | Policy | None = None, **kwargs
     chosen = load_policy(policy)
     report = Report()
     report.policy = f"{chosen.name} ({chosen.fingerprint()})"
+    report.warning = chosen.warning
 
     def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
         gm, n_outputs, layers = rewrite_graph(gm, example_inputs, chosen, report)

@@ -44,7 +44,7 @@ from sparse_compile.params import (
 )
 
 PHASES = ("prefill", "decode")
-TOP_LEVEL_KEYS = ("name", "description", "prefill", "decode")
+TOP_LEVEL_KEYS = ("name", "description", "warning", "prefill", "decode")
 PHASE_KEYS = ("method", "min_seq_len", "params", "overrides")
 OVERRIDE_KEYS = ("layers", "method", "params")
 
@@ -91,6 +91,7 @@ class Policy:
     decode: PhasePolicy = PhasePolicy()
     description: str = ""
     source: str = "<default>"
+    warning: str = ""  # what the policy is measured to lose (shown by the Report and `explain`), or ""
 
     def phase(self, phase: str) -> PhasePolicy:
         if phase not in PHASES:
@@ -129,13 +130,16 @@ class Policy:
         description = data.get("description", "")
         if not isinstance(description, str):
             raise PolicyError(f"{source}: top level: key 'description' must be a string, got {show(description)}")
+        warning = data.get("warning", "")
+        if not isinstance(warning, str):
+            raise PolicyError(f"{source}: top level: key 'warning' must be a string, got {show(warning)}")
         phases = {}
         for phase in PHASES:
             table = data.get(phase, {})
             if not isinstance(table, Mapping):
                 raise PolicyError(f"{source}: [{phase}] must be a table, got {type(table).__name__}")
             phases[phase] = phase_from_mapping(table, phase, source)
-        return cls(name=name, description=description, source=source, **phases)
+        return cls(name=name, description=description, source=source, warning=warning, **phases)
 
 
 def check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:

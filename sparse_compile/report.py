@@ -91,6 +91,7 @@ class Report:
     can be reused, and two distinct (even empty) reports must not count as the same option."""
 
     policy: str = ""
+    warning: str = ""  # the policy's measured warning (Policy.warning), printed first
     cuda_graphs: bool = False
     sites: list[Site] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
@@ -203,6 +204,8 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"sparse_compile report — policy {self.policy or '?'}"]
+        if self.warning:
+            lines.append(f"WARNING: {self.warning}")
         for g in self.graphs:
             lines.append(
                 f"graph {g.index} ({g.phase}): {g.num_rewritten}/{g.num_attention_calls} attention calls rewritten, "

@@ -150,3 +150,42 @@ def test_example_policy_files_validate():
         policy = load_policy(path)
         assert policy.prefill.method in ("dense", "prism")
         assert policy.prefill.for_layer(0)[0] == "dense"  # the example keeps the first layers dense
+
+
+# --- shipped policies say what they are ----------------------------------------------------------
+
+
+def test_name_only_policies_hold_no_model_calibration():
+    """A shipped policy named after a method holds its generic rule: no per-model layer lists or chunk
+    tables (those files carry the model's name, e.g. fasa-smollm2)."""
+    from sparse_compile.methods import METHODS
+
+    for name in sparse_compile.shipped_policies():
+        policy = sparse_compile.load_policy(name)
+        params = [p for phase in (policy.prefill, policy.decode) for p in [phase.params, *(
+            o.params for o in phase.overrides)]]
+        if name in METHODS:
+            assert not any(phase.overrides for phase in (policy.prefill, policy.decode)), name
+            for p in params:
+                assert not getattr(p, "chunks", ()), f"{name} carries calibrated chunks"
+                assert getattr(p, "layers", None) is None, f"{name} carries a layer list"
+        else:
+            assert name == "dense" or name.split("-")[0] in METHODS, name
+
+
+def test_policy_warning_reaches_the_user():
+    """A policy measured to lose quality says so: a UserWarning when the backend is made, and the first
+    line of the Report after its name."""
+    import warnings
+
+    pbs = sparse_compile.load_policy("pbs")
+    assert "needle" in pbs.warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = sparse_compile.backend("pbs")
+    assert any("pbs" in str(w.message) and "needle" in str(w.message) for w in caught)
+    chosen.report.policy, chosen.report.warning = "pbs", pbs.warning
+    assert str(chosen.report).splitlines()[1] == f"WARNING: {pbs.warning}"
+    assert sparse_compile.load_policy("prism").warning == ""
+    with pytest.raises(sparse_compile.PolicyError, match="'warning' must be a string"):
+        sparse_compile.load_policy({"name": "x", "warning": 3})
