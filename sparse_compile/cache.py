@@ -208,7 +208,8 @@ class SparseLayer(StaticLayer):
         """Mark the slots where attention_mask (B, L0) is 0 as padding (the rest stays valid)."""
         B, L0 = attention_mask.shape
         if B != self.key_valid.shape[0]:
-            raise ValueError(f"SparseCache.set_padding: attention_mask has batch {B}, the cache {self.key_valid.shape[0]}")
+            raise ValueError(f"SparseCache.set_padding: attention_mask has batch {B}, the cache "
+                             f"{self.key_valid.shape[0]}")
         self.key_valid.fill_(True)
         self.key_valid[:, :L0] = attention_mask.to(device=self.device, dtype=torch.bool)
         self.pending_padding = None
@@ -259,7 +260,11 @@ class SparseLayer(StaticLayer):
             self.page_max.scatter_reduce_(2, page, torch.where(valid, k, float("-inf")), reduce="amax")
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
+        """Drop the last -tokens_to_remove tokens (a negative count, as transformers 5.25's StaticLayer; 5.17's
+        has no crop) and rebuild the pages from the new last one (host-side: assisted decoding rolls back)."""
+        if tokens_to_remove > 0:
+            raise ValueError("SparseCache layers are cropped by a negative count: the number of tokens to remove")
+        self.cumulative_length.sub_(abs(tokens_to_remove))
         if self.page_size and self.is_initialized:
             self.recompute_pages(int(self.cumulative_length) // self.page_size)
 
@@ -313,7 +318,8 @@ class SparseCache(Cache):
         text = config.get_text_config(decoder=True)
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"SparseCache: max_cache_len must be an int >= 1, got {max_cache_len!r}")
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or not PAGE_SIZES[0] <= page_size <= PAGE_SIZES[1]:
+        lo, hi = PAGE_SIZES
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or not lo <= page_size <= hi:
             raise ValueError(f"SparseCache: page_size must be an int in [{PAGE_SIZES[0]}, {PAGE_SIZES[1]}], "
                              f"got {page_size!r}")
         self.policy = load_policy(policy)
