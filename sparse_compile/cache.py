@@ -324,7 +324,7 @@ class SparseCache(Cache):
                              f"got {page_size!r}")
         self.policy = load_policy(policy)
         self.facts = model_facts(text)
-        self.page_size, self.max_cache_len = page_size, max_cache_len
+        self.page_size, self.cache_len = page_size, max_cache_len  # (5.17's Cache.max_cache_len is a property)
         types, kwargs = get_layer_types_and_kwargs(text)  # kwargs: one dict (<= 5.17) or one per layer (5.25)
         layers: list[Any] = []
         for i, kind in enumerate(types):
@@ -352,9 +352,9 @@ class SparseCache(Cache):
     def set_padding(self, attention_mask: Tensor) -> None:
         """Left padding of the prompt: attention_mask (B, L0), 0 at padded tokens, 1 at text. Call before the
         first forward (or after `reset`); padded slots then stay out of the page summaries."""
-        if attention_mask.dim() != 2 or attention_mask.shape[1] > self.max_cache_len:
+        if attention_mask.dim() != 2 or attention_mask.shape[1] > self.cache_len:
             raise ValueError(f"SparseCache.set_padding: attention_mask must be (B, L0) with L0 <= max_cache_len = "
-                             f"{self.max_cache_len}, got {tuple(attention_mask.shape)}")
+                             f"{self.cache_len}, got {tuple(attention_mask.shape)}")
         for layer in self.layers:
             if isinstance(layer, SparseLayer):
                 if layer.is_initialized:
@@ -384,4 +384,4 @@ class SparseCache(Cache):
             if isinstance(layer, SparseLayer):
                 n = 0 if layer.dims_global is None else layer.dims_global.shape[1]
                 parts.append(f"{i}:dims={n},P={layer.page_size}")
-        return f"SparseCache(max_cache_len={self.max_cache_len}, policy={self.policy.name!r}, {' '.join(parts)})"
+        return f"SparseCache(max_cache_len={self.cache_len}, policy={self.policy.name!r}, {' '.join(parts)})"
