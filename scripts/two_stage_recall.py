@@ -82,7 +82,7 @@ def main() -> None:
     print(f"prefill of {args.length} tokens, {len(args.layers)} layers recorded: {time.time() - start:.0f} s")
     L = args.length
     positions = [L - 1 - i * (255 // max(args.queries - 1, 1)) for i in range(args.queries)]
-    B, budget, cand = 1, args.budget, args.factor * args.budget
+    budget, cand = args.budget, args.factor * args.budget
     n_sink, middle, n_recent = budget_split(budget, 4, 0.25)
     rows: dict[str, list[float]] = {}
 
