@@ -276,10 +276,11 @@ def draw_visible(batch: int, L: int, pads: list[int], unwritten: int) -> torch.T
     sink=st.integers(0, 3),
     recent=st.integers(0, 3),
     per_kv_head=st.booleans(),
+    group=st.sampled_from(["union", "max"]),
     pads=st.lists(st.integers(0, 15), min_size=2, max_size=2),
     seed=st.integers(0, 1000),
 )
-def test_page_bound_and_fasa_two_stage_all_candidates(L, P, slots, sink, recent, per_kv_head, pads, seed):
+def test_page_bound_and_fasa_two_stage_all_candidates(L, P, slots, sink, recent, per_kv_head, group, pads, seed):
     """Every key scores at most its page's bound; with every page kept, FASA's two-stage selection == the
     single-stage one (fasa_scores_reference + select_tokens), as sets per score row (float64: no ties)."""
     gen = torch.Generator().manual_seed(seed)
@@ -307,12 +308,12 @@ def test_page_bound_and_fasa_two_stage_all_candidates(L, P, slots, sink, recent,
     ref = select_tokens(fasa_scores_reference(q, k, None, member_full.double(), state, per_kv_head=per_kv_head),
                         slots)
     got = fasa_two_stage(q, key_dims, dims, member, lo, hi, state, slots, candidates=L, page_size=P,
-                         per_kv_head=per_kv_head)
+                         per_kv_head=per_kv_head, group=group)
     assert got.shape == ref.shape
     assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
     # fewer candidates: still only visible keys, every forced key kept
     few = fasa_two_stage(q, key_dims, dims, member, lo, hi, state, slots, candidates=slots, page_size=P,
-                         sink=sink, recent=recent, per_kv_head=per_kv_head)
+                         sink=sink, recent=recent, per_kv_head=per_kv_head, group=group)
     for b in range(B):
         forced = set(torch.nonzero(state[b] == 2).flatten().tolist())
         for row in few[b].tolist():

@@ -83,7 +83,7 @@ def kept_pages(candidates: int, page_size: int, n_pages: int, sink: int = 0, rec
 
 def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, page_min: Tensor, page_max: Tensor,
                    state: Tensor, slots: int, candidates: int, page_size: int, *, sink: int = 0, recent: int = 0,
-                   per_kv_head: bool = False, bound_dims: str = "dominant") -> Tensor:
+                   per_kv_head: bool = False, bound_dims: str = "dominant", group: str = "union") -> Tensor:
     """FASA's selection with a page prefilter.
 
     q: (B, H, 1, D) post-RoPE; key_dims: (B, Hkv, Lk, n) K's dominant dims of each KV head (SparseCache);
@@ -94,16 +94,20 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     are kept on top of the candidates, so every forced key survives); bound_dims: "dominant" (the bound of
     FASA's partial score, each head's own dims) or "full" (the bound of the full q.k).
 
-    Stage 1 per KV head: page bound = max over the group's query heads of their bounds (per_kv_head: their
-    sum, which bounds the summed score); forced pages (holding a sink/recent key) always kept; invisible pages
-    never. Stage 2: the partial scores sum_{own dims} q_d k_d of the candidates from key_dims (forced +inf,
-    invisible -inf, as `fasa_scores_reference`), top `slots`.
+    Stage 1 per KV head (one candidate set for the group): per_kv_head ranks pages by the sum of the group's
+    bounds (a bound of the summed score); per_head by `group`: "union", the rank-by-rank union of the query
+    heads' own page rankings (each head's best pages get in, whatever the other heads' scales), or "max", the
+    largest of the group's bounds. Forced pages (holding a sink/recent key) always kept; invisible pages never.
+    Stage 2: the partial scores sum_{own dims} q_d k_d of the candidates from key_dims (forced +inf, invisible
+    -inf, as `fasa_scores_reference`), top `slots`.
     Returns (B, S, slots) int64 token indices (S = Hkv if per_kv_head else H), -1 where the score is -inf."""
     B, H, _, D = q.shape
     Hkv, Lk, n = key_dims.shape[1], key_dims.shape[2], key_dims.shape[3]
     G, NP = H // Hkv, page_min.shape[2]
     if bound_dims not in ("dominant", "full"):
         raise ValueError(f"bound_dims must be 'dominant' or 'full', got {bound_dims!r}")
+    if group not in ("union", "max"):
+        raise ValueError(f"group must be 'union' or 'max', got {group!r}")
     if slots > candidates:
         raise ValueError(f"candidates {candidates} < slots {slots}: the candidate set must hold the selection")
     work = work_dtype(q)
@@ -114,13 +118,21 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
 
     # 1. page bounds -> candidate pages per KV head
     bounds = page_bounds(q, page_min, page_max, q_mask).view(B, Hkv, G, NP)
-    bounds = bounds.sum(2) if per_kv_head else bounds.amax(2)  # (B, Hkv, NP)
+    if per_kv_head or group == "max":
+        bounds = bounds.sum(2, keepdim=True) if per_kv_head else bounds.amax(2, keepdim=True)  # (B, Hkv, 1, NP)
     visible, forced = page_state(state, page_size, NP)
-    bounds = torch.where(visible[:, None], bounds, float("-inf"))
-    bounds = torch.where(forced[:, None] & visible[:, None], float("inf"), bounds)
+    bounds = torch.where(visible[:, None, None], bounds, float("-inf"))
+    bounds = torch.where((forced & visible)[:, None, None], float("inf"), bounds)
     keep = kept_pages(candidates, page_size, NP, sink, recent)
-    pages = torch.topk(bounds, keep, dim=-1, sorted=False).indices  # (B, Hkv, keep)
-    tokens, in_range = page_tokens(pages, page_size, Lk)  # (B, Hkv, C)
+    if bounds.shape[2] == 1:
+        pages = torch.topk(bounds[:, :, 0], keep, dim=-1, sorted=False).indices  # (B, Hkv, keep)
+        real = torch.ones_like(pages, dtype=torch.bool)
+    else:  # the group's rankings, united rank by rank (-1 where fewer visible pages than `keep`)
+        ranked = torch.topk(bounds.view(B * Hkv, G, NP), keep, dim=-1, sorted=True)
+        pages = union_by_rank(ranked.indices, ranked.values > float("-inf"), NP, keep).long().view(B, Hkv, keep)
+        real = pages >= 0
+    tokens, in_range = page_tokens(pages.clamp(min=0), page_size, Lk)  # (B, Hkv, C)
+    in_range &= real.repeat_interleave(page_size, dim=-1)
     C = tokens.shape[-1]
 
     # 2. exact partial scores of the candidates from the contiguous dims
