@@ -87,7 +87,8 @@ def main() -> None:
                 pass
         if args.qk_file:
             torch.save(qk, args.qk_file)
-    print(f"prefill of {args.length} tokens, {len(args.layers)} layers recorded: {time.time() - start:.0f} s")
+    print(f"q/k of {len(args.layers)} layers over {args.length} tokens ready (model load + prefill, or --qk-file): "
+          f"{time.time() - start:.0f} s")
     L = args.length
     positions = [L - 1 - i * (255 // max(args.queries - 1, 1)) for i in range(args.queries)]
     budget, cand = args.budget, args.factor * args.budget
