@@ -3,13 +3,14 @@
     python scripts/two_stage_recall.py --length 8192 --budget 512 --factor 4 --layers 2 8 14 20 26 --queries 8
 
 One window of `--length` tokens of the corpus (the middle one of three evenly spaced windows: the shipped
-FASA policy was calibrated on the first and last 4096 tokens) runs through SmolLM2-135M-Instruct once; the
-post-RoPE q/k of `--layers` are recorded. K goes into a SparseCache (policy "fasa", the shipped calibration:
-16 of 32 chunks per query head), one prefill write per layer, and the query at each of `--queries` positions
-among the last 256 of the window selects over the keys up to it, as a decode step would:
+SmolLM2 FASA policy was calibrated on the first and last 4096 tokens) runs through SmolLM2-135M-Instruct
+once; the post-RoPE q/k of `--layers` are recorded (the layers after the last one are not run). K goes into
+a SparseCache (`--policy`, by default the shipped calibration "fasa-smollm2": 16 of 32 chunks per query
+head), one prefill write per layer, and the query at each of `--queries` positions among the last 256 of the
+window selects over the keys up to it, as a decode step would:
   FASA (budget tokens per query head): exact = fasa_scores_reference + select_tokens over every key;
     two-stage = fasa_two_stage with factor x budget candidate tokens per KV head (bound over each head's
-    dominant dims, or over all dims);
+    dominant dims or over all dims; the group's pages by the union of its heads' rankings, or by the max);
   LessIsMore (budget tokens shared by all heads, sink 4, recent 25%, union of middle tokens by rank):
     exact = every page a candidate; two-stage = factor x budget candidates.
 Recall of a query head = attention mass (full softmax over the visible keys) of exact ∩ two-stage / mass of
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=8, help="decode positions per layer (last 256 tokens)")
     parser.add_argument("--pages", type=int, nargs="+", default=[16, 32, 64], help="page sizes")
     parser.add_argument("--corpus", default="licenses", help="corpus name or text file")
+    parser.add_argument("--policy", default="fasa-smollm2", help="FASA policy whose dims the cache keeps")
     parser.add_argument("--qk-file", default=None, help="cache of the recorded q/k: loaded if it exists (same "
                         "--length/--layers/--corpus), else written after the prefill")
     args = parser.parse_args()
@@ -99,7 +101,7 @@ def main() -> None:
         rows.setdefault(name, []).extend(values.flatten().tolist())
 
     for P in args.pages:
-        cache = SparseCache(model, max_cache_len=L, policy="fasa", page_size=P)
+        cache = SparseCache(model, max_cache_len=L, policy=args.policy, page_size=P)
         for layer in args.layers:
             q_all, k = qk[layer]
             cache.update(k[None], torch.zeros_like(k[None]), layer)

@@ -4,6 +4,7 @@
     fast = torch.compile(model, backend=sparse_compile.backend(policy="prism"), mode="reduce-overhead")
     fast = sparse_compile.compile(model, "prism")                  # fast.sparse_report: what ran
     report = sparse_compile.explain(model, input_ids, policy="prism")
+    cache = sparse_compile.SparseCache(model, max_cache_len=8192, policy="fasa")  # past_key_values= of generate
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _PUBLIC = {
     "shipped_policies": "sparse_compile.policy",
     "Report": "sparse_compile.report",
     "Site": "sparse_compile.report",
+    "SparseCache": "sparse_compile.cache",
 }
 
 __all__ = sorted(_PUBLIC)

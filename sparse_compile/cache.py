@@ -57,6 +57,11 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, StaticLayer, StaticSlidingWindowLayer, get_layer_types_and_kwargs
 
+from sparse_compile.kernels.fasa import chunk_dims
+from sparse_compile.layers import in_layers
+from sparse_compile.methods import fasa, lessismore
+from sparse_compile.policy import Policy, load_policy
+
 PAGE_SIZES = (16, 64)  # allowed page sizes, inclusive
 INTERLEAVED_FAMILIES = ("cohere", "cohere2", "gptj")  # model types whose RoPE pairs (2i, 2i + 1)
 
@@ -128,13 +133,10 @@ def check_dims(dims: Any, facts: dict[str, Any], where: str) -> tuple[tuple[int,
     return tuple(out)
 
 
-def layer_plan(policy: Any, layer: int, facts: dict[str, Any], dims: Any) -> tuple[tuple | None, bool]:
+def layer_plan(policy: Policy, layer: int, facts: dict[str, Any], dims: Any) -> tuple[tuple | None, bool]:
     """(per-head dim tuples or None, keep page summaries) for one layer under the policy's decode phase."""
-    from sparse_compile.kernels.fasa import chunk_dims
-    from sparse_compile.methods import fasa, lessismore
-
     method, params = policy.decode.for_layer(layer)
-    if method == "fasa" and not fasa.in_layers(layer, params.dense_layers):
+    if method == "fasa" and not in_layers(layer, params.dense_layers):
         if dims is not None:
             per_layer = dims.get(layer) if isinstance(dims, dict) else dims
             if per_layer is None:
@@ -312,8 +314,6 @@ class SparseCache(Cache):
     def __init__(self, config_or_model: Any, max_cache_len: int, policy: Any = "dense", *, page_size: int = 32,
                  dims: Any = None, batch_size: int | None = None, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, kv_head_offset: int = 0) -> None:
-        from sparse_compile.policy import load_policy
-
         config = getattr(config_or_model, "config", config_or_model)
         text = config.get_text_config(decoder=True)
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:

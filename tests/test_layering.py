@@ -21,7 +21,7 @@ FLOORS = [
     ("sparse_compile.layers", "sparse_compile.method"),
     ("sparse_compile.methods",),
     ("sparse_compile.ops", "sparse_compile.policy"),
-    ("sparse_compile.report",),
+    ("sparse_compile.report", "sparse_compile.cache"),
     ("sparse_compile.passes",),
     ("sparse_compile.compiler",),
     ("sparse_compile.explain",),
