@@ -26,7 +26,9 @@ Per full-attention layer, beside K and V (B, Hkv, max_cache_len, D) as StaticLay
 
 `update` writes all of it in one call, with tensor ops only (index_copy_ for K/V and the dims,
 scatter_reduce_ amin/amax for the pages), no host synchronisation and no data-dependent shapes: dynamo traces
-it into the decode graph and CUDA graphs capture it. Prefill writes many slots, decode one, chunked prefill
+it into the decode graph and CUDA graphs capture it. The dims and pages are written by one custom op,
+`torch.ops.sparse_compile.cache_update`, so the compiled graph holds one node per layer naming the buffers and
+the new keys: what a graph pass matches to hand the buffers to the attention node. Prefill writes many slots, decode one, chunked prefill
 a chunk; each write merges into the pages it touches (include_self), so the summary of a partial page grows as
 tokens arrive. K and V are written exactly as StaticLayer writes them (`keys.index_copy_(2, pos, k)`), so the
 graph pass recognises the cache as a StaticCache.
@@ -155,6 +157,39 @@ def layer_plan(policy: Policy, layer: int, facts: dict[str, Any], dims: Any) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# the write of the extras: one custom op, so a graph pass finds a site's buffers by op identity
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparse_compile::cache_update", mutates_args=("key_dims", "page_min", "page_max"))
+def cache_update(key_dims: Tensor | None, page_min: Tensor | None, page_max: Tensor | None, key_valid: Tensor,
+                 dims: Tensor | None, pos: Tensor, k: Tensor, page_size: int) -> None:
+    """Write the dims copy and merge the page summaries of n new keys, in place.
+
+    key_dims: (B, Hkv, L, n) or None; page_min, page_max: (B, Hkv, NP, D) or None (both or neither);
+    key_valid: (B, L) bool; dims: (Hkv, n) int64 (with key_dims); pos: (n_new,) int64 slots; k: (B, Hkv, n_new,
+    D) the new keys; page_size: P. key_dims[:, g, pos, j] = k[:, g, :, dims[g, j]]; page_min / page_max of the
+    pages pos // P take the element-wise min / max with the new keys whose slot is valid (include_self).
+    Plain tensor ops (index_copy_, scatter_reduce_): no host sync. In a compiled graph the call is one node
+    whose arguments name the layer's buffers and the new keys (the same k_new StaticLayer's index_copy_
+    writes into `keys`): DECODE_NOTES.md, "Wiring the node to the cache"."""
+    B, Hkv, n, D = k.shape
+    if key_dims is not None and dims is not None:
+        key_dims.index_copy_(2, pos, k.gather(3, dims[None, :, None, :].expand(B, Hkv, n, dims.shape[1])))
+    if page_min is not None and page_max is not None:
+        valid = key_valid.index_select(1, pos)[:, None, :, None]  # (B, 1, n, 1)
+        page = (pos // page_size)[None, None, :, None].expand(B, Hkv, n, D)
+        page_min.scatter_reduce_(2, page, torch.where(valid, k, float("inf")), reduce="amin")
+        page_max.scatter_reduce_(2, page, torch.where(valid, k, float("-inf")), reduce="amax")
+
+
+@cache_update.register_fake
+def _cache_update_fake(key_dims: Tensor | None, page_min: Tensor | None, page_max: Tensor | None, key_valid: Tensor,
+                       dims: Tensor | None, pos: Tensor, k: Tensor, page_size: int) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # one layer
 # ---------------------------------------------------------------------------------------------
 
@@ -232,16 +267,9 @@ class SparseLayer(StaticLayer):
                                  f"{self.max_cache_len}")
         pos = torch.arange(n, device=self.device) + self.cumulative_length  # before StaticLayer advances it
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        B, Hkv, _, D = key_states.shape
-        if self.key_dims is not None:
-            # key_dims[:, g, pos, j] = k[:, g, :, dims[g, j]]
-            picked = key_states.gather(3, self.dims[None, :, None, :].expand(B, Hkv, n, self.dims.shape[1]))
-            self.key_dims.index_copy_(2, pos, picked)
-        if self.page_size:
-            valid = self.key_valid.index_select(1, pos)[:, None, :, None]  # (B, 1, n, 1)
-            page = (pos // self.page_size)[None, None, :, None].expand(B, Hkv, n, D)
-            self.page_min.scatter_reduce_(2, page, torch.where(valid, key_states, float("inf")), reduce="amin")
-            self.page_max.scatter_reduce_(2, page, torch.where(valid, key_states, float("-inf")), reduce="amax")
+        if self.key_dims is not None or self.page_size:
+            cache_update(self.key_dims, self.page_min, self.page_max, self.key_valid, self.dims, pos, key_states,
+                         self.page_size)
         return keys, values
 
     def recompute_pages(self, start_page: int = 0) -> None:
@@ -255,11 +283,8 @@ class SparseLayer(StaticLayer):
         self.page_max[:, :, start_page:] = float("-inf")
         if used > start_page * P:
             pos = torch.arange(start_page * P, used, device=self.device)
-            valid = self.key_valid.index_select(1, pos)[:, None, :, None]
-            k = self.keys.index_select(2, pos)
-            page = (pos // P)[None, None, :, None].expand(B, Hkv, pos.numel(), D)
-            self.page_min.scatter_reduce_(2, page, torch.where(valid, k, float("inf")), reduce="amin")
-            self.page_max.scatter_reduce_(2, page, torch.where(valid, k, float("-inf")), reduce="amax")
+            cache_update(None, self.page_min, self.page_max, self.key_valid, None, pos, self.keys.index_select(2, pos),
+                         P)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last -tokens_to_remove tokens (a negative count, as transformers 5.25's StaticLayer; 5.17's

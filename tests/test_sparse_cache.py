@@ -388,3 +388,27 @@ def test_update_traces_without_graph_breaks():
             forward(ids[:, :1], past_key_values=cache, use_cache=True)
     assert int(cache.layers[0].cumulative_length) == 11
     assert_buffers(cache)
+
+
+def test_graph_names_each_layers_buffers_in_one_cache_update_node():
+    """What a graph pass will match: per layer one `sparse_compile.cache_update` node whose new keys are the
+    very tensor StaticLayer's index_copy_ writes into the K buffer (the static-cache write the pass knows)."""
+    model = tiny_llama(2)
+    cache = SparseCache(model, max_cache_len=32, policy=FASA_ALL, page_size=16)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    forward = torch.compile(model.forward, backend=keep, fullgraph=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        forward(torch.randint(0, 128, (1, 5)), past_key_values=cache, use_cache=True)
+    nodes = list(graphs[0].graph.nodes)
+    updates = [n for n in nodes if n.target is torch.ops.sparse_compile.cache_update.default]
+    writes = [n for n in nodes if n.op == "call_method" and n.target == "index_copy_"]
+    assert len(updates) == 2 and len(writes) == 4  # K and V of each layer
+    k_written = {w.args[3] for w in writes}
+    assert all(u.args[6] in k_written for u in updates)
+    assert_buffers(cache)
