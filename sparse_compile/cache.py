@@ -30,8 +30,8 @@ it into the decode graph and CUDA graphs capture it. The dims and pages are writ
 `torch.ops.sparse_compile.cache_update`, so the compiled graph holds one node per layer naming the buffers and
 the new keys: what a graph pass matches to hand the buffers to the attention node. Prefill writes many slots,
 decode one, chunked prefill a chunk; each write merges into the pages it touches (include_self), so the summary
-of a partial page grows as tokens arrive. K and V are written exactly as StaticLayer writes them (`keys.index_copy_(2, pos, k)`), so the
-graph pass recognises the cache as a StaticCache.
+of a partial page grows as tokens arrive. K and V are written exactly as StaticLayer writes them
+(`keys.index_copy_(2, pos, k)`), so the graph pass recognises the cache as a StaticCache.
 
 Padding. `update` is not told the attention mask, so the cache cannot see which slots are left padding.
 `set_padding(attention_mask)` (B, L0) marks them; padded slots then enter neither min nor max (their K/V and
