@@ -374,6 +374,19 @@ class SparseCache(Cache):
             self.early_initialization(batch_size, self.facts["num_kv_heads"], self.facts["head_dim"], dtype,
                                       torch.device(device))
 
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Cache.update, plus a length check at the first SparseLayer outside compiled graphs (one host read per
+        eager forward: a clear error where index_copy_ would fail out of range; compiled graphs skip it)."""
+        layer = self.layers[layer_idx]
+        first = next((i for i, x in enumerate(self.layers) if isinstance(x, SparseLayer)), None)
+        if layer_idx == first and layer.is_initialized and not _compiling():
+            used, n = int(layer.cumulative_length), key_states.shape[-2]
+            if used + n > self.cache_len:
+                raise ValueError(f"SparseCache: {used} cached + {n} new tokens exceed max_cache_len = {self.cache_len}"
+                                 f" (prompt + max_new_tokens must fit)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def set_padding(self, attention_mask: Tensor) -> None:
         """Left padding of the prompt: attention_mask (B, L0), 0 at padded tokens, 1 at text. Call before the
         first forward (or after `reset`); padded slots then stay out of the page summaries."""

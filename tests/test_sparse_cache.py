@@ -185,6 +185,9 @@ def test_prompt_longer_than_the_cache_raises_before_writing():
     model = tiny_llama(1)
     with pytest.raises(ValueError, match="do not fit max_cache_len"), torch.no_grad():
         model(torch.randint(0, 128, (1, 12)), past_key_values=SparseCache(model, 10, FASA_ALL, page_size=16))
+    small = SparseCache(model, 12, FASA_ALL, page_size=16)  # generate past the end: a clear error, not IndexError
+    with pytest.raises(ValueError, match="12 cached \\+ 1 new tokens exceed max_cache_len = 12"):
+        run_generate(model, torch.randint(0, 128, (1, 10)), None, small)
 
 
 # --- generate ----------------------------------------------------------------------------------------------
