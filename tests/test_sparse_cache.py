@@ -415,3 +415,35 @@ def test_graph_names_each_layers_buffers_in_one_cache_update_node():
     k_written = {w.args[3] for w in writes}
     assert all(u.args[6] in k_written for u in updates)
     assert_buffers(cache)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt_neox"])
+def test_other_families_generate_as_with_a_static_cache(family):
+    """Gemma3: sliding layers stay transformers' sliding static layers, full ones are SparseLayers; GPT-NeoX
+    (partial rotary, half of D): FASA's rule picks the lowest-frequency rotary chunks of R = D/2."""
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256,
+                  attn_implementation="sdpa")
+    torch.manual_seed(0)
+    if family == "gemma3":
+        config = transformers.Gemma3TextConfig(
+            **common, sliding_window=8, query_pre_attn_scalar=16, head_dim=16, num_key_value_heads=2,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        model = transformers.Gemma3ForCausalLM(config).eval()
+    else:
+        config = transformers.GPTNeoXConfig(**common, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    ref = run_generate(model, ids, None, StaticCache(config, max_cache_len=32))
+    cache = SparseCache(model, 32, FASA_ALL, page_size=16)
+    assert run_generate(model, ids, None, cache).tolist() == ref.tolist()
+    sparse = [i for i, layer in enumerate(cache.layers) if isinstance(layer, SparseLayer)]
+    assert sparse == ([1] if family == "gemma3" else [0, 1, 2])
+    if family == "gpt_neox":
+        assert cache.layers[0].dims.tolist() == [[2, 3, 6, 7]] * 4  # chunks 2, 3 of R = 8: (2, 6), (3, 7)
+    for i in sparse:
+        dims, lo, hi = expected_buffers(cache.layers[i])
+        assert torch.equal(cache.layers[i].page_min, lo) and torch.equal(cache.layers[i].key_dims, dims)
