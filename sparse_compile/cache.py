@@ -368,6 +368,7 @@ class SparseCache(Cache):
                     table = member = None
             layers.append(SparseLayer(max_cache_len, table, member, page_size if pages else 0, kv_head_offset))
         super().__init__(layers=layers)
+        self.first_sparse = next((i for i, x in enumerate(layers) if isinstance(x, SparseLayer)), None)
         if (batch_size, dtype, device) != (None, None, None):
             if None in (batch_size, dtype, device):
                 raise ValueError("SparseCache: give batch_size, dtype and device together (or none: lazy allocation)")
@@ -379,8 +380,7 @@ class SparseCache(Cache):
         """Cache.update, plus a length check at the first SparseLayer outside compiled graphs (one host read per
         eager forward: a clear error where index_copy_ would fail out of range; compiled graphs skip it)."""
         layer = self.layers[layer_idx]
-        first = next((i for i, x in enumerate(self.layers) if isinstance(x, SparseLayer)), None)
-        if layer_idx == first and layer.is_initialized and not _compiling():
+        if layer_idx == self.first_sparse and layer.is_initialized and not _compiling():
             used, n = int(layer.cumulative_length), key_states.shape[-2]
             if used + n > self.cache_len:
                 raise ValueError(f"SparseCache: {used} cached + {n} new tokens exceed max_cache_len = {self.cache_len}"
