@@ -3,75 +3,43 @@
     python -m sparse_compile explain smollm2 --policy prism --length 8K
     python -m sparse_compile eval --policy dense --policy prism --threshold-sweep 0.9,0.95,0.99
     python -m sparse_compile bench --out results --write-md          # CUDA only
+    python -m sparse_compile bench --what check                      # GPU correctness of kernels and methods
     python -m sparse_compile calibrate prism --max-dppl 0.5 --lengths 8K --out prism-tuned.toml
 
 Exit status: 0 on success, 2 on a usage error (bad flag, unknown policy, missing corpus/model,
-no GPU for `bench`), with a one-line message on stderr.
+no GPU for `bench`), with a one-line message on stderr; 1 when a `bench --what check` row fails or a
+calibrated policy fails its held-out verification.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from sparse_compile.argtypes import choices_of, parse_floats, parse_length, parse_lengths, parse_names, positive_int
+from sparse_compile.benchmarks.harness import PARTS
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
 from sparse_compile.evaluation.corpus import CORPORA, DEFAULT_CORPUS, default_corpus
 from sparse_compile.evaluation.device import DTYPES
 from sparse_compile.evaluation.models import DEFAULT_MODEL, ModelLoadError
+from sparse_compile.evaluation.runner import TASKS
 
 
 class UsageError(Exception):
     """Bad input found before any work started: reported in one line, exit status 2."""
 
 
-def parse_length(text: str) -> int:
-    """'8K' / '8k' -> 8192, '4096' -> 4096 (argparse type: raises ArgumentTypeError)."""
-    value = text.strip()
-    factor = 1024 if value[-1:] in ("k", "K") else 1
-    digits = value[:-1] if factor > 1 else value
-    if not digits.isdigit() or int(digits) <= 0:
-        raise argparse.ArgumentTypeError(f"invalid length {text!r}: use a positive integer or e.g. 8K")
-    return int(digits) * factor
-
-
-def parse_lengths(text: str) -> tuple[int, ...]:
-    """'2K,4K,8192' -> (2048, 4096, 8192)."""
-    items = [t for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("give at least one length")
-    return tuple(parse_length(t) for t in items)
-
-
-def parse_floats(text: str) -> tuple[float, ...]:
-    """'0,0.5,1' -> (0.0, 0.5, 1.0)."""
+def json_dict(text: str) -> dict:
+    """'{"BLOCK_M": 128}' -> {"BLOCK_M": 128} (argparse type)."""
     try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"invalid number list {text!r}: {err}") from err
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one number")
-    return values
-
-
-def parse_tasks(text: str) -> tuple[str, ...]:
-    from sparse_compile.evaluation.runner import TASKS
-
-    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise argparse.ArgumentTypeError(f"invalid task {bad[0] if bad else text!r}: choose from {', '.join(TASKS)}")
-    return tasks
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"give a JSON object, got {text!r}")
     return value
 
 
@@ -109,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokens-per-length", type=positive_int, default=16384,
                     help="scored tokens per length: windows = max(1, this // length) (default 16384)")
     ev.add_argument("--windows", type=positive_int, help="windows per length (overrides --tokens-per-length)")
-    ev.add_argument("--tasks", type=parse_tasks, default=("ppl", "niah"), help="ppl, niah or both (default both)")
+    ev.add_argument("--tasks", type=choices_of(TASKS, "task"), default=("ppl", "niah"),
+                    help="comma list of ppl (whole-window perplexity), continuation (perplexity and top-1 "
+                         "agreement of the last --last tokens of each window), niah, decode (teacher-forced decode "
+                         "steps after a prompt: top-1 agreement with eager, continuation perplexity, decode "
+                         "density) (default ppl,niah)")
+    ev.add_argument("--last", type=positive_int, default=128,
+                    help="continuation: the scored tokens at the end of each window (default 128)")
+    ev.add_argument("--decode-steps", type=positive_int, default=64,
+                    help="decode: teacher-forced decode steps after each --lengths prompt (default 64)")
     ev.add_argument("--niah-lengths", type=parse_lengths, help="NIAH context lengths (default: --lengths)")
     ev.add_argument("--niah-depths", type=parse_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0),
                     help="needle depths in [0, 1], comma-separated (default 0,0.25,0.5,0.75,1)")
@@ -132,23 +108,44 @@ def build_parser() -> argparse.ArgumentParser:
                     "replacing the section of the same name")
     ev.add_argument("--section", help="section name for --write-md (default: model, corpus and policies)")
 
-    be = sub.add_parser("bench", help="GPU benchmarks: the engine and each method vs SDPA flash/cuDNN and Flex",
-                        description="Time the block-sparse engine and every registered method's end-to-end "
-                        "attention (estimation included) against SDPA flash, SDPA cuDNN and FlexAttention on "
-                        "the same block mask. CUDA only; sized to finish within 10 minutes on one H100.")
-    be.add_argument("--what", default="engine,methods", help="engine, methods or both (default both)")
+    be = sub.add_parser("bench", help="GPU benchmarks: engine, methods, whole model, correctness checks",
+                        description="Time the block-sparse engine, every registered method's declared bench cases "
+                        "(estimation included) against SDPA flash/cuDNN and FlexAttention on the same selection, a "
+                        "whole model's prefill and generate, or check the kernels on the GPU. CUDA only (methods, "
+                        "prefill and decode also run with --device cpu, on the methods' references).")
+    be.add_argument("--what", type=choices_of(PARTS, "part"), default=("engine", "methods"),
+                    help=f"comma list of {', '.join(PARTS)} (default engine,methods)")
     be.add_argument("--prefill-lengths", type=parse_lengths, default=(8192, 32768, 131072),
-                    help="prefill lengths (default 8K,32K,128K)")
+                    help="prefill lengths of engine*, methods, prefill and model-prefill (default 8K,32K,128K)")
     be.add_argument("--decode-lengths", type=parse_lengths, default=(32768, 131072),
                     help="decode KV lengths (default 32K,128K)")
     be.add_argument("--densities", type=parse_floats, default=(1.0, 0.3, 0.1, 0.05),
                     help="engine block densities (default 1.0,0.3,0.1,0.05)")
-    be.add_argument("--methods", help="comma-separated methods (default: every registered method)")
+    be.add_argument("--methods", type=parse_names, help="comma-separated methods (default: every registered method)")
     be.add_argument("--heads", type=positive_int, default=32, help="query heads (default 32)")
     be.add_argument("--kv-heads", type=positive_int, default=8, help="KV heads (default 8)")
     be.add_argument("--head-dim", type=positive_int, default=128, help="head dim (default 128)")
     be.add_argument("--rep-ms", type=float, default=100.0, help="do_bench time budget per measurement (100 ms)")
     be.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    be.add_argument("--no-sdpa", action="store_true", help="engine: skip dense SDPA")
+    be.add_argument("--config", type=json_dict, help="engine: launch config override as JSON, e.g. "
+                    '\'{"BLOCK_M":128,"BLOCK_N":64,"num_warps":8,"num_stages":3}\'')
+    be.add_argument("--alt-config", type=json_dict, help="engine: a second launch config (JSON) timed on the same "
+                    "inputs, in the last column")
+    be.add_argument("--gqa-q-lens", type=parse_lengths, help="engine-gqa: query lengths (chunked prefill: the last "
+                    "q_len queries over each prefill length's keys; default q_len = length)")
+    be.add_argument("--layers", type=positive_int, help="model-prefill/generate: decoder layers (default 2 / 4)")
+    be.add_argument("--variants", type=parse_names, help="model-prefill: eager,compile,sparse-dense; generate: "
+                    "eager,compile_ro,sparse_ro,compile,sparse and sparse[_ro]:POLICY (default: all plain ones)")
+    be.add_argument("--batch", type=positive_int, default=1, help="model-prefill: batch size (default 1)")
+    be.add_argument("--left-pad", type=float, default=0.0,
+                    help="model-prefill: fraction of each row but the first that is left padding (default 0)")
+    be.add_argument("--warmup", type=positive_int, default=2, help="model-prefill: untimed calls (default 2)")
+    be.add_argument("--reps", type=positive_int, help="model-prefill/generate: timed calls (default 5 / 3)")
+    be.add_argument("--prompt", type=parse_length, default=32768, help="generate: prompt tokens (default 32K)")
+    be.add_argument("--new-tokens", type=positive_int, default=128, help="generate: decoded tokens (default 128)")
+    be.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cuda (default); cpu runs methods/prefill/decode on the references (a smoke test)")
     be.add_argument("--out", default="results", help="output folder for JSON, markdown and PNG (default results/)")
     be.add_argument("--write-md", action="store_true", help="also update the matching section of --md-file")
     be.add_argument("--md-file", default="BENCHMARKS.md", help="markdown file for --write-md (BENCHMARKS.md)")
@@ -243,25 +240,26 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
-    from sparse_compile.benchmarks.methods import BenchmarkUnavailable, check_cuda, run_benchmarks
+    from sparse_compile.benchmarks.harness import BenchSettings, run_benchmarks
+    from sparse_compile.benchmarks.timing import BenchmarkUnavailable
 
-    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
-    bad = [w for w in what if w not in ("engine", "methods")]
-    if bad or not what:
-        raise UsageError(f"--what {args.what!r}: choose engine, methods or engine,methods")
+    settings = BenchSettings(
+        prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths, densities=args.densities,
+        methods=args.methods, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, rep_ms=args.rep_ms,
+        with_flex=not args.no_flex, with_sdpa=not args.no_sdpa, config=args.config, alt_config=args.alt_config,
+        gqa_q_lens=args.gqa_q_lens, layers=args.layers, variants=args.variants, batch=args.batch,
+        left_pad=args.left_pad, warmup=args.warmup, reps=args.reps, prompt=args.prompt, new_tokens=args.new_tokens,
+        device=args.device)
     try:
-        check_cuda()
+        written, failed = run_benchmarks(Path(args.out), what=args.what, settings=settings,
+                                         md_file=Path(args.md_file) if args.write_md else None,
+                                         command="python -m sparse_compile " + " ".join(argv))
     except BenchmarkUnavailable as err:
         raise UsageError(str(err)) from err
-    written = run_benchmarks(
-        Path(args.out), what=what, prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths,
-        densities=args.densities, methods=tuple(args.methods.split(",")) if args.methods else None,
-        heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, rep_ms=args.rep_ms,
-        with_flex=not args.no_flex, md_file=Path(args.md_file) if args.write_md else None,
-        command="python -m sparse_compile " + " ".join(argv),
-    )
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
-    return 0
+    if failed:
+        print(f"error: {failed} check rows failed (see bench_check.md)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

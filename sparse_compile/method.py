@@ -35,6 +35,12 @@ params)` for each site's role:
 and such a method's attention takes two more arguments and returns the selection it made:
     `attention(q, k, v, mask, site, params, scale, role, selection) -> (out, density, selection_out)`
 with selection_out (B, selection_size(params)) int32 for role "select", (B, 0) otherwise.
+
+What the tools need (the `bench`, `eval` and `calibrate` harnesses read these; the core never does):
+    bench_cases   the configurations `bench` times: phase, Params overrides, role (BenchCase)
+    knobs         what `calibrate` tunes and how: the Params fields, the procedure, the phase (Knob)
+    phases        also drive `eval`: prefill methods are judged by window perplexity, decode methods
+                  by decode steps (top-1 agreement with the exact model, continuation perplexity)
 """
 
 from __future__ import annotations
@@ -46,6 +52,42 @@ from typing import Any
 import torch
 
 PHASES = ("prefill", "decode")
+ROLES = ("select", "reuse")
+PROCEDURES = ("quality", "chunks", "selection_layers", "drift_layers")
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One configuration `python -m sparse_compile bench` times for a method (on structured q/k/v).
+
+    phase: "prefill" (q_len == kv_len, causal) or "decode" (one query over the cache).
+    label: the row's name after the method's ("fasa:b2048"); "" for the method's defaults ("fasa").
+    params: Params overrides as (field, value) pairs (validated by the Params class when the case runs).
+    role: selection-sharing methods only: "select" times a selecting layer, "reuse" a reusing layer on
+        the selection the select case made.
+    """
+
+    phase: str
+    label: str = ""
+    params: tuple[tuple[str, Any], ...] = ()
+    role: str | None = None
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What `python -m sparse_compile calibrate <method>` tunes, and by which procedure.
+
+    fields: the Params fields the written policy sets.
+    procedure: "quality": per-layer values under a perplexity budget (`--max-dppl`; the fields are marked
+        `param(..., quality=...)`); "chunks": per-head RoPE-frequency chunks from decode attention on real
+        text; "selection_layers": the layers whose decode attention best covers the others'; "drift_layers":
+        the layers whose hidden states drift least (where dropped tokens cost least).
+    phase: the phase whose attention the procedure measures.
+    """
+
+    fields: tuple[str, ...]
+    procedure: str
+    phase: str
 
 
 @dataclass(frozen=True)
@@ -91,6 +133,8 @@ class Method:
     density_parts: names of the factors whose product is the density, when the method reports them
         (token_sparse: ("kept", "inner")); the node then returns (B, H, 1 + len(density_parts)) and the
         Report shows each factor per layer.
+    bench_cases, knobs: what the tools read (module docstring): every method declares at least one bench
+        case per phase it runs in; knobs may be empty (nothing to calibrate, e.g. dense).
     """
 
     name: str
@@ -105,6 +149,8 @@ class Method:
     selection_size: Callable[[Any], int] | None = None
     notes: Callable[[Any, Any], str | None] | None = None
     density_parts: tuple[str, ...] = ()
+    bench_cases: tuple[BenchCase, ...] = ()
+    knobs: tuple[Knob, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.phases or any(p not in PHASES for p in self.phases):
@@ -113,3 +159,14 @@ class Method:
             raise ValueError(f"method {self.name!r}: give both selection_role and selection_size, or neither")
         if self.selection_role is not None and not set(self.phases) <= set(self.capturable_phases):
             raise ValueError(f"method {self.name!r}: a selection-sharing method must be capturable in its phases")
+        for case in self.bench_cases:
+            if case.phase not in self.phases:
+                raise ValueError(f"method {self.name!r}: bench case {case.label!r} is in phase {case.phase!r}, "
+                                 f"not one of its phases {self.phases}")
+            if (case.role is not None) != (self.selection_role is not None) or case.role not in (None, *ROLES):
+                raise ValueError(f"method {self.name!r}: bench case {case.label!r} has role {case.role!r}: give one "
+                                 f"of {ROLES} exactly when the method shares a selection")
+        for knob in self.knobs:
+            if knob.procedure not in PROCEDURES or knob.phase not in self.phases or not knob.fields:
+                raise ValueError(f"method {self.name!r}: knob {knob} needs fields, a procedure in {PROCEDURES} and "
+                                 f"one of its phases {self.phases}")

@@ -11,28 +11,20 @@ TFLOP/s counts the work of the computed blocks: 4 * B * H * D * (visible query-k
 selected blocks), where an off-diagonal block has block^2 pairs and a diagonal block
 block * (block + 1) / 2; dense SDPA counts L * (L + 1) / 2 pairs per head.
 
-    python -m sparse_compile.benchmarks.engine                 # 8K, 32K, 128K; 100/30/10/5 %
-    python -m sparse_compile.benchmarks.engine --check --sweep # + GPU correctness and tile sweep
+    python -m sparse_compile bench --what engine                      # 8K, 32K, 128K; 100/30/10/5 %
+    python -m sparse_compile bench --what engine-tiles,engine-padding,engine-gqa,engine-dense-tiles
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import json
 import math
-import os
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-from sparse_compile.benchmarks.decode_bench import graph_ms
+from sparse_compile.benchmarks.timing import causal_mod, do_bench, environment, graph_ms, lists_full_width
 from sparse_compile.kernels.block_mask import BlockList
 from sparse_compile.kernels.block_sparse_attention import (
     block_sparse_attention,
-    block_sparse_attention_reference,
     default_config,
 )
 
@@ -53,105 +45,12 @@ def random_causal_block_mask(B: int, H: int, n: int, density: float, generator: 
     return (draw & allowed) | forced
 
 
-def _lists_full_width(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """kv_num_blocks (B, H, n) and kv_indices (B, H, n, n), selected blocks first (ascending)."""
-    num = mask.sum(-1, dtype=torch.int32)
-    idx = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
-    return num.contiguous(), idx.contiguous()
-
-
 def visible_pairs(mask: torch.Tensor, block: int) -> float:
     """Visible query-key pairs in the selected blocks of a square causal block mask (all heads)."""
     n = mask.shape[-1]
     diag = mask.diagonal(dim1=-2, dim2=-1).sum().item()
     total = mask.sum().item()
     return (total - diag) * block * block + diag * block * (block + 1) / 2 if n else 0.0
-
-
-def _env() -> dict:
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "gpu": props.name,
-        "sms": props.multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m sparse_compile.benchmarks.engine " + " ".join(sys.argv[1:]),
-    }
-
-
-def check_correctness(seed: int = 0) -> list[dict]:
-    """GPU checks: fp16/bf16 kernel vs the float32 reference on random lists, GQA, odd lengths,
-    D in {32, 64, 96, 128}, per-head and per-KV-head lists, permuted keys, window, padding, dense
-    engine. Outputs are poisoned (NaN) first. Raises AssertionError on the first failure."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
-    rows = []
-    cases = [
-        # B, H, Hkv, Lq, Lk, D, dtype, per_kv_lists, extra
-        (1, 8, 2, 1000, 1000, 128, torch.bfloat16, False, {}),
-        (2, 8, 2, 777, 1300, 64, torch.float16, True, {}),
-        (1, 4, 4, 513, 513, 96, torch.bfloat16, False, {"causal": False}),
-        (1, 6, 2, 640, 900, 32, torch.float16, False, {"window": 300}),
-        (2, 4, 1, 900, 900, 128, torch.bfloat16, True, {"kv_order": True}),
-        (2, 8, 2, 700, 1000, 128, torch.float16, False, {"key_valid": True}),
-        (1, 8, 2, 1111, 1500, 128, torch.bfloat16, None, {}),  # dense engine (no lists)
-        (1, 8, 2, 1024, 1024, 64, torch.bfloat16, None, {"window": 200}),
-        (1, 4, 2, 600, 600, 128, torch.float32, False, {}),
-    ]
-    for B, H, Hkv, Lq, Lk, D, dtype, per_kv, extra in cases:
-        q = torch.randn(B, H, Lq, D, device=dev, dtype=dtype, generator=g)
-        k = torch.randn(B, Hkv, Lk, D, device=dev, dtype=dtype, generator=g)
-        v = torch.randn(B, Hkv, Lk, D, device=dev, dtype=dtype, generator=g)
-        kw = {k_: v_ for k_, v_ in extra.items() if k_ not in ("kv_order", "key_valid")}
-        if extra.get("kv_order"):
-            seg = 256  # permute inside segments, like PBS-Attn
-            order = torch.arange(Lk, device=dev).repeat(B, Hkv, 1)
-            for s0 in range(0, Lk - seg + 1, seg):
-                perm = torch.argsort(torch.rand(B, Hkv, seg, device=dev, generator=g), dim=-1)
-                order[..., s0:s0 + seg] = s0 + perm
-            kw["kv_order"] = order
-            k = torch.gather(k, 2, order[..., None].expand(-1, -1, -1, D))
-            v = torch.gather(v, 2, order[..., None].expand(-1, -1, -1, D))
-        if extra.get("key_valid"):
-            kw["key_valid"] = torch.rand(B, Lk, device=dev, generator=g) < 0.8
-        lists = {}
-        if per_kv is not None:
-            Hm = Hkv if per_kv else H
-            nq, nk = math.ceil(Lq / BLOCK), math.ceil(Lk / BLOCK)
-            dense = torch.rand(B, Hm, nq, nk, device=dev, generator=g) < 0.5
-            bl = BlockList.from_dense(dense, BLOCK, Lq, Lk)
-            # shuffle each row's defined entries: lists may come in any order
-            perm = torch.argsort(torch.rand(bl.kv_indices.shape, device=dev, generator=g), dim=-1)
-            slot = torch.arange(bl.kv_indices.shape[-1], device=dev)
-            key = torch.where(slot < bl.kv_num_blocks[..., None], perm, perm + 10**6)
-            shuffled = torch.gather(bl.kv_indices, -1, torch.argsort(key, dim=-1))
-            lists = {"kv_num_blocks": bl.kv_num_blocks, "kv_indices": shuffled.contiguous()}
-        out = torch.full_like(q, float("nan"))
-        block_sparse_attention(q, k, v, **lists, out=out, **kw)
-        ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), **lists, **kw)
-        err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-        nan = bool(out.isnan().any())
-        tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
-        row = {"shape": f"B{B} H{H}/{Hkv} Lq{Lq} Lk{Lk} D{D} {str(dtype)[6:]}",
-               "lists": "none" if per_kv is None else ("per-kv" if per_kv else "per-head"),
-               "extra": ",".join(extra) or "-", "rel_err": err, "nan": nan, "ok": (not nan) and err < tol}
-        rows.append(row)
-        print(f"check {row['shape']:<40} {row['lists']:<9} {row['extra']:<12} rel_err={err:.2e} "
-              f"{'OK' if row['ok'] else 'FAIL'}", flush=True)
-    bad = [r for r in rows if not r["ok"]]
-    assert not bad, f"GPU correctness failed: {bad}"
-    return rows
-
-
-def _bench(fn, rep_ms: float) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=max(10.0, rep_ms / 4), rep=rep_ms, return_mode="median"))
 
 
 def run_engine_benchmark(
@@ -181,7 +80,7 @@ def run_engine_benchmark(
                               config, alt_config, flex, BlockMask, SDPBackend, sdpa_kernel, g)
         torch.cuda.empty_cache()
     cap = torch.cuda.get_device_capability()[0]
-    return {"env": _env(), "config": config or default_config(head_dim, BLOCK, "cuda", cap),
+    return {"env": environment("cuda"), "config": config or default_config(head_dim, BLOCK, "cuda", cap),
             "alt_config": alt_config, "rows": rows}
 
 
@@ -225,7 +124,7 @@ def padding_benchmark(L: int = 32768, B: int = 4, pad: float = 0.2, heads: int =
                      ("engine full lists, unpadded", engine(None, True)),
                      ("engine full lists, left-padded", engine(key_valid, True)),
                      ("per-row cuDNN causal, left-padded", per_row_cudnn)):
-        rows.append({"L": L, "B": B, "pad": pad, "variant": name, "ms": _bench(fn, rep_ms)})
+        rows.append({"L": L, "B": B, "pad": pad, "variant": name, "ms": do_bench(fn, rep_ms)})
         print(f"L={L} B={B} pad={pad:.0%} {name:36s} {rows[-1]['ms']:8.3f} ms", flush=True)
     return rows
 
@@ -245,8 +144,8 @@ def gqa_benchmark(L: int = 32768, densities: tuple[float, ...] = (1.0, 0.3, 0.1)
     n, nq = math.ceil(L / BLOCK), math.ceil(q_len / BLOCK)
     rows = []
     for density in densities:
-        per_head = _lists_full_width(random_causal_block_mask(1, heads, n, density, g, "cuda")[:, :, n - nq:])
-        per_kv = _lists_full_width(random_causal_block_mask(1, kv_heads, n, density, g, "cuda")[:, :, n - nq:])
+        per_head = lists_full_width(random_causal_block_mask(1, heads, n, density, g, "cuda")[:, :, n - nq:])
+        per_kv = lists_full_width(random_causal_block_mask(1, kv_heads, n, density, g, "cuda")[:, :, n - nq:])
 
         def run(lists, pack):
             return lambda: block_sparse_attention(q, k, v, *lists, block_size=BLOCK, q_offset=L - q_len,
@@ -257,14 +156,10 @@ def gqa_benchmark(L: int = 32768, densities: tuple[float, ...] = (1.0, 0.3, 0.1)
         for name, lists, pack in (("per-head lists", per_head, False), ("per-KV-head lists", per_kv, False),
                                   ("per-KV-head lists, GQA_PACK", per_kv, True)):
             rows.append({"L": L, "q_len": q_len, "density": density, "variant": name,
-                         "ms": _bench(run(lists, pack), rep_ms)})
+                         "ms": do_bench(run(lists, pack), rep_ms)})
             print(f"L={L} q_len={q_len} density={density:.2f} {name:30s} {rows[-1]['ms']:8.3f} ms (packed vs "
                   f"unpacked max|diff| {err:.1e})", flush=True)
     return rows
-
-
-def _causal_mod(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
 
 
 def _bench_length(L, densities, H, Hkv, D, dtype, rep_ms, with_flex, with_sdpa, config, alt_config, flex,
@@ -285,7 +180,7 @@ def _bench_length(L, densities, H, Hkv, D, dtype, rep_ms, with_flex, with_sdpa, 
                 with sdpa_kernel(backend):
                     return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True)
             try:
-                dense_times[name] = _bench(run_sdpa, rep_ms)
+                dense_times[name] = do_bench(run_sdpa, rep_ms)
             except Exception as e:  # a backend may be unavailable
                 print(f"L={L} {name} failed: {type(e).__name__}: {e}", flush=True)
                 dense_times[name] = float("nan")
@@ -293,7 +188,7 @@ def _bench_length(L, densities, H, Hkv, D, dtype, rep_ms, with_flex, with_sdpa, 
     rows = []
     for dens in densities:
         mask = random_causal_block_mask(B, H, n, dens, g, dev)
-        num, idx = _lists_full_width(mask)
+        num, idx = lists_full_width(mask)
         actual = mask.sum().item() / (B * H * n * (n + 1) / 2)
         tflop = 4 * D * visible_pairs(mask, BLOCK) / 1e12
         row = {"L": L, "density_target": dens, "density": actual, "tflop": tflop,
@@ -302,28 +197,28 @@ def _bench_length(L, densities, H, Hkv, D, dtype, rep_ms, with_flex, with_sdpa, 
         def run_ours(num=num, idx=idx):
             return block_sparse_attention(q, k, v, num, idx, block_size=BLOCK, causal=True,
                                           validate=False, config=config)
-        row["ours"] = _bench(run_ours, rep_ms)
+        row["ours"] = do_bench(run_ours, rep_ms)
         row["ours_graph"] = graph_ms(run_ours, rep_ms)
         if alt_config is not None:  # a second kernel config on the same inputs (version comparison)
             def run_alt(num=num, idx=idx):
                 return block_sparse_attention(q, k, v, num, idx, block_size=BLOCK, validate=False,
                                               config=alt_config)
-            row["ours_alt"] = _bench(run_alt, rep_ms)
+            row["ours_alt"] = do_bench(run_alt, rep_ms)
             if L <= 32768:
                 row["ours_vs_alt_rel_err"] = ((run_ours().float() - run_alt().float()).norm()
                                               / run_alt().float().norm()).item()
         if with_flex:
             diag = torch.eye(n, dtype=torch.bool, device=dev).expand_as(mask)
-            f_num, f_idx = _lists_full_width(mask & ~diag)
+            f_num, f_idx = lists_full_width(mask & ~diag)
             p_num = torch.ones(B, H, n, dtype=torch.int32, device=dev)
             p_idx = torch.arange(n, dtype=torch.int32, device=dev)[:, None].expand(B, H, n, n).contiguous()
             bm = BlockMask.from_kv_blocks(p_num, p_idx, f_num, f_idx, BLOCK_SIZE=BLOCK,
-                                          mask_mod=_causal_mod, seq_lengths=(L, L), compute_q_blocks=False)
+                                          mask_mod=causal_mod, seq_lengths=(L, L), compute_q_blocks=False)
 
             def run_flex(bm=bm):
                 return flex(q, k, v, block_mask=bm, enable_gqa=True)
             try:
-                row["flex"] = _bench(run_flex, rep_ms)
+                row["flex"] = do_bench(run_flex, rep_ms)
                 row["flex_graph"] = graph_ms(run_flex, rep_ms)
                 if L <= 32768:  # same mask, same function: outputs must agree
                     o1, o2 = run_ours().float(), run_flex().float()
@@ -395,13 +290,13 @@ def sweep_configs(L: int = 32768, densities=(1.0, 0.1), rep_ms: float = 100.0) -
     out = []
     for dens in densities:
         mask = random_causal_block_mask(B, H, n, dens, g, dev)
-        num, idx = _lists_full_width(mask)
+        num, idx = lists_full_width(mask)
         tflop = 4 * D * visible_pairs(mask, BLOCK) / 1e12
         for cfg in configs:
             def run(cfg=cfg, num=num, idx=idx):
                 return block_sparse_attention(q, k, v, num, idx, validate=False, config=cfg)
             try:
-                t = _bench(run, rep_ms)
+                t = do_bench(run, rep_ms)
             except Exception as e:
                 print(f"sweep {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 t = float("nan")
@@ -412,7 +307,7 @@ def sweep_configs(L: int = 32768, densities=(1.0, 0.1), rep_ms: float = 100.0) -
             for cfg in configs[:2]:
                 def run_dense(cfg=cfg):
                     return block_sparse_attention(q, k, v, validate=False, config=cfg)
-                t = _bench(run_dense, rep_ms)
+                t = do_bench(run_dense, rep_ms)
                 print(f"sweep L={L} dense-engine {cfg} {t:.3f} ms {tflop / (t / 1e3):.0f} TFLOP/s",
                       flush=True)
                 out.append({"L": L, "density": "dense-engine", **cfg, "ms": t})
@@ -443,7 +338,7 @@ def dense_sweep(L: int, rep_ms: float = 100.0, head_dim: int = 128) -> list[dict
     ref = sdpa(SDPBackend.CUDNN_ATTENTION)()
     for name, fn in (("SDPA cuDNN", sdpa(SDPBackend.CUDNN_ATTENTION)),
                      ("SDPA flash", sdpa(SDPBackend.FLASH_ATTENTION))):
-        t = _bench(fn, rep_ms)
+        t = do_bench(fn, rep_ms)
         rows.append({"L": L, "variant": name, "ms": t, "tflops": flop / t / 1e9})
     cudnn = rows[0]["ms"]
     base = default_config(D, BLOCK, "cuda", torch.cuda.get_device_capability()[0])
@@ -458,7 +353,7 @@ def dense_sweep(L: int, rep_ms: float = 100.0, head_dim: int = 128) -> list[dict
             return block_sparse_attention(q, k, v, validate=False, config=cfg)
         try:
             err = float((run().float() - ref.float()).abs().max())
-            t = _bench(run, rep_ms)
+            t = do_bench(run, rep_ms)
         except Exception as e:  # a variant the compiler rejects is a result too
             print(f"dense L={L} {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
             rows.append({"L": L, "variant": name, "error": f"{type(e).__name__}: {str(e)[:160]}"})
@@ -470,81 +365,3 @@ def dense_sweep(L: int, rep_ms: float = 100.0, head_dim: int = 128) -> list[dict
             print(f"dense L={L} {r['variant']:60s} {r['ms']:9.3f} ms {r['tflops']:5.0f} TFLOP/s "
                   f"{r.get('vs_cudnn', float('nan')):.3f}x cuDNN  diff {r.get('max_abs_diff', 0):.1e}", flush=True)
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sparse_compile.benchmarks.engine",
-                                 description="Block-sparse engine vs FlexAttention vs SDPA (flash, cuDNN).")
-    ap.add_argument("--lengths", default="8192,32768,131072", help="comma-separated sequence lengths")
-    ap.add_argument("--densities", default="1.0,0.3,0.1,0.05", help="comma-separated causal block densities")
-    ap.add_argument("--heads", type=int, default=32, help="query heads H")
-    ap.add_argument("--kv-heads", type=int, default=8, help="KV heads Hkv")
-    ap.add_argument("--head-dim", type=int, default=128, help="head dim D")
-    ap.add_argument("--rep-ms", type=float, default=200.0, help="do_bench rep budget per measurement (ms)")
-    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
-    ap.add_argument("--no-sdpa", action="store_true", help="skip dense SDPA")
-    ap.add_argument("--config", default=None, help="kernel config override as JSON, e.g. "
-                    '\'{"BLOCK_M":128,"BLOCK_N":64,"num_warps":8,"num_stages":3}\'')
-    ap.add_argument("--alt-config", default=None, help="a second kernel config (JSON) timed on the same "
-                    "inputs, printed in the last column (version comparison)")
-    ap.add_argument("--check", action="store_true", help="run GPU correctness checks first")
-    ap.add_argument("--sweep", action="store_true", help="time tile configs at 32K before the benchmark")
-    ap.add_argument("--padding", action="store_true", help="time a left-padded B=4 batch against the unpadded one "
-                    "(dense engine and full lists, at the --lengths)")
-    ap.add_argument("--gqa", action="store_true", help="time per-head vs per-KV-head lists, the latter with and "
-                    "without GQA_PACK (at the --lengths and --densities)")
-    ap.add_argument("--dense-sweep", action="store_true", help="time the dense causal engine's tile configs "
-                    "beside SDPA cuDNN/flash (at the --lengths)")
-    ap.add_argument("--gqa-q-lens", default=None, help="comma-separated query lengths for --gqa (chunked "
-                    "prefill: the last q_len queries over each --lengths keys); default q_len = L")
-    ap.add_argument("--skip-bench", action="store_true",
-                    help="only --check / --sweep / --padding / --gqa / --dense-sweep")
-    ap.add_argument("--out-dir", default="results", help="where engine_<date>.json and .md are written")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("the engine benchmark needs a CUDA GPU", file=sys.stderr)
-        return 2
-    extra = {}
-    if args.check:
-        t0 = time.time()
-        extra["check"] = check_correctness()
-        print(f"checks passed in {time.time() - t0:.1f} s", flush=True)
-    if args.sweep:
-        extra["sweep"] = sweep_configs()
-    if args.dense_sweep:
-        extra["dense_sweep"] = [r for L in args.lengths.split(",") for r in dense_sweep(int(L), args.rep_ms,
-                                                                                     args.head_dim)]
-    if args.gqa:
-        q_lens = [int(x) for x in args.gqa_q_lens.split(",")] if args.gqa_q_lens else [None]
-        extra["gqa"] = [r for L in args.lengths.split(",") for ql in q_lens for r in gqa_benchmark(
-            int(L), tuple(float(x) for x in args.densities.split(",")), rep_ms=args.rep_ms, q_len=ql)]
-    if args.padding:
-        extra["padding"] = [r for L in args.lengths.split(",") for r in padding_benchmark(int(L), rep_ms=args.rep_ms)]
-    if args.skip_bench:
-        if extra:
-            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.out_dir) / "engine_extra.json").write_text(json.dumps(extra, indent=1))
-        return 0
-    result = run_engine_benchmark(
-        lengths=tuple(int(x) for x in args.lengths.split(",")),
-        densities=tuple(float(x) for x in args.densities.split(",")),
-        heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, rep_ms=args.rep_ms,
-        with_flex=not args.no_flex, with_sdpa=not args.no_sdpa,
-        config=json.loads(args.config) if args.config else None,
-        alt_config=json.loads(args.alt_config) if args.alt_config else None,
-    )
-    result.update(extra)
-    table = markdown_table(result)
-    print(table)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d_%H%M")
-    (out / f"engine_{stamp}.json").write_text(json.dumps(result, indent=1))
-    (out / f"engine_{stamp}.md").write_text(table)
-    print(f"wrote {out}/engine_{stamp}.json and .md", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "8")
-    raise SystemExit(main())

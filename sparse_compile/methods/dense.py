@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
-from sparse_compile.method import Method
+from sparse_compile.method import BenchCase, Method
 
 FAST_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
@@ -200,4 +200,5 @@ METHOD = Method(
     # prefill reads the padding layout on the host (one sync) to pick the per-row cuDNN path
     capturable_phases=("decode",),
     summary="exact attention (cuDNN/flash SDPA by mask structure, the block-sparse engine for the rest)",
+    bench_cases=(BenchCase("prefill"), BenchCase("decode")),
 )

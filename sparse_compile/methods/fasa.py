@@ -45,7 +45,7 @@ from sparse_compile.kernels.fasa import (
 )
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list  # noqa: F401 - in_layers re-exported
-from sparse_compile.method import Method
+from sparse_compile.method import BenchCase, Knob, Method
 from sparse_compile.params import MethodParams, param
 
 GQA_MODES = ("per_head", "per_kv_head")
@@ -238,4 +238,7 @@ METHOD = Method(
     select=fasa_select,
     capturable_phases=("decode",),  # Triton scores, torch.topk, the split-K kernel: no host sync on CUDA
     summary="decode: top tokens by a few dominant RoPE frequency chunks of q.k, exact attention over them (FASA)",
+    bench_cases=(BenchCase("decode"), BenchCase("decode", "b2048", (("budget", 2048),)),
+                 BenchCase("decode", "b2048:per_kv_head", (("budget", 2048), ("gqa", "per_kv_head")))),
+    knobs=(Knob(("chunks",), "chunks", "decode"),),
 )

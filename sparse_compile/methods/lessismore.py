@@ -28,7 +28,7 @@ from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
 from sparse_compile.kernels.lessismore import budget_split, decode_logits, select_tokens
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list
-from sparse_compile.method import Method
+from sparse_compile.method import BenchCase, Knob, Method
 from sparse_compile.methods import METHODS
 from sparse_compile.params import MethodParams, param
 
@@ -143,4 +143,6 @@ METHOD = Method(
     selection_role=selection_role,
     selection_size=selection_size,
     summary="decode: one token set shared by all heads, selected in a few layers and reused (LessIsMore)",
+    bench_cases=(BenchCase("decode", "select", role="select"), BenchCase("decode", "reuse", role="reuse")),
+    knobs=(Knob(("selection_layers",), "selection_layers", "decode"),),
 )

@@ -33,7 +33,7 @@ from sparse_compile.kernels.pbs import (
     select_blocks,
     selection_density,
 )
-from sparse_compile.method import Method
+from sparse_compile.method import BenchCase, Knob, Method
 from sparse_compile.params import MethodParams, param
 
 GQA_MODES = ("per_head", "per_kv_head")
@@ -156,4 +156,6 @@ METHOD = Method(
     select=pbs_select,
     capturable_phases=("prefill",),  # torch ops + the engine, full-width lists: no host sync on CUDA
     summary="query-aware key permutation inside causal segments -> permuted block-sparse (PBS-Attn)",
+    bench_cases=(BenchCase("prefill"),),
+    knobs=(Knob(("threshold",), "quality", "prefill"),),
 )

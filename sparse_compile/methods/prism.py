@@ -54,7 +54,7 @@ from sparse_compile.kernels.prism import (  # noqa: F401 - the reference's piece
     sink_block,
     top_p_blocks,
 )
-from sparse_compile.method import Method
+from sparse_compile.method import BenchCase, Knob, Method
 from sparse_compile.params import MethodParams, param
 
 GQA_MODES = ("per_head", "per_kv_head")
@@ -315,4 +315,6 @@ METHOD = Method(
     # come from shapes (`benchmarks/prism_check.py` captures the selection and the attention and replays them)
     capturable_phases=("prefill",),
     summary="spectral block scoring (dual RoPE-frequency bands, calibrated temperatures, top-p) -> block-sparse",
+    bench_cases=(BenchCase("prefill"), BenchCase("prefill", "p0.9", (("threshold_high", 0.9), ("threshold_low", 0.9)))),
+    knobs=(Knob(("threshold_high", "threshold_low"), "quality", "prefill"),),
 )

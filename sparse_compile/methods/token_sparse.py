@@ -42,7 +42,7 @@ from sparse_compile.attention_mask import AttentionMask, SiteFacts
 from sparse_compile.kernels.limits import KERNEL_DTYPES, MAX_HEAD_DIM
 from sparse_compile.kernels.token_sparse import TokenSelection, gather_qkv, scatter_rows, select_tokens
 from sparse_compile.layers import parse_layers
-from sparse_compile.method import CallShape, Method
+from sparse_compile.method import BenchCase, CallShape, Knob, Method
 from sparse_compile.methods import METHODS
 from sparse_compile.params import MethodParams, PolicyError, param, params_from_mapping, show
 
@@ -190,4 +190,7 @@ METHOD = Method(
     density_parts=("kept", "inner"),
     summary="per-head token coverage -> gather Q/K/V, attend on the compressed sequence (optionally stacked "
             "on a block method), scatter with zeros (Token Sparse Attention)",
+    bench_cases=(BenchCase("prefill"), BenchCase("prefill", "tau0.05", (("dropped_mass", 0.05),)),
+                 BenchCase("prefill", "prism", (("inner", "prism"),))),
+    knobs=(Knob(("layers",), "drift_layers", "prefill"),),
 )
