@@ -205,6 +205,7 @@ def eval_config(args: argparse.Namespace) -> Any:
         model=args.model, policies=tuple(args.policies or ["dense"]), sweeps=tuple(sweeps),
         corpus=args.corpus or default_corpus(),
         lengths=args.lengths, tokens_per_length=args.tokens_per_length, windows=args.windows, tasks=args.tasks,
+        last=args.last, decode_steps=args.decode_steps,
         niah_lengths=args.niah_lengths, niah_depths=args.niah_depths, niah_samples=args.niah_samples,
         niah_max_new_tokens=args.niah_max_new_tokens, seed=args.seed, inner=args.inner,
         cache_dir=None if args.no_cache else args.cache_dir, progress=not args.no_progress,

@@ -52,6 +52,38 @@ def ppl_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def continuation_table(results: dict[str, Any]) -> list[str]:
+    """One row per (policy, length): PPL of the last predictions of each window and their top-1 agreement
+    with the eager model (the whole-window PPL above counts the predictions a dropped token spoils)."""
+    base = results["baseline"]
+    last = results["meta"]["config"]["last"]
+    lines = [f"| policy | L | PPL of the last {last} | dPPL % | top-1 agreement with eager | mean prefill density |",
+             "|---|---|---|---|---|---|"]
+    for length, row in base["ppl"].items():
+        lines.append(f"| {base['label']} | {length} | {row['last_ppl']:.4f} | – | 1.000 | 1.000 |")
+    for run in results["runs"]:
+        for length, row in run.get("ppl", {}).items():
+            lines.append(f"| {run['label']} | {length} | {row['last_ppl']:.4f} | {row['last_dppl_pct']:+.2f} | "
+                         f"{row['agree_last']:.3f} | {fmt(row['mean_density'])} |")
+    return lines
+
+
+def decode_table(results: dict[str, Any]) -> list[str]:
+    """One row per (policy, prompt length): teacher-forced decode steps against the eager model."""
+    base = results["baseline"]
+    lines = ["| policy | prompt | windows | PPL of the steps | dPPL % | top-1 agreement with eager | "
+             "mean decode density | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for length, row in base["decode"].items():
+        lines.append(f"| {base['label']} | {length} | {len(row['windows'])} | {row['ppl']:.4f} | – | 1.000 | 1.000 | "
+                     f"{sum(w['seconds'] for w in row['windows']):.1f} |")
+    for run in results["runs"]:
+        for length, row in run.get("decode", {}).items():
+            lines.append(f"| {run['label']} | {length} | {len(row['windows'])} | {row['ppl']:.4f} | "
+                         f"{row['dppl_pct']:+.2f} | {row['agreement']:.3f} | {fmt(row['mean_density'])} | "
+                         f"{row['wall_s']:.1f} |")
+    return lines
+
+
 def found(samples: list[dict[str, Any]], length: str | None = None) -> str:
     """"k/n": needles found among the samples (of one length)."""
     rows = [s for s in samples if length is None or str(s["length"]) == length]
@@ -146,8 +178,14 @@ def markdown(results: dict[str, Any]) -> str:
     """The report: environment, PPL table, NIAH table, per-layer densities, site counts."""
     meta = results["meta"]
     out = [f"### {meta['model']['name']} on {meta['corpus']['name']}", "", *environment_lines(meta), ""]
-    if "ppl" in results["baseline"]:
+    tasks = meta["config"]["tasks"]
+    if "ppl" in tasks:
         out += ["Perplexity (dPPL against the eager model):", "", *ppl_table(results), ""]
+    if "continuation" in tasks:
+        out += ["Continuation (the last predictions of the same windows):", "", *continuation_table(results), ""]
+    if "decode" in tasks:
+        out += [f"Decode ({meta['config']['decode_steps']} real tokens fed as decode steps after each prompt):", "",
+                *decode_table(results), ""]
     if "niah" in results["baseline"]:
         cfg = meta["config"]
         out += [f"Needle in a haystack (exact match; depths {', '.join(f'{d:g}' for d in cfg['niah_depths'])}; "

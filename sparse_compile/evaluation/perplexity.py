@@ -3,6 +3,14 @@
 A window of L tokens scores its L - 1 next-token predictions (every token but the first, each
 with all earlier tokens of the window as context). PPL over a set of windows is
 exp(sum of NLL / number of scored tokens).
+
+Two views that whole-window PPL hides (`eval --tasks continuation,decode`):
+  continuation  the last `last` predictions of the same forward: their NLL and their argmax (compared
+                with the eager model's: top-1 agreement). A method that drops tokens degrades their own
+                predictions by design; a continuation starts from the always-kept end of the prompt.
+  decode        a prompt of L tokens prefilled through a DynamicCache, then the next real tokens fed one
+                at a time (teacher forcing: every policy sees the same tokens): NLL and argmax of each
+                step's prediction. Decode methods act only here.
 """
 
 from __future__ import annotations
@@ -54,3 +62,33 @@ def perplexity(windows: list[dict[str, Any]]) -> float:
     if tokens == 0:
         raise ValueError("no scored tokens")
     return math.exp(sum(w["nll_sum"] for w in windows) / tokens)
+
+
+def window_scores(forward: LogitsFn, ids: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token NLL (L - 1,) float32, argmax of the last `last` predictions (last,) int64) of one window."""
+    if ids.dim() != 1 or ids.numel() < last + 1:
+        raise ValueError(f"a window must be a 1-D tensor of > {last} token ids, got shape {tuple(ids.shape)}")
+    with torch.no_grad():
+        logits = forward(ids[None])  # (1, L, V)
+        nll = F.cross_entropy(logits[0, :-1].float(), ids[1:].to(logits.device), reduction="none")
+        return nll, logits[0, -last - 1:-1].argmax(-1)
+
+
+def decode_scores(model: Any, config: Any, ids: torch.Tensor, prompt_len: int,
+                  after_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced decode: prefill ids[:prompt_len] into a DynamicCache, then feed ids[prompt_len:-1] one
+    token per call. Returns (NLL (S,) float32, argmax (S,) int64) of the S = len(ids) - prompt_len predictions
+    of ids[prompt_len:]. `after_step` runs after every decode call (to read the Report's densities)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        out = model(input_ids=ids[None, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = [out.logits[0, -1].float()]
+        for t in range(prompt_len, ids.numel() - 1):
+            out = model(input_ids=ids[None, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[0, -1].float())
+            if after_step is not None:
+                after_step()
+        steps = torch.stack(logits)  # (S, V)
+        return F.cross_entropy(steps, ids[prompt_len:].to(steps.device), reduction="none"), steps.argmax(-1)

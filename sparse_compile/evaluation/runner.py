@@ -1,4 +1,12 @@
-"""`run_eval`: perplexity and needle retrieval of a model under one or more policies.
+"""`run_eval`: perplexity, continuation, needle retrieval and decode agreement of a model under policies.
+
+Tasks (`EvalConfig.tasks`, `eval --tasks`):
+  ppl           whole-window perplexity at each length (prefill methods act on every window)
+  continuation  the last `last` predictions of the same windows: their PPL and top-1 agreement with eager
+  niah          RULER-style needle retrieval by greedy decoding (prefill and decode methods)
+  decode        a prompt of each length prefilled, then `decode_steps` real tokens fed as decode steps:
+                top-1 agreement with eager per step, the continuation PPL and the decode density (where
+                decode methods such as FASA and LessIsMore act; prefill PPL never sees them)
 
     from sparse_compile.evaluation import EvalConfig, run_eval, write_outputs
     results = run_eval(EvalConfig(policies=("dense", "prism"), lengths=(2048, 4096)))
@@ -40,11 +48,12 @@ from sparse_compile.evaluation.device import (
     synchronize,
 )
 from sparse_compile.evaluation.models import DEFAULT_MODEL, describe_model, load_model, model_fingerprint
-from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
+from sparse_compile.evaluation.perplexity import decode_scores, logits_fn, nll_summary, perplexity, window_scores
 from sparse_compile.evaluation.policies import PolicyRun, Sweep, expand_policies
 from sparse_compile.report import Report
 
-TASKS = ("ppl", "niah")
+TASKS = ("ppl", "continuation", "niah", "decode")
+WINDOW_TASKS = ("ppl", "continuation")  # tasks scored on the same forward of each window
 BASELINE = "eager"
 
 
@@ -59,7 +68,9 @@ class EvalConfig:
     lengths: tuple[int, ...] = (2048, 4096, 8192)
     tokens_per_length: int = 16384
     windows: int | None = None
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = ("ppl", "niah")
+    last: int = 128  # continuation: scored tokens at the end of each window
+    decode_steps: int = 64  # decode: teacher-forced steps after each prompt
     niah_lengths: tuple[int, ...] | None = None
     niah_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     niah_samples: int | None = None  # None: 3 per cell on CUDA, 1 on the CPU
@@ -87,7 +98,9 @@ class EvalConfig:
             raise ValueError(f"lengths must be >= 16 tokens; got {bad or 'none'}")
         if any(not 0.0 <= d <= 1.0 for d in self.niah_depths) or not self.niah_depths:
             raise ValueError(f"NIAH depths must lie in [0, 1]; got {self.niah_depths}")
-        for name in ("tokens_per_length", "niah_samples", "niah_max_new_tokens"):
+        if "continuation" in self.tasks and any(n <= self.last for n in self.lengths):
+            raise ValueError(f"continuation scores the last {self.last} tokens: every length must exceed it")
+        for name in ("tokens_per_length", "niah_samples", "niah_max_new_tokens", "last", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.windows is not None and self.windows < 1:
@@ -199,38 +212,103 @@ class Evaluator:
     def ppl_windows(self, length: int) -> list[tuple[int, torch.Tensor]]:
         return windows(self.corpus_ids, length, self.config.window_count(length))
 
+    def wants(self, task: str) -> bool:
+        return task in self.config.tasks
+
+    def window_row(self, forward: Any, ids: torch.Tensor) -> tuple[dict[str, Any], list[int]]:
+        """({nll_sum, tokens, last_nll_sum, last_tokens}, argmax of the last predictions) of one window."""
+        last = self.config.last if self.wants("continuation") else 1
+        nll, top = window_scores(forward, ids, last)
+        row = nll_summary(nll)
+        if self.wants("continuation"):
+            tail = nll_summary(nll[-last:])
+            row.update(last_nll_sum=tail["nll_sum"], last_tokens=tail["tokens"])
+        return row, top.tolist()
+
     def baseline_ppl(self, length: int) -> dict[str, Any]:
-        """The eager model's PPL at `length` (windows cached one by one)."""
+        """The eager model's windows at `length` (cached one by one): PPL and, for continuation, the last
+        predictions' NLL and argmax."""
         forward = logits_fn(self.model, self.config.torch_device())
         rows = []
+        last = self.config.last if self.wants("continuation") else None
         for start, ids in self.bar(self.ppl_windows(length), f"ppl {BASELINE} L={length}"):
-            key = self.cache_key("ppl_window", ids)
+            key = self.cache_key("ppl_window", ids, **({} if last is None else {"last": last}))
             row = self.cache.get(key)
             if row is None:
                 t0 = time.perf_counter()
-                row = {**nll_summary(window_nll(forward, ids)), "seconds": time.perf_counter() - t0}
+                row, top = self.window_row(forward, ids)
+                row.update(seconds=time.perf_counter() - t0, **({} if last is None else {"top": top}))
                 self.cache.put(key, row)
             rows.append({"start": start, **row})
-        return {"ppl": perplexity(rows), "windows": rows}
+        return {"ppl": perplexity(rows), "windows": rows, **self.continuation(rows)}
 
-    def policy_ppl(self, compiled: Any, report: Report, length: int) -> dict[str, Any]:
-        """PPL of the compiled model at `length`, with the per-layer prefill density of each window."""
+    def continuation(self, rows: list[dict[str, Any]], base: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """{"last_ppl", "agree_last"} over window rows (agreement against the baseline's rows), or {}."""
+        if not self.wants("continuation"):
+            return {}
+        out = {"last_ppl": perplexity([{"nll_sum": r["last_nll_sum"], "tokens": r["last_tokens"]} for r in rows])}
+        if base is not None:
+            same = sum(a == b for r, ref in zip(rows, base, strict=True) for a, b in zip(r["top"], ref["top"],
+                                                                                        strict=True))
+            out["agree_last"] = same / sum(len(r["top"]) for r in rows)
+        return out
+
+    def policy_ppl(self, compiled: Any, report: Report, length: int, base: list[dict[str, Any]]) -> dict[str, Any]:
+        """The compiled model's windows at `length`, with the per-layer prefill density of each window."""
         forward = logits_fn(compiled, self.config.torch_device())
         rows, densities = [], []
         t_all = time.perf_counter()
         for start, ids in self.bar(self.ppl_windows(length), f"ppl L={length}"):
             t0 = time.perf_counter()
             calls = sum(report.calls.values())
-            row = nll_summary(window_nll(forward, ids))
+            row, top = self.window_row(forward, ids)
             ran_sites = sum(report.calls.values()) > calls  # False: no rewritten graph ran (eager fallback)
             density = report.layer_density("prefill") if ran_sites else {}
             densities.append(density)
-            rows.append({"start": start, **row, "seconds": time.perf_counter() - t0, "ran_sites": ran_sites,
-                         "mean_density": overall({str(k): v for k, v in density.items()})})
+            rows.append({"start": start, **row, "top": top, "seconds": time.perf_counter() - t0,
+                         "ran_sites": ran_sites, "mean_density": overall({str(k): v for k, v in density.items()})})
         per_layer = mean_layer_density(densities)
         return {"ppl": perplexity(rows), "windows": rows, "layer_density": per_layer,
                 "mean_density": overall(per_layer), "wall_s": time.perf_counter() - t_all,
-                **first_and_steady([r["seconds"] for r in rows])}
+                **self.continuation(rows, base), **first_and_steady([r["seconds"] for r in rows])}
+
+    # -- decode steps -----------------------------------------------------------------------
+    def decode_windows(self, length: int) -> list[tuple[int, torch.Tensor]]:
+        """Windows of length + decode_steps tokens: the prompt, then the tokens fed as decode steps."""
+        return windows(self.corpus_ids, length + self.config.decode_steps, self.config.window_count(length))
+
+    def decode_window(self, model: Any, ids: torch.Tensor, length: int, after_step: Callable[[], None] | None = None
+                      ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        nll, top = decode_scores(model, self.model.config, ids.to(self.config.torch_device()), length, after_step)
+        return {**nll_summary(nll), "top": top.tolist(), "seconds": time.perf_counter() - t0}
+
+    def baseline_decode(self, length: int) -> dict[str, Any]:
+        """The eager model's decode steps after each prompt of `length` (cached per window)."""
+        rows = []
+        for start, ids in self.bar(self.decode_windows(length), f"decode {BASELINE} L={length}"):
+            key = self.cache_key("decode_window", ids, prompt=length)
+            row = self.cache.get(key)
+            if row is None:
+                row = self.decode_window(self.model, ids, length)
+                self.cache.put(key, row)
+            rows.append({"start": start, **row})
+        return {"ppl": perplexity(rows), "windows": rows}
+
+    def policy_decode(self, compiled: Any, report: Report, length: int, base: list[dict[str, Any]]
+                      ) -> dict[str, Any]:
+        """Decode steps through `compiled`: top-1 agreement with eager, continuation PPL, decode density."""
+        rows, densities = [], []
+        t_all = time.perf_counter()
+        for start, ids in self.bar(self.decode_windows(length), f"decode L={length}"):
+            rows.append({"start": start, **self.decode_window(
+                compiled, ids, length, lambda: densities.append(report.layer_density("decode")))})
+        same = sum(a == b for r, ref in zip(rows, base, strict=True) for a, b in zip(r["top"], ref["top"],
+                                                                                    strict=True))
+        per_layer = mean_layer_density([d for d in densities if d])
+        return {"ppl": perplexity(rows), "agreement": same / sum(len(r["top"]) for r in rows), "windows": rows,
+                "layer_density": per_layer, "mean_density": overall(per_layer),
+                "wall_s": time.perf_counter() - t_all}
 
     # -- needle in a haystack ---------------------------------------------------------------
     def answer(self, model: Any, sample: niah.NeedleSample, after_prefill: Callable[[], None] | None = None
@@ -283,17 +361,29 @@ class Evaluator:
                                   "fingerprint": run.policy.fingerprint(),
                                   "sweep": {p: v for p, v in run.assignments}, "compile": {}}
         t0 = time.perf_counter()
-        if "ppl" in self.config.tasks:
+        if any(self.wants(t) for t in WINDOW_TASKS):
             report = Report()
             compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
             result["ppl"] = {}
             for length in self.config.lengths:
-                row = self.policy_ppl(compiled, report, length)
-                base = baseline["ppl"][str(length)]["ppl"]
-                row["dppl"] = row["ppl"] - base
-                row["dppl_pct"] = 100.0 * (row["ppl"] - base) / base
+                ref = baseline["ppl"][str(length)]
+                row = self.policy_ppl(compiled, report, length, ref["windows"])
+                row["dppl"] = row["ppl"] - ref["ppl"]
+                row["dppl_pct"] = 100.0 * (row["ppl"] - ref["ppl"]) / ref["ppl"]
+                if "last_ppl" in row:
+                    row["last_dppl_pct"] = 100.0 * (row["last_ppl"] - ref["last_ppl"]) / ref["last_ppl"]
                 result["ppl"][str(length)] = row
             result["compile"]["ppl"] = site_summary(report)
+        if self.wants("decode"):
+            report = Report()
+            compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
+            result["decode"] = {}
+            for length in self.config.lengths:
+                ref = baseline["decode"][str(length)]
+                row = self.policy_decode(compiled, report, length, ref["windows"])
+                row["dppl_pct"] = 100.0 * (row["ppl"] - ref["ppl"]) / ref["ppl"]
+                result["decode"][str(length)] = row
+            result["compile"]["decode"] = site_summary(report)
         if "niah" in self.config.tasks:
             report = Report()
             compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
@@ -359,8 +449,10 @@ def prepare(config: EvalConfig, model: Any = None, tokenizer: Any = None) -> tup
     model.to(device=config.torch_device(), dtype=config.torch_dtype()).eval()
     ids = tokenize(tokenizer, corpus.text)
     ev = Evaluator(config, model, tokenizer, ids, model_fingerprint(model), ResultCache(config.cache_dir), corpus)
-    for length in config.lengths if "ppl" in config.tasks else ():
+    for length in config.lengths if any(t in config.tasks for t in WINDOW_TASKS) else ():
         ev.ppl_windows(length)
+    for length in config.lengths if "decode" in config.tasks else ():
+        ev.decode_windows(length)
     if "niah" in config.tasks:
         ev.samples = niah.make_grid(tokenizer, ids, config.needle_lengths(), config.niah_depths,
                                     config.niah_samples, config.seed)
@@ -376,12 +468,14 @@ def execute(ev: Evaluator, runs: list[PolicyRun], argv: list[str] | None = None)
             "corpus": {**ev.corpus.describe(), "tokens": int(ev.corpus_ids.numel())}}
     baseline: dict[str, Any] = {"label": BASELINE}
     t0 = time.perf_counter()
-    if "ppl" in config.tasks:
+    if any(t in config.tasks for t in WINDOW_TASKS):
         baseline["ppl"] = {str(length): ev.baseline_ppl(length) for length in config.lengths}
         for row in baseline["ppl"].values():
             row.update(first_and_steady([w["seconds"] for w in row["windows"]]))
     if "niah" in config.tasks:
         baseline["niah"] = ev.baseline_niah()
+    if "decode" in config.tasks:
+        baseline["decode"] = {str(length): ev.baseline_decode(length) for length in config.lengths}
     baseline["wall_s"] = time.perf_counter() - t0
     results = [ev.run_policy(run, baseline) for run in tqdm(runs, desc="policies", disable=not config.progress)]
     return {"meta": meta, "baseline": baseline, "runs": results}
