@@ -59,8 +59,17 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from tqdm.auto import tqdm
 
-from sparse_compile.report import total
+from sparse_compile.argtypes import parse_floats, parse_length, parse_lengths, positive_int
+from sparse_compile.calibration.text import toml_value
+from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
+from sparse_compile.evaluation.corpus import default_corpus, windows
+from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
+from sparse_compile.evaluation.runner import EvalConfig, compile_with_policy, environment, prepare
+from sparse_compile.methods import METHODS
+from sparse_compile.policy import LayerSet, Policy, load_policy, parse_toml, shipped_policies
+from sparse_compile.report import Report, total
 
 DENSE = "dense"
 LADDER_STEPS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)  # distance from the exact end, fraction of range
@@ -93,8 +102,6 @@ def quality_knobs(params_cls: type) -> list[str]:
 
 def method_knob(method: str) -> Knob:
     """The quality knob that method `method` declares; ValueError when it declares none or an unusable one."""
-    from sparse_compile.methods import METHODS
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; registered: {', '.join(METHODS)}")
     if "prefill" not in METHODS[method].phases:
@@ -169,7 +176,6 @@ class SensitivityProbe(TorchDispatchMode):
 
     def measure(self, args: tuple, exact: torch.Tensor) -> None:
         from sparse_compile.attention_mask import AttentionMask
-        from sparse_compile.methods import METHODS
         from sparse_compile.ops import RAN, NodeConfig, call_shape, fallback_reason, parse_config
 
         q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config = args[:10]
@@ -221,7 +227,6 @@ class SubstituteMode(TorchDispatchMode):
         if getattr(func, "namespace", None) != "sparse_compile" or kwargs or len(args) != 10:
             return func(*args, **(kwargs or {}))  # not a plain attention node (e.g. a selection-sharing one)
         from sparse_compile.attention_mask import AttentionMask
-        from sparse_compile.methods import METHODS
         from sparse_compile.ops import RAN, NodeConfig, call_shape, fallback_reason, parse_config
 
         q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config = args[:10]
@@ -417,7 +422,6 @@ class Context:
 
     def baseline_nll(self, windows: list[tuple[int, torch.Tensor]]) -> list[dict[str, Any]]:
         """Eager NLL summaries of the windows (cached like `eval`'s baseline)."""
-        from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, window_nll
 
         forward = logits_fn(self.ev.model, self.ev.config.torch_device())
         rows = []
@@ -434,9 +438,6 @@ class Context:
 
     def measure(self, policy: Any, which: dict[int, list[tuple[int, torch.Tensor]]]) -> Measured:
         """ΔPPL % (against the eager model) and density of `policy` on the windows `which`."""
-        from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
-        from sparse_compile.evaluation.runner import compile_with_policy
-        from sparse_compile.report import Report
 
         report = Report()
         compiled = compile_with_policy(self.ev.model, policy, report, self.inner)
@@ -464,7 +465,6 @@ class Context:
                     ) -> dict[int, tuple[list, list]]:
         """Per-layer error and density of every candidate, over `windows` (default: the calibration windows;
         step 1)."""
-        from sparse_compile.evaluation.perplexity import logits_fn
 
         windows = self.calibration if windows is None else windows
         probe = SensitivityProbe(knob, values, params)
@@ -483,16 +483,6 @@ class Context:
 
 # -- 5. the policy --------------------------------------------------------------------------------
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
 def params_table(params: Any, knob: Knob) -> dict[str, Any]:
     """The params a TOML table must state: the knob fields and every field that differs from its default
     (an override's params start from the method's defaults, not from the phase's params)."""
@@ -508,12 +498,10 @@ def policy_toml(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[i
                 description: str, header: list[str]) -> str:
     """The tuned policy: the base policy's phases, the most common per-layer value as the prefill default,
     one override per other value (layers as compact ranges) and the header comment lines."""
-    from sparse_compile.policy import LayerSet
 
     phase = base.prefill
     method_params = phase.params if phase.method == knob.method else None
     if method_params is None:
-        from sparse_compile.methods import METHODS
 
         method_params = METHODS[knob.method].Params()
     groups: dict[int, list[int]] = {}
@@ -530,7 +518,7 @@ def policy_toml(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[i
     for option in sorted(groups, key=lambda o: (o != -1, o)):
         if option == default:
             continue
-        layers = toml_value_list(LayerSet.of(groups[option]).to_list())
+        layers = toml_value(LayerSet.of(groups[option]).to_list())
         lines += ["", "[[prefill.overrides]]", f"layers = {layers}"]
         if option == -1:
             lines.append('method = "dense"')
@@ -549,14 +537,9 @@ def policy_toml(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[i
     return "\n".join(lines) + "\n"
 
 
-def toml_value_list(items: list[int | str]) -> str:
-    return "[" + ", ".join(toml_value(x) for x in items) + "]"
-
-
 def base_policy(method: str, spec: str | None) -> Any:
     """The policy whose phases the tuned one keeps: `--base`, else the shipped one named after the method,
     else prefill = method (defaults, min_seq_len 0) with dense decode."""
-    from sparse_compile.policy import Policy, load_policy, shipped_policies
 
     if spec is not None:
         policy = load_policy(spec)
@@ -571,25 +554,8 @@ def base_policy(method: str, spec: str | None) -> Any:
 
 # -- the command -----------------------------------------------------------------------------------
 
-def description(method: str) -> str:
-    return (f"Search per-layer values of {method}'s quality knob that minimise mean attention density subject "
-            "to a perplexity budget on calibration windows, verify on held-out windows, write a policy.")
-
-
-def parse_values(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"invalid number list {text!r}: {err}") from err
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one value")
-    return values
-
-
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the generic search (the common ones come from `add_common_arguments`)."""
-    from sparse_compile.__main__ import parse_length, parse_lengths, positive_int
-
     parser.add_argument("--max-dppl", type=float, required=True, metavar="PCT",
                         help="perplexity budget: relative PPL increase over the eager model, in percent (e.g. 0.5), "
                              "at every length, on the calibration and on the held-out windows")
@@ -597,11 +563,11 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=positive_int, default=2, help="calibration windows per length (2)")
     parser.add_argument("--holdout-windows", type=positive_int, default=2,
                         help="held-out verification windows per length, at other text positions (2)")
-    parser.add_argument("--values", type=parse_values, help="candidate knob values (default: a ladder toward the "
+    parser.add_argument("--values", type=parse_floats, help="candidate knob values (default: a ladder toward the "
                         "exact end, e.g. 0.998,0.995,0.99,0.98,0.97,0.95,0.9,0.8 for a [0, 1] knob)")
     parser.add_argument("--error", choices=("output", "value"), default="value",
                         help="sensitivity proxy: output error relative to the value vectors' size (default) or to "
-                             "|out| (EVAL.md: scripts/calibration_proxy_check.py ranks them against real dNLL)")
+                             "|out| (EVAL.md's proxy check ranks them against real dNLL)")
     parser.add_argument("--sensitivity-length", type=parse_length, metavar="N",
                         help="measure the one-pass sensitivity on N-token windows (e.g. 2K) instead of at every "
                              "--lengths value; the probes and the held-out check still run at --lengths")
@@ -628,7 +594,6 @@ def split_windows(ev: Any, lengths: tuple[int, ...], n_cal: int, n_hold: int
                   ) -> tuple[dict[int, list], dict[int, list]]:
     """Calibration and held-out windows per length: n_cal + n_hold windows evenly spaced over the corpus,
     interleaved (held-out ones between calibration ones), so both cover the text and never share a start."""
-    from sparse_compile.evaluation.corpus import windows
 
     cal, hold = {}, {}
     for length in lengths:
@@ -651,10 +616,6 @@ def interleave(n_cal: int, n_hold: int) -> list[str]:
 
 def run_quality(args: argparse.Namespace) -> int:
     """Run the generic search for `args.method` (see the module docstring); the exit status."""
-    from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
-    from sparse_compile.evaluation.corpus import default_corpus
-    from sparse_compile.evaluation.runner import EvalConfig, environment, prepare
-    from sparse_compile.policy import load_policy
 
     t_start = time.perf_counter()
     if not math.isfinite(args.max_dppl) or args.max_dppl < 0:
@@ -687,7 +648,6 @@ def run_quality(args: argparse.Namespace) -> int:
     uniform_probes = getattr(args, "uniform_probes", 0)
     if isinstance(uniform_probes, bool) or not isinstance(uniform_probes, int) or uniform_probes < 0:
         raise ValueError(f"--uniform-probes {uniform_probes!r}: give an int >= 0")
-    from tqdm.auto import tqdm
 
     n_sens = n_cal if sens_windows is None else args.windows
     total = n_sens + 2 * n_cal * (args.max_probes + uniform_probes) + 2 * n_hold  # sensitivity, probes, held-out
@@ -697,7 +657,6 @@ def run_quality(args: argparse.Namespace) -> int:
         return verify_policy(ctx, verify, args.max_dppl)
     params = base.prefill.params if base.prefill.method == args.method else None
     if params is None:
-        from sparse_compile.methods import METHODS
 
         params = METHODS[args.method].Params()
 
@@ -707,7 +666,6 @@ def run_quality(args: argparse.Namespace) -> int:
     layers = sorted(table)
 
     def policy_of(alloc: Allocation) -> Any:
-        from sparse_compile.policy import parse_toml
 
         choice = dict(zip(layers, alloc.choice, strict=True))
         return parse_toml(policy_toml(base, knob, values, choice, "probe", "", []), "<calibration probe>")
@@ -764,7 +722,6 @@ def run_quality(args: argparse.Namespace) -> int:
                        f"{args.method} tuned per layer to dPPL <= {args.max_dppl:g}% at "
                        f"{','.join(str(n) for n in config.lengths)} tokens on {ev.corpus.name} "
                        f"({'verified' if ok else 'FAILED verification'} on held-out windows)", header)
-    from sparse_compile.policy import parse_toml
 
     parse_toml(text, str(out))  # the file must load (a bug here must not write a broken policy)
     target = out if ok else out.with_suffix(".unverified.toml")
@@ -845,4 +802,4 @@ def make_header(args: argparse.Namespace, env: dict[str, Any], ev: Any, knob: Kn
 
 
 __all__ = ["Knob", "add_quality_arguments", "allocate", "allocation_path", "check_direction",
-           "description", "ladder", "method_knob", "next_probe", "quality_knobs", "run_quality"]
+           "ladder", "method_knob", "next_probe", "quality_knobs", "run_quality"]

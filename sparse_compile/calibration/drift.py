@@ -1,4 +1,5 @@
-"""Choose Token Sparse Attention's sparse layers by representation drift on real text and write a policy.
+"""The drift_layers procedure (`Knob.procedure`): choose a method's sparse layers by representation drift on
+real text and write a policy (Token Sparse Attention declares it for its `layers`).
 
     python -m sparse_compile calibrate token_sparse --model smollm2 --out token_sparse-smollm2.toml
 
@@ -13,27 +14,31 @@ are written as the policy's `layers`. Deterministic: fixed windows, no sampling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-METHOD = "token_sparse"
+from sparse_compile.argtypes import parse_lengths, positive_int
+from sparse_compile.calibration.text import policy_toml
+from sparse_compile.evaluation.corpus import default_corpus, load_corpus, tokenize, windows
+from sparse_compile.evaluation.device import resolve_device, resolve_dtype
+from sparse_compile.evaluation.models import load_model
+from sparse_compile.policy import LayerSet, load_policy, parse_toml, replace_phase
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `calibrate token_sparse` (the common ones are added by sparse_compile.calibration)."""
-    from sparse_compile.__main__ import parse_lengths, positive_int
-
+def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the drift_layers procedure (the common ones are added by the harness)."""
     parser.add_argument("--lengths", type=parse_lengths, default=(4096,),
                         help="window lengths in tokens (default 4K; e.g. 4K,8K)")
     parser.add_argument("--windows", type=positive_int, default=2, help="windows per length (default 2)")
     parser.add_argument("--quantile", type=float, default=0.5,
                         help="layers whose normalised drift is at or below this quantile are sparse (default 0.5)")
-    parser.add_argument("--base", default=METHOD,
-                        help="policy whose other settings are kept (default: the shipped token_sparse policy)")
-    parser.add_argument("--name", help="name of the written policy (default: token_sparse-<model>)")
+    parser.add_argument("--base", default=None,
+                        help="policy whose other settings are kept (default: the shipped one named after the method)")
+    parser.add_argument("--name", help="name of the written policy (default: <method>-<model>)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
 
 
@@ -93,66 +98,16 @@ def sparse_layers(drift: torch.Tensor, quantile: float) -> list[int]:
     return [i for i, value in enumerate(normalised.tolist()) if value <= cut]
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"cannot write the non-finite value {value} to TOML")
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise ValueError(f"cannot write {type(value).__name__} to TOML")
-
-
-def table_lines(header: str, table: dict[str, Any], array: bool = False) -> list[str]:
-    """`[header]` (or `[[header]]`) with the table's scalars and lists, then its sub-tables; None values
-    are left out (they mean "the default")."""
-    lines = [f"[[{header}]]" if array else f"[{header}]"]
-    subtables = []
-    for key, value in table.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            subtables.append((key, value))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            subtables.extend((key, v, True) for v in value)  # type: ignore[misc]
-        elif not (isinstance(value, list) and not value and key == "overrides"):
-            lines.append(f"{key} = {toml_value(value)}")
-    for item in subtables:
-        key, value, *is_array = item
-        lines += [""] + table_lines(f"{header}.{key}", value, bool(is_array))
-    return lines
-
-
-def policy_toml(policy: Any, comment: str) -> str:
-    """A policy (sparse_compile.policy.Policy) as TOML text that loads back to the same policy."""
-    data = policy.to_dict()
-    lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
-    lines += [f"name = {toml_value(policy.name)}", f"description = {toml_value(policy.description)}", ""]
-    for phase in ("prefill", "decode"):
-        lines += table_lines(phase, data[phase]) + [""]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def run(args: argparse.Namespace) -> int:
-    """`calibrate token_sparse`: measure drift, print it, write the policy when --out is given."""
-    import dataclasses
-
-    from sparse_compile.evaluation.corpus import default_corpus, load_corpus, tokenize, windows
-    from sparse_compile.evaluation.device import resolve_device, resolve_dtype
-    from sparse_compile.evaluation.models import load_model
-    from sparse_compile.policy import LayerSet, load_policy, parse_toml, replace_phase
-
+def run_drift_layers(args: argparse.Namespace) -> int:
+    """The drift_layers procedure: measure drift, print it, write the policy when --out is given."""
+    method = args.method
     if not 0.0 <= args.quantile <= 1.0 or math.isnan(args.quantile):
         raise ValueError(f"--quantile must be in [0, 1], got {args.quantile}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = load_policy(args.base)
-    if base.prefill.method != METHOD:
-        raise ValueError(f"--base {args.base!r}: its prefill method is {base.prefill.method!r}, not {METHOD!r}")
+    base = load_policy(args.base or method)
+    if base.prefill.method != method:
+        raise ValueError(f"--base {args.base!r}: its prefill method is {base.prefill.method!r}, not {method!r}")
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     corpus = load_corpus(args.corpus or default_corpus())
     model, tokenizer = load_model(args.model, dtype=dtype)
@@ -171,15 +126,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"sparse layers: {layers}")
     if not args.out:
         return 0
-    params = dataclasses.replace(base.prefill.params, layers=tuple(layers))
-    name = args.name or f"{METHOD}-{Path(str(args.model)).stem}"
-    description = (f"Token Sparse prefill on layers {layers} of {args.model} (representation drift at or below its "
-                   f"{args.quantile} quantile); dropped_mass {params.dropped_mass}; dense decode.")
+    params = dataclasses.replace(base.prefill.params, **{args.knob.fields[0]: tuple(layers)})
+    name = args.name or f"{method}-{Path(str(args.model)).stem}"
+    description = (f"{method} prefill on layers {layers} of {args.model} (representation drift at or below its "
+                   f"{args.quantile} quantile); dense decode.")
     policy = dataclasses.replace(replace_phase(base, "prefill", params=params), name=name, description=description)
-    command = (f"python -m sparse_compile calibrate {METHOD} --model {args.model} --corpus {corpus.name} "
+    command = (f"python -m sparse_compile calibrate {method} --model {args.model} --corpus {corpus.name} "
                f"--lengths {','.join(str(n) for n in args.lengths)} --windows {args.windows} "
                f"--quantile {args.quantile}")
-    comment = (f"Token Sparse Attention on {args.model}: sparse layers = representation drift at or below its "
+    comment = (f"{method} on {args.model}: sparse layers = representation drift at or below its "
                f"{args.quantile} quantile.\nWritten by: {command}\nDrift per layer: "
                + ", ".join(f"{d:.3f}" for d in drift.tolist()))
     text = policy_toml(policy, comment)

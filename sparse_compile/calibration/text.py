@@ -1,6 +1,6 @@
-"""What the decode calibrations (`calibrate fasa`, `calibrate lessismore`) share: the model and corpus
-from the common flags, the model's attention sites, the decode-step positions of a window, and a
-transformers attention implementation registered for the duration of a pass.
+"""What the calibration procedures share: the model and corpus windows from the common flags, the model's
+attention sites, decode-step positions, a transformers attention implementation that records q/k, one pass
+over the windows, and the policy TOML they write.
 
 A decode step at position p is the query at p over the keys 0..p, so the queries of one prefill pass over
 a window of text *are* decode steps: `decode_positions` spreads them over the window's second half.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,3 +96,78 @@ def write_policy(text: str, out: str | Path | None) -> None:
         print(f"wrote {out}")
     else:
         print(text)
+
+
+def record_windows(source: CalibrationText, name: str, record: Callable[[int, torch.Tensor, torch.Tensor], None],
+                   progress: bool, before_window: Callable[[int], None] | None = None,
+                   after_window: Callable[[int], None] | None = None) -> None:
+    """One exact forward of the decoder per window with `record(layer, q, k)` seeing every layer's post-RoPE q/k
+    (registered as attention implementation `name`); `before_window(i)` / `after_window(i)` run around window i."""
+    from tqdm.auto import tqdm
+
+    with attention_implementation(source.model, name, recording_attention(record)):
+        for i, (_, window) in enumerate(tqdm(source.windows, desc=f"{name} (windows)", disable=not progress)):
+            if before_window is not None:
+                before_window(i)
+            with torch.no_grad():
+                source.model.model(window[None].to(source.device))
+            if after_window is not None:
+                after_window(i)
+
+
+def check_budget(budget: float) -> None:
+    """A budget is a whole number of tokens >= 1 or a fraction in (0, 1); ValueError otherwise."""
+    if budget <= 0 or (budget >= 1 and budget != int(budget)):
+        raise ValueError(f"--budget must be a whole number of tokens >= 1 or a fraction in (0, 1), got {budget}")
+
+
+def check_at_least_one(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """ValueError naming the first flag of `names` whose value is < 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal of a bool, number, string or list of them (ValueError for anything else)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"cannot write the non-finite value {value} to TOML")
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise ValueError(f"cannot write {type(value).__name__} to TOML")
+
+
+def table_lines(header: str, table: dict[str, Any], array: bool = False) -> list[str]:
+    """`[header]` (or `[[header]]`) with the table's scalars and lists, then its sub-tables; None values
+    are left out (they mean "the default")."""
+    lines = [f"[[{header}]]" if array else f"[{header}]"]
+    subtables = []
+    for key, value in table.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            subtables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            subtables.extend((key, v, True) for v in value)  # type: ignore[misc]
+        elif not (isinstance(value, list) and not value and key == "overrides"):
+            lines.append(f"{key} = {toml_value(value)}")
+    for item in subtables:
+        key, value, *is_array = item
+        lines += [""] + table_lines(f"{header}.{key}", value, bool(is_array))
+    return lines
+
+
+def policy_toml(policy: Any, comment: str) -> str:
+    """A policy (sparse_compile.policy.Policy) as TOML text that loads back to the same policy."""
+    data = policy.to_dict()
+    lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
+    lines += [f"name = {toml_value(policy.name)}", f"description = {toml_value(policy.description)}", ""]
+    for phase in ("prefill", "decode"):
+        lines += table_lines(phase, data[phase]) + [""]
+    return "\n".join(lines).rstrip() + "\n"
