@@ -19,13 +19,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import sparse_compile
 from sparse_compile.argtypes import choices_of, parse_floats, parse_length, parse_lengths, parse_names, positive_int
-from sparse_compile.benchmarks.harness import PARTS
+from sparse_compile.benchmarks.harness import PARTS, BenchSettings, run_benchmarks
+from sparse_compile.benchmarks.timing import BenchmarkUnavailable
+from sparse_compile.calibration import run_calibration
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
-from sparse_compile.evaluation.corpus import CORPORA, DEFAULT_CORPUS, default_corpus
+from sparse_compile.evaluation.corpus import CORPORA, DEFAULT_CORPUS, CorpusError, default_corpus
 from sparse_compile.evaluation.device import DTYPES
-from sparse_compile.evaluation.models import DEFAULT_MODEL, ModelLoadError
-from sparse_compile.evaluation.runner import TASKS
+from sparse_compile.evaluation.models import DEFAULT_MODEL, ModelLoadError, load_model
+from sparse_compile.evaluation.output import markdown, update_markdown_section, write_outputs
+from sparse_compile.evaluation.policies import parse_sweep
+from sparse_compile.evaluation.runner import TASKS, EvalConfig, execute, prepare
 
 
 class UsageError(Exception):
@@ -163,8 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
-    import sparse_compile
-    from sparse_compile.evaluation.models import load_model
 
     try:
         sparse_compile.load_policy(args.policy)  # before the (slow) model load
@@ -195,8 +198,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def eval_config(args: argparse.Namespace) -> Any:
-    from sparse_compile.evaluation.policies import parse_sweep
-    from sparse_compile.evaluation.runner import EvalConfig
 
     sweeps = [parse_sweep(s) for s in args.sweep]
     if args.threshold_sweep:
@@ -216,9 +217,6 @@ def eval_config(args: argparse.Namespace) -> Any:
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from sparse_compile.evaluation.corpus import CorpusError
-    from sparse_compile.evaluation.output import markdown, update_markdown_section, write_outputs
-    from sparse_compile.evaluation.runner import execute, prepare
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,8 +239,6 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
-    from sparse_compile.benchmarks.harness import BenchSettings, run_benchmarks
-    from sparse_compile.benchmarks.timing import BenchmarkUnavailable
 
     settings = BenchSettings(
         prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths, densities=args.densities,
@@ -264,8 +260,6 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from sparse_compile.calibration import run_calibration
-    from sparse_compile.evaluation.corpus import CorpusError
 
     prog = build_parser().prog + " calibrate"
     try:

@@ -22,11 +22,14 @@ from typing import Any
 
 import torch
 
+import sparse_compile
+from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference
 from sparse_compile.benchmarks.methods import case_call, case_name, case_params
 from sparse_compile.benchmarks.timing import rel_err, structured_qkv
 from sparse_compile.kernels.block_mask import BlockList
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_reference
-from sparse_compile.methods import METHODS
+from sparse_compile.kernels.sparse_decode import sparse_decode_attention
+from sparse_compile.methods import METHODS, dense
 from sparse_compile.report import total
 
 BLOCK = 128
@@ -185,9 +188,6 @@ def check_sparse_decode() -> list[dict]:
     (bf16/fp16/fp32, D 64-256, padding, windows), masked keys poisoned with NaN/inf (ignored), one NaN/inf in
     a visible key (poisons exactly its KV head's query heads); then the index-list entry FASA and LessIsMore
     use: NaN in unlisted keys ignored, inf in a listed key poisons its group."""
-    from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference
-    from sparse_compile.kernels.sparse_decode import sparse_decode_attention
-    from sparse_compile.methods import dense
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -248,7 +248,6 @@ def check_sparse_decode() -> list[dict]:
 def check_methods(length: int = 4096, seed: int = 0) -> list[dict]:
     """Every declared bench case on CUDA (bf16) against the CPU reference (float32) of the same method on the
     same structured inputs (B=1, H=8, Hkv=2, D=128); recorded, not asserted."""
-    from sparse_compile.attention_mask import AttentionMask, SiteFacts
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -279,7 +278,6 @@ def check_compiled(seed: int = 0) -> list[dict]:
     without mode="reduce-overhead": max |compiled - eager| of the logits and the mean prefill density."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import sparse_compile
 
     cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")

@@ -27,6 +27,7 @@ from sparse_compile.kernels.block_sparse_attention import (
     block_sparse_attention,
     default_config,
 )
+from sparse_compile.methods.dense import FAST_BACKENDS, left_padded_causal_attention
 
 BLOCK = 128
 
@@ -91,7 +92,6 @@ def padding_benchmark(L: int = 32768, B: int = 4, pad: float = 0.2, heads: int =
     the unpadded parts (what the dense method runs for left padding). Times in ms."""
     from torch.nn.attention import sdpa_kernel
 
-    from sparse_compile.methods.dense import FAST_BACKENDS, left_padded_causal_attention
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)

@@ -61,6 +61,7 @@ from sparse_compile.calibration.text import (
 )
 from sparse_compile.kernels.fasa import chunk_dims, default_chunk_count, default_chunks
 from sparse_compile.kernels.lessismore import budget_split, select_tokens, selection_visible
+from sparse_compile.methods import METHODS
 from sparse_compile.policy import parse_layers, parse_toml
 
 
@@ -383,7 +384,6 @@ def selection_policy_text(model_name: str, layers: list[int], dense: list[int | 
 
 def run_selection_layers(args: argparse.Namespace) -> int:
     """The selection_layers procedure: coverage matrix, the best layers, the policy (and --report)."""
-    from sparse_compile.methods import METHODS
 
     check_at_least_one(args, ("length", "samples", "queries", "selections", "policy_budget"))
     check_budget(args.budget)

@@ -61,6 +61,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
+import sparse_compile
 from sparse_compile.argtypes import parse_floats, parse_length, parse_lengths, positive_int
 from sparse_compile.calibration.text import toml_value
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
@@ -68,6 +69,7 @@ from sparse_compile.evaluation.corpus import default_corpus, windows
 from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
 from sparse_compile.evaluation.runner import EvalConfig, compile_with_policy, environment, prepare
 from sparse_compile.methods import METHODS
+from sparse_compile.ops import NodeCall, node_call_of
 from sparse_compile.policy import LayerSet, Policy, load_policy, parse_toml, shipped_policies
 from sparse_compile.report import Report, total
 
@@ -170,34 +172,27 @@ class SensitivityProbe(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "namespace", None) == "sparse_compile" and not kwargs and len(args) == 10:
-            self.measure(args, out[0])
+        call = node_call_of(func, args, kwargs)
+        if call is not None and not call.role:  # a plain attention node (not a selection-sharing one)
+            self.measure(call, out[0])
         return out
 
-    def measure(self, args: tuple, exact: torch.Tensor) -> None:
-        from sparse_compile.attention_mask import AttentionMask
-        from sparse_compile.ops import RAN, NodeConfig, call_shape, fallback_reason, parse_config
-
-        q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config = args[:10]
-        if q.shape[2] <= 1:  # decode steps: not what a perplexity budget tunes
+    def measure(self, call: NodeCall, exact: torch.Tensor) -> None:
+        if call.q.shape[2] <= 1:  # decode steps: not what a perplexity budget tunes
             return
-        site = parse_config(config).site
-        mask = AttentionMask(causal=causal, q_offset=q_offset, window=window,
-                             key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask)
+        site = call.node.site
         method = METHODS[self.knob.method]
         n = len(self.values)
         stats = self.stats.setdefault(site.layer, LayerStats([0.0] * n, [0.0] * n, [0.0] * n))
         ref = exact.float()
         norm = float(ref.pow(2).sum().clamp_min(1e-30))
-        value_norm = float(v.float().pow(2).sum(-1).mean()) * ref.shape[0] * ref.shape[1] * ref.shape[2]
+        value_norm = float(call.v.float().pow(2).sum(-1).mean()) * ref.shape[0] * ref.shape[1] * ref.shape[2]
         value_norm = max(value_norm, 1e-30)
         for i, params in enumerate(self.candidates):
-            code, _ = fallback_reason(NodeConfig(method, params, 0, site), call_shape(q, k, window, causal),
-                                      dense_mask is not None)
-            if code != RAN:  # the method would not run this call: exact attention, nothing to gain or lose
+            if not call.plan(method, params).ran:  # exact attention here: nothing to gain or lose
                 stats.density[i] += 1.0
                 continue
-            out, density = method.attention(q, k, v, mask, site, params, scale)
+            out, density = method.attention(call.q, call.k, call.v, call.mask, site, params, call.scale)
             sq = float((out.float() - ref).pow(2).sum())
             stats.err[i] += sq / norm
             stats.err_value[i] += sq / value_norm
@@ -224,32 +219,21 @@ class SubstituteMode(TorchDispatchMode):
         self.method, self.layers = method, layers
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if getattr(func, "namespace", None) != "sparse_compile" or kwargs or len(args) != 10:
-            return func(*args, **(kwargs or {}))  # not a plain attention node (e.g. a selection-sharing one)
-        from sparse_compile.attention_mask import AttentionMask
-        from sparse_compile.ops import RAN, NodeConfig, call_shape, fallback_reason, parse_config
-
-        q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config = args[:10]
-        site = parse_config(config).site
-        params = self.layers.get(site.layer)
-        if params is None or q.shape[2] <= 1:
-            return func(*args)
+        call = node_call_of(func, args, kwargs)
+        params = None if call is None or call.role else self.layers.get(call.node.site.layer)
+        if params is None or call.q.shape[2] <= 1:  # not a plain prefill attention node of a chosen layer
+            return func(*args, **(kwargs or {}))
         method = METHODS[self.method]
-        code, _ = fallback_reason(NodeConfig(method, params, 0, site), call_shape(q, k, window, causal),
-                                  dense_mask is not None)
-        if code != RAN:
-            return func(*args)
-        mask = AttentionMask(causal=causal, q_offset=q_offset, window=window,
-                             key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask)
-        out, density = method.attention(q, k, v, mask, site, params, scale)
+        if not call.plan(method, params).ran:
+            return func(*args, **(kwargs or {}))
+        out, density = method.attention(call.q, call.k, call.v, call.mask, call.node.site, params, call.scale)
         # the dense node it stands in for returns a (B, H) density: the total of a factored one
-        return out.contiguous(), total(density).float(), torch.zeros((), dtype=torch.int32, device=q.device)
+        return out.contiguous(), total(density).float(), torch.zeros((), dtype=torch.int32, device=call.q.device)
 
 
 def dense_graph_with(model: Any, mode: TorchDispatchMode) -> Any:
     """`torch.compile(model)` through the sparse backend with the dense policy, every graph call run
     inside `mode` (a TorchDispatchMode that sees the attention nodes' inputs)."""
-    import sparse_compile
 
     inner = sparse_compile.backend("dense", inner="eager")
 

@@ -18,6 +18,11 @@ from typing import Any
 
 import torch
 
+import sparse_compile
+from sparse_compile.evaluation.corpus import default_corpus, load_corpus, tokenize, windows
+from sparse_compile.evaluation.device import resolve_device, resolve_dtype
+from sparse_compile.evaluation.models import load_model
+
 
 @dataclass
 class CalibrationText:
@@ -33,10 +38,6 @@ class CalibrationText:
 def load_calibration_text(args: argparse.Namespace) -> CalibrationText:
     """Model (--model, --device, --dtype), corpus windows (--corpus, --length, --samples) and the sites
     `explain` finds. Raises ValueError when the model has no RoPE attention site."""
-    import sparse_compile
-    from sparse_compile.evaluation.corpus import default_corpus, load_corpus, tokenize, windows
-    from sparse_compile.evaluation.device import resolve_device, resolve_dtype
-    from sparse_compile.evaluation.models import load_model
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     model, tokenizer = load_model(args.model, dtype=dtype)

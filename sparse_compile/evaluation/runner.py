@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+import sparse_compile
 from sparse_compile.evaluation import needle as niah
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR, ResultCache, ids_digest
 from sparse_compile.evaluation.corpus import DEFAULT_CORPUS, Corpus, load_corpus, tokenize, windows
@@ -146,7 +147,6 @@ def environment(argv: list[str] | None = None, device: torch.device | None = Non
     """Command, machine, device, dtype, versions and date: what EVAL.md must state next to the numbers."""
     import transformers
 
-    import sparse_compile
 
     revision = "unknown"
     head = Path(sparse_compile.__file__).resolve().parent.parent / ".git" / "HEAD"
