@@ -15,7 +15,7 @@ from sparse_compile.calibration import (
     COMMON_OPTIONS,
     add_common_arguments,
     available,
-    calibration_modules,
+    calibratable,
     calibration_parser,
     wants_generic,
 )
@@ -61,13 +61,15 @@ def test_unknown_method_lists_the_choices(capsys):
     assert main(["calibrate", "no_such_method"]) == 2
     err = capsys.readouterr().err
     assert "cannot calibrate 'no_such_method'" in err and "prism" in err and "pbs" in err
-    assert set(available()) >= {"prism", "pbs"} | set(calibration_modules())
+    assert set(available()) == set(calibratable()) >= {"prism", "pbs", "fasa", "lessismore", "token_sparse"}
 
 
-def test_method_modules_get_the_common_flags():
-    for method in calibration_modules():
+def test_every_procedure_gets_the_common_flags():
+    for method, knobs in calibratable().items():
         flags = calibration_parser(method)._option_string_actions
         assert all(option in flags for option in COMMON_OPTIONS), method
+        if any(k.procedure == "quality" for k in knobs):
+            assert "--max-dppl" in calibration_parser(method, generic=True)._option_string_actions, method
     generic = calibration_parser("prism")._option_string_actions
     assert "--max-dppl" in generic and all(option in generic for option in COMMON_OPTIONS)
     assert wants_generic("prism", ["--max-dppl", "1"]) and not wants_generic("prism", ["--out", "x.toml"])

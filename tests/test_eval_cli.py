@@ -10,7 +10,9 @@ import random
 import pytest
 import torch
 
-from sparse_compile.__main__ import main, parse_length, parse_lengths
+from sparse_compile.__main__ import build_parser, main
+from sparse_compile.argtypes import parse_length, parse_lengths
+from sparse_compile.benchmarks.harness import PARTS
 from sparse_compile.evaluation.models import save_tiny_llama
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -93,8 +95,13 @@ def test_eval_bf16_and_device_errors(tiny_model, corpus_file, tmp_path, capsys):
 
 
 def test_bench_usage_errors(capsys):
-    assert main(["bench", "--what", "everything"]) == 2
-    assert "--what 'everything'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--what", "everything"])
+    assert exit_info.value.code == 2 and "invalid part 'everything'" in capsys.readouterr().err
+    for part in PARTS:  # every part parses (the GPU runs them; here only the CPU parts run)
+        assert build_parser().parse_args(["bench", "--what", part]).what == (part,)
+    assert main(["bench", "--what", "engine", "--device", "cpu", "--out", "unused"]) == 2
+    assert "runs methods, prefill, decode only" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
@@ -168,3 +175,21 @@ def test_eval_prism_threshold_sweep_gives_a_curve(tiny_model, corpus_file, tmp_p
                                                                         rel=1e-5)
     assert low["mean_density"] < 1.0
     assert (tmp_path / "out" / "ppl_vs_density.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_eval_continuation_and_decode_tasks(tiny_model, corpus_file, tmp_path):
+    """continuation: the last tokens of each window (dense agrees with eager on every one); decode: teacher-forced
+    decode steps after a prompt, where FASA acts (dense: agreement 1 and the same PPL; FASA at an 8-token budget:
+    a decode density below 1, which whole-window PPL never shows)."""
+    res = run_eval_cli(tiny_model, corpus_file, tmp_path / "out", tmp_path / "cache", "--tasks",
+                       "continuation,decode", "--lengths", "96", "--windows", "1", "--last", "16", "--decode-steps",
+                       "4", "--policy", "dense", "--policy", "fasa", "--sweep", "decode.min_seq_len=0",
+                       "--sweep", "budget=8")
+    base = res["baseline"]
+    dense, fasa = res["runs"]
+    assert dense["ppl"]["96"]["agree_last"] == 1.0 and dense["ppl"]["96"]["last_ppl"] == base["ppl"]["96"]["last_ppl"]
+    assert dense["decode"]["96"]["agreement"] == 1.0 and dense["decode"]["96"]["ppl"] == base["decode"]["96"]["ppl"]
+    assert len(base["decode"]["96"]["windows"][0]["top"]) == 4
+    assert 0.0 <= fasa["decode"]["96"]["agreement"] <= 1.0 and fasa["decode"]["96"]["mean_density"] < 1.0
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "PPL of the last 16" in report and "top-1 agreement with eager" in report and "| fasa[" in report

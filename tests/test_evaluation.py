@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from sparse_compile.benchmarks import methods as mbench
+from sparse_compile.benchmarks.harness import BenchSettings, run_benchmarks
+from sparse_compile.benchmarks.timing import BenchmarkUnavailable, flex_block_mask, structured_qkv
 from sparse_compile.evaluation import needle
 from sparse_compile.evaluation.cache import ResultCache
 from sparse_compile.evaluation.output import update_markdown_section
@@ -127,7 +129,7 @@ def test_update_markdown_section_replaces_in_place(tmp_path):
 
 def test_structured_qk_has_sinks_locality_and_verticals():
     g = torch.Generator().manual_seed(0)
-    q, k, _ = mbench.structured_qkv(1, 2, 1, 1024, 1024, 64, dtype=torch.float32, device="cpu", generator=g)
+    q, k, _ = structured_qkv(1, 2, 1, 1024, 1024, 64, dtype=torch.float32, device="cpu", generator=g)
     scores = (q[0, 0] @ k[0, 0].T) / 8.0  # (L, L)
     i = torch.arange(1024)
     near = scores[i[64:], i[64:] - 1].mean()
@@ -143,40 +145,46 @@ def test_flex_block_mask_selects_the_same_blocks():
     dense = torch.rand(1, 2, 6, 6, generator=g) < 0.5
     dense |= torch.eye(6, dtype=torch.bool)
     blocks = BlockList.from_dense(dense.tril(), 128, 768, 768)
-    bm = mbench.flex_block_mask(blocks, heads=4)
+    bm = flex_block_mask(blocks, heads=4)
     assert torch.equal(bm.to_dense().bool(), blocks.to_dense().repeat_interleave(2, dim=1))
 
 
-def test_methods_benchmark_runs_on_cpu():
+def test_methods_benchmark_times_every_declared_case_on_cpu():
+    """Every registered method's every declared bench case gets a row in its phase (LessIsMore's select and
+    reuse included), none fails, densities are fractions, and the cases that must be sparse at 1024 tokens
+    are: FASA's 256-token budget keeps a quarter, Prism at p = 0.9 keeps fewer blocks than at 0.95."""
     result = mbench.run_methods_benchmark(
-        prefill_lengths=(256,), decode_lengths=(256,), heads=4, kv_heads=2, head_dim=64, dtype=torch.float32,
-        rep_ms=1.0, with_flex=False, device="cpu", methods=("dense", "prism", "not_a_method"), log=lambda s: None,
+        prefill_lengths=(1024,), decode_lengths=(1024,), heads=4, kv_heads=2, head_dim=64, dtype=torch.float32,
+        rep_ms=1.0, with_flex=False, device="cpu", methods=(*METHODS, "not_a_method"), log=lambda s: None,
     )
-    impls = {(r["phase"], r["impl"]) for r in result["rows"]}
-    assert {("prefill", "sdpa_flash"), ("prefill", "dense"), ("decode", "dense")} <= impls
-    assert "not_a_method" in result["skipped"]
-    for r in result["rows"]:
-        if r["impl"] in ("sdpa_flash", "dense"):
-            assert r["ms"] > 0 and r["density"] == 1.0
+    rows = {(r["phase"], r["impl"]): r for r in result["rows"]}
+    expected = {(case.phase, mbench.case_name(name, case)) for name, m in METHODS.items() for case in m.bench_cases}
+    assert expected <= set(rows) and ("decode", "lessismore:reuse") in expected
+    for key in expected:
+        assert "error" not in rows[key] and rows[key]["ms"] > 0 and 0.0 < rows[key]["density"] <= 1.0, key
+    assert rows[("decode", "fasa")]["density"] == pytest.approx(0.25, abs=0.01)
+    assert rows[("prefill", "prism:p0.9")]["density"] < rows[("prefill", "prism")]["density"] < 1.0
+    assert rows[("prefill", "prism:select")]["density"] == rows[("prefill", "prism")]["density"]
+    assert result["skipped"] == {"not_a_method": "not registered in sparse_compile.methods.METHODS"}
     table = mbench.markdown_table(result)
-    assert "| prefill | 256 | dense |" in table and "skipped not_a_method" in table
+    assert "| decode | 1K | lessismore:reuse |" in table and "skipped not_a_method" in table
 
 
-def test_methods_benchmark_times_prism_end_to_end_and_selection():
-    result = mbench.run_methods_benchmark(
-        prefill_lengths=(512,), decode_lengths=(), heads=4, kv_heads=2, head_dim=64, dtype=torch.float32,
-        rep_ms=1.0, with_flex=False, device="cpu", methods=("prism",), log=lambda s: None,
-    )
-    rows = {r["impl"]: r for r in result["rows"]}
-    assert rows["prism"]["ms"] > 0 and 0.0 < rows["prism"]["density"] <= 1.0
-    if mbench.selector("prism", METHODS["prism"]) is not None:
-        assert rows["prism:select"]["ms"] > 0
+def test_bench_cli_cpu_path_writes_every_method(tmp_path):
+    """`bench --what prefill,decode --device cpu`: the harness writes each part's JSON and markdown, and the
+    table names every registered method."""
+    written, failed = run_benchmarks(tmp_path / "out", what=("prefill", "decode"), settings=BenchSettings(
+        prefill_lengths=(256,), decode_lengths=(256,), heads=2, kv_heads=1, head_dim=32, rep_ms=1.0,
+        with_flex=False, device="cpu"), log=lambda s: None)
+    assert failed == 0 and {p.name for p in written} >= {"bench_prefill.json", "bench_decode.md", "bench.md"}
+    text = (tmp_path / "out" / "bench.md").read_text()
+    assert all(f"| {name}" in text for name in METHODS)
 
 
 def test_bench_fails_fast_without_cuda(tmp_path):
     assert not torch.cuda.is_available(), "this test checks the CPU-only failure path"
-    with pytest.raises(mbench.BenchmarkUnavailable, match="needs a CUDA GPU"):
-        mbench.run_benchmarks(tmp_path / "out")
+    with pytest.raises(BenchmarkUnavailable, match="needs a CUDA GPU"):
+        run_benchmarks(tmp_path / "out")
     assert not (tmp_path / "out").exists()  # failed before writing anything
 
 

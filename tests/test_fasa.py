@@ -368,7 +368,7 @@ def test_calibration_ranks_a_planted_chunk_first_and_writes_a_valid_policy():
     beats the rule's; the written policy text loads and round-trips the chunks."""
     import argparse
 
-    from sparse_compile.calibration.fasa import OverlapStats, policy_text, text_policy
+    from sparse_compile.calibration.decode_attention import OverlapStats, chunks_policy_text, text_policy
 
     g = torch.Generator().manual_seed(0)
     H, Hkv, L, D = 2, 1, 256, 16
@@ -384,7 +384,7 @@ def test_calibration_ranks_a_planted_chunk_first_and_writes_a_valid_policy():
     assert stats.recalls["calibrated"][0] > 0.9 > stats.recalls["rule"][0]
     chunks = [ranking.tolist()]
     args = argparse.Namespace(budget=0.25, min_seq_len=0, gqa="per_head", sink=4, recent=64)
-    policy = text_policy(policy_text("tiny", chunks, args, "test", 2))
+    policy = text_policy(chunks_policy_text("tiny", chunks, args, "test", 2))
     assert policy.decode.params.chunks[0] == tuple(map(tuple, chunks[0])) and policy.decode.params.n_chunks == 2
     assert (policy.decode.params.sink, policy.decode.params.recent) == (4, 64)
 

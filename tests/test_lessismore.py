@@ -266,7 +266,7 @@ def brute_force_choice(coverage: torch.Tensor, dense: set[int], count: int) -> f
     """The best mean coverage over every admissible choice of selection layers (itertools, no DP)."""
     import itertools
 
-    from sparse_compile.calibration.lessismore import mean_coverage
+    from sparse_compile.calibration.decode_attention import mean_coverage
 
     free = [layer for layer in range(coverage.shape[0]) if layer not in dense]
     return max(mean_coverage(coverage, dense, [free[0], *rest])
@@ -277,7 +277,7 @@ def brute_force_choice(coverage: torch.Tensor, dense: set[int], count: int) -> f
 def test_selection_layer_choice_is_the_best_split(n, count, dense_mask, seed):
     """The dynamic programme finds the best mean coverage that trying every choice finds, starts at the
     first non-dense layer, and its reported mean equals `mean_coverage` of the layers it returns."""
-    from sparse_compile.calibration.lessismore import choose_selection_layers, mean_coverage
+    from sparse_compile.calibration.decode_attention import choose_selection_layers, mean_coverage
 
     dense = {layer for layer in range(3) if dense_mask >> layer & 1}
     free = [layer for layer in range(n) if layer not in dense]
