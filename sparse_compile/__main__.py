@@ -14,20 +14,26 @@ calibrated policy fails its held-out verification.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import sparse_compile
-from sparse_compile.argtypes import choices_of, parse_floats, parse_length, parse_lengths, parse_names, positive_int
+from sparse_compile.argtypes import (
+    choices_of,
+    json_dict,
+    parse_floats,
+    parse_length,
+    parse_lengths,
+    parse_names,
+    positive_int,
+)
 from sparse_compile.benchmarks.harness import PARTS, BenchSettings, run_benchmarks
 from sparse_compile.benchmarks.timing import BenchmarkUnavailable
 from sparse_compile.calibration import run_calibration
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
 from sparse_compile.evaluation.corpus import CORPORA, DEFAULT_CORPUS, CorpusError, default_corpus
 from sparse_compile.evaluation.device import DTYPES
-from sparse_compile.evaluation.models import DEFAULT_MODEL, ModelLoadError, load_model
+from sparse_compile.evaluation.models import DEFAULT_MODEL, ModelLoadError, explain_model
 from sparse_compile.evaluation.output import markdown, update_markdown_section, write_outputs
 from sparse_compile.evaluation.policies import parse_sweep
 from sparse_compile.evaluation.runner import TASKS, EvalConfig, execute, prepare
@@ -35,17 +41,6 @@ from sparse_compile.evaluation.runner import TASKS, EvalConfig, execute, prepare
 
 class UsageError(Exception):
     """Bad input found before any work started: reported in one line, exit status 2."""
-
-
-def json_dict(text: str) -> dict:
-    """'{"BLOCK_M": 128}' -> {"BLOCK_M": 128} (argparse type)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {err}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"give a JSON object, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,44 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--md-file", default="BENCHMARKS.md", help="markdown file for --write-md (BENCHMARKS.md)")
 
     ca = sub.add_parser("calibrate", help="tune a method's parameters on real text and write a policy",
-                        description="Tune a method on real text and write a policy TOML. A method with its own "
-                        "module sparse_compile/calibration/<method>.py runs that; any method whose parameters "
-                        "declare a quality knob gets the generic per-layer search (--max-dppl). "
-                        "`calibrate METHOD --help` lists the method's flags.")
+                        description="Tune what a method declares (the knobs of its METHOD: Params fields and a "
+                        "procedure) on real text and write a policy TOML; a quality knob gets the per-layer search "
+                        "under a perplexity budget (--max-dppl). `calibrate METHOD --help` lists the method's flags.")
     ca.add_argument("method", metavar="METHOD", help="the method to calibrate (e.g. prism, pbs, fasa)")
     ca.add_argument("method_args", nargs=argparse.REMAINDER, metavar="...", help="the method's flags")
     return parser
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    import torch
-
-
     try:
-        sparse_compile.load_policy(args.policy)  # before the (slow) model load
-    except sparse_compile.PolicyError as err:
+        print(explain_model(args.model, args.policy, args.length, args.decode))
+    except (ValueError, ModelLoadError) as err:  # PolicyError is a ValueError
         raise UsageError(str(err)) from err
-    looks_like_path = args.model != DEFAULT_MODEL and (args.model.startswith((".", "/", "~")) or
-                                                       args.model.endswith(".gguf") or Path(args.model).exists())
-    if looks_like_path and not Path(args.model).expanduser().exists():
-        raise UsageError(f"model {args.model!r}: no such file or directory (give '{DEFAULT_MODEL}', a .gguf file or "
-                         "a local Hugging Face model directory)")
-    try:
-        model, _ = load_model(str(Path(args.model).expanduser()) if looks_like_path else args.model)
-    except ModelLoadError as err:
-        raise UsageError(str(err)) from err
-    vocab = model.config.vocab_size
-    ids = (torch.arange(args.length, dtype=torch.long) * 7919 % vocab)[None]  # any valid ids: nothing is computed
-    # the usual call: model(ids) prefills a DynamicCache, as generate() does
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    print(f"model(input_ids) with {args.length} tokens (prefill, as generate() runs it):")
-    print(sparse_compile.explain(model, input_ids=ids, past_key_values=cache, use_cache=True, policy=args.policy))
-    if args.decode:
-        print("\none decode step on that cache:")
-        print(sparse_compile.explain(model, input_ids=ids[:, :1], past_key_values=cache, use_cache=True,
-                                     policy=args.policy))
     return 0
 
 

@@ -7,6 +7,7 @@ Tools level: it imports nothing of the package, so the CLI and every harness can
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def parse_length(text: str) -> int:
@@ -69,3 +70,14 @@ def choices_of(allowed: tuple[str, ...], what: str):
         return items
 
     return parse
+
+
+def json_dict(text: str) -> dict:
+    """'{"BLOCK_M": 128}' -> {"BLOCK_M": 128}."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"give a JSON object, got {text!r}")
+    return value

@@ -315,8 +315,8 @@ def test_calibration_measures_drift_and_writes_a_policy_that_loads(tmp_path):
     """`calibrate token_sparse` on a saved tiny model: the drift of each layer equals the relative residual
     update computed from output_hidden_states, the layers at or below the median are written, and the
     written policy loads back (layers replaced, everything else from the shipped policy)."""
-    from sparse_compile.calibration import run_calibration
     from sparse_compile.calibration import drift as cal
+    from sparse_compile.calibration import run_calibration
     from sparse_compile.evaluation.models import save_tiny_llama
 
     save_tiny_llama(tmp_path / "m", layers=4)

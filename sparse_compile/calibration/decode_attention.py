@@ -52,6 +52,7 @@ import torch
 
 from sparse_compile.argtypes import positive_int
 from sparse_compile.calibration.text import (
+    add_window_arguments,
     check_at_least_one,
     check_budget,
     decode_positions,
@@ -82,10 +83,7 @@ def decode_policy_text(written_by: str, summary: str, name: str, description: st
 
 def add_chunks_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the chunks procedure."""
-    parser.add_argument("--length", type=positive_int, default=4096, help="tokens per text window (default 4096)")
-    parser.add_argument("--samples", type=positive_int, default=2, help="text windows, evenly spaced over the corpus")
-    parser.add_argument("--queries", type=positive_int, default=64,
-                        help="decode positions per window, evenly spaced over its second half (default 64)")
+    add_window_arguments(parser, queries=64)
     parser.add_argument("--top-n", type=positive_int, default=256,
                         help="N of the top-N overlap criterion (default 256)")
     parser.add_argument("--keep", type=int, default=0,
@@ -253,10 +251,7 @@ def text_policy(text: str) -> Any:
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the selection_layers procedure."""
-    parser.add_argument("--length", type=positive_int, default=4096, help="tokens per text window (default 4096)")
-    parser.add_argument("--samples", type=positive_int, default=2, help="text windows, evenly spaced over the corpus")
-    parser.add_argument("--queries", type=positive_int, default=32,
-                        help="decode steps per window: query positions spread over its second half (default 32)")
+    add_window_arguments(parser, queries=32)
     parser.add_argument("--budget", type=float, default=0.25,
                         help="tokens selected per step at calibration: a count, or a fraction (< 1) of the visible "
                              "keys (default 0.25)")

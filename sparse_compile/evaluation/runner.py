@@ -361,29 +361,22 @@ class Evaluator:
                                   "fingerprint": run.policy.fingerprint(),
                                   "sweep": {p: v for p, v in run.assignments}, "compile": {}}
         t0 = time.perf_counter()
-        if any(self.wants(t) for t in WINDOW_TASKS):
+        wanted = {"ppl": any(self.wants(t) for t in WINDOW_TASKS), "decode": self.wants("decode")}
+        for task, measure in (("ppl", self.policy_ppl), ("decode", self.policy_decode)):
+            if not wanted[task]:
+                continue
             report = Report()
             compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
-            result["ppl"] = {}
+            result[task] = {}
             for length in self.config.lengths:
-                ref = baseline["ppl"][str(length)]
-                row = self.policy_ppl(compiled, report, length, ref["windows"])
+                ref = baseline[task][str(length)]
+                row = measure(compiled, report, length, ref["windows"])
                 row["dppl"] = row["ppl"] - ref["ppl"]
                 row["dppl_pct"] = 100.0 * (row["ppl"] - ref["ppl"]) / ref["ppl"]
                 if "last_ppl" in row:
                     row["last_dppl_pct"] = 100.0 * (row["last_ppl"] - ref["last_ppl"]) / ref["last_ppl"]
-                result["ppl"][str(length)] = row
-            result["compile"]["ppl"] = site_summary(report)
-        if self.wants("decode"):
-            report = Report()
-            compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
-            result["decode"] = {}
-            for length in self.config.lengths:
-                ref = baseline["decode"][str(length)]
-                row = self.policy_decode(compiled, report, length, ref["windows"])
-                row["dppl_pct"] = 100.0 * (row["ppl"] - ref["ppl"]) / ref["ppl"]
-                result["decode"][str(length)] = row
-            result["compile"]["decode"] = site_summary(report)
+                result[task][str(length)] = row
+            result["compile"][task] = site_summary(report)
         if "niah" in self.config.tasks:
             report = Report()
             compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
