@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sparse_compile"
 TOOLS = ("sparse_compile.benchmarks", "sparse_compile.calibration", "sparse_compile.evaluation",
-         "sparse_compile.__main__")
+         "sparse_compile.__main__", "sparse_compile.argtypes")
 
 # Floor of each core module (a module imports only modules on its floor or below; same floor: no circle).
 FLOORS = [
