@@ -191,5 +191,6 @@ def test_eval_continuation_and_decode_tasks(tiny_model, corpus_file, tmp_path):
     assert dense["decode"]["96"]["agreement"] == 1.0 and dense["decode"]["96"]["ppl"] == base["decode"]["96"]["ppl"]
     assert len(base["decode"]["96"]["windows"][0]["top"]) == 4
     assert 0.0 <= fasa["decode"]["96"]["agreement"] <= 1.0 and fasa["decode"]["96"]["mean_density"] < 1.0
+    assert res["meta"]["notes"] == []  # decode is measured: FASA's phase is covered
     report = (tmp_path / "out" / "results.md").read_text()
     assert "PPL of the last 16" in report and "top-1 agreement with eager" in report and "| fasa[" in report

@@ -248,3 +248,13 @@ def test_baseline_cache_key_separates_device_and_dtype(tmp_path):
     fp32, bf16 = key("fp32"), key("bf16")
     assert "device" not in fp32 and "dtype" not in fp32  # the CPU fp32 reference keeps its keys
     assert bf16["dtype"] == "bf16" and {k: v for k, v in bf16.items() if k != "dtype"} == fp32
+
+
+def test_eval_names_methods_that_its_tasks_do_not_measure():
+    """A method acts in the phases its Method declares: FASA's decode is invisible to ppl/continuation."""
+    from sparse_compile.evaluation.runner import unmeasured_phases
+
+    fasa, prism = expand_policies(["fasa", "prism"], [])
+    assert unmeasured_phases(fasa, ("ppl", "continuation")) == [
+        "fasa: fasa acts in decode, which --tasks ppl,continuation does not run (add decode or niah)"]
+    assert unmeasured_phases(fasa, ("ppl", "decode")) == [] and unmeasured_phases(prism, ("ppl",)) == []

@@ -178,6 +178,7 @@ def markdown(results: dict[str, Any]) -> str:
     """The report: environment, PPL table, NIAH table, per-layer densities, site counts."""
     meta = results["meta"]
     out = [f"### {meta['model']['name']} on {meta['corpus']['name']}", "", *environment_lines(meta), ""]
+    out += [f"- Not measured: {line}" for line in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
     tasks = meta["config"]["tasks"]
     if "ppl" in tasks:
         out += ["Perplexity (dPPL against the eager model):", "", *ppl_table(results), ""]

@@ -51,6 +51,7 @@ from sparse_compile.evaluation.device import (
 from sparse_compile.evaluation.models import DEFAULT_MODEL, describe_model, load_model, model_fingerprint
 from sparse_compile.evaluation.perplexity import decode_scores, logits_fn, nll_summary, perplexity, window_scores
 from sparse_compile.evaluation.policies import PolicyRun, Sweep, expand_policies
+from sparse_compile.methods import METHODS
 from sparse_compile.report import Report
 
 TASKS = ("ppl", "continuation", "niah", "decode")
@@ -431,6 +432,20 @@ def compare_niah(eager: list[dict[str, Any]], policy: list[dict[str, Any]]) -> d
     return {"compared": sum(sample_id(r) in by_id for r in policy), "lost": lost, "gained": gained}
 
 
+def unmeasured_phases(run: PolicyRun, tasks: tuple[str, ...]) -> list[str]:
+    """Lines naming the methods of `run`'s policy that no task measures: a method acts in the phases its
+    Method declares, and ppl/continuation run prefill only (decode needs `decode` or `niah`)."""
+    measured = {"prefill"} | ({"decode"} if {"decode", "niah"} & set(tasks) else set())
+    lines = []
+    for phase in ("prefill", "decode"):
+        policy = run.policy.phase(phase)
+        for method in {policy.method, *(o.method for o in policy.overrides)} - {"dense"}:
+            if phase not in measured and phase in METHODS[method].phases:
+                lines.append(f"{run.label}: {method} acts in {phase}, which --tasks {','.join(tasks)} does not "
+                             "run (add decode or niah)")
+    return lines
+
+
 def prepare(config: EvalConfig, model: Any = None, tokenizer: Any = None) -> tuple[Evaluator, list[PolicyRun]]:
     """Everything that can fail on bad input, before any model run: policies and sweeps, the model,
     the corpus (long enough for every window) and the NIAH samples. Raises PolicyError, ValueError,
@@ -471,6 +486,7 @@ def execute(ev: Evaluator, runs: list[PolicyRun], argv: list[str] | None = None)
         baseline["decode"] = {str(length): ev.baseline_decode(length) for length in config.lengths}
     baseline["wall_s"] = time.perf_counter() - t0
     results = [ev.run_policy(run, baseline) for run in tqdm(runs, desc="policies", disable=not config.progress)]
+    meta["notes"] = [line for run in runs for line in unmeasured_phases(run, config.tasks)]
     return {"meta": meta, "baseline": baseline, "runs": results}
 
 
