@@ -10,6 +10,8 @@ Asserted (a failing row makes `bench` exit 1):
   sparse_decode  the split-K decode kernel (dense method's decode, index lists) incl. the non-finite contract
   compiled     a random 2-layer Llama in bf16 compiled with every prefill method at min_seq_len 0, with and
                without mode="reduce-overhead": finite logits, and the exact methods within 0.1 of eager
+  capture      every declared bench case in a phase its Method declares capturable: captured in a CUDA graph,
+               replayed, equal to an eager call (relative error <= 1e-3: equal but for a reduction order)
 Recorded, not asserted (a selection may flip at a threshold between the GPU and the CPU arithmetic):
   methods      every declared bench case (`Method.bench_cases`) on CUDA vs the method's CPU reference on
                the same structured inputs: relative error of the output and both densities
@@ -25,7 +27,7 @@ import torch
 import sparse_compile
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference
 from sparse_compile.benchmarks.methods import case_call, case_name, case_params
-from sparse_compile.benchmarks.timing import rel_err, structured_qkv
+from sparse_compile.benchmarks.timing import capture, rel_err, structured_qkv
 from sparse_compile.kernels.block_mask import BlockList
 from sparse_compile.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_reference
 from sparse_compile.kernels.sparse_decode import sparse_decode_attention
@@ -308,8 +310,38 @@ def check_compiled(seed: int = 0) -> list[dict]:
     return rows
 
 
+def check_capture(length: int = 8192, seed: int = 0) -> list[dict]:
+    """Every declared bench case in a phase its Method declares capturable (`capturable_phases`): captured in
+    a CUDA graph (which fails on a host sync or a data-dependent allocation), replayed, and the replay equal
+    to an eager call on the same inputs (relative error <= 1e-3) (B=1, H=32, Hkv=8, D=128, bf16, structured q/k)."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    site = SiteFacts(layer=0, rope="rotate_half", rotary_dim=128, head_dim=128, num_heads=32, num_kv_heads=8)
+    for method in METHODS.values():
+        for case in method.bench_cases:
+            if case.phase not in method.capturable_phases:
+                continue
+            q_len = length if case.phase == "prefill" else 1
+            q, k, v = structured_qkv(1, 32, 8, q_len, length, 128, dtype=torch.bfloat16, device="cuda", generator=g)
+            mask = AttentionMask(causal=True, q_offset=length - q_len)
+            run = case_call(method, case, case_params(method, case), q, k, v, mask, site, 128 ** -0.5)
+            row: dict[str, Any] = {"check": "capture", "case": case_name(method.name, case), "phase": case.phase}
+            try:
+                graph, (out, _) = capture(run)
+                graph.replay()
+                torch.cuda.synchronize()
+                eager = run()[0]
+                row.update(max_abs_diff=float((out.float() - eager.float()).abs().max()), rel_err=rel_err(out, eager))
+                row["ok"] = row["rel_err"] <= 1e-3  # equal but for a reduction order (split-K) that may vary
+            except Exception as err:  # a capture failure is the finding: the phase is declared capturable
+                row.update(error=f"{type(err).__name__}: {err}"[:300], ok=False)
+            rows.append(row)
+    return rows
+
+
 CHECKS = {"engine": check_engine, "head_dims": check_head_dims, "nonfinite": check_nonfinite,
-          "sparse_decode": check_sparse_decode, "compiled": check_compiled, "methods": check_methods}
+          "sparse_decode": check_sparse_decode, "compiled": check_compiled, "methods": check_methods,
+          "capture": check_capture}
 
 
 def run_checks(log: Any = print) -> dict[str, list[dict]]:

@@ -312,7 +312,7 @@ METHOD = Method(
     unsupported=unsupported,
     select=lambda q, k, v, mask, site, params, scale=None: prism_select(q, k, mask, site, params),
     # no host sync on CUDA: band tables are page-locked host constants copied asynchronously, launch sizes
-    # come from shapes (`benchmarks/prism_check.py` captures the selection and the attention and replays them)
+    # come from shapes (KERNEL_NOTES.md: the selection and the attention captured and replayed on an H100)
     capturable_phases=("prefill",),
     summary="spectral block scoring (dual RoPE-frequency bands, calibrated temperatures, top-p) -> block-sparse",
     bench_cases=(BenchCase("prefill"), BenchCase("prefill", "p0.9", (("threshold_high", 0.9), ("threshold_low", 0.9)))),
