@@ -168,7 +168,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def eval_config(args: argparse.Namespace) -> Any:
-
     sweeps = [parse_sweep(s) for s in args.sweep]
     if args.threshold_sweep:
         sweeps.append(parse_sweep(f"threshold*={args.threshold_sweep}"))
@@ -209,7 +208,6 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
-
     settings = BenchSettings(
         prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths, densities=args.densities,
         methods=args.methods, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, rep_ms=args.rep_ms,
@@ -230,7 +228,6 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-
     prog = build_parser().prog + " calibrate"
     try:
         return run_calibration(args.method, list(args.method_args), prog=prog)

@@ -379,7 +379,6 @@ def selection_policy_text(model_name: str, layers: list[int], dense: list[int | 
 
 def run_selection_layers(args: argparse.Namespace) -> int:
     """The selection_layers procedure: coverage matrix, the best layers, the policy (and --report)."""
-
     check_at_least_one(args, ("length", "samples", "queries", "selections", "policy_budget"))
     check_budget(args.budget)
     if not 0.0 <= args.recent_fraction < 1.0 or args.sink < 0:

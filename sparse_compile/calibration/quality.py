@@ -484,10 +484,7 @@ def policy_toml(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[i
     one override per other value (layers as compact ranges) and the header comment lines."""
 
     phase = base.prefill
-    method_params = phase.params if phase.method == knob.method else None
-    if method_params is None:
-
-        method_params = METHODS[knob.method].Params()
+    method_params = phase.params if phase.method == knob.method else METHODS[knob.method].Params()
     groups: dict[int, list[int]] = {}
     for layer, option in sorted(choice.items()):
         groups.setdefault(option, []).append(layer)
@@ -600,7 +597,6 @@ def interleave(n_cal: int, n_hold: int) -> list[str]:
 
 def run_quality(args: argparse.Namespace) -> int:
     """Run the generic search for `args.method` (see the module docstring); the exit status."""
-
     t_start = time.perf_counter()
     if not math.isfinite(args.max_dppl) or args.max_dppl < 0:
         raise ValueError(f"--max-dppl {args.max_dppl}: give a budget in percent >= 0 (e.g. 0.5)")
@@ -639,10 +635,7 @@ def run_quality(args: argparse.Namespace) -> int:
     ctx = Context(ev, config.lengths, cal, hold, args.inner, bar)
     if verify is not None:
         return verify_policy(ctx, verify, args.max_dppl)
-    params = base.prefill.params if base.prefill.method == args.method else None
-    if params is None:
-
-        params = METHODS[args.method].Params()
+    params = base.prefill.params if base.prefill.method == args.method else METHODS[args.method].Params()
 
     table = ctx.sensitivity(knob, values, params, args.error, sens_windows)  # 1
     check_direction(knob, values, table)
@@ -650,7 +643,6 @@ def run_quality(args: argparse.Namespace) -> int:
     layers = sorted(table)
 
     def policy_of(alloc: Allocation) -> Any:
-
         choice = dict(zip(layers, alloc.choice, strict=True))
         return parse_toml(policy_toml(base, knob, values, choice, "probe", "", []), "<calibration probe>")
 
