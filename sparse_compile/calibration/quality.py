@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 import sparse_compile
 from sparse_compile.argtypes import parse_floats, parse_length, parse_lengths, positive_int
-from sparse_compile.calibration.text import toml_value
+from sparse_compile.calibration.text import policy_toml
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
 from sparse_compile.evaluation.corpus import default_corpus, windows
 from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
@@ -468,21 +468,16 @@ class Context:
 # -- 5. the policy --------------------------------------------------------------------------------
 
 def params_table(params: Any, knob: Knob) -> dict[str, Any]:
-    """The params a TOML table must state: the knob fields and every field that differs from its default
+    """The params a policy table states: the knob fields and every field that differs from its default
     (an override's params start from the method's defaults, not from the phase's params)."""
     return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
             if f.name in knob.fields or getattr(params, f.name) != f.default}
 
 
-def inline(table: dict[str, Any]) -> str:
-    return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in table.items()) + " }"
-
-
-def policy_toml(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[int, int], name: str,
-                description: str, header: list[str]) -> str:
+def tuned_policy(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[int, int], name: str,
+                 description: str) -> Policy:
     """The tuned policy: the base policy's phases, the most common per-layer value as the prefill default,
-    one override per other value (layers as compact ranges) and the header comment lines."""
-
+    one override per other value (layers as compact ranges; option -1: dense). Validated like a file."""
     phase = base.prefill
     method_params = phase.params if phase.method == knob.method else METHODS[knob.method].Params()
     groups: dict[int, list[int]] = {}
@@ -490,32 +485,21 @@ def policy_toml(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[i
         groups.setdefault(option, []).append(layer)
     sparse_groups = {o: ls for o, ls in groups.items() if o >= 0}
     default = max(sparse_groups, key=lambda o: (len(sparse_groups[o]), -o)) if sparse_groups else 0
-    lines = [f"# {line}" if line else "#" for line in header]
-    lines += ["", f"name = {toml_value(name)}", f"description = {toml_value(description)}", "", "[prefill]",
-              f'method = "{knob.method}"', f"min_seq_len = {phase.min_seq_len}", "",
-              "[prefill.params]"]
-    default_params = params_table(with_knob(method_params, knob, values[default]), knob)
-    lines += [f"{k} = {toml_value(v)}" for k, v in default_params.items()]
-    for option in sorted(groups, key=lambda o: (o != -1, o)):
-        if option == default:
-            continue
-        layers = toml_value(LayerSet.of(groups[option]).to_list())
-        lines += ["", "[[prefill.overrides]]", f"layers = {layers}"]
-        if option == -1:
-            lines.append('method = "dense"')
-        else:
-            lines.append(f"params = {inline(params_table(with_knob(method_params, knob, values[option]), knob))}")
+    overrides = [{"layers": LayerSet.of(groups[o]).to_list(), "method": DENSE} if o == -1 else
+                 {"layers": LayerSet.of(groups[o]).to_list(),
+                  "params": params_table(with_knob(method_params, knob, values[o]), knob)}
+                 for o in sorted(groups, key=lambda o: (o != -1, o)) if o != default]
     decode = base.decode
-    lines += ["", "[decode]", f'method = "{decode.method}"']
-    if decode.min_seq_len:
-        lines.append(f"min_seq_len = {decode.min_seq_len}")
-    decode_params = ({f.name: getattr(decode.params, f.name) for f in dataclasses.fields(decode.params)
-                      if getattr(decode.params, f.name) != f.default} if decode.params is not None else {})
-    if decode_params:
-        lines += ["", "[decode.params]"] + [f"{k} = {toml_value(v)}" for k, v in decode_params.items()]
     if decode.overrides:
         raise ValueError("the base policy's decode overrides cannot be carried over; use a base policy without them")
-    return "\n".join(lines) + "\n"
+    decode_params = ({f.name: getattr(decode.params, f.name) for f in dataclasses.fields(decode.params)
+                      if getattr(decode.params, f.name) != f.default} if decode.params is not None else {})
+    return Policy.from_mapping({
+        "name": name, "description": description,
+        "prefill": {"method": knob.method, "min_seq_len": phase.min_seq_len, "overrides": overrides,
+                    "params": params_table(with_knob(method_params, knob, values[default]), knob)},
+        "decode": {"method": decode.method, "min_seq_len": decode.min_seq_len, "params": decode_params},
+    }, "<calibration>")
 
 
 def base_policy(method: str, spec: str | None) -> Any:
@@ -644,7 +628,7 @@ def run_quality(args: argparse.Namespace) -> int:
 
     def policy_of(alloc: Allocation) -> Any:
         choice = dict(zip(layers, alloc.choice, strict=True))
-        return parse_toml(policy_toml(base, knob, values, choice, "probe", "", []), "<calibration probe>")
+        return tuned_policy(base, knob, values, choice, "probe", "")
 
     probes: list[tuple[int, float]] = []  # 3
     measured: dict[int, Measured] = {}
@@ -694,12 +678,14 @@ def run_quality(args: argparse.Namespace) -> int:
     header = make_header(args, env, ev, knob, values, table, choice, cal, hold, measured[best], held, probes, path,
                          time.perf_counter() - t_start, ok)
     name = args.name or out.stem
-    text = policy_toml(base, knob, values, choice, name,
-                       f"{args.method} tuned per layer to dPPL <= {args.max_dppl:g}% at "
-                       f"{','.join(str(n) for n in config.lengths)} tokens on {ev.corpus.name} "
-                       f"({'verified' if ok else 'FAILED verification'} on held-out windows)", header)
+    policy = tuned_policy(base, knob, values, choice, name,
+                          f"{args.method} tuned per layer to dPPL <= {args.max_dppl:g}% at "
+                          f"{','.join(str(n) for n in config.lengths)} tokens on {ev.corpus.name} "
+                          f"({'verified' if ok else 'FAILED verification'} on held-out windows)")
+    text = policy_toml(policy, "\n".join(header))
 
-    parse_toml(text, str(out))  # the file must load (a bug here must not write a broken policy)
+    if parse_toml(text, str(out)).to_dict() != policy.to_dict():  # what is written loads back unchanged
+        raise ValueError("internal error: the written policy does not load back to the calibrated one")
     target = out if ok else out.with_suffix(".unverified.toml")
     target.write_text(text)
     if getattr(args, "report", None):

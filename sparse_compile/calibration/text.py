@@ -155,15 +155,16 @@ def toml_value(value: Any) -> str:
 
 
 def table_lines(header: str, table: dict[str, Any], array: bool = False) -> list[str]:
-    """`[header]` (or `[[header]]`) with the table's scalars and lists, then its sub-tables; None values
-    are left out (they mean "the default")."""
+    """`[header]` (or `[[header]]`) with the table's scalars and lists, then its sub-tables; None values and
+    empty sub-tables are left out (they mean "the default")."""
     lines = [f"[[{header}]]" if array else f"[{header}]"]
     subtables = []
     for key, value in table.items():
         if value is None:
             continue
         if isinstance(value, dict):
-            subtables.append((key, value))
+            if value:  # an empty sub-table means the defaults: left out
+                subtables.append((key, value))
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             subtables.extend((key, v, True) for v in value)  # type: ignore[misc]
         elif not (isinstance(value, list) and not value and key == "overrides"):
