@@ -230,3 +230,16 @@ def test_sensitivity_length_and_uniform_probes_end_to_end(tiny_model, corpus_fil
     for layer in range(n_layers):
         method, params = policy.prefill.for_layer(layer)
         assert (method == "dense") == (chosen[layer] < 0)
+
+
+def test_the_policy_writer_round_trips_every_shipped_policy():
+    """calibrate writes every policy through one writer (calibration.text.policy_toml): each shipped policy
+    written and parsed back is the same policy, description and warning included."""
+    from sparse_compile.calibration.text import policy_toml
+    from sparse_compile.policy import parse_toml, shipped_policies
+
+    for name in shipped_policies():
+        policy = load_policy(name)
+        back = parse_toml(policy_toml(policy, "a comment\n\nover lines"), f"{name}.toml")
+        assert back.to_dict() == policy.to_dict(), name
+        assert (back.description, back.warning) == (policy.description, policy.warning), name

@@ -130,7 +130,9 @@ def run_drift_layers(args: argparse.Namespace) -> int:
     name = args.name or f"{method}-{Path(str(args.model)).stem}"
     description = (f"{method} prefill on layers {layers} of {args.model} (representation drift at or below its "
                    f"{args.quantile} quantile); dense decode.")
-    policy = dataclasses.replace(replace_phase(base, "prefill", params=params), name=name, description=description)
+    # a measured warning of the base policy describes the base's settings, not the calibrated ones
+    policy = dataclasses.replace(replace_phase(base, "prefill", params=params), name=name, description=description,
+                                 warning="")
     command = (f"python -m sparse_compile calibrate {method} --model {args.model} --corpus {corpus.name} "
                f"--lengths {','.join(str(n) for n in args.lengths)} --windows {args.windows} "
                f"--quantile {args.quantile}")

@@ -179,7 +179,9 @@ def policy_toml(policy: Any, comment: str) -> str:
     """A policy (sparse_compile.policy.Policy) as TOML text that loads back to the same policy."""
     data = policy.to_dict()
     lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
-    lines += [f"name = {toml_value(policy.name)}", f"description = {toml_value(policy.description)}", ""]
+    lines += [f"name = {toml_value(policy.name)}", f"description = {toml_value(policy.description)}"]
+    lines += [f"warning = {toml_value(policy.warning)}"] if policy.warning else []
+    lines += [""]
     for phase in ("prefill", "decode"):
         lines += table_lines(phase, data[phase]) + [""]
     return "\n".join(lines).rstrip() + "\n"
