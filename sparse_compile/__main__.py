@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sparse_compile.argtypes import (
     choices_of,
     json_dict,
@@ -184,9 +186,6 @@ def eval_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
-    import torch
-
-
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from sparse_compile.benchmarks.timing import causal_mod, do_bench, environment, graph_ms, lists_full_width
 from sparse_compile.kernels.block_mask import BlockList
@@ -69,9 +71,6 @@ def run_engine_benchmark(
     seed: int = 0,
 ) -> dict:
     """Time ours / FlexAttention / SDPA flash / SDPA cuDNN; returns {"env", "rows"} (times in ms)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(seed)
     flex = torch.compile(flex_attention, dynamic=False)
@@ -90,9 +89,6 @@ def padding_benchmark(L: int = 32768, B: int = 4, pad: float = 0.2, heads: int =
     """Left-padded batch through the engine (rows 1..B-1 lose their first `pad` of keys and queries) against
     the same batch unpadded: the dense engine (no lists) and full causal lists, and per-row cuDNN causal on
     the unpadded parts (what the dense method runs for left padding). Times in ms."""
-    from torch.nn.attention import sdpa_kernel
-
-
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(B, kv_heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -319,8 +315,6 @@ def dense_sweep(L: int, rep_ms: float = 100.0, head_dim: int = 128) -> list[dict
     inputs (B=1, H=32, Hkv=8, bf16); output checked against cuDNN. TFLOP/s = 4 * H * D * L(L+1)/2 / time.
     (The v6 variants, a loop without mask code for the unmasked chunks and Triton's automatic warp
     specialisation, were timed with it and removed: KERNEL_NOTES.md.)"""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     g = torch.Generator(device="cuda").manual_seed(2)
     H, Hkv, D = 32, 8, head_dim
     q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
 from sparse_compile.benchmarks.timing import (
@@ -76,8 +78,6 @@ def measure_sdpa(rows: list[dict], base: dict, q: torch.Tensor, k: torch.Tensor,
     """Dense SDPA rows (flash, cuDNN). Prefill (Lq == Lk): causal, K/V expanded to H heads outside
     the timing (what repeat_kv feeds SDPA in HF models). Decode: `enable_gqa=True` on the Hkv heads,
     so each K/V byte is read once (the fastest dense decode; expanding would read it H/Hkv times)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     prefill = q.shape[2] == k.shape[2]
     groups = q.shape[1] // k.shape[1]
     kx, vx = (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if prefill else (k, v)
@@ -208,8 +208,6 @@ def run_methods_benchmark(
     skipped = {m: "not registered in sparse_compile.methods.METHODS" for m in wanted if m not in METHODS}
     flex = None
     if with_flex:
-        from torch.nn.attention.flex_attention import flex_attention
-
         flex = torch.compile(flex_attention, dynamic=False)
     generator = torch.Generator(device=device).manual_seed(seed)
     rows: list[dict] = []

@@ -11,11 +11,13 @@ environment records. The bottom of the benchmarks package: it imports the core o
 
 from __future__ import annotations
 
+import datetime as _dt
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from sparse_compile.kernels.block_mask import BlockList
 
@@ -133,8 +135,6 @@ def flex_permuted_block_mask(sel: Any, heads: int, q_len: int, q_offset: int) ->
     """A FlexAttention BlockMask for a permuted selection (PBS): the same block lists over the permuted
     K/V, every listed block partial with a mask_mod that checks causality on the original positions
     (kv_order), as the engine does. Per-KV-head selections are repeated over their query heads."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     order = sel.kv_order  # (B, Hs, Lk)
     dense = BlockList(sel.kv_num_blocks, sel.kv_indices, sel.block_size, q_len, order.shape[-1]).to_dense()
     if dense.shape[1] != heads:
@@ -153,8 +153,6 @@ def flex_block_mask(blocks: BlockList, heads: int) -> Any:
     """A FlexAttention BlockMask selecting the same blocks as `blocks` (per-KV-head lists are
     repeated over their query heads). Prefill (q_len == kv_len): diagonal blocks partial with a
     causal mask_mod, others full. Decode (q_len < kv_len, queries at the end): all blocks full."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     dense = blocks.to_dense()
     if dense.shape[1] != heads:
         dense = dense.repeat_interleave(heads // dense.shape[1], dim=1)
@@ -186,8 +184,6 @@ def measure(rows: list[dict], base: dict, impl: str, fn: Callable[[], Any], rep_
 
 def environment(device: str) -> dict[str, Any]:
     """torch, date, device and, on CUDA, the GPU, triton, CUDA and cuDNN versions."""
-    import datetime as _dt
-
     env = {"torch": torch.__version__, "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
            "device": device}
     if device == "cuda":

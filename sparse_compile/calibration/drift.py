@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from sparse_compile.argtypes import parse_lengths, positive_int
 from sparse_compile.calibration.text import policy_toml
@@ -60,8 +61,6 @@ def layer_drift(model: torch.nn.Module, windows: list[torch.Tensor], progress: b
 
     windows: (L,) int64 token ids each. Forward hooks read each decoder layer's input and output hidden
     states (first positional argument or `hidden_states` keyword; first element of a tuple output)."""
-    from tqdm.auto import tqdm
-
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
     current: dict[int, float] = {}

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import sparse_compile
 from sparse_compile.argtypes import positive_int
@@ -61,8 +63,6 @@ def decode_positions(length: int, queries: int) -> list[int]:
 def recording_attention(record: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Callable:
     """A transformers attention function that hands each layer's post-RoPE q (H, L, D) and k (Hkv, L, D)
     of batch row 0 to `record(layer, q, k)`, then runs exact SDPA (the model's own output)."""
-    import torch.nn.functional as F
-
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         record(int(module.layer_idx), query[0], key[0])
         group = query.shape[1] // key.shape[1]
@@ -105,8 +105,6 @@ def record_windows(source: CalibrationText, name: str, record: Callable[[int, to
                    after_window: Callable[[int], None] | None = None) -> None:
     """One exact forward of the decoder per window with `record(layer, q, k)` seeing every layer's post-RoPE q/k
     (registered as attention implementation `name`); `before_window(i)` / `after_window(i)` run around window i."""
-    from tqdm.auto import tqdm
-
     with attention_implementation(source.model, name, recording_attention(record)):
         for i, (_, window) in enumerate(tqdm(source.windows, desc=f"{name} (windows)", disable=not progress)):
             if before_window is not None:
