@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from sparse_compile.cache import SparseCache
-from sparse_compile.calibration._decode_text import attention_implementation, recording_attention
+from sparse_compile.calibration.text import attention_implementation, recording_attention
 from sparse_compile.evaluation.corpus import load_corpus, tokenize, windows
 from sparse_compile.evaluation.models import load_model
 from sparse_compile.kernels.fasa import fasa_scores_reference, key_state, select_tokens
