@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--reps", type=positive_int, help="model-prefill/generate: timed calls (default 5 / 3)")
     be.add_argument("--prompt", type=parse_length, default=32768, help="generate: prompt tokens (default 32K)")
     be.add_argument("--new-tokens", type=positive_int, default=128, help="generate: decoded tokens (default 128)")
+    be.add_argument("--cache", default="static",
+                    help="generate: comma list of caches, each run for every variant: static (StaticCache), "
+                         "dynamic (a new DynamicCache per call), sparse (sparse_compile.SparseCache for the "
+                         "variant's policy) (default static)")
     be.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cuda (default); cpu runs methods/prefill/decode on the references (a smoke test)")
     be.add_argument("--out", default="results", help="output folder for JSON, markdown and PNG (default results/)")
@@ -207,12 +211,18 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    caches = tuple(c.strip() for c in args.cache.split(",") if c.strip())
+    unknown = [c for c in caches if c not in ("static", "dynamic", "sparse")]
+    if unknown or not caches:
+        print(f"bench: --cache {args.cache!r}: choose from static, dynamic, sparse", file=sys.stderr)
+        return 2
     settings = BenchSettings(
         prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths, densities=args.densities,
         methods=args.methods, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, rep_ms=args.rep_ms,
         with_flex=not args.no_flex, with_sdpa=not args.no_sdpa, config=args.config, alt_config=args.alt_config,
         gqa_q_lens=args.gqa_q_lens, layers=args.layers, variants=args.variants, batch=args.batch,
         left_pad=args.left_pad, warmup=args.warmup, reps=args.reps, prompt=args.prompt, new_tokens=args.new_tokens,
+        caches=caches,
         device=args.device)
     try:
         written, failed = run_benchmarks(Path(args.out), what=args.what, settings=settings,

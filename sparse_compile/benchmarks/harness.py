@@ -67,6 +67,7 @@ class BenchSettings:
     reps: int | None = None  # model parts: timed calls (default 5 for model-prefill, 3 for generate)
     prompt: int = 32768
     new_tokens: int = 128
+    caches: tuple[str, ...] = ("static",)  # generate: static, dynamic, sparse (SparseCache)
     device: str = "cuda"
 
 
@@ -147,7 +148,7 @@ def run_part(part: str, s: BenchSettings, log: Callable[[str], None]) -> tuple[d
         return {"rows": rows}, model.prefill_markdown(rows)
     elif part == "generate":
         rows = model.run_generate(s.prompt, s.new_tokens, s.layers or 4, s.reps or 3,
-                                  s.variants or model.GENERATE_VARIANTS, log)
+                                  s.variants or model.GENERATE_VARIANTS, log, s.caches)
         return {"rows": rows}, model.generate_markdown(rows, s.prompt, s.new_tokens)
     else:
         raise ValueError(f"unknown bench part {part!r}: choose from {', '.join(PARTS)}")

@@ -9,7 +9,9 @@ calls); peak memory from `torch.cuda.max_memory_allocated` over one call. `--bat
 left-padded batch (rows 1.. lose their first fraction of tokens).
 
 `bench --what generate`: time to first token and decode tokens/s of `LlamaForCausalLM.generate` on one
-StaticCache of prompt + new tokens (reset between runs, so every run sees the same shapes and addresses):
+cache of prompt + new tokens (`--cache`: a StaticCache, the default, reset between runs so every run sees
+the same shapes and addresses; a `sparse_compile.SparseCache` made for the variant's policy, likewise; or a
+new DynamicCache per run, whose decode shapes change every step, for TTFT comparisons):
   eager            the model as it is
   compile_ro       torch.compile(forward, mode="reduce-overhead")           (Inductor + CUDA graphs)
   sparse_ro        torch.compile(forward, backend="sparse", mode="reduce-overhead")   (dense policy)
@@ -168,9 +170,30 @@ def compiled_forward(variant: str, forward: Callable, report: Any) -> Callable:
     return step
 
 
+CACHES = ("static", "dynamic", "sparse")
+
+
+def make_cache(kind: str, model: Any, max_cache_len: int, policy: str | None) -> Any:
+    """The cache generate() runs on: a StaticCache, a SparseCache for `policy`, or None (a DynamicCache per call)."""
+    from transformers import StaticCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    if kind == "sparse":
+        return sparse_compile.SparseCache(model.config, max_cache_len=max_cache_len, policy=policy or "dense")
+    if kind == "dynamic":
+        return None
+    raise ValueError(f"unknown cache {kind!r}; choose from {CACHES}")
+
+
 def timed_generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> tuple[float, torch.Tensor]:
-    """(seconds, tokens) of one greedy generate() on `cache` (reset first)."""
-    cache.reset()
+    """(seconds, tokens) of one greedy generate() on `cache` (reset first; None: a new DynamicCache)."""
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    else:
+        cache.reset()
     torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
@@ -180,11 +203,10 @@ def timed_generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -
     return time.perf_counter() - start, out
 
 
-def run_variant(model: Any, variant: str, ids: torch.Tensor, new_tokens: int, reps: int) -> dict[str, Any]:
-    from transformers import StaticCache
-
+def run_variant(model: Any, variant: str, ids: torch.Tensor, new_tokens: int, reps: int,
+                cache_kind: str = "static") -> dict[str, Any]:
     forward = model.forward
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens + 1)
+    cache = make_cache(cache_kind, model, ids.shape[1] + new_tokens + 1, variant.partition(":")[2] or None)
     timed_generate(model, ids[:, :16], cache, 2)  # eager: the cache allocates its tensors outside any graph
     report = sparse_compile.Report()
     model.forward = compiled_forward(variant, forward, report)
@@ -199,7 +221,9 @@ def run_variant(model: Any, variant: str, ids: torch.Tensor, new_tokens: int, re
             seconds, tokens = timed_generate(model, ids, cache, 1 + new_tokens)
             totals.append(seconds)
         total = statistics.median(totals)
-        return {"variant": variant, "ttft_ms": 1000 * ttft, "total_ms": 1000 * total,
+        extra = {} if cache is None or not hasattr(cache, "extra_bytes") else {
+            "cache_extra_gib": cache.extra_bytes() / 2**30, "cache_kv_gib": cache.kv_bytes() / 2**30}
+        return {"variant": variant, "cache": cache_kind, **extra, "ttft_ms": 1000 * ttft, "total_ms": 1000 * total,
                 "decode_tok_s": new_tokens / max(total - ttft, 1e-9), "warmup_s": warm_s,
                 "tokens": tokens[0, ids.shape[1]:].tolist()}
     finally:
@@ -208,31 +232,46 @@ def run_variant(model: Any, variant: str, ids: torch.Tensor, new_tokens: int, re
 
 
 def run_generate(prompt: int = 32768, new_tokens: int = 128, layers: int = 4, reps: int = 3,
-                 variants: tuple[str, ...] = GENERATE_VARIANTS, log: Callable[[str], None] = print
-                 ) -> list[dict[str, Any]]:
+                 variants: tuple[str, ...] = GENERATE_VARIANTS, log: Callable[[str], None] = print,
+                 caches: tuple[str, ...] = ("static",)) -> list[dict[str, Any]]:
     """Greedy generation per variant (module docstring); one row per variant."""
     model = build_model(layers, prompt + new_tokens + 1, lm_head=True)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     rows = []
-    for variant in variants:
-        rows.append(run_variant(model, variant, ids, new_tokens, reps))
-        r = rows[-1]
-        log(f"{variant}: TTFT {r['ttft_ms']:.1f} ms, decode {r['decode_tok_s']:.1f} tok/s "
-            f"(warm-up {r['warmup_s']:.1f} s)")
+    for cache_kind in caches:
+        for variant in variants:
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                rows.append(run_variant(model, variant, ids, new_tokens, reps, cache_kind))
+                rows[-1]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            except torch.OutOfMemoryError as err:
+                rows.append({"variant": variant, "cache": cache_kind, "error": f"OOM: {err}"[:200]})
+                log(f"{variant} ({cache_kind} cache): {rows[-1]['error']}")
+                torch.cuda.empty_cache()
+                continue
+            r = rows[-1]
+            log(f"{variant} ({cache_kind} cache): TTFT {r['ttft_ms']:.1f} ms, decode {r['decode_tok_s']:.1f} tok/s "
+                f"(warm-up {r['warmup_s']:.1f} s), peak {r['peak_gib']:.1f} GiB")
     return rows
 
 
 def generate_markdown(rows: list[dict[str, Any]], prompt: int, new_tokens: int) -> str:
     """The generate rows as a markdown table (decode speed relative to compile_ro, tokens equal to eager)."""
-    base = {r["variant"]: r for r in rows}
+    done = [r for r in rows if "error" not in r]
+    base = {r["variant"]: r for r in done if r.get("cache", "static") == "static"}
     ref = base.get("compile_ro")
-    lines = [f"prompt {prompt} tokens, {new_tokens} new tokens, B=1, StaticCache", "",
-             "| variant | TTFT ms | decode tok/s | decode vs compile_ro | tokens equal eager |",
-             "|---|---|---|---|---|"]
+    lines = [f"prompt {prompt} tokens, {new_tokens} new tokens, B=1", "",
+             "| variant | cache | TTFT ms | decode tok/s | decode vs compile_ro | peak GiB | tokens equal eager |",
+             "|---|---|---|---|---|---|---|"]
     eager_tokens = base["eager"]["tokens"] if "eager" in base else None
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['cache']} | {r['error']} | | | | |")
+            continue
         vs = f"{r['decode_tok_s'] / ref['decode_tok_s']:.3f}x" if ref else "-"
         same = "-" if eager_tokens is None else ("yes" if r["tokens"] == eager_tokens else "no")
-        lines.append(f"| {r['variant']} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | {vs} | {same} |")
+        peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
+        lines.append(f"| {r['variant']} | {r.get('cache', 'static')} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | "
+                     f"{vs} | {peak} | {same} |")
     return "\n".join(lines)
