@@ -2,13 +2,16 @@
 
 Its arguments name everything that will run, so a printed graph shows it:
 
-    attention(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config)
+    attention(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None)
       q: (B, H, Lq, D) post-RoPE queries (float16/bfloat16/float32; float64 on CPU)
       k, v: (B, Hkv, Lk, D) keys/values after the cache update, *before* GQA expansion
       key_valid: (B, Lk) bool or None — padding (False = never attend)
       dense_mask: a mask the pass could not prove, broadcastable to (B, H, Lq, Lk), or None
       scale: softmax scale; causal/q_offset/window: see sparse_compile.attention_mask
       config: canonical JSON {"method", "params", "min_seq_len", "site"} (see `node_config`)
+      q_offset_tensor: () int64 host tensor added to q_offset, or None: a StaticCache's fill level
+             (`cumulative_length`), which is data, not a SymInt; the graph copies it to the host where
+             transformers' mask read it (before the cache increments it in place) and the node adds it
     returns (out (B, H, Lq, Dv) in q's dtype,
              density (B, H) float32: the fraction of the allowed key blocks that were computed,
                      1.0 for exact attention; (B, H, 1 + F) for a method with F `density_parts`
@@ -181,8 +184,14 @@ class NodePlan:
 
 def bind_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
               dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int,
-              config: str, selection: torch.Tensor | None = None, role: str = "") -> NodeCall:
+              config: str, selection: torch.Tensor | None = None, role: str = "",
+              q_offset_tensor: torch.Tensor | None = None) -> NodeCall:
     """The node's arguments (either op's signature) checked and bound; ValueError names a bad one."""
+    if q_offset_tensor is not None:
+        if q_offset_tensor.dim() != 0 or q_offset_tensor.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"q_offset_tensor must be a 0-d int64/int32 tensor, got "
+                             f"{tuple(q_offset_tensor.shape)} {q_offset_tensor.dtype}")
+        q_offset = q_offset + int(q_offset_tensor)
     check_inputs(q, k, v, key_valid, scale, q_offset, window)
     mask = AttentionMask(
         causal=causal, q_offset=q_offset, window=window,
@@ -203,9 +212,10 @@ def node_call_of(func: Any, args: tuple, kwargs: dict | None = None) -> NodeCall
     return bind_node(**values)
 
 
-def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
+def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None):
     """The node's computation: fallback decision, then the method (or exact attention)."""
-    call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config)
+    call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config,
+                     q_offset_tensor=q_offset_tensor)
     plan = call.plan()
     out, density = call.run(plan)
     return out.contiguous(), with_factors(density, call.node.method), torch.full((), plan.code, dtype=torch.int32,
@@ -221,7 +231,7 @@ def with_factors(density: torch.Tensor, method) -> torch.Tensor:
     return density.contiguous()
 
 
-def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config):
+def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None):
     B, H, Lq, _ = q.shape
     parts = len(parse_config(config).method.density_parts)
     density = q.new_empty((B, H, 1 + parts) if parts else (B, H), dtype=torch.float32)
@@ -233,8 +243,9 @@ def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, c
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
     dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
+    q_offset_tensor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config)
+    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor)
 
 
 @torch.library.custom_op("sparse_compile::attention_outside_graphs", mutates_args=(),
@@ -242,8 +253,9 @@ def attention(
 def attention_outside_graphs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
     dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
+    q_offset_tensor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config)
+    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor)
 
 
 attention.register_fake(fake_node)
@@ -252,11 +264,13 @@ attention_outside_graphs.register_fake(fake_node)
 ROLES = ("exact", "select", "reuse")
 
 
-def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role):
+def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
+                     q_offset_tensor=None):
     """The node of a selection-sharing method: fallback decision, then the method's role."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role)
+    call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
+                     q_offset_tensor)
     node = call.node
     if node.method.selection_size is None:
         raise ValueError(f"method {node.method.name!r} does not share selections")
@@ -274,7 +288,8 @@ def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, wi
                                                                              device=q.device), made)
 
 
-def fake_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role):
+def fake_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
+                      q_offset_tensor=None):
     node = parse_config(config)
     width = node.method.selection_size(node.params) if role == "select" else 0
     return fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config) + (
@@ -285,9 +300,10 @@ def fake_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, w
 def attention_sharing_selection(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
     dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
-    selection: torch.Tensor | None, role: str,
+    selection: torch.Tensor | None, role: str, q_offset_tensor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role)
+    return run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
+                            q_offset_tensor)
 
 
 attention_sharing_selection.register_fake(fake_node_sharing)

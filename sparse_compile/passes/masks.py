@@ -33,8 +33,25 @@ import torch.fx as fx
 
 from sparse_compile.passes.graph import meta_value, op_name, shape_of
 
-# Offsets are ints, or FX nodes producing SymInts (e.g. the cache length in decode graphs).
+# Offsets are ints, FX nodes producing SymInts (e.g. the cache length in decode graphs), or
+# TensorOffsets (a 0-d integer tensor such as a StaticCache's cumulative_length).
 Offset = Any
+
+
+@dataclass(frozen=True)
+class TensorOffset:
+    """A 0-d integer tensor added to positions: `value` as node `read_at` reads it.
+
+    A StaticCache keeps its fill level in a tensor (`cumulative_length`) and increments it in place
+    (`add_`) inside the graph, after the mask has read it; the rewrite copies `value` to the host just
+    before `read_at` and hands the copy to the node (`q_offset_tensor`), so the node sees the value the
+    mask saw."""
+
+    value: fx.Node
+    read_at: fx.Node
+
+    def __str__(self) -> str:
+        return f"tensor({self.value.name})"
 
 
 @dataclass(frozen=True)
@@ -232,6 +249,10 @@ def interpret(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         return Constant(0)
     if name in ("add", "sub") and isinstance(args[0], Positions):
         pos, other = args[0], node.args[1]
+        if is_offset_tensor(other):
+            if pos.axis is not None or name != "add" or node.kwargs:
+                raise Unsupported(f"'{name}' of a 0-d tensor on placed positions (only arange(L) + offset is read)")
+            return Positions(offset=pos.offset + (TensorOffset(other, node),))
         if not is_symint_or_int(other):
             raise Unsupported("a position offset that is a tensor (data-dependent), not an int/SymInt")
         if pos.axis is None and name == "add":
@@ -290,6 +311,17 @@ def interpret(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
             raise Unsupported("mask cast to a non-bool dtype")
         return base
     raise Unsupported(f"unsupported op in the mask subgraph: {node.target}")
+
+
+def is_offset_tensor(value: Any) -> bool:
+    """A 0-d int64/int32 tensor node: read as one opaque integer offset (its value is data), never
+    looked into. The StaticCache fill level `cumulative_length` (transformers 5.17 and 5.25)."""
+    value = meta_value(value) if isinstance(value, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in (torch.int64, torch.int32)
+
+
+def tensor_offsets(*offsets: tuple[Offset, ...]) -> bool:
+    return any(isinstance(t, TensorOffset) for offset in offsets for t in offset)
 
 
 def is_batch_positions(value: Any) -> bool:
@@ -358,6 +390,8 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
             isinstance(a, fx.Node) for a in node.args[1]
         )
         for inp in node.all_input_nodes:
+            if name == "add" and len(node.args) == 2 and inp is node.args[1] and is_offset_tensor(inp):
+                continue  # arange(L) + cumulative_length: the 0-d tensor is an offset, like a SymInt
             if is_index and inp is node.args[0] and reads_graph_input(inp):
                 leaves.add(inp)  # padding[b_idx, kv_idx]: do not look inside the padding mask
                 continue
@@ -397,6 +431,8 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
                 gathered = True
     except Unsupported as err:
         return MaskMatch(causal=False, dense_mask=mask, reason=str(err))
+    if tensor_offsets(result.q_offset, result.kv_offset, result.padding_kv_offset) and q_shape[2] == 1:
+        return decode_key_validity(mask, m_shape, q_shape, k_shape)
     kept = set()
     if gathered:  # the gather and what it reads stay in the graph
         kept = {result.padding_read} | ancestors_within(result.padding_read, order)
@@ -412,6 +448,18 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
         and not sym_equal(shape_of(result.padding)[1], k_shape[2]),
         nodes=nodes,
     )
+
+
+def decode_key_validity(mask: fx.Node, m_shape: tuple, q_shape: tuple, k_shape: tuple) -> MaskMatch:
+    """A recognised decode mask (one query) whose offsets are tensors: its (B, 1, 1, Lk) rows are exactly
+    the key validity, so the O(B * Lk) mask stays in the graph as key_valid (no .item(), no host sync,
+    CUDA-graph safe) instead of becoming a causal offset. StaticCache decode: key j is visible iff
+    j <= cumulative_length (unfilled slots are not) and the padding mask allows it."""
+    if not (len(m_shape) == 4 and m_shape[1] == 1 and m_shape[2] == 1 and sym_equal(m_shape[0], q_shape[0])
+            and sym_equal(m_shape[3], k_shape[2])):
+        reason = f"a decode mask with a tensor offset of shape {m_shape}, not (B, 1, 1, Lk)"
+        return MaskMatch(causal=False, dense_mask=mask, reason=reason)
+    return MaskMatch(causal=False, key_valid=mask, key_valid_from_4d=True)
 
 
 def reads_graph_input(node: fx.Node) -> bool:

@@ -28,7 +28,7 @@ from sparse_compile.methods import METHODS
 from sparse_compile.ops import RAN, CallShape, fallback_reason, node_config, parse_config
 from sparse_compile.params import params_to_dict
 from sparse_compile.passes.graph import meta_value
-from sparse_compile.passes.masks import MaskMatch
+from sparse_compile.passes.masks import MaskMatch, TensorOffset
 from sparse_compile.passes.sites import SiteMatch, find_sites
 from sparse_compile.policy import Policy
 from sparse_compile.report import Rejection, Site
@@ -39,20 +39,42 @@ OP_OUTSIDE_GRAPHS = torch.ops.sparse_compile.attention_outside_graphs.default
 OP_SHARING = torch.ops.sparse_compile.attention_sharing_selection.default
 
 
-def offset_argument(graph: fx.Graph, mask: MaskMatch) -> Any:
-    """sum(q terms) - sum(kv terms), as an int or a new SymInt node."""
+def offset_argument(graph: fx.Graph, mask: MaskMatch) -> tuple[Any, fx.Node | None]:
+    """sum(q terms) - sum(kv terms) as (an int or a new SymInt node, a () host tensor node or None): the
+    node's q_offset and q_offset_tensor (TensorOffset terms, a StaticCache's fill level, are data)."""
     value: Any = 0
-    for term in mask.q_offset_terms:
-        if isinstance(term, int) and isinstance(value, int):
-            value += term
-        elif term != 0:
-            value = graph.call_function(operator.add, (value, term))
-    for term in mask.kv_offset_terms:
-        if isinstance(term, int) and isinstance(value, int):
-            value -= term
-        elif term != 0:
-            value = graph.call_function(operator.sub, (value, term))
-    return value
+    tensor: fx.Node | None = None
+    for sign, terms in ((1, mask.q_offset_terms), (-1, mask.kv_offset_terms)):
+        for term in terms:
+            if isinstance(term, TensorOffset):
+                host = host_copy(graph, term)
+                if tensor is None:
+                    tensor = host if sign > 0 else graph.call_function(operator.neg, (host,))
+                else:
+                    tensor = graph.call_function(operator.add if sign > 0 else operator.sub, (tensor, host))
+            elif isinstance(term, int) and isinstance(value, int):
+                value += sign * term
+            elif term != 0:
+                value = graph.call_function(operator.add if sign > 0 else operator.sub, (value, term))
+    return value, tensor
+
+
+def host_copy(graph: fx.Graph, term: TensorOffset) -> fx.Node:
+    """`value.to("cpu", copy=True)` placed just before the mask node that reads `value`: the value the mask
+    saw (a StaticCache increments its cumulative_length in place later in the graph), copied once to the
+    host (one device sync per graph; the nodes then read it for free). Sites sharing the mask share it."""
+    previous = term.read_at.prev
+    if (previous.op == "call_method" and previous.target == "to" and previous.args == (term.value,)
+            and previous.kwargs == {"device": "cpu", "copy": True}):
+        return previous
+    with graph.inserting_before(term.read_at):
+        return graph.call_method("to", (term.value,), {"device": "cpu", "copy": True})
+
+
+def reads_host_offset(mask: MaskMatch) -> bool:
+    """The node takes a q_offset_tensor: its graph copies a device value to the host, which CUDA graphs
+    cannot capture, so the node is the twin op that runs outside them."""
+    return any(isinstance(t, TensorOffset) for t in mask.q_offset_terms + mask.kv_offset_terms)
 
 
 def site_facts(site: SiteMatch) -> SiteFacts:
@@ -104,10 +126,12 @@ def rewrite_site(graph: fx.Graph, site: SiteMatch, config: str, op: Any,
         if key_valid is not None and mask.key_valid_needs_cut:
             kv_len = graph.call_method("size", (site.k, 2))
             key_valid = graph.call_function(operator.getitem, (key_valid, (slice(None), slice(None, kv_len))))
+        offset, offset_tensor = offset_argument(graph, mask)
         fused = graph.call_function(
             op,
             (site.q, site.k, site.v, key_valid, mask.dense_mask, site.scale, mask.causal,
-             offset_argument(graph, mask), int(mask.window), config) + (() if sharing is None else sharing),
+             offset, int(mask.window), config) + (() if sharing is None else sharing),
+            {} if offset_tensor is None else {"q_offset_tensor": offset_tensor},
         )
         out = graph.call_function(operator.getitem, (fused, 0))
         density = graph.call_function(operator.getitem, (fused, 1))
@@ -173,7 +197,7 @@ def rewrite_attention(
                 site_rewritten=True,
             ))
         config = node_config(method, params, phase.min_seq_len, site_facts(site))
-        captured = site.phase in METHODS[method].capturable_phases
+        captured = site.phase in METHODS[method].capturable_phases and not reads_host_offset(site.mask)
         role = roles.get(index, "")
         sites.append(site_record(site, graph_index, method, params, phase.min_seq_len, static_fallback(site, config),
                                  captured, role))
