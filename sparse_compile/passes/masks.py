@@ -310,6 +310,9 @@ def interpret(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         if name == "to" and node.kwargs.get("dtype") not in (None, torch.bool):
             raise Unsupported("mask cast to a non-bool dtype")
         return base
+    if node.op == "placeholder":
+        raise Unsupported(f"the mask reads graph input {node.target} as data (a tensor offset is read only as a "
+                          f"0-d integer tensor added to arange(L))")
     raise Unsupported(f"unsupported op in the mask subgraph: {node.target}")
 
 
