@@ -18,6 +18,20 @@ position_ids[b_idx, q_idx]. Both are read here: position ids that are an arange 
 packed mask is all zeros (one sequence per row) and the comparison is causal on the indices.
 User-given position_ids are graph inputs, so such masks stay unproven (exact attention).
 
+With a StaticCache passed to the model (transformers 5.17 and 5.25), the query offset is the cache's fill
+counter, a 0-d int64 tensor graph input that the cache increments in place (`add_`) after the mask read it:
+
+    q_idx = (arange(Lq) + cumulative_length)[None, None, :, None]     kv_idx over all max_cache_len slots
+    mask  = (kv_idx <= q_idx) [& pad(attention_mask, (0, max_cache_len - w))[b_idx, kv_idx]] .expand(...)
+
+A 0-d integer tensor added to arange(L) is read as a `TensorOffset` (its value as that add reads it): a
+prefill node gets causal with that offset, which also hides the unfilled slots (every one sits past the
+last query, at or after cumulative_length + Lq); a decode mask (one query) with a tensor offset is kept
+whole as its (B, 1, 1, Lk) key validity, O(B * Lk), so decode graphs need no host read. Any other tensor
+read by the mask (a float or 1-D offset, a tensor compared directly) keeps the mask a tensor. The
+4-D masks `generate` builds for a static cache arrive as graph inputs: the decode one is key validity,
+the prefill one stays a tensor.
+
 `analyze_mask` interprets the mask's subgraph abstractly (each node becomes a position vector,
 a predicate or a padding lookup) and returns a `MaskMatch` — the structure the fused node takes
 instead of the tensor — or a reason why it cannot prove one. It only reads the graph.
@@ -110,11 +124,13 @@ class Leaf:
 class MaskMatch:
     """The mask of one SDPA call as structure.
 
-    q_offset_terms / kv_offset_terms: offsets as sums of ints and SymInt nodes; the node's
-    q_offset argument is sum(q_offset_terms) - sum(kv_offset_terms).
+    q_offset_terms / kv_offset_terms: offsets as sums of ints, SymInt nodes and TensorOffsets; the
+      node's q_offset is sum(q_offset_terms) - sum(kv_offset_terms) (TensorOffsets reach it as its
+      q_offset_tensor argument, see passes/rewrite.py).
     key_valid: node producing the (B, Lk) bool padding mask, or None.
     key_valid_from_4d: True when key_valid is a (B, 1, 1, Lk) tensor whose [:, 0, 0] is the key
-      validity: a decode mask input of StaticCache graphs, or the gather padding[b_idx, kv_idx]
+      validity: a decode mask input of StaticCache graphs (or the recognised decode mask with a
+      TensorOffset a StaticCache passed to the model builds), or the gather padding[b_idx, kv_idx]
       itself when the padding mask is read at a key offset (sliding-window DynamicCache decode,
       where the cache holds only the last keys: positions kv_offset .. kv_offset + Lk - 1).
     key_valid_needs_cut: the padding mask's width is not provably Lk; the node gets its first Lk
