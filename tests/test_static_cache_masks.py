@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import StaticCache
 
+import sparse_compile
 from sparse_compile import Report, load_policy
 from sparse_compile.attention_mask import visible_keys
 from sparse_compile.compiler import rewrite_graph, with_call_records
@@ -102,6 +103,26 @@ def test_prefill_into_a_reset_cache_reads_the_counter_at_run_time() -> None:
     assert report.rejected == [], str(report)
     tensor_graphs = {s.graph for s in report.sites if s.mask.startswith(TENSOR_OFFSET)}
     assert sorted(report.calls[g] for g in tensor_graphs) == [1, 2], (str(report), report.calls)
+
+
+def test_inductor_compiles_the_tensor_offset() -> None:
+    """The default inner compiler: the counter reaches the node as a host tensor argument, no data-dependent
+    int in the graph (Inductor would need capture_scalar_outputs for one). The first chunk runs eagerly,
+    so the one compiled graph is the chunk into the filled cache."""
+    model = llama(1)
+    ids, mask = batch_with_padding([2, 0], 9, "left", seed=9)
+    report = Report()
+    compiled = torch.compile(model, backend=sparse_compile.backend(policy="dense", report=report))
+    fresh_dynamo()
+    outs = []
+    for run in (model, compiled):
+        cache = StaticCache(config=model.config, max_cache_len=12)
+        with torch.no_grad():
+            model(input_ids=ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache)
+            outs.append(run(input_ids=ids[:, 4:], attention_mask=mask, past_key_values=cache).logits)
+    torch.testing.assert_close(outs[1][mask[:, 4:].bool()], outs[0][mask[:, 4:].bool()], atol=1e-4, rtol=1e-4)
+    assert [s.mask[:len(TENSOR_OFFSET)] for s in report.sites] == [TENSOR_OFFSET], str(report)
+    assert report.rejected == [], str(report)
 
 
 # --- the node's visibility is transformers' mask, call by call ----------------------------------
