@@ -471,7 +471,7 @@ def analyze_mask(mask: fx.Node, q: fx.Node, k: fx.Node) -> MaskMatch:
 
 def decode_key_validity(mask: fx.Node, m_shape: tuple, q_shape: tuple, k_shape: tuple) -> MaskMatch:
     """A recognised decode mask (one query) whose offsets are tensors: its (B, 1, 1, Lk) rows are exactly
-    the key validity, so the O(B * Lk) mask stays in the graph as key_valid (no .item(), no host sync,
+    the key validity, so the O(B * Lk) mask stays in the graph as key_valid (no host copy of the offset,
     CUDA-graph safe) instead of becoming a causal offset. StaticCache decode: key j is visible iff
     j <= cumulative_length (unfilled slots are not) and the padding mask allows it."""
     if not (len(m_shape) == 4 and m_shape[1] == 1 and m_shape[2] == 1 and sym_equal(m_shape[0], q_shape[0])
