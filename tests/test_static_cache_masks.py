@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from test_families import assert_logits_equal, compile_dense, fresh_dynamo
 from test_masks import ShapeRecorder, batch_with_padding, llama
 from torch import nn
@@ -57,7 +58,7 @@ def query_mask(mask: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None
 # --- prefill, chunked prefill, reset, decode: recognised and exact --------------------------------
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(first=st.integers(2, 6), second=st.integers(2, 5), spare=st.integers(0, 5), batch=st.integers(1, 2),
        data=st.data())
 def test_static_cache_masks_are_structure(first: int, second: int, spare: int, batch: int,
@@ -188,7 +189,7 @@ def recording_backend(report: Report, calls: list[NodeCall], check: Callable | N
     return backend
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(pad=st.integers(0, 3), second=st.integers(2, 4))
 def test_node_visibility_equals_the_transformers_mask(pad: int, second: int) -> None:
     """Per call and layer: causal/q_offset (with the counter's value)/key_valid of the node give exactly the
