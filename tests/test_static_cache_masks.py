@@ -64,7 +64,7 @@ def query_mask(mask: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None
 def test_static_cache_masks_are_structure(first: int, second: int, spare: int, batch: int,
                                           data: st.DataObject) -> None:
     pad = data.draw(st.integers(0, first - 1), label="pad") if batch == 2 else 0
-    with_mask = batch == 2 or data.draw(st.booleans(), label="with_mask")
+    with_mask = pad > 0 or data.draw(st.booleans(), label="with_mask")
     total = first + second + 1
     ids, mask = batch_with_padding([pad] + [0] * (batch - 1), total, "left", seed=first * 7 + second)
     mask = mask if with_mask else None
