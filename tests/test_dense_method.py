@@ -114,3 +114,28 @@ def test_masked_decode_kernel_ignores_masked_keys(problem, value, where, data):
     nan_rows = torch.isnan(out).any(-1)[..., 0]  # (B, H)
     assert torch.equal(nan_rows, key_valid[:, j, None].expand(B, H))
     torch.testing.assert_close(out[~nan_rows].double(), ref[~nan_rows], atol=1e-5, rtol=1e-5)
+
+
+@given(st.integers(1, 9), st.integers(0, 7), st.integers(0, 12), st.booleans(), st.integers(0, 3))
+def test_visible_prefix_drops_only_invisible_keys(q_len, q_offset, tail, padded, window):
+    """A StaticCache prefill's keys past q_offset + q_len (empty slots) are invisible to every row: cutting
+    them gives the same attention, rows with no visible key included; non-causal masks are left whole."""
+    from sparse_compile.attention_mask import AttentionMask, exact_attention_reference
+    from sparse_compile.methods.dense import visible_prefix
+
+    g = torch.Generator().manual_seed(q_len * 100 + q_offset * 10 + tail)
+    B, H, Hkv, D = 2, 4, 2, 8
+    Lk = q_offset + q_len + tail
+    q = torch.randn(B, H, q_len, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64) for _ in range(2))
+    key_valid = None
+    if padded:
+        key_valid = torch.ones(B, Lk, dtype=torch.bool)
+        key_valid[1, : min(2, Lk)] = False
+    mask = AttentionMask(causal=True, q_offset=q_offset, window=window, key_valid=key_valid)
+    kk, vv, cut = visible_prefix(k, v, mask, q_len)
+    assert kk.shape[2] == min(Lk, q_offset + q_len) and cut.q_offset == q_offset and cut.window == window
+    torch.testing.assert_close(exact_attention_reference(q, kk, vv, cut, 0.3),
+                               exact_attention_reference(q, k, v, mask, 0.3), rtol=0, atol=1e-12)
+    whole = AttentionMask(causal=False, key_valid=key_valid)
+    assert visible_prefix(k, v, whole, q_len)[0] is k

@@ -1,6 +1,8 @@
 """Exact attention from the mask's structure, without an L x L mask tensor.
 
 CUDA, by structure (each path measured in BENCHMARKS.md):
+  StaticCache prefill               keys past the last query's position (the empty slots) cut off as views,
+                                    then the path its structure takes below
   causal prefill, no padding        SDPA is_causal=True, cuDNN first, then flash
   left-padded causal prefill        one causal SDPA call per batch row on its unpadded part
   decode (one query), every key     SDPA with enable_gqa (K/V read once)
@@ -112,8 +114,21 @@ def left_padded_causal_attention(q, k, v, starts: list[int], scale: float) -> to
     return out
 
 
+def visible_prefix(k, v, mask: AttentionMask, q_len: int):
+    """(k, v, mask) cut to the keys some query can see: under a causal mask without a tensor mask, keys at
+    positions >= q_offset + q_len are invisible to every row (a StaticCache's empty slots), so dropping
+    them is exact and costs nothing (views). Otherwise the inputs unchanged."""
+    end = mask.q_offset + q_len
+    if not mask.causal or mask.dense_mask is not None or end >= k.shape[2]:
+        return k, v, mask
+    key_valid = None if mask.key_valid is None else mask.key_valid[:, :end]
+    return k[:, :, :end], v[:, :, :end], AttentionMask(mask.causal, mask.q_offset, mask.window, key_valid, None)
+
+
 def cuda_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
     B, H, Lq, D = q.shape
+    if Lq > 1:  # a StaticCache prefill: its empty tail, then the square causal fast path below
+        k, v, mask = visible_prefix(k, v, mask, Lq)
     Lk = k.shape[2]
     if mask.key_valid is not None and Lq > 1:
         starts = left_padding_starts(mask.key_valid)
