@@ -187,12 +187,29 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: Pol
     gm, sites, rejections, layers = rewrite_attention(gm, policy, index)
     report.sites.extend(sites)
     report.rejected.extend(rejections)
+    note = distributed_note()
+    if sites and note and note not in report.notes:
+        report.notes.append(note)
     phase = sites[0].phase if sites else "unknown"
     n_calls = len(sites) + sum(1 for r in rejections if not r.site_rewritten)
     report.graphs.append(GraphRecord(index, phase, n_calls, len(sites), nodes_before, len(gm.graph.nodes), policy.name))
     if debug:
         print(f"[sparse_compile] graph {index} after:\n{gm.code}")
     return gm, n_outputs, layers
+
+
+def distributed_note() -> str | None:
+    """The Report's line for a process of a torch.distributed group of several processes: under tensor
+    parallelism (transformers' `tp_plan`) each process traces its own graph, whose attention sites hold only
+    its shard of the heads. Nothing crosses processes inside a node."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return None
+    return (f"torch.distributed rank {torch.distributed.get_rank()} of {world}: each site's H and Hkv are the heads "
+            f"this process holds (under tensor parallelism, its shard); a method that shares or averages across "
+            f"heads (lessismore's token set, token_sparse's head-mean scores) does so over these heads only")
 
 
 def with_call_records(compiled: Callable, n_outputs: int | None, layers: list[int], report: Report,
