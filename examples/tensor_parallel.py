@@ -74,8 +74,11 @@ def tiny_llama(folder: str) -> str:
 
 
 def load(path: str, world: int, sharded: bool):
-    """The model, its heads sharded over the `world` processes by transformers' own plan (or whole)."""
+    """The model (a folder, or a .gguf file: dequantized to float32), its heads sharded over the `world`
+    processes by transformers' own plan (or whole)."""
     kwargs = {"dtype": torch.float32}
+    if path.endswith(".gguf"):
+        path, kwargs["gguf_file"] = os.path.split(path)
     if sharded:  # transformers >= 5.2x: distributed_config; earlier 5.x: tp_plan="auto"
         if hasattr(transformers, "DistributedConfig"):
             kwargs["distributed_config"] = transformers.DistributedConfig(tp_size=world)
@@ -98,7 +101,9 @@ def prompt_ids(args, path: str, vocab: int) -> torch.Tensor:
     n = args.prompt_len + args.new_tokens
     if not args.text:
         return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
-    ids = AutoTokenizer.from_pretrained(path)(open(args.text, errors="ignore").read(), return_tensors="pt").input_ids
+    folder, gguf = os.path.split(path) if path.endswith(".gguf") else (path, None)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    ids = tokenizer(open(args.text, errors="ignore").read(), return_tensors="pt").input_ids
     if ids.shape[1] < n:
         raise SystemExit(f"--text {args.text} has {ids.shape[1]} tokens, fewer than {n}")
     return ids[:, :n]
@@ -124,8 +129,8 @@ def score(model, ids: torch.Tensor, prompt_len: int) -> tuple[list[torch.Tensor]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a local model folder (save_pretrained output); default: a tiny random "
-                                        "Llama made on each rank")
+    parser.add_argument("--model", help="a local model folder (save_pretrained output) or .gguf file; default: a "
+                                        "tiny random Llama made on each rank")
     parser.add_argument("--policy", default="demo:token_sparse",
                         help="shipped policy name, TOML path, or demo:<method> (the method at min_seq_len 0: "
                              f"{', '.join(DEMO)}); default demo:token_sparse")
