@@ -5,7 +5,8 @@ attention site with the heads that process holds.
     torchrun --nproc-per-node 2 examples/tensor_parallel.py                       # tiny random Llama, CPU or GPUs
     torchrun --nproc-per-node 2 examples/tensor_parallel.py --policy demo:lessismore --compare
     torchrun --nproc-per-node 4 examples/tensor_parallel.py --model PATH --policy prism --prompt-len 8192
-    torchrun --nproc-per-node 3 examples/tensor_parallel.py --model PATH --policy P --compare --text FILE
+    torchrun --nproc-per-node 3 examples/tensor_parallel.py --model M.gguf --policy examples/lessismore_512.toml \
+        --compare --text /usr/share/common-licenses/GPL-3 --prompt-len 2048 --new-tokens 16
 
 torchrun starts the processes; transformers initialises torch.distributed on the first `from_pretrained`
 (gloo on the CPU, nccl on CUDA GPUs, one GPU per process). Each rank compiles `model.forward` with
@@ -46,6 +47,11 @@ DEMO = {
     "lessismore": {"decode": {"method": "lessismore", "min_seq_len": 0,
                               "params": {"budget": 32, "selection_layers": [0], "dense_layers": []}}},
 }
+
+
+# The prompt perplexity scores the prompt's last SCORED tokens: queries every prefill method keeps (Token
+# Sparse's `recent`; its dropped rows are zeros by design, as in EVAL.md's continuation PPL).
+SCORED = 128
 
 
 def policy_of(name: str):
@@ -111,11 +117,12 @@ def prompt_ids(args, path: str, vocab: int) -> torch.Tensor:
 
 def score(model, ids: torch.Tensor, prompt_len: int) -> tuple[list[torch.Tensor], float, float]:
     """Teacher-forced: prefill ids[:, :prompt_len], then one decode step per following token (DynamicCache).
-    Returns (the logits of every step, prompt perplexity (prefill logits), continuation perplexity (decode
-    steps' logits, each predicting the next token))."""
+    Returns (the logits of every step, prompt perplexity (the prefill's predictions of the prompt's last
+    SCORED tokens), continuation perplexity (the decode steps', each predicting the next token))."""
     out = model(ids[:, :prompt_len].clone(memory_format=torch.contiguous_format), use_cache=True)
     logits = [out.logits[:, -1]]
-    prompt_nll = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:prompt_len])
+    first = max(prompt_len - SCORED, 1)
+    prompt_nll = torch.nn.functional.cross_entropy(out.logits[0, first - 1:-1].float(), ids[0, first:prompt_len])
     nll = [torch.nn.functional.cross_entropy(out.logits[0, -1:].float(), ids[0, prompt_len:prompt_len + 1])]
     for t in range(prompt_len, ids.shape[1] - 1):
         # a fresh contiguous tensor, as generate() passes: a view's storage offset or stride would become a
@@ -170,20 +177,23 @@ def main() -> None:
             else:
                 logits, prompt_ppl, ppl = score(model, ids, args.prompt_len)
                 text = [f"=== rank {rank} of {world} ({device}): sharded, {args.policy}: prompt perplexity "
-                        f"{prompt_ppl:.4f}, continuation perplexity {ppl:.4f}"]
+                        f"{prompt_ppl:.4f}, continuation perplexity {ppl:.4f}; mean density prefill "
+                        f"{report.mean_density('prefill')}, decode {report.mean_density('decode')}"]
         text.append(str(report))
         if args.compare and rank == 0:  # the unsharded model is the same on every rank: rank 0 runs it
             whole = load(path, world, sharded=False).to(device)
+            whole_report = sparse_compile.Report()
             with torch.no_grad():
                 _, eager_prompt_ppl, eager_ppl = score(whole, ids, args.prompt_len)
                 whole.forward = torch.compile(whole.forward, backend=sparse_compile.backend(
-                    policy=policy_of(args.policy), inner=inner))
+                    policy=policy_of(args.policy), inner=inner, report=whole_report))
                 ref, ref_prompt_ppl, ref_ppl = score(whole, ids, args.prompt_len)
             diff = max(float((a - b).abs().max()) for a, b in zip(logits, ref, strict=True))
             agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(logits, ref, strict=True))
             text.append(f"unsharded, {args.policy}: prompt perplexity {ref_prompt_ppl:.4f}, continuation perplexity "
                         f"{ref_ppl:.4f}; largest |logits difference| to the sharded model {diff:.3g}, same argmax "
-                        f"at {agree}/{len(ref)} steps")
+                        f"at {agree}/{len(ref)} steps; mean density prefill {whole_report.mean_density('prefill')}, "
+                        f"decode {whole_report.mean_density('decode')}")
             text.append(f"unsharded, eager (exact): prompt perplexity {eager_prompt_ppl:.4f}, continuation perplexity "
                         f"{eager_ppl:.4f}")
         in_rank_order(rank, world, "\n".join(text))

@@ -35,7 +35,7 @@ WORLD = 2
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 PROMPT_LEN = 200
 DECODE_TOKENS = (5,)  # teacher-forced: every run, sharded or not, sees the same sequence
-DEADLINE_S = 300  # the spawn (imports, loads, 10 dynamo traces per rank) takes about half a minute on 2 idle cores
+DEADLINE_S = 300  # the whole file takes ~65 s of CPU time (2 ranks + this process: 10 + 6 dynamo traces)
 
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
