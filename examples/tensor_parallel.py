@@ -134,6 +134,12 @@ def score(model, ids: torch.Tensor, prompt_len: int) -> tuple[list[torch.Tensor]
     return logits, float(prompt_nll.exp()), float(torch.stack(nll).mean().exp())
 
 
+def densities(report: sparse_compile.Report) -> str:
+    """'mean density prefill x, decode y' of the latest calls (over layers, batch and heads)."""
+    means = {phase: report.mean_density(phase) for phase in ("prefill", "decode")}
+    return "mean density " + ", ".join(f"{phase} {'-' if m is None else f'{m:.3f}'}" for phase, m in means.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a local model folder (save_pretrained output) or .gguf file; default: a "
@@ -177,8 +183,7 @@ def main() -> None:
             else:
                 logits, prompt_ppl, ppl = score(model, ids, args.prompt_len)
                 text = [f"=== rank {rank} of {world} ({device}): sharded, {args.policy}: prompt perplexity "
-                        f"{prompt_ppl:.4f}, continuation perplexity {ppl:.4f}; mean density prefill "
-                        f"{report.mean_density('prefill')}, decode {report.mean_density('decode')}"]
+                        f"{prompt_ppl:.4f}, continuation perplexity {ppl:.4f}; {densities(report)}"]
         text.append(str(report))
         if args.compare and rank == 0:  # the unsharded model is the same on every rank: rank 0 runs it
             whole = load(path, world, sharded=False).to(device)
@@ -192,8 +197,7 @@ def main() -> None:
             agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(logits, ref, strict=True))
             text.append(f"unsharded, {args.policy}: prompt perplexity {ref_prompt_ppl:.4f}, continuation perplexity "
                         f"{ref_ppl:.4f}; largest |logits difference| to the sharded model {diff:.3g}, same argmax "
-                        f"at {agree}/{len(ref)} steps; mean density prefill {whole_report.mean_density('prefill')}, "
-                        f"decode {whole_report.mean_density('decode')}")
+                        f"at {agree}/{len(ref)} steps; {densities(whole_report)}")
             text.append(f"unsharded, eager (exact): prompt perplexity {eager_prompt_ppl:.4f}, continuation perplexity "
                         f"{eager_ppl:.4f}")
         in_rank_order(rank, world, "\n".join(text))
