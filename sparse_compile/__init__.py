@@ -18,7 +18,7 @@ _PUBLIC = {
     "MODES": "sparse_compile.compiler",
     "backend": "sparse_compile.compiler",
     "compile": "sparse_compile.compiler",
-    "explain": "sparse_compile.explain",
+    "explain": "sparse_compile.explain_graphs",
     "PolicyError": "sparse_compile.params",
     "Policy": "sparse_compile.policy",
     "load_policy": "sparse_compile.policy",

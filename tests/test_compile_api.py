@@ -235,3 +235,15 @@ def test_op_on_empty_sequences_returns_empty(method):
     out, density, fallback = torch.ops.sparse_compile.attention(*node_args(Lq=0, Lk=0, method=method))
     assert out.shape == (1, 4, 0, 16) and density.shape == (1, 4)
     assert int(fallback) == (RAN if method == "dense" else UNSUPPORTED)  # prism: empty sequences
+
+
+def test_public_names_survive_submodule_imports():
+    """Importing any submodule never replaces a public name of the package (the lazy namespace binds
+    submodules under their own names: no public function shares a submodule's name)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(sparse_compile.__path__):
+        importlib.import_module(f"sparse_compile.{info.name}")
+        assert info.name not in sparse_compile.__all__, f"sparse_compile.{info.name} shadows a public name"
+    assert callable(sparse_compile.explain) and callable(sparse_compile.compile) and callable(sparse_compile.backend)

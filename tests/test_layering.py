@@ -24,7 +24,7 @@ FLOORS = [
     ("sparse_compile.report", "sparse_compile.cache"),
     ("sparse_compile.passes",),
     ("sparse_compile.compiler",),
-    ("sparse_compile.explain",),
+    ("sparse_compile.explain_graphs",),
 ]
 
 

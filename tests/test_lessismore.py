@@ -135,7 +135,7 @@ POLICY = {"name": "lim-test", "decode": {"method": "lessismore", "min_seq_len": 
 def rewritten_decode_graph(model, ids, mask, policy) -> torch.fx.GraphModule:
     """The FX graph of one decode step after the pass (nothing computed but the prefill)."""
     from sparse_compile.compiler import rewrite_graph
-    from sparse_compile.explain import run_on_fake_tensors
+    from sparse_compile.explain_graphs import run_on_fake_tensors
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():

@@ -69,9 +69,9 @@ def chunk_dims(chunk: int, layout: str, rotary_dim: int, head_dim: int) -> tuple
     return 2 * chunk, 2 * chunk + 1
 
 
-def default_chunk_count(head_dim: int) -> int:
-    """A quarter of the chunks (the authors keep 16 of 64 for D = 128), at least 1."""
-    return max(1, head_dim // 8)
+def default_chunk_count(head_dim: int, fraction: float = 0.25) -> int:
+    """`fraction` of the head's D/2 chunks, at least 1 (a quarter: the authors keep 16 of 64 for D = 128)."""
+    return max(1, min(head_dim // 2, round(fraction * (head_dim // 2))))
 
 
 def default_chunks(rotary_dim: int, head_dim: int, count: int) -> tuple[int, ...]:

@@ -13,7 +13,8 @@ Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Paramet
            chunks[layer] = [[c, ...] per query head] (or per KV head, or one list for every head);
            [] for a layer (or no chunks at all): the model-agnostic rule `default_chunks`.
   n_chunks how many chunks per head: the first n of each calibrated list, or of the agnostic rule
-           (0: every listed chunk, or D/8 for the rule: a quarter of the D/2 chunks, as the authors).
+           (0: every listed chunk, or `rule_fraction` of the D/2 chunks for the rule: 0.25 by default, as
+           the authors; the generic `fasa` policy keeps half).
   sink, recent  the first / last visible keys always kept (the authors keep none: both 0 by default).
   gqa      "per_head" (the authors': one token set per query head) or "per_kv_head" (the group's
            predicted scores summed, one set per KV head: each selected K/V row is read once per group).
@@ -84,8 +85,12 @@ class FasaParams(MethodParams):
     chunks: tuple = param((), type=(list, tuple), convert=as_tuples,
                           help="per layer, per head: dominant frequency chunks, best first (from `calibrate "
                                "fasa`); [] = the model-agnostic rule (lowest-frequency quarter)")
+    rule_fraction: float = param(0.25, range=(1e-6, 1.0),
+                                 help="the model-agnostic rule's share of each head's D/2 chunks when n_chunks = 0 "
+                                      "(0.25: the authors' 16 of 64; the generic `fasa` policy keeps 0.5)")
     n_chunks: int = param(0, range=(0, 1 << 12),
-                          help="chunks used per head: the first n of each list (0: all listed; D/8 for the rule)")
+                          help="chunks used per head: the first n of each list (0: all listed; "
+                               "rule_fraction of D/2 for the rule)")
     sink: int = param(0, range=(0, 1 << 20), help="first visible tokens always kept (inside the budget)")
     recent: int = param(0, range=(0, 1 << 20), help="last visible tokens always kept (inside the budget)")
     dense_layers: tuple = param((0,), type=(list, tuple), convert=layer_list, help="layers that run exact attention")
@@ -129,7 +134,7 @@ def layer_chunks(params: FasaParams, layer: int, num_heads: int, num_kv_heads: i
     if misfit and params.mismatch == "dense":
         return None, misfit
     if misfit or not listed:
-        count = min(params.n_chunks or default_chunk_count(head_dim), head_dim // 2)
+        count = min(params.n_chunks or default_chunk_count(head_dim, params.rule_fraction), head_dim // 2)
         return (default_chunks(rotary_dim, head_dim, count),), ""
     n = params.n_chunks or len(listed[0])
     return tuple(head[:n] for head in listed), ""
