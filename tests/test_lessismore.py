@@ -333,3 +333,82 @@ def test_visible_count_equals_the_mask(B, Lk, q_offset, window, causal, padded, 
     mask = AttentionMask(causal=causal, q_offset=q_offset, window=window, key_valid=key_valid)
     want = lessismore.decode_visible(mask, B, Lk, torch.device("cpu")).sum(dim=1).clamp(min=1).float()
     assert torch.equal(lessismore.visible_count(mask, B, Lk, torch.device("cpu")), want)
+
+
+def authors_formulation_factory(params: dict, log: list):
+    """LessIsMore decode written the way the authors' code states it (K/V expanded to the query heads, one
+    (H, middle) top-k of the middle region, the union as the rank-major flattening of it with duplicates
+    dropped, truncated at `middle`; sink and recent as position ranges of the cache), independent of
+    sparse_compile.kernels.lessismore. For B = 1 without padding (the NIAH path). `log` gets (layer, Lk,
+    selection) at every selection."""
+    n_sink, middle, n_recent = budget_split(params["budget"], 4, 0.25)
+    state: dict = {"layer": -1, "selection": None}
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        H, Lq, Lk = query.shape[1], query.shape[2], key.shape[2]
+        kk = key.repeat_interleave(H // key.shape[1], dim=1)
+        vv = value.repeat_interleave(H // key.shape[1], dim=1)
+        layer = module.layer_idx
+        if layer <= state["layer"]:  # a new forward: no selection carried over from the previous step
+            state["selection"] = None
+        state["layer"] = layer
+        full = F.scaled_dot_product_attention(query, kk, vv, attn_mask=attention_mask, scale=scaling,
+                                              is_causal=attention_mask is None and Lq > 1)
+        reuse = state["selection"] is not None and layer not in params["selection_layers"]
+        if Lq > 1 or layer in params["dense_layers"] or not (layer in params["selection_layers"] or reuse):
+            return full.transpose(1, 2).contiguous(), None
+        logits = torch.einsum("hd,hld->hl", query[0, :, 0].float(), kk[0].float()) * scaling  # (H, Lk)
+        if layer in params["selection_layers"]:
+            recent_start = Lk - n_recent
+            top = torch.topk(logits[:, n_sink:recent_start], middle, dim=-1).indices + n_sink  # (H, middle)
+            union = list(dict.fromkeys(top.t().reshape(-1).tolist()))[:middle]  # rank-major, then head
+            state["selection"] = torch.tensor(list(range(n_sink)) + union + list(range(recent_start, Lk)))
+            log.append((layer, Lk, state["selection"]))
+            return full.transpose(1, 2).contiguous(), None
+        keep = state["selection"]
+        w = torch.softmax(logits[:, keep], dim=-1)  # (H, budget)
+        out = (w[:, None, :] @ vv[0][:, keep].float())[:, 0]  # (H, D)
+        return out.to(query.dtype)[None, :, None].transpose(1, 2).contiguous(), None
+
+    return attend
+
+
+def test_compiled_needle_path_equals_the_authors_formulation():
+    """The path NIAH takes (sparse_compile.evaluation.needle.greedy_generate): a DynamicCache, B = 1, no
+    attention_mask, one compiled call per decode step, so the cache grows by one token per step (the first
+    decode graph has static lengths, the next ones SymInt lengths). The compiled model's logits at every
+    step == the same model with LessIsMore written as the authors' code states it; the selections really
+    change with the step (a stale selection or stale sink/recent offsets would be caught)."""
+    model = peaked_llama(6)
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(5))
+    params = {"budget": 24, "selection_layers": [2, 4], "dense_layers": [0]}
+    log: list = []
+    AttentionInterface.register("lessismore_authors", authors_formulation_factory(params, log))
+    ALL_MASK_ATTENTION_FUNCTIONS.register("lessismore_authors", sdpa_mask)
+
+    def greedy(forward, steps=6):
+        cache = DynamicCache(config=model.config)
+        out = forward(input_ids=ids, past_key_values=cache, use_cache=True)
+        tokens, logits = [int(out.logits[0, -1].argmax())], []
+        for _ in range(steps):
+            out = forward(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1])
+            tokens.append(int(out.logits[0, -1].argmax()))
+        return tokens, torch.stack(logits)
+
+    report = sparse_compile.Report()
+    with torch.no_grad():
+        dense_tokens, dense_logits = greedy(model)
+        model.set_attn_implementation("lessismore_authors")
+        ref_tokens, ref_logits = greedy(model)
+        model.set_attn_implementation("sdpa")
+        fast = torch.compile(model, backend=sparse_compile.backend(POLICY, inner="eager", report=report))
+        got_tokens, got_logits = greedy(fast)
+    assert got_tokens == ref_tokens
+    torch.testing.assert_close(got_logits, ref_logits, atol=2e-4, rtol=2e-4)
+    assert float((got_logits - dense_logits).abs().max()) > 1e-3  # the method really ran
+    assert report.fallbacks("decode") == {}
+    lengths = sorted({lk for _, lk, _ in log})
+    assert lengths == list(range(71, 77)), lengths  # one selection per step, on the grown cache
+    recent = [set(sel.tolist()) for layer, _, sel in log if layer == 2]
+    assert all(lk - 1 in sel for (_, lk, _), sel in zip([e for e in log if e[0] == 2], recent, strict=True))

@@ -133,6 +133,34 @@ def test_dynamic_token_coverage_matches_a_plain_reimplementation(dropped_mass, m
         assert torch.equal(sel.idx[0, h, :n].long(), want), (h, sel.idx[0, h, :n], want)
 
 
+@pytest.mark.parametrize("H, Hkv", [(4, 2), (6, 2), (3, 3)])
+def test_output_equals_the_authors_compress_attend_decompress(H, Hkv):
+    """The whole method against the authors' formulation, step by step: the kept positions per head
+    (`coverage_by_hand`), Q and the *expanded* K/V gathered at them, plain causal SDPA on the compressed
+    sequence, the result scattered into zeros (so a dropped token's attention output is exactly 0, and
+    through a bias-free o_proj its residual stream passes the layer unchanged). Nothing else: no rescaling
+    of the kept rows, no mixing of the layer input into dropped rows."""
+    q, k, v = tensors(1, H, Hkv, 96, 16, seed=3)
+    params = ts.TokenSparseParams(dropped_mass=0.2, min_keep=10, recent=12, smooth=7)
+    site = dataclasses.replace(SITE, num_heads=H, num_kv_heads=Hkv)
+    out, density = ts.attention(q, k, v, AttentionMask(), site, params, 0.25)
+    G = H // Hkv
+    kk, vv = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    want = torch.zeros_like(q)
+    kept = coverage_by_hand(q, k, params, 0.25)
+    for h, idx in enumerate(kept):
+        qc, kc, vc = q[0, h, idx], kk[0, h, idx], vv[0, h, idx]
+        want[0, h, idx] = torch.nn.functional.scaled_dot_product_attention(
+            qc[None], kc[None], vc[None], is_causal=True, scale=0.25)[0]
+    assert len(kept[0]) < 96  # tokens were really dropped
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    dropped = torch.ones(H, 96, dtype=torch.bool)
+    for h, idx in enumerate(kept):
+        dropped[h, idx] = False
+    assert bool((out[0][dropped] == 0).all())
+    assert torch.allclose(density[0, :, 1], torch.full((H,), len(kept[0]) / 96))
+
+
 @settings(max_examples=examples(8), deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 3]), G=st.sampled_from([1, 2]), L=st.integers(1, 90),
        Lc=st.integers(0, 90), D=st.sampled_from([8, 24, 80]), dtype=st.sampled_from([torch.float32, torch.float16]),
