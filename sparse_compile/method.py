@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 PHASES = ("prefill", "decode")
+GQA_MODES = ("per_head", "per_kv_head")  # one selection per query head, or one per KV head (its group united)
 ROLES = ("select", "reuse")
 PROCEDURES = ("quality", "chunks", "selection_layers", "drift_layers")
 

@@ -46,10 +46,8 @@ from sparse_compile.kernels.fasa import (
 )
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list  # noqa: F401 - in_layers re-exported
-from sparse_compile.method import BenchCase, Knob, Method
+from sparse_compile.method import GQA_MODES, BenchCase, Knob, Method
 from sparse_compile.params import MethodParams, param
-
-GQA_MODES = ("per_head", "per_kv_head")
 
 
 def as_tuples(value: Any, key: str = "", where: str = "") -> Any:

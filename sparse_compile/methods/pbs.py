@@ -33,10 +33,8 @@ from sparse_compile.kernels.pbs import (
     select_blocks,
     selection_density,
 )
-from sparse_compile.method import BenchCase, Knob, Method
+from sparse_compile.method import GQA_MODES, BenchCase, Knob, Method
 from sparse_compile.params import MethodParams, param
-
-GQA_MODES = ("per_head", "per_kv_head")
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,8 @@ from sparse_compile.kernels.prism import (  # noqa: F401 - the reference's piece
     sink_block,
     top_p_blocks,
 )
-from sparse_compile.method import BenchCase, Knob, Method
+from sparse_compile.method import GQA_MODES, BenchCase, Knob, Method
 from sparse_compile.params import MethodParams, param
-
-GQA_MODES = ("per_head", "per_kv_head")
 
 
 @dataclass(frozen=True)
