@@ -163,13 +163,15 @@ def layer_plan(policy: Policy, layer: int, facts: dict[str, Any], dims: Any) -> 
 
 @torch.library.custom_op("sparse_compile::cache_update", mutates_args=("key_dims", "page_min", "page_max"))
 def cache_update(key_dims: Tensor | None, page_min: Tensor | None, page_max: Tensor | None, key_valid: Tensor,
-                 dims: Tensor | None, pos: Tensor, k: Tensor, page_size: int) -> None:
+                 dims: Tensor | None, pos: Tensor, k: Tensor, page_size: int, member: Tensor | None = None) -> None:
     """Write the dims copy and merge the page summaries of n new keys, in place.
 
     key_dims: (B, Hkv, L, n) or None; page_min, page_max: (B, Hkv, NP, D) or None (both or neither);
     key_valid: (B, L) bool; dims: (Hkv, n) int64 (with key_dims); pos: (n_new,) int64 slots; k: (B, Hkv, n_new,
-    D) the new keys; page_size: P. key_dims[:, g, pos, j] = k[:, g, :, dims[g, j]]; page_min / page_max of the
-    pages pos // P take the element-wise min / max with the new keys whose slot is valid (include_self).
+    D) the new keys; page_size: P; member: (H, n) float32 (with key_dims; not read here: an argument so that the
+    graph names it for the attention node, which scores query head h on its own dims).
+    key_dims[:, g, pos, j] = k[:, g, :, dims[g, j]]; page_min / page_max of the pages pos // P take the
+    element-wise min / max with the new keys whose slot is valid (include_self).
     Plain tensor ops (index_copy_, scatter_reduce_): no host sync. In a compiled graph the call is one node
     whose arguments name the layer's buffers and the new keys (the same k_new StaticLayer's index_copy_
     writes into `keys`): DECODE_NOTES.md, "Wiring the node to the cache"."""
@@ -185,7 +187,8 @@ def cache_update(key_dims: Tensor | None, page_min: Tensor | None, page_max: Ten
 
 @cache_update.register_fake
 def _cache_update_fake(key_dims: Tensor | None, page_min: Tensor | None, page_max: Tensor | None, key_valid: Tensor,
-                       dims: Tensor | None, pos: Tensor, k: Tensor, page_size: int) -> None:
+                       dims: Tensor | None, pos: Tensor, k: Tensor, page_size: int,
+                       member: Tensor | None = None) -> None:
     return None
 
 
@@ -237,7 +240,7 @@ class SparseLayer(StaticLayer):
         if self.pending_padding is not None:
             self.apply_padding(self.pending_padding)
         if not _compiling():
-            for t in (self.key_dims, self.page_min, self.page_max, self.key_valid):
+            for t in (self.key_dims, self.dims, self.member, self.page_min, self.page_max, self.key_valid):
                 if t is not None:
                     torch._dynamo.mark_static_address(t)
 
@@ -269,7 +272,7 @@ class SparseLayer(StaticLayer):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.key_dims is not None or self.page_size:
             cache_update(self.key_dims, self.page_min, self.page_max, self.key_valid, self.dims, pos, key_states,
-                         self.page_size)
+                         self.page_size, self.member)
         return keys, values
 
     def recompute_pages(self, start_page: int = 0) -> None:

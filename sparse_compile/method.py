@@ -36,6 +36,12 @@ and such a method's attention takes two more arguments and returns the selection
     `attention(q, k, v, mask, site, params, scale, role, selection) -> (out, density, selection_out)`
 with selection_out (B, selection_size(params)) int32 for role "select", (B, 0) otherwise.
 
+Methods that read a SparseCache's selection buffers (sparse_compile/cache.py) list them in `cache_buffers`
+(names among "key_dims", "dims", "member", "page_min", "page_max"). When the site's keys come from a
+SparseCache layer that keeps them, the pass hands them to the node, and the method's attention gets one more
+keyword argument, `cache=` (ops.CacheBuffers: the buffers and the page size); with any other cache it is not
+passed and the method runs as it always did.
+
 What the tools need (the `bench`, `eval` and `calibrate` harnesses read these; the core never does):
     bench_cases   the configurations `bench` times: phase, Params overrides, role (BenchCase)
     knobs         what `calibrate` tunes and how: the Params fields, the procedure, the phase (Knob)
@@ -50,10 +56,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 PHASES = ("prefill", "decode")
 GQA_MODES = ("per_head", "per_kv_head")  # one selection per query head, or one per KV head (its group united)
 ROLES = ("select", "reuse")
+CACHE_BUFFERS = ("key_dims", "dims", "member", "page_min", "page_max")
 PROCEDURES = ("quality", "chunks", "selection_layers", "drift_layers")
 
 
@@ -108,6 +116,23 @@ class CallShape:
 
 
 @dataclass(frozen=True)
+class CacheBuffers:
+    """A SparseCache layer's selection buffers as one node receives them (DECODE_NOTES.md, "Wiring").
+
+    key_dims: (B, Hkv, Lk, n) K's dominant dims per KV head, or None (not kept: the method reads K);
+    dims: (Hkv, n) int64 their head dims; member: (H, n) float32, 1 where column j is query head h's own dim;
+    page_min, page_max: (B, Hkv, NP, D) per-page element-wise key min / max (NP = ceil(Lk / P));
+    page_size: P."""
+
+    key_dims: Tensor | None
+    dims: Tensor | None
+    member: Tensor | None
+    page_min: Tensor
+    page_max: Tensor
+    page_size: int
+
+
+@dataclass(frozen=True)
 class Method:
     """One attention method a fused node can run (see the module docstring).
 
@@ -134,6 +159,7 @@ class Method:
     density_parts: names of the factors whose product is the density, when the method reports them
         (token_sparse: ("kept", "inner")); the node then returns (B, H, 1 + len(density_parts)) and the
         Report shows each factor per layer.
+    cache_buffers: the SparseCache buffers its attention reads through `cache=` (module docstring); () for none.
     bench_cases, knobs: what the tools read (module docstring): every method declares at least one bench
         case per phase it runs in; knobs may be empty (nothing to calibrate, e.g. dense).
     """
@@ -150,10 +176,14 @@ class Method:
     selection_size: Callable[[Any], int] | None = None
     notes: Callable[[Any, Any], str | None] | None = None
     density_parts: tuple[str, ...] = ()
+    cache_buffers: tuple[str, ...] = ()
     bench_cases: tuple[BenchCase, ...] = ()
     knobs: tuple[Knob, ...] = ()
 
     def __post_init__(self) -> None:
+        if not set(self.cache_buffers) <= set(CACHE_BUFFERS):
+            raise ValueError(f"method {self.name!r}: cache_buffers {self.cache_buffers!r} must be among "
+                             f"{CACHE_BUFFERS}")
         if not self.phases or any(p not in PHASES for p in self.phases):
             raise ValueError(f"method {self.name!r}: phases {self.phases!r} must be a non-empty subset of {PHASES}")
         if (self.selection_role is None) != (self.selection_size is None):

@@ -12,6 +12,14 @@ Its arguments name everything that will run, so a printed graph shows it:
       q_offset_tensor: () int64 host tensor added to q_offset, or None: a StaticCache's fill level
              (`cumulative_length`), which is data, not a SymInt; the graph copies it to the host where
              transformers' mask read it (before the cache increments it in place) and the node adds it
+      key_dims, dims, member, page_min, page_max, page_size: a SparseCache layer's buffers (all None / 0
+             for any other cache: the node then runs exactly as without them), the very graph inputs the
+             layer's `cache_update` node wrote just before (passes/rewrite.py hands the ones the site's
+             method lists in `Method.cache_buffers`; see `CacheBuffers`):
+             key_dims (B, Hkv, Lk, n) K's dominant dims, dims (Hkv, n) int64, member (H, n) float32,
+             page_min / page_max (B, Hkv, ceil(Lk / P), D) per-page key min / max, page_size P (int).
+             A method that reads them (FASA, LessIsMore's selecting layers) runs its two-stage selection
+             (methods/two_stage.py): pages ranked by their bound, then its exact scoring of the candidates.
     returns (out (B, H, Lq, Dv) in q's dtype,
              density (B, H) float32: the fraction of the allowed key blocks that were computed,
                      1.0 for exact attention; (B, H, 1 + F) for a method with F `density_parts`
@@ -46,7 +54,7 @@ from typing import Any
 import torch
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
-from sparse_compile.method import CallShape, Method
+from sparse_compile.method import CacheBuffers, CallShape, Method
 from sparse_compile.methods import METHODS
 from sparse_compile.params import canonical_json, params_from_mapping, params_to_dict
 
@@ -130,6 +138,35 @@ def call_shape(q: torch.Tensor, k: torch.Tensor, window: int = 0, causal: bool =
     return CallShape(B, H, k.shape[1], Lq, k.shape[2], D, q.dtype, q.device.type, window, causal)
 
 
+def cache_buffers(q: torch.Tensor, k: torch.Tensor, key_dims: torch.Tensor | None, dims: torch.Tensor | None,
+                  member: torch.Tensor | None, page_min: torch.Tensor | None, page_max: torch.Tensor | None,
+                  page_size: int) -> CacheBuffers | None:
+    """The node's SparseCache arguments checked and bound (None when the node has none); ValueError names a
+    bad one. q: (B, H, 1, D); k: (B, Hkv, Lk, D)."""
+    given = [t is not None for t in (key_dims, dims, member)]
+    if page_min is None and page_max is None and not any(given) and not page_size:
+        return None
+    B, H, _, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if page_min is None or page_max is None or page_size < 1:
+        raise ValueError(f"page_min, page_max and page_size >= 1 come together, got page_size {page_size} and "
+                         f"{'no ' if page_min is None else ''}page_min, {'no ' if page_max is None else ''}page_max")
+    n_pages = -(-Lk // page_size)
+    for name, t in (("page_min", page_min), ("page_max", page_max)):
+        if tuple(t.shape) != (B, Hkv, n_pages, D):
+            raise ValueError(f"{name} must be (B, Hkv, ceil(Lk / P), D) = {(B, Hkv, n_pages, D)}, got {tuple(t.shape)}")
+    if any(given) and not all(given):
+        raise ValueError("key_dims, dims and member come together (or none of them)")
+    if key_dims is not None:
+        n = dims.shape[-1]
+        if (tuple(key_dims.shape) != (B, Hkv, Lk, n) or tuple(dims.shape) != (Hkv, n)
+                or tuple(member.shape) != (H, n)):
+            raise ValueError(f"key_dims (B, Hkv, Lk, n), dims (Hkv, n), member (H, n) with B, H, Hkv, Lk = "
+                             f"{B}, {H}, {Hkv}, {Lk}: got {tuple(key_dims.shape)}, {tuple(dims.shape)}, "
+                             f"{tuple(member.shape)}")
+    return CacheBuffers(key_dims, dims, member, page_min, page_max, page_size)
+
+
 @dataclass(frozen=True)
 class NodeCall:
     """One call of a fused node with its arguments bound: what runs it (the op, calibration, tools).
@@ -146,6 +183,11 @@ class NodeCall:
     node: NodeConfig
     selection: torch.Tensor | None = None
     role: str = ""
+    cache: CacheBuffers | None = None
+
+    def cache_for(self, method: Method) -> dict[str, Any]:
+        """{"cache": the buffers} for a method that reads them (`Method.cache_buffers`), else {}."""
+        return {"cache": self.cache} if self.cache is not None and method.cache_buffers else {}
 
     @property
     def shape(self) -> CallShape:
@@ -165,7 +207,8 @@ class NodeCall:
     def run(self, plan: NodePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(out (B, H, Lq, Dv), density (B, H) or (B, H, 1 + F)) of a plain (non-sharing) method's plan."""
         plan = self.plan() if plan is None else plan
-        return plan.method.attention(self.q, self.k, self.v, self.mask, self.node.site, plan.params, self.scale)
+        return plan.method.attention(self.q, self.k, self.v, self.mask, self.node.site, plan.params, self.scale,
+                                     **self.cache_for(plan.method))
 
 
 @dataclass(frozen=True)
@@ -185,7 +228,10 @@ class NodePlan:
 def bind_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
               dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int,
               config: str, selection: torch.Tensor | None = None, role: str = "",
-              q_offset_tensor: torch.Tensor | None = None) -> NodeCall:
+              q_offset_tensor: torch.Tensor | None = None, key_dims: torch.Tensor | None = None,
+              dims: torch.Tensor | None = None, member: torch.Tensor | None = None,
+              page_min: torch.Tensor | None = None, page_max: torch.Tensor | None = None,
+              page_size: int = 0) -> NodeCall:
     """The node's arguments (either op's signature) checked and bound; ValueError names a bad one."""
     if q_offset_tensor is not None:
         if q_offset_tensor.dim() != 0 or q_offset_tensor.dtype not in (torch.int64, torch.int32):
@@ -197,7 +243,8 @@ def bind_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torc
         causal=causal, q_offset=q_offset, window=window,
         key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask,
     )
-    return NodeCall(q, k, v, mask, scale, parse_config(config), selection, role)
+    cache = cache_buffers(q, k, key_dims, dims, member, page_min, page_max, page_size)
+    return NodeCall(q, k, v, mask, scale, parse_config(config), selection, role, cache)
 
 
 def node_call_of(func: Any, args: tuple, kwargs: dict | None = None) -> NodeCall | None:
@@ -212,10 +259,12 @@ def node_call_of(func: Any, args: tuple, kwargs: dict | None = None) -> NodeCall
     return bind_node(**values)
 
 
-def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None):
+def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None,
+             key_dims=None, dims=None, member=None, page_min=None, page_max=None, page_size=0):
     """The node's computation: fallback decision, then the method (or exact attention)."""
     call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config,
-                     q_offset_tensor=q_offset_tensor)
+                     q_offset_tensor=q_offset_tensor, key_dims=key_dims, dims=dims, member=member,
+                     page_min=page_min, page_max=page_max, page_size=page_size)
     plan = call.plan()
     out, density = call.run(plan)
     return out.contiguous(), with_factors(density, call.node.method), torch.full((), plan.code, dtype=torch.int32,
@@ -231,7 +280,8 @@ def with_factors(density: torch.Tensor, method) -> torch.Tensor:
     return density.contiguous()
 
 
-def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None):
+def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None,
+              key_dims=None, dims=None, member=None, page_min=None, page_max=None, page_size=0):
     B, H, Lq, _ = q.shape
     parts = len(parse_config(config).method.density_parts)
     density = q.new_empty((B, H, 1 + parts) if parts else (B, H), dtype=torch.float32)
@@ -243,9 +293,12 @@ def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, c
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
     dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
-    q_offset_tensor: torch.Tensor | None = None,
+    q_offset_tensor: torch.Tensor | None = None, key_dims: torch.Tensor | None = None,
+    dims: torch.Tensor | None = None, member: torch.Tensor | None = None, page_min: torch.Tensor | None = None,
+    page_max: torch.Tensor | None = None, page_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor)
+    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor,
+                    key_dims, dims, member, page_min, page_max, page_size)
 
 
 @torch.library.custom_op("sparse_compile::attention_outside_graphs", mutates_args=(),
@@ -253,9 +306,12 @@ def attention(
 def attention_outside_graphs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
     dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
-    q_offset_tensor: torch.Tensor | None = None,
+    q_offset_tensor: torch.Tensor | None = None, key_dims: torch.Tensor | None = None,
+    dims: torch.Tensor | None = None, member: torch.Tensor | None = None, page_min: torch.Tensor | None = None,
+    page_max: torch.Tensor | None = None, page_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor)
+    return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor,
+                    key_dims, dims, member, page_min, page_max, page_size)
 
 
 attention.register_fake(fake_node)
@@ -265,12 +321,13 @@ ROLES = ("exact", "select", "reuse")
 
 
 def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
-                     q_offset_tensor=None):
+                     q_offset_tensor=None, key_dims=None, dims=None, member=None, page_min=None, page_max=None,
+                     page_size=0):
     """The node of a selection-sharing method: fallback decision, then the method's role."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
-                     q_offset_tensor)
+                     q_offset_tensor, key_dims, dims, member, page_min, page_max, page_size)
     node = call.node
     if node.method.selection_size is None:
         raise ValueError(f"method {node.method.name!r} does not share selections")
@@ -283,13 +340,15 @@ def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, wi
         out, density = call.run(NodePlan(METHODS["dense"], METHODS["dense"].Params(), plan.code, plan.reason))
         made = torch.full((q.shape[0], width), -1, dtype=torch.int32, device=q.device)
     else:
-        out, density, made = node.method.attention(q, k, v, call.mask, node.site, node.params, scale, role, selection)
+        out, density, made = node.method.attention(q, k, v, call.mask, node.site, node.params, scale, role, selection,
+                                                   **call.cache_for(node.method))
     return (out.contiguous(), with_factors(density, node.method), torch.full((), plan.code, dtype=torch.int32,
                                                                              device=q.device), made)
 
 
 def fake_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
-                      q_offset_tensor=None):
+                      q_offset_tensor=None, key_dims=None, dims=None, member=None, page_min=None, page_max=None,
+                      page_size=0):
     node = parse_config(config)
     width = node.method.selection_size(node.params) if role == "select" else 0
     return fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config) + (
@@ -300,10 +359,13 @@ def fake_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, w
 def attention_sharing_selection(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
     dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
-    selection: torch.Tensor | None, role: str, q_offset_tensor: torch.Tensor | None = None,
+    selection: torch.Tensor | None, role: str,
+    q_offset_tensor: torch.Tensor | None = None, key_dims: torch.Tensor | None = None,
+    dims: torch.Tensor | None = None, member: torch.Tensor | None = None, page_min: torch.Tensor | None = None,
+    page_max: torch.Tensor | None = None, page_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
-                            q_offset_tensor)
+                            q_offset_tensor, key_dims, dims, member, page_min, page_max, page_size)
 
 
 attention_sharing_selection.register_fake(fake_node_sharing)

@@ -34,6 +34,8 @@ class Site:
       this phase): under mode="reduce-overhead" it runs between captured partitions.
     role: for methods whose layers share one selection: "select" (makes it), "reuse" (takes the latest
       selection made before it in this graph) or "exact"; "" for other methods.
+    cache_buffers: the SparseCache buffers the node takes, e.g. "key_dims, dims, member, page_min, page_max
+      (P=16)": the method runs its two-stage selection over them; "" (any other cache): the single-stage one.
     """
 
     graph: int
@@ -58,6 +60,7 @@ class Site:
     cuda_graphs: bool = True
     role: str = ""
     note: str = ""
+    cache_buffers: str = ""
 
 
 @dataclass(frozen=True)

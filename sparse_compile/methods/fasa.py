@@ -6,6 +6,16 @@ sparse_compile calibrate fasa`), keep the top `budget` keys, and attend exactly 
 scale) over those keys with the shared sparse decode kernel. Prefill is dense (the method runs in the
 decode phase only); `dense_layers` (default [0], as the authors) run exact attention.
 
+Two-stage selection. When the site's keys come from a `sparse_compile.SparseCache` that keeps this layer's
+dims copy and page summaries, the node passes them (`cache=`, ops.CacheBuffers) and the selection is
+methods/two_stage.py `fasa_two_stage`: pages ranked by the bound of FASA's partial score, the `candidates`
+tokens' worth of best pages kept, FASA's partial scores of their keys read from the contiguous `key_dims`,
+top `slots`. The dims scored are the cache's (`dims`, `member`: built from the cache's policy, or its explicit
+`dims=`): build the cache from the backend's policy. Where the cache keeps no dims copy (the union is every
+head dim) the keys are read from K with this layer's own dims. With every page a candidate the selection is
+the single-stage one. A fraction budget on a padded batch keeps the single-stage path (per-row counts).
+Attention over the selected tokens is the same sparse decode kernel.
+
 Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Parameters (`[decode.params]`):
   budget   tokens per score row (>= 1), or a fraction (< 1) of the visible keys; sink + recent count inside
            it and it is never below sink + recent. A budget that covers the cache runs exact attention.
@@ -18,6 +28,8 @@ Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Paramet
   sink, recent  the first / last visible keys always kept (the authors keep none: both 0 by default).
   gqa      "per_head" (the authors': one token set per query head) or "per_kv_head" (the group's
            predicted scores summed, one set per KV head: each selected K/V row is read once per group).
+  candidates  with a SparseCache (two-stage selection, below): candidate tokens per KV head as a multiple of
+           the slots kept (default 4; whole pages, so rounded up; at least the slots).
   mismatch "rule": a layer whose calibrated chunks do not fit the site (another model: layer count, head
            count, chunk index >= D/2) uses the model-agnostic rule, so a policy calibrated on one model runs
            on any; "dense": such a layer runs exact attention, with the reason in the Report.
@@ -46,7 +58,8 @@ from sparse_compile.kernels.fasa import (
 )
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list  # noqa: F401 - in_layers re-exported
-from sparse_compile.method import GQA_MODES, BenchCase, Knob, Method
+from sparse_compile.method import GQA_MODES, BenchCase, CacheBuffers, Knob, Method
+from sparse_compile.methods.two_stage import fasa_two_stage
 from sparse_compile.params import MethodParams, param
 
 
@@ -92,6 +105,9 @@ class FasaParams(MethodParams):
     sink: int = param(0, range=(0, 1 << 20), help="first visible tokens always kept (inside the budget)")
     recent: int = param(0, range=(0, 1 << 20), help="last visible tokens always kept (inside the budget)")
     dense_layers: tuple = param((0,), type=(list, tuple), convert=layer_list, help="layers that run exact attention")
+    candidates: float = param(4.0, type=(int, float), range=(1.0, 1 << 20),
+                              help="SparseCache two-stage selection: candidate tokens per KV head, a multiple "
+                                   "of the slots kept (whole pages)")
     mismatch: str = param("rule", choices=("rule", "dense"),
                           help="a layer whose calibrated chunks do not fit the site (another model): the "
                                "model-agnostic rule, or exact attention with the reason in the Report")
@@ -221,12 +237,49 @@ def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: Site
     return Selection(idx, density)
 
 
+def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
+                     cache: CacheBuffers) -> Selection:
+    """FASA's selection through a SparseCache's page summaries and dims copy (module docstring).
+
+    q: (B, H, 1, D); k: (B, Hkv, Lk, D); cache: key_dims (B, Hkv, Lk, n) / dims (Hkv, n) / member (H, n), or
+    None (read K with this layer's own dims), page_min / page_max (B, Hkv, ceil(Lk / P), D)."""
+    B, H, _, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    visible = visible_keys(mask, B, 1, Lk, device=q.device)[:, 0, 0, :]
+    state = key_state(visible, params.sink, params.recent)
+    if params.budget < 1 and mask.key_valid is None:  # the visible count is known on the host
+        lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
+        slots = min(Lk, budget_slots(params.budget, max(hi - lo + 1, 1), params.sink, params.recent))
+    else:
+        slots = budget_slots(params.budget, Lk, params.sink, params.recent)
+    key_dims, dims, member = cache.key_dims, cache.dims, cache.member
+    if key_dims is None:  # no dims copy: the keys themselves, each query head on its own dims
+        rotary = min(site.rotary_dim, D)
+        chunks, problem = layer_chunks(params, site.layer, H, Hkv, D, rotary)
+        if chunks is None:
+            raise ValueError(f"FASA cannot run layer {site.layer}: {problem}")
+        layout = "interleaved" if site.rope == "interleaved" else "rotate_half"
+        _, member = chunk_tables(chunks, H, Hkv, D, rotary, layout, str(q.device))
+        key_dims, dims = k, torch.arange(D, device=q.device).expand(Hkv, D)
+    candidates = max(slots, math.ceil(params.candidates * slots))
+    idx = fasa_two_stage(q, key_dims, dims, member, cache.page_min, cache.page_max, state, slots, candidates,
+                         cache.page_size, sink=params.sink, recent=params.recent,
+                         per_kv_head=params.gqa == "per_kv_head")
+    kept = (idx >= 0).sum(-1).float()  # (B, S)
+    density = (kept / visible.sum(-1).clamp(min=1).float()[:, None]).repeat_interleave(H // idx.shape[1], dim=1)
+    return Selection(idx, density.contiguous())
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
-              scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """FASA decode. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D) post-RoPE. Returns (out (B, H, 1, D) in q's dtype,
-    density (B, H) float32 = kept / visible keys). Called only for calls `unsupported` accepts."""
+              scale: float | None = None, cache: CacheBuffers | None = None) -> tuple[Tensor, Tensor]:
+    """FASA decode. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D) post-RoPE; cache: a SparseCache layer's buffers
+    (two-stage selection) or None. Returns (out (B, H, 1, D) in q's dtype, density (B, H) float32 = kept /
+    visible keys). Called only for calls `unsupported` accepts."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    sel = fasa_select(q, k, v, mask, site, params, scale)
+    if cache is not None and not (params.budget < 1 and mask.key_valid is not None):
+        sel = two_stage_select(q, k, mask, site, params, cache)
+    else:
+        sel = fasa_select(q, k, v, mask, site, params, scale)
     out = sparse_decode_attention(q, k, v, sel.indices, scale=scale)
     return out, sel.density
 
@@ -239,6 +292,7 @@ METHOD = Method(
     unsupported=unsupported,
     notes=notes,
     select=fasa_select,
+    cache_buffers=("key_dims", "dims", "member", "page_min", "page_max"),
     capturable_phases=("decode",),  # Triton scores, torch.topk, the split-K kernel: no host sync on CUDA
     summary="decode: top tokens by a few dominant RoPE frequency chunks of q.k, exact attention over them (FASA)",
     bench_cases=(BenchCase("decode"), BenchCase("decode", "b2048", (("budget", 2048),)),

@@ -10,6 +10,11 @@ Methods whose layers share one selection (`Method.selection_role`) get the op
 `attention_sharing_selection`: the selection made by a "select" site flows as a graph edge into the
 "reuse" sites after it (`wire_selections`), so nothing is carried between layers outside the graph.
 
+A decode site whose keys come from a SparseCache layer (the site recorded its `cache_update` node) and whose
+method lists `Method.cache_buffers` gets those buffers as keyword arguments of its node (`cache_kwargs`: the
+very nodes the `cache_update` wrote, so the node runs after the write and reads the new summaries); the
+method then runs its two-stage selection. Any other site is rewritten without them.
+
 A site whose method cannot be captured in CUDA graphs in its phase gets the tagged twin op
 `attention_outside_graphs`. Fallbacks decidable from the traced shapes are recorded on the Site
 at compile time by the same `fallback_reason` the op runs at every call.
@@ -27,7 +32,7 @@ from sparse_compile.attention_mask import SiteFacts
 from sparse_compile.methods import METHODS
 from sparse_compile.ops import RAN, CallShape, fallback_reason, node_config, parse_config
 from sparse_compile.params import params_to_dict
-from sparse_compile.passes.graph import meta_value
+from sparse_compile.passes.graph import meta_value, shape_of
 from sparse_compile.passes.masks import MaskMatch, TensorOffset
 from sparse_compile.passes.sites import SiteMatch, find_sites
 from sparse_compile.policy import Policy
@@ -100,8 +105,40 @@ def static_fallback(site: SiteMatch, config: str) -> str:
     return "" if code == RAN else message
 
 
+def cache_kwargs(site: SiteMatch, method: str, role: str) -> dict[str, Any]:
+    """The SparseCache buffers the site's node takes ({} for none): for a decode site with a recorded
+    `cache_update` node whose method reads them (`Method.cache_buffers`; not LessIsMore's reusing or exact
+    layers, which select nothing), page_min, page_max and page_size when the layer keeps pages whose count
+    fits the key length, plus key_dims, dims and member when the method reads them and the layer keeps them."""
+    wanted = METHODS[method].cache_buffers
+    if not wanted or site.phase != "decode" or role in ("exact", "reuse") or "page_min" not in wanted:
+        return {}
+    args = site.cache_arguments()
+    page_min, page_max, size = args.get("page_min"), args.get("page_max"), args.get("page_size")
+    if not (isinstance(page_min, fx.Node) and isinstance(page_max, fx.Node) and isinstance(size, int) and size > 0):
+        return {}
+    kv_len, pages = site.kv_len, shape_of(page_min)
+    if not isinstance(kv_len, int) or pages is None or len(pages) != 4 or pages[2] != -(-kv_len // size):
+        return {}  # the keys are not the whole buffer the pages summarise
+    out: dict[str, Any] = {"page_min": page_min, "page_max": page_max, "page_size": size}
+    names = [n for n in ("key_dims", "dims", "member") if n in wanted]
+    key_dims = shape_of(args.get("key_dims"))
+    if names and all(isinstance(args.get(n), fx.Node) for n in names) and key_dims is not None \
+            and key_dims[2] == kv_len:
+        out |= {n: args[n] for n in names}
+    return out
+
+
+def describe_cache(kwargs: dict[str, Any]) -> str:
+    """The Site's `cache_buffers` line: the buffer names the node takes and the page size, or ""."""
+    if not kwargs:
+        return ""
+    names = [n for n in ("key_dims", "dims", "member", "page_min", "page_max") if n in kwargs]
+    return f"{', '.join(names)} (P={kwargs['page_size']})"
+
+
 def site_record(site: SiteMatch, graph_index: int, method: str, params: Any, min_seq_len: int, fallback: str,
-                captured: bool, role: str = "") -> Site:
+                captured: bool, role: str = "", cache_buffers: str = "") -> Site:
     notes = METHODS[method].notes
     note = (notes(site_facts(site), params) or "") if notes is not None else ""
     return Site(
@@ -110,14 +147,15 @@ def site_record(site: SiteMatch, graph_index: int, method: str, params: Any, min
         head_dim=site.head_dim, causal=site.mask.causal, window=site.mask.window or None, method=method,
         params=params_to_dict(params), mask=site.mask.describe(), cache=site.cache, gqa=site.gqa,
         q_len=str(site.q_len), kv_len=str(site.kv_len), min_seq_len=min_seq_len, fallback=fallback,
-        cuda_graphs=captured, role=role, note=note,
+        cuda_graphs=captured, role=role, note=note, cache_buffers=cache_buffers,
     )
 
 
 def rewrite_site(graph: fx.Graph, site: SiteMatch, config: str, op: Any,
-                 sharing: tuple[Any, str] | None = None) -> tuple[fx.Node, ...]:
+                 sharing: tuple[Any, str] | None = None, cache: dict[str, Any] | None = None) -> tuple[fx.Node, ...]:
     """Insert the fused node for one site, rewire SDPA's users to it; returns its (density, fallback) and,
-    for a selection-sharing node (sharing = (selection node or None, role)), its selection output."""
+    for a selection-sharing node (sharing = (selection node or None, role)), its selection output. cache:
+    the SparseCache keyword arguments (`cache_kwargs`), or None."""
     mask = site.mask
     with graph.inserting_before(site.sdpa):
         key_valid = mask.key_valid
@@ -131,7 +169,7 @@ def rewrite_site(graph: fx.Graph, site: SiteMatch, config: str, op: Any,
             op,
             (site.q, site.k, site.v, key_valid, mask.dense_mask, site.scale, mask.causal,
              offset, int(mask.window), config) + (() if sharing is None else sharing),
-            {} if offset_tensor is None else {"q_offset_tensor": offset_tensor},
+            ({} if offset_tensor is None else {"q_offset_tensor": offset_tensor}) | (cache or {}),
         )
         out = graph.call_function(operator.getitem, (fused, 0))
         density = graph.call_function(operator.getitem, (fused, 1))
@@ -199,17 +237,18 @@ def rewrite_attention(
         config = node_config(method, params, phase.min_seq_len, site_facts(site))
         captured = site.phase in METHODS[method].capturable_phases and not reads_host_offset(site.mask)
         role = roles.get(index, "")
+        cache = cache_kwargs(site, method, role)
         sites.append(site_record(site, graph_index, method, params, phase.min_seq_len, static_fallback(site, config),
-                                 captured, role))
+                                 captured, role, describe_cache(cache)))
         dense_mask = site.sdpa.kwargs.get("attn_mask", site.sdpa.args[3] if len(site.sdpa.args) > 3 else None)
         if role:
             key = (site.phase, method)
             *records, made = rewrite_site(gm.graph, site, config, OP_SHARING,
-                                          (latest_selection.get(key) if role == "reuse" else None, role))
+                                          (latest_selection.get(key) if role == "reuse" else None, role), cache)
             if role == "select":
                 latest_selection[key] = made
         else:
-            records = rewrite_site(gm.graph, site, config, OP if captured else OP_OUTSIDE_GRAPHS)
+            records = rewrite_site(gm.graph, site, config, OP if captured else OP_OUTSIDE_GRAPHS, cache=cache)
         if method != "dense":  # exact attention: density 1, no fallback; nothing to record per call
             outputs.extend(records)
             layers.append(site.layer)

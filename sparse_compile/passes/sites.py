@@ -1,5 +1,9 @@
 """Assemble attention sites: RoPE(q), RoPE(k) -> [KV-cache update] -> [GQA expansion] -> SDPA.
 
+A static-cache site whose new keys also feed one `sparse_compile.cache_update` node (a SparseCache layer's
+write of its dims copy and page summaries, sparse_compile/cache.py) records that node (`SiteMatch.
+cache_update`): its arguments are the layer's buffers, which the rewrite hands to a method that reads them.
+
 `find_sites(gm)` only reads the graph. Every SDPA call becomes either a `SiteMatch` (proven)
 or a `Candidate` rejection with the reason. The rewrite (passes/rewrite.py) acts on matches.
 """
@@ -10,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from sparse_compile.passes.graph import GraphView, op_name, sdpa_args, shape_of, skip_transparent
@@ -38,6 +43,17 @@ class SiteMatch:
     q_len: object
     kv_len: object
     expansion_nodes: tuple[fx.Node, ...] = ()
+    cache_update: fx.Node | None = None
+
+    def cache_arguments(self) -> dict[str, Any]:
+        """The recorded `cache_update` node's arguments by name ({} when there is none): key_dims, page_min,
+        page_max, key_valid, dims, pos, k, page_size, member (nodes, None or, for page_size, an int)."""
+        if self.cache_update is None:
+            return {}
+        schema = self.cache_update.target._schema
+        names = [a.name for a in schema.arguments]
+        bound = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+        return bound | dict(zip(names, self.cache_update.args, strict=False)) | dict(self.cache_update.kwargs)
 
 
 @dataclass
@@ -154,6 +170,21 @@ def strip_cache(node: fx.Node, sdpa: fx.Node, view: GraphView) -> tuple[fx.Node,
     return node, "none"
 
 
+def cache_update_of(k_new: fx.Node, sdpa: fx.Node, view: GraphView) -> fx.Node | None:
+    """The one `sparse_compile.cache_update` node before `sdpa` whose new keys (argument k) are `k_new`, or None
+    (none, or several: nothing is guessed)."""
+    target = getattr(torch.ops.sparse_compile, "cache_update", None)
+    if target is None:  # sparse_compile.cache (which defines the op) not imported: no graph holds it
+        return None
+    found = []
+    for user in k_new.users:
+        if user.op == "call_function" and user.target in (target, target.default) and view.before(user, sdpa):
+            k = user.args[6] if len(user.args) > 6 else user.kwargs.get("k")
+            if k is k_new:
+                found.append(user)
+    return found[0] if len(found) == 1 else None
+
+
 def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[Candidate]]:
     view = GraphView(gm.graph)
     sites: list[SiteMatch] = []
@@ -213,6 +244,7 @@ def match_site(sdpa: fx.Node, layer: int, view: GraphView) -> SiteMatch | Candid
         sdpa=sdpa, layer=layer, q=q, k=k, v=v, rope=q_rope, mask=mask, scale=float(scale), phase=phase,
         cache=cache, gqa=gqa_k, num_heads=H, num_kv_heads=Hkv, head_dim=D, q_len=Lq, kv_len=Lk,
         expansion_nodes=k_exp + v_exp,
+        cache_update=cache_update_of(k_new, sdpa, view) if cache == "static" else None,
     )
 
 
