@@ -12,12 +12,19 @@ Budget split: recent = ceil(recent_fraction * budget) last tokens, `sink` first 
 the union. (The public code takes the sink out of the recency share: recent = budget - int(0.75 budget)
 - 4; here the recency share is exactly `recent_fraction`, as the issue's contract states.)
 
+Two-stage selection: when the site's keys come from a `sparse_compile.SparseCache` that keeps this selection
+layer's page summaries, the node passes them (`cache=`) and the selecting layer calls methods/two_stage.py
+`lessismore_two_stage` with the same (sink, middle, recent) counts: the heads' page rankings by the bound of
+q.k, united rank by rank, `candidates` x middle tokens' worth of pages, then the exact logits of their keys.
+With every page a candidate the selection is the single-stage one.
+
 Falls back to exact attention (reason in the Report) when budget >= the cache length, for a sliding
 window (the selection would ignore it) and for prefill (q_len > 1: the method is decode-only).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +35,9 @@ from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
 from sparse_compile.kernels.lessismore import budget_split, decode_logits, select_tokens
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list
-from sparse_compile.method import BenchCase, Knob, Method
+from sparse_compile.method import BenchCase, CacheBuffers, Knob, Method
 from sparse_compile.methods import METHODS
+from sparse_compile.methods.two_stage import lessismore_two_stage
 from sparse_compile.params import MethodParams, param
 
 
@@ -46,6 +54,9 @@ class LessIsMoreParams(MethodParams):
                                          "num_layers // 3, counted over the layers of the compiled graph")
     dense_layers: tuple = param((0, 1), type=(list, tuple), convert=layer_list,
                                 help="layers that always run exact attention")
+    candidates: float = param(4.0, type=(int, float), range=(1.0, 1 << 20),
+                              help="SparseCache two-stage selection: middle-region candidate tokens, a multiple of "
+                                   "the middle count (whole pages)")
 
     def validate(self) -> str | None:
         try:
@@ -106,8 +117,10 @@ def visible_count(mask: AttentionMask, batch: int, kv_len: int, device: torch.de
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: LessIsMoreParams,
-              scale: float, role: str = "reuse", selection: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """One decode step of one layer. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D).
+              scale: float, role: str = "reuse", selection: Tensor | None = None,
+              cache: CacheBuffers | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode step of one layer. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D); cache: a SparseCache layer's page
+    summaries (role "select": two-stage selection) or None.
 
     role "select": exact attention, and the selection made from this layer's logits (B, budget) int32;
     role "reuse": attention over `selection` only. Returns (out (B, H, 1, D), density (B, H): selected
@@ -118,6 +131,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
         visible = decode_visible(mask, B, Lk, q.device)
         dense = METHODS["dense"]
         out, density = dense.attention(q, k, v, mask, site, dense.Params(), scale)
+        if cache is not None:  # SparseCache: the page prefilter, then the exact logits of the candidates
+            n_sink, middle, n_recent = budget_split(params.budget, params.sink, params.recent_fraction)
+            made = lessismore_two_stage(q, k, cache.page_min, cache.page_max, visible, scale, n_sink, middle, n_recent,
+                                        max(1, math.ceil(params.candidates * middle)), cache.page_size)
+            return out, density, made
         logits = decode_logits(q, k, scale, visible)
         made = select_tokens(logits, visible, params.budget, params.sink, params.recent_fraction)
         return out, density, made
@@ -140,6 +158,7 @@ METHOD = Method(
     attention=attention,
     unsupported=unsupported,
     capturable_phases=("decode",),
+    cache_buffers=("page_min", "page_max"),
     selection_role=selection_role,
     selection_size=selection_size,
     summary="decode: one token set shared by all heads, selected in a few layers and reused (LessIsMore)",
