@@ -2,7 +2,8 @@
 
 Its arguments name everything that will run, so a printed graph shows it:
 
-    attention(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None)
+    attention(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None,
+              key_dims=None, dims=None, member=None, page_min=None, page_max=None, page_size=0)
       q: (B, H, Lq, D) post-RoPE queries (float16/bfloat16/float32; float64 on CPU)
       k, v: (B, Hkv, Lk, D) keys/values after the cache update, *before* GQA expansion
       key_valid: (B, Lk) bool or None — padding (False = never attend)
