@@ -18,13 +18,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import StaticCache
 
 import sparse_compile
-from sparse_compile.attention_mask import visible_keys
+from sparse_compile.attention_mask import SiteFacts, visible_keys
 from sparse_compile.cache import SparseCache
 from sparse_compile.kernels.fasa import budget_slots, key_state
 from sparse_compile.kernels.lessismore import budget_split
 from sparse_compile.kernels.sparse_decode import sparse_decode_reference
+from sparse_compile.methods.fasa import FasaParams
 from sparse_compile.methods.two_stage import fasa_two_stage, lessismore_two_stage
-from sparse_compile.ops import node_call_of
+from sparse_compile.ops import bind_node, node_call_of, node_config
 from sparse_compile.passes.rewrite import OP, OP_SHARING, rewrite_attention
 from sparse_compile.policy import load_policy
 
@@ -249,3 +250,28 @@ def test_few_candidates_node_equals_the_two_stage_reference(case):
     else:  # the reusing layer attends to the selection: budget / visible keys
         want = float((12 / last["visible"].float()).mean())
         assert math.isclose(measured[2], want, rel_tol=1e-6)
+
+
+def test_node_checks_the_cache_arguments():
+    """bind_node: pages and page_size come together, in (B, Hkv, ceil(Lk / P), D); the dims triple all or none
+    and shaped (B, Hkv, Lk, n) / (Hkv, n) / (H, n). ValueError names what is wrong."""
+    q, k = torch.randn(1, H, 1, 16), torch.randn(1, 2, 40, 16)
+    site = SiteFacts(layer=1, rotary_dim=16, head_dim=16, num_heads=H, num_kv_heads=2)
+    config = node_config("fasa", FasaParams(budget=8), 0, site)
+    pages = torch.zeros(1, 2, 3, 16)
+    key_dims, dims, member = torch.zeros(1, 2, 40, 4), torch.zeros(2, 4, dtype=torch.int64), torch.zeros(H, 4)
+
+    def bind(**cache):
+        return bind_node(q, k, k, None, None, 0.25, True, 39, 0, config, **cache)
+
+    assert bind().cache is None
+    call = bind(page_min=pages, page_max=pages, page_size=16, key_dims=key_dims, dims=dims, member=member)
+    assert call.cache.page_size == 16 and call.cache.key_dims is key_dims
+    with pytest.raises(ValueError, match="page_min, page_max and page_size"):
+        bind(page_min=pages, page_size=16)
+    with pytest.raises(ValueError, match="page_min must be"):
+        bind(page_min=torch.zeros(1, 2, 2, 16), page_max=pages, page_size=16)
+    with pytest.raises(ValueError, match="come together"):
+        bind(page_min=pages, page_max=pages, page_size=16, key_dims=key_dims)
+    with pytest.raises(ValueError, match="member"):
+        bind(page_min=pages, page_max=pages, page_size=16, key_dims=key_dims, dims=dims, member=member[:2])
