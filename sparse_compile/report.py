@@ -227,6 +227,10 @@ class Report:
                 lines.append(f"density factors in the latest {phase} call (density = their product):")
                 lines.extend(merge_layers([(self.latest_graph(phase), layer, ", ".join(
                     f"{name} {value:.3f}" for name, value in factors.items())) for layer, factors in parts.items()]))
+        cached = [s for s in self.sites if s.cache_buffers]
+        if cached:
+            lines.append("selects in two stages over the SparseCache's buffers (pages, then their keys):")
+            lines.extend(merge_layers([(s.graph, s.layer, s.cache_buffers) for s in cached]))
         noted = [s for s in self.sites if s.note and not s.fallback]
         if noted:
             lines.append("runs its method, with a note:")

@@ -213,6 +213,8 @@ def test_every_page_a_candidate_generates_as_the_single_stage_method(case):
     assert min(report.layer_density("decode").values()) < 1.0  # the method ran
     wired = [s for s in report.sites if s.phase == "decode" and s.cache_buffers]
     assert wired and not [s for s in ref_report.sites if s.cache_buffers]
+    assert "selects in two stages over the SparseCache's buffers" in str(report)
+    assert "two stages" not in str(ref_report)
     assert len(checker.rows) == 5 * len(wired)  # 6 new tokens: 5 decode steps, each wired node ran two-stage
     if case == "fasa-no-dims-copy":
         assert all(layer.key_dims is None and layer.page_min is not None for layer in cache.layers)
