@@ -109,7 +109,8 @@ def cache_kwargs(site: SiteMatch, method: str, role: str) -> dict[str, Any]:
     """The SparseCache buffers the site's node takes ({} for none): for a decode site with a recorded
     `cache_update` node whose method reads them (`Method.cache_buffers`; not LessIsMore's reusing or exact
     layers, which select nothing), page_min, page_max and page_size when the layer keeps pages whose count
-    fits the key length, plus key_dims, dims and member when the method reads them and the layer keeps them."""
+    fits the key length, plus key_dims, dims and member when the method reads them and the layer keeps them,
+    shaped for this site ((B, Hkv, Lk, n), (Hkv, n), (H, n))."""
     wanted = METHODS[method].cache_buffers
     if not wanted or site.phase != "decode" or role in ("exact", "reuse") or "page_min" not in wanted:
         return {}
@@ -122,10 +123,11 @@ def cache_kwargs(site: SiteMatch, method: str, role: str) -> dict[str, Any]:
         return {}  # the keys are not the whole buffer the pages summarise
     out: dict[str, Any] = {"page_min": page_min, "page_max": page_max, "page_size": size}
     names = [n for n in ("key_dims", "dims", "member") if n in wanted]
-    key_dims = shape_of(args.get("key_dims"))
-    if names and all(isinstance(args.get(n), fx.Node) for n in names) and key_dims is not None \
-            and key_dims[2] == kv_len:
-        out |= {n: args[n] for n in names}
+    if names and all(isinstance(args.get(n), fx.Node) for n in names):
+        shapes = [shape_of(args[n]) for n in ("key_dims", "dims", "member")]
+        n = shapes[1][-1] if shapes[1] else None
+        if shapes == [(pages[0], site.num_kv_heads, kv_len, n), (site.num_kv_heads, n), (site.num_heads, n)]:
+            out |= {name: args[name] for name in names}  # else: pages only, the method reads K
     return out
 
 
