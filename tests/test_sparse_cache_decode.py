@@ -277,3 +277,21 @@ def test_node_checks_the_cache_arguments():
         bind(page_min=pages, page_max=pages, page_size=16, key_dims=key_dims)
     with pytest.raises(ValueError, match="member"):
         bind(page_min=pages, page_max=pages, page_size=16, key_dims=key_dims, dims=dims, member=member[:2])
+
+
+def test_fraction_budget_generates_as_the_single_stage_method():
+    """A fraction budget (a StaticCache's decode mask always has a key-validity row, so the slots are counted per
+    row on the device, ragged with the padded row) runs the two-stage path too: every page a candidate gives the
+    single-stage tokens and densities."""
+    model = tiny_llama(2)
+    ids, mask = padded_batch()
+    policy = fasa_policy(ALL_PAGES, budget=0.25)
+    ref_tokens, ref_logits, ref_report = generate(model, ids, mask, StaticCache(model.config, max_cache_len=L_CACHE),
+                                                  policy)
+    cache = SparseCache(model, max_cache_len=L_CACHE, policy=policy, page_size=PAGE)
+    tokens, logits, report = generate(model, ids, mask, cache, policy)
+    assert tokens.tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    assert report.layer_density("decode") == ref_report.layer_density("decode") and all(
+        d < 1.0 for d in report.layer_density("decode").values())
+    assert all(s.cache_buffers for s in report.sites if s.phase == "decode")

@@ -13,7 +13,7 @@ tokens' worth of best pages kept, FASA's partial scores of their keys read from 
 top `slots`. The dims scored are the cache's (`dims`, `member`: built from the cache's policy, or its explicit
 `dims=`): build the cache from the backend's policy. Where the cache keeps no dims copy (the union is every
 head dim) the keys are read from K with this layer's own dims. With every page a candidate the selection is
-the single-stage one. A fraction budget on a padded batch keeps the single-stage path (per-row counts).
+the single-stage one (a fraction budget over ragged rows keeps each row's count, as the single stage).
 Attention over the selected tokens is the same sparse decode kernel.
 
 Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Parameters (`[decode.params]`):
@@ -247,11 +247,16 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
     Hkv, Lk = k.shape[1], k.shape[2]
     visible = visible_keys(mask, B, 1, Lk, device=q.device)[:, 0, 0, :]
     state = key_state(visible, params.sink, params.recent)
+    S = Hkv if params.gqa == "per_kv_head" else H
+    counts = None
     if params.budget < 1 and mask.key_valid is None:  # the visible count is known on the host
         lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
         slots = min(Lk, budget_slots(params.budget, max(hi - lo + 1, 1), params.sink, params.recent))
     else:
         slots = budget_slots(params.budget, Lk, params.sink, params.recent)
+        if params.budget < 1:  # a fraction of each row's visible keys, counted on the device (as fasa_select)
+            want = torch.ceil(params.budget * visible.sum(-1).double()).long().clamp(min=params.sink + params.recent)
+            counts = want[:, None].expand(B, S)
     key_dims, dims, member = cache.key_dims, cache.dims, cache.member
     if key_dims is None:  # no dims copy: the keys themselves, each query head on its own dims
         rotary = min(site.rotary_dim, D)
@@ -264,7 +269,7 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
     candidates = max(slots, math.ceil(params.candidates * slots))
     idx = fasa_two_stage(q, key_dims, dims, member, cache.page_min, cache.page_max, state, slots, candidates,
                          cache.page_size, sink=params.sink, recent=params.recent,
-                         per_kv_head=params.gqa == "per_kv_head")
+                         per_kv_head=params.gqa == "per_kv_head", counts=counts)
     kept = (idx >= 0).sum(-1).float()  # (B, S)
     density = (kept / visible.sum(-1).clamp(min=1).float()[:, None]).repeat_interleave(H // idx.shape[1], dim=1)
     return Selection(idx, density.contiguous())
@@ -276,7 +281,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
     (two-stage selection) or None. Returns (out (B, H, 1, D) in q's dtype, density (B, H) float32 = kept /
     visible keys). Called only for calls `unsupported` accepts."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if cache is not None and not (params.budget < 1 and mask.key_valid is not None):
+    if cache is not None:
         sel = two_stage_select(q, k, mask, site, params, cache)
     else:
         sel = fasa_select(q, k, v, mask, site, params, scale)

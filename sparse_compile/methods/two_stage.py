@@ -83,7 +83,8 @@ def kept_pages(candidates: int, page_size: int, n_pages: int, sink: int = 0, rec
 
 def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, page_min: Tensor, page_max: Tensor,
                    state: Tensor, slots: int, candidates: int, page_size: int, *, sink: int = 0, recent: int = 0,
-                   per_kv_head: bool = False, bound_dims: str = "dominant", group: str = "union") -> Tensor:
+                   per_kv_head: bool = False, bound_dims: str = "dominant", group: str = "union",
+                   counts: Tensor | None = None) -> Tensor:
     """FASA's selection with a page prefilter.
 
     q: (B, H, 1, D) post-RoPE; key_dims: (B, Hkv, Lk, n) K's dominant dims of each KV head (SparseCache);
@@ -100,6 +101,8 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     largest of the group's bounds. Forced pages (holding a sink/recent key) always kept; invisible pages never.
     Stage 2: the partial scores sum_{own dims} q_d k_d of the candidates from key_dims (forced +inf, invisible
     -inf, as `fasa_scores_reference`), top `slots`.
+    counts: (B, S) or None, as kernels.fasa.select_tokens: row r keeps its counts[r] best slots (a fraction
+    budget over ragged rows; the top-k is then sorted by score), the others -1.
     Returns (B, S, slots) int64 token indices (S = Hkv if per_kv_head else H), -1 where the score is -inf."""
     B, H, _, D = q.shape
     Hkv, Lk, n = key_dims.shape[1], key_dims.shape[2], key_dims.shape[3]
@@ -150,12 +153,15 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     S = Hkv if per_kv_head else H
     scores = scores.reshape(B, S, C)
     take = min(slots, C)
-    values, idx = torch.topk(scores, take, dim=-1, sorted=False)
+    values, idx = torch.topk(scores, take, dim=-1, sorted=counts is not None)
     rows = tokens.repeat_interleave(1 if per_kv_head else G, dim=1)  # (B, S, C)
     chosen = rows.gather(-1, idx)
     chosen = torch.where(values == float("-inf"), torch.full_like(chosen, -1), chosen)
     if take < slots:
         chosen = torch.cat([chosen, chosen.new_full((B, S, slots - take), -1)], dim=-1)
+    if counts is not None:
+        slot = torch.arange(slots, device=chosen.device)
+        chosen = torch.where(slot[None, None, :] < counts[..., None], chosen, torch.full_like(chosen, -1))
     return chosen
 
 
