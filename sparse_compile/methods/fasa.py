@@ -191,20 +191,43 @@ class Selection:
     density: Tensor
 
 
-def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
-                scale: float | None = None) -> Selection:
-    """Steps 1-3 of kernels/fasa.py for one decode call. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D)."""
-    B, H, _, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+def site_chunk_tables(params: FasaParams, site: SiteFacts, H: int, Hkv: int, D: int,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """`chunk_tables` (segments, member (H, n)) of the chunks this site's layer scores; ValueError when the
+    layer cannot run FASA (`unsupported` rules such calls out before the method runs)."""
     rotary = min(site.rotary_dim, D)
     chunks, problem = layer_chunks(params, site.layer, H, Hkv, D, rotary)
     if chunks is None:
         raise ValueError(f"FASA cannot run layer {site.layer}: {problem}")
     layout = "interleaved" if site.rope == "interleaved" else "rotate_half"
-    segs, member = chunk_tables(chunks, H, Hkv, D, rotary, layout, str(q.device))
+    return chunk_tables(chunks, H, Hkv, D, rotary, layout, str(device))
+
+
+def row_budget(params: FasaParams, mask: AttentionMask, Lk: int, S: int,
+               visible: Tensor | None) -> tuple[int, Tensor | None]:
+    """(top-k slots per score row, per-row counts (B, S) or None). visible: (B, Lk) bool when the mask has
+    padding: a fraction budget then keeps ceil(budget * visible) per row, counted on the device; without
+    padding the visible count is known on the host and the slots hold exactly the budget."""
+    if visible is None:
+        lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
+        n_vis = max(0, hi - lo + 1)
+        slots = budget_slots(params.budget, max(n_vis, 1) if params.budget < 1 else Lk, params.sink, params.recent)
+        return min(slots, Lk), None
+    slots = budget_slots(params.budget, Lk, params.sink, params.recent)
+    if params.budget >= 1:
+        return slots, None
+    want = torch.ceil(params.budget * visible.sum(-1).double()).long().clamp(min=params.sink + params.recent)
+    return slots, want[:, None].expand(visible.shape[0], S)
+
+
+def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
+                scale: float | None = None) -> Selection:
+    """Steps 1-3 of kernels/fasa.py for one decode call. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D)."""
+    B, H, _, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    segs, member = site_chunk_tables(params, site, H, Hkv, D, q.device)
     per_kv_head = params.gqa == "per_kv_head"
     padded = mask.key_valid is not None
-    fraction = params.budget < 1
     if padded or not q.is_cuda:  # visibility as a state vector (cumsum ranks for sink/recent)
         visible = visible_keys(mask, B, 1, Lk, device=q.device)[:, 0, 0, :]
         state = key_state(visible, params.sink, params.recent)
@@ -214,19 +237,12 @@ def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: Site
                              recent=params.recent)
     else:
         scores = fasa_scores_reference(q, k, segs, member, state, per_kv_head=per_kv_head)
-    counts = None
+    slots, counts = row_budget(params, mask, Lk, scores.shape[1], visible if padded else None)
     if padded:  # visible counts on the device
-        n_visible = visible.sum(-1)  # (B,)
-        slots = budget_slots(params.budget, Lk, params.sink, params.recent)
-        if fraction:
-            want = torch.ceil(params.budget * n_visible.double()).long().clamp(min=params.sink + params.recent)
-            counts = want[:, None].expand(B, scores.shape[1])
-        denominator = n_visible.clamp(min=1).float()[:, None]
+        denominator = visible.sum(-1).clamp(min=1).float()[:, None]
     else:  # visible counts on the host
         lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
         n_vis = max(0, hi - lo + 1)
-        slots = budget_slots(params.budget, max(n_vis, 1) if fraction else Lk, params.sink, params.recent)
-        slots = min(slots, Lk)
         denominator = float(max(n_vis, 1))
     idx = select_tokens(scores, slots, counts)
     if padded:
@@ -248,23 +264,10 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
     visible = visible_keys(mask, B, 1, Lk, device=q.device)[:, 0, 0, :]
     state = key_state(visible, params.sink, params.recent)
     S = Hkv if params.gqa == "per_kv_head" else H
-    counts = None
-    if params.budget < 1 and mask.key_valid is None:  # the visible count is known on the host
-        lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
-        slots = min(Lk, budget_slots(params.budget, max(hi - lo + 1, 1), params.sink, params.recent))
-    else:
-        slots = budget_slots(params.budget, Lk, params.sink, params.recent)
-        if params.budget < 1:  # a fraction of each row's visible keys, counted on the device (as fasa_select)
-            want = torch.ceil(params.budget * visible.sum(-1).double()).long().clamp(min=params.sink + params.recent)
-            counts = want[:, None].expand(B, S)
+    slots, counts = row_budget(params, mask, Lk, S, None if mask.key_valid is None else visible)
     key_dims, dims, member = cache.key_dims, cache.dims, cache.member
     if key_dims is None:  # no dims copy: the keys themselves, each query head on its own dims
-        rotary = min(site.rotary_dim, D)
-        chunks, problem = layer_chunks(params, site.layer, H, Hkv, D, rotary)
-        if chunks is None:
-            raise ValueError(f"FASA cannot run layer {site.layer}: {problem}")
-        layout = "interleaved" if site.rope == "interleaved" else "rotate_half"
-        _, member = chunk_tables(chunks, H, Hkv, D, rotary, layout, str(q.device))
+        _, member = site_chunk_tables(params, site, H, Hkv, D, q.device)
         key_dims, dims = k, torch.arange(D, device=q.device).expand(Hkv, D)
     candidates = max(slots, math.ceil(params.candidates * slots))
     idx = fasa_two_stage(q, key_dims, dims, member, cache.page_min, cache.page_max, state, slots, candidates,
