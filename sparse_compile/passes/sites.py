@@ -48,12 +48,17 @@ class SiteMatch:
     def cache_arguments(self) -> dict[str, Any]:
         """The recorded `cache_update` node's arguments by name ({} when there is none): key_dims, page_min,
         page_max, key_valid, dims, pos, k, page_size, member (nodes, None or, for page_size, an int)."""
-        if self.cache_update is None:
-            return {}
-        schema = self.cache_update.target._schema
-        names = [a.name for a in schema.arguments]
-        bound = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
-        return bound | dict(zip(names, self.cache_update.args, strict=False)) | dict(self.cache_update.kwargs)
+        return {} if self.cache_update is None else op_arguments(self.cache_update)
+
+
+def op_arguments(node: fx.Node) -> dict[str, Any]:
+    """A custom-op call's arguments by the op's schema names, defaults filled in (positional and keyword
+    calls read alike)."""
+    op = node.target
+    schema = (op if isinstance(op, torch._ops.OpOverload) else op.default)._schema  # a packet calls its default
+    names = [a.name for a in schema.arguments]
+    bound = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    return bound | dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
 
 
 @dataclass
@@ -178,10 +183,9 @@ def cache_update_of(k_new: fx.Node, sdpa: fx.Node, view: GraphView) -> fx.Node |
         return None
     found = []
     for user in k_new.users:
-        if user.op == "call_function" and user.target in (target, target.default) and view.before(user, sdpa):
-            k = user.args[6] if len(user.args) > 6 else user.kwargs.get("k")
-            if k is k_new:
-                found.append(user)
+        if (user.op == "call_function" and user.target in (target, target.default) and view.before(user, sdpa)
+                and op_arguments(user).get("k") is k_new):
+            found.append(user)
     return found[0] if len(found) == 1 else None
 
 
