@@ -29,6 +29,8 @@ from torch import Tensor
 
 from sparse_compile.kernels.fasa import FORCED, INVISIBLE
 from sparse_compile.kernels.lessismore import fixed_regions, indices_of, union_by_rank
+from sparse_compile.kernels.page_select import PAGE_SIZES, candidate_scores
+from sparse_compile.kernels.page_select import page_bounds as page_bounds_triton
 
 
 def work_dtype(x: Tensor) -> torch.dtype:
@@ -81,10 +83,29 @@ def kept_pages(candidates: int, page_size: int, n_pages: int, sink: int = 0, rec
     return max(1, min(n_pages, max(math.ceil(candidates / page_size), forced)))
 
 
+def use_triton(q: Tensor, impl: str) -> bool:
+    """Whether the two-stage functions run the Triton kernels (kernels/page_select.py): impl "auto" on CUDA,
+    "triton" (CUDA, or CPU under TRITON_INTERPRET=1); "reference" never."""
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    return impl == "triton" or (impl == "auto" and q.is_cuda)
+
+
+def candidate_pages(bounds: Tensor, keep: int) -> Tensor:
+    """The kept pages per KV head from page bounds (B, Hkv, G', NP) (-inf: never, +inf: always): with one
+    row per KV head (G' = 1) its top `keep` pages; with the group's rows (G' = G) the rank-by-rank union of
+    the heads' own rankings. Returns (B, Hkv, keep) int64, -1 where fewer pages are visible."""
+    B, Hkv, rows, NP = bounds.shape
+    if rows == 1:
+        return torch.topk(bounds[:, :, 0], keep, dim=-1, sorted=False).indices
+    ranked = torch.topk(bounds.reshape(B * Hkv, rows, NP), keep, dim=-1, sorted=True)
+    return union_by_rank(ranked.indices, ranked.values > float("-inf"), NP, keep).long().view(B, Hkv, keep)
+
+
 def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, page_min: Tensor, page_max: Tensor,
                    state: Tensor, slots: int, candidates: int, page_size: int, *, sink: int = 0, recent: int = 0,
                    per_kv_head: bool = False, bound_dims: str = "dominant", group: str = "union",
-                   counts: Tensor | None = None) -> Tensor:
+                   counts: Tensor | None = None, impl: str = "auto") -> Tensor:
     """FASA's selection with a page prefilter.
 
     q: (B, H, 1, D) post-RoPE; key_dims: (B, Hkv, Lk, n) K's dominant dims of each KV head (SparseCache);
@@ -103,6 +124,7 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     -inf, as `fasa_scores_reference`), top `slots`.
     counts: (B, S) or None, as kernels.fasa.select_tokens: row r keeps its counts[r] best slots (a fraction
     budget over ragged rows; the top-k is then sorted by score), the others -1.
+    impl: "auto" (the Triton kernels of kernels/page_select.py on CUDA, PyTorch elsewhere), "triton", "reference".
     Returns (B, S, slots) int64 token indices (S = Hkv if per_kv_head else H), -1 where the score is -inf."""
     B, H, _, D = q.shape
     Hkv, Lk, n = key_dims.shape[1], key_dims.shape[2], key_dims.shape[3]
@@ -113,41 +135,44 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
         raise ValueError(f"group must be 'union' or 'max', got {group!r}")
     if slots > candidates:
         raise ValueError(f"candidates {candidates} < slots {slots}: the candidate set must hold the selection")
-    work = work_dtype(q)
     head_dims = dims.repeat_interleave(G, dim=0)  # (H, n): the dims of each query head's KV head
     q_mask = None
     if bound_dims == "dominant":  # member back on the full head dim (padding columns repeat a dim: amax)
         q_mask = torch.zeros(H, D, dtype=member.dtype, device=q.device).scatter_reduce_(1, head_dims, member, "amax")
-
-    # 1. page bounds -> candidate pages per KV head
-    bounds = page_bounds(q, page_min, page_max, q_mask).view(B, Hkv, G, NP)
-    if per_kv_head or group == "max":
-        bounds = bounds.sum(2, keepdim=True) if per_kv_head else bounds.amax(2, keepdim=True)  # (B, Hkv, 1, NP)
-    visible, forced = page_state(state, page_size, NP)
-    bounds = torch.where(visible[:, None, None], bounds, float("-inf"))
-    bounds = torch.where((forced & visible)[:, None, None], float("inf"), bounds)
     keep = kept_pages(candidates, page_size, NP, sink, recent)
-    if bounds.shape[2] == 1:
-        pages = torch.topk(bounds[:, :, 0], keep, dim=-1, sorted=False).indices  # (B, Hkv, keep)
-        real = torch.ones_like(pages, dtype=torch.bool)
-    else:  # the group's rankings, united rank by rank (-1 where fewer visible pages than `keep`)
-        ranked = torch.topk(bounds.view(B * Hkv, G, NP), keep, dim=-1, sorted=True)
-        pages = union_by_rank(ranked.indices, ranked.values > float("-inf"), NP, keep).long().view(B, Hkv, keep)
-        real = pages >= 0
-    tokens, in_range = page_tokens(pages.clamp(min=0), page_size, Lk)  # (B, Hkv, C)
-    in_range &= real.repeat_interleave(page_size, dim=-1)
-    C = tokens.shape[-1]
+    reduce = "sum" if per_kv_head else ("max" if group == "max" else "none")
+    if use_triton(q, impl) and page_size in PAGE_SIZES:  # the kernels tile pages by powers of two
+        # 1. page bounds (visibility and forced pages applied in the kernel) -> candidate pages per KV head
+        bounds = page_bounds_triton(q, page_min, page_max, state, page_size, q_mask=q_mask, reduce=reduce)
+        pages = candidate_pages(bounds.view(B, Hkv, -1, NP), keep)
+        # 2. exact partial scores of the candidates from the contiguous dims (-1 tokens where not a key)
+        scores, tokens = candidate_scores(q, key_dims, head_dims, member, pages, state, page_size,
+                                          per_kv_head=per_kv_head)
+        C = tokens.shape[-1]
+    else:
+        work = work_dtype(q)
+        # 1. page bounds -> candidate pages per KV head
+        bounds = page_bounds(q, page_min, page_max, q_mask).view(B, Hkv, G, NP)
+        if reduce != "none":
+            bounds = bounds.sum(2, keepdim=True) if per_kv_head else bounds.amax(2, keepdim=True)  # (B, Hkv, 1, NP)
+        visible, forced = page_state(state, page_size, NP)
+        bounds = torch.where(visible[:, None, None], bounds, float("-inf"))
+        bounds = torch.where((forced & visible)[:, None, None], float("inf"), bounds)
+        pages = candidate_pages(bounds, keep)
+        tokens, in_range = page_tokens(pages.clamp(min=0), page_size, Lk)  # (B, Hkv, C)
+        in_range &= (pages >= 0).repeat_interleave(page_size, dim=-1)
+        C = tokens.shape[-1]
 
-    # 2. exact partial scores of the candidates from the contiguous dims
-    kd = key_dims.gather(2, tokens[..., None].expand(B, Hkv, C, n)).to(work)  # (B, Hkv, C, n)
-    qd = q[:, :, 0].to(work).gather(-1, head_dims[None].expand(B, H, n)) * member.to(work)  # (B, H, n)
-    scores = torch.matmul(qd.view(B, Hkv, G, n), kd.transpose(-1, -2))  # (B, Hkv, G, C)
-    if per_kv_head:
-        scores = scores.sum(2, keepdim=True)
-    scores = scores.to(torch.float32)
-    st = state.gather(1, tokens.view(B, Hkv * C)).view(B, Hkv, 1, C)
-    invisible = (st == INVISIBLE) | ~in_range[:, :, None]
-    scores = scores.masked_fill(invisible, float("-inf")).masked_fill((st == FORCED) & ~invisible, float("inf"))
+        # 2. exact partial scores of the candidates from the contiguous dims
+        kd = key_dims.gather(2, tokens[..., None].expand(B, Hkv, C, n)).to(work)  # (B, Hkv, C, n)
+        qd = q[:, :, 0].to(work).gather(-1, head_dims[None].expand(B, H, n)) * member.to(work)  # (B, H, n)
+        scores = torch.matmul(qd.view(B, Hkv, G, n), kd.transpose(-1, -2))  # (B, Hkv, G, C)
+        if per_kv_head:
+            scores = scores.sum(2, keepdim=True)
+        scores = scores.to(torch.float32)
+        st = state.gather(1, tokens.view(B, Hkv * C)).view(B, Hkv, 1, C)
+        invisible = (st == INVISIBLE) | ~in_range[:, :, None]
+        scores = scores.masked_fill(invisible, float("-inf")).masked_fill((st == FORCED) & ~invisible, float("inf"))
 
     # 3. one top-k over the candidates, back to token indices
     S = Hkv if per_kv_head else H
