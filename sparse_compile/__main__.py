@@ -30,6 +30,7 @@ from sparse_compile.argtypes import (
     positive_int,
 )
 from sparse_compile.benchmarks.harness import PARTS, BenchSettings, run_benchmarks
+from sparse_compile.benchmarks.model import CACHE_FORMS, cache_spec
 from sparse_compile.benchmarks.timing import BenchmarkUnavailable
 from sparse_compile.calibration import run_calibration
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--layers", type=positive_int, help="model-prefill/generate: decoder layers (default 2 / 4)")
     be.add_argument("--variants", type=parse_names, help="model-prefill: eager,compile,sparse-dense; generate: "
                     "eager,compile_ro,sparse_ro,compile,sparse and sparse[_ro]:POLICY (default: all plain ones)")
-    be.add_argument("--batch", type=positive_int, default=1, help="model-prefill: batch size (default 1)")
+    be.add_argument("--batch", type=positive_int, default=1,
+                    help="model-prefill and methods/prefill/decode: batch size (default 1)")
     be.add_argument("--left-pad", type=float, default=0.0,
                     help="model-prefill: fraction of each row but the first that is left padding (default 0)")
     be.add_argument("--warmup", type=positive_int, default=2, help="model-prefill: untimed calls (default 2)")
@@ -148,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--new-tokens", type=positive_int, default=128, help="generate: decoded tokens (default 128)")
     be.add_argument("--cache", default="static",
                     help="generate: comma list of caches, each run for every variant: static (StaticCache), "
-                         "dynamic (a new DynamicCache per call), sparse (sparse_compile.SparseCache for the "
-                         "variant's policy) (default static)")
+                         "dynamic (a new DynamicCache per call), sparse[16|32|64][-pages] (sparse_compile.SparseCache "
+                         "for the variant's policy, page size, -pages: no dims copy) (default static); a variant "
+                         "V@C runs on cache C only")
     be.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cuda (default); cpu runs methods/prefill/decode on the references (a smoke test)")
     be.add_argument("--out", default="results", help="output folder for JSON, markdown and PNG (default results/)")
@@ -212,9 +215,14 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     caches = tuple(c.strip() for c in args.cache.split(",") if c.strip())
-    unknown = [c for c in caches if c not in ("static", "dynamic", "sparse")]
-    if unknown or not caches:
-        print(f"bench: --cache {args.cache!r}: choose from static, dynamic, sparse", file=sys.stderr)
+    try:
+        for c in caches:
+            cache_spec(c)
+    except ValueError as err:
+        print(f"bench: --cache {args.cache!r}: {err}", file=sys.stderr)
+        return 2
+    if not caches:
+        print(f"bench: --cache is empty: choose from {CACHE_FORMS}", file=sys.stderr)
         return 2
     settings = BenchSettings(
         prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths, densities=args.densities,

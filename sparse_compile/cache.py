@@ -64,7 +64,7 @@ from sparse_compile.layers import in_layers
 from sparse_compile.methods import fasa, lessismore
 from sparse_compile.policy import Policy, load_policy
 
-PAGE_SIZES = (16, 64)  # allowed page sizes, inclusive
+PAGE_SIZES = (16, 32, 64)  # allowed page sizes: the selection kernels tile pages by powers of two
 INTERLEAVED_FAMILIES = ("cohere", "cohere2", "gptj")  # model types whose RoPE pairs (2i, 2i + 1)
 
 
@@ -135,6 +135,17 @@ def check_dims(dims: Any, facts: dict[str, Any], where: str) -> tuple[tuple[int,
     return tuple(out)
 
 
+def fasa_head_dims(params: Any, layer: int, facts: dict[str, Any]) -> tuple[tuple[int, ...], ...] | None:
+    """The head dims FASA scores on one layer, one tuple per listed head (methods/fasa.py `layer_chunks` ->
+    kernels/fasa.py `chunk_dims`), or None where FASA does not run the layer (mismatch = "dense")."""
+    chunks, _ = fasa.layer_chunks(params, layer, facts["num_heads"], facts["num_kv_heads"],
+                                  facts["head_dim"], min(facts["rotary_dim"], facts["head_dim"]))
+    if chunks is None:
+        return None
+    return tuple(tuple(d for c in head for d in chunk_dims(c, facts["layout"], facts["rotary_dim"], facts["head_dim"]))
+                 for head in chunks)
+
+
 def layer_plan(policy: Policy, layer: int, facts: dict[str, Any], dims: Any) -> tuple[tuple | None, bool]:
     """(per-head dim tuples or None, keep page summaries) for one layer under the policy's decode phase."""
     method, params = policy.decode.for_layer(layer)
@@ -144,13 +155,8 @@ def layer_plan(policy: Policy, layer: int, facts: dict[str, Any], dims: Any) -> 
             if per_layer is None:
                 raise ValueError(f"SparseCache: dims given per layer but none for FASA layer {layer}")
             return check_dims(per_layer, facts, f"SparseCache: dims of layer {layer}"), True
-        chunks, _ = fasa.layer_chunks(params, layer, facts["num_heads"], facts["num_kv_heads"],
-                                      facts["head_dim"], min(facts["rotary_dim"], facts["head_dim"]))
-        if chunks is None:  # mismatch = "dense": FASA does not run this layer
-            return None, False
-        per_head = tuple(tuple(d for c in head for d in chunk_dims(c, facts["layout"], facts["rotary_dim"],
-                                                                   facts["head_dim"])) for head in chunks)
-        return per_head, True
+        per_head = fasa_head_dims(params, layer, facts)
+        return per_head, per_head is not None
     if method == "lessismore":
         return None, lessismore.selection_role(layer, facts["num_layers"], params) == "select"
     return None, False
@@ -335,21 +341,22 @@ class SparseCache(Cache):
     policy: the sparse_compile policy the decode graph runs (name, path, mapping or Policy): which layers keep
     dims (FASA layers, with FASA's dims) and pages (FASA layers, LessIsMore selection layers). dims: optional
     explicit head dims for the FASA layers (one list for all heads, or one per KV / query head; or a dict
-    layer -> such lists) instead of the policy's chunks. page_size: P in [16, 64]. batch_size, dtype, device:
+    layer -> such lists) instead of the policy's chunks. dims_copy: False keeps no dims copy (FASA layers keep
+    pages only, and the node scores its candidates on K's own rows: extra memory 1/P of K+V instead of
+    n/(2D) + 1/P; DECODE_NOTES.md measures both). page_size: P, one of 16, 32, 64. batch_size, dtype, device:
     all three given -> buffers are allocated now (as `early_initialization`), else on the first update.
     kv_head_offset: under tensor parallelism, the global index of this rank's first KV head."""
 
     def __init__(self, config_or_model: Any, max_cache_len: int, policy: Any = "dense", *, page_size: int = 32,
-                 dims: Any = None, batch_size: int | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, kv_head_offset: int = 0) -> None:
+                 dims: Any = None, dims_copy: bool = True, batch_size: int | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 kv_head_offset: int = 0) -> None:
         config = getattr(config_or_model, "config", config_or_model)
         text = config.get_text_config(decoder=True)
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"SparseCache: max_cache_len must be an int >= 1, got {max_cache_len!r}")
-        lo, hi = PAGE_SIZES
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or not lo <= page_size <= hi:
-            raise ValueError(f"SparseCache: page_size must be an int in [{PAGE_SIZES[0]}, {PAGE_SIZES[1]}], "
-                             f"got {page_size!r}")
+        if isinstance(page_size, bool) or page_size not in PAGE_SIZES:
+            raise ValueError(f"SparseCache: page_size must be one of {PAGE_SIZES}, got {page_size!r}")
         self.policy = load_policy(policy)
         self.facts = model_facts(text)
         self.page_size, self.cache_len = page_size, max_cache_len  # (5.17's Cache.max_cache_len is a property)
@@ -365,7 +372,7 @@ class SparseCache(Cache):
                 raise ValueError(f"SparseCache: layer {i} is a {kind!r} layer; only attention layers are supported")
             per_head, pages = layer_plan(self.policy, i, self.facts, dims)
             table = member = None
-            if per_head is not None:
+            if per_head is not None and dims_copy:
                 table, member = kv_head_dims(per_head, self.facts)
                 if table.shape[1] >= self.facts["head_dim"]:  # the union is every dim: read K instead
                     table = member = None
@@ -426,3 +433,23 @@ class SparseCache(Cache):
                 n = 0 if layer.dims_global is None else layer.dims_global.shape[1]
                 parts.append(f"{i}:dims={n},P={layer.page_size}")
         return f"SparseCache(max_cache_len={self.cache_len}, policy={self.policy.name!r}, {' '.join(parts)})"
+
+
+def filled_layer(method: str, params: Any, facts: dict[str, Any], keys: Tensor, values: Tensor, page_size: int,
+                 layer: int = 0) -> SparseLayer:
+    """A SparseLayer holding `keys` / `values` (B, Hkv, L, D), written by one prefill `update`, with the buffers
+    a `method` ("fasa": dims copy and pages, with `params`' chunks; "lessismore": pages) layer keeps: what a
+    decode node over a SparseCache of length L receives, for benchmarks and tests that start from K."""
+    dims = member = None
+    if method == "fasa":
+        per_head = fasa_head_dims(params, layer, facts)
+        if per_head is None:
+            raise ValueError(f"FASA does not run layer {layer} under these params (mismatch = 'dense')")
+        dims, member = kv_head_dims(per_head, facts)
+        if dims.shape[1] >= facts["head_dim"]:  # the union is every dim: no copy, the node reads K
+            dims = member = None
+    elif method != "lessismore":
+        raise ValueError(f"filled_layer: {method!r} keeps no SparseCache buffers (fasa and lessismore do)")
+    layer_obj = SparseLayer(max_cache_len=keys.shape[2], dims=dims, member=member, page_size=page_size)
+    layer_obj.update(keys, values)
+    return layer_obj

@@ -74,12 +74,15 @@ class BenchCase:
     params: Params overrides as (field, value) pairs (validated by the Params class when the case runs).
     role: selection-sharing methods only: "select" times a selecting layer, "reuse" a reusing layer on
         the selection the select case made.
+    page_size: > 0: the keys sit in a SparseCache layer with pages of this size (and the method's dims copy),
+        and the method gets its buffers (`cache=`): the two-stage selection; 0: plain K/V.
     """
 
     phase: str
     label: str = ""
     params: tuple[tuple[str, Any], ...] = ()
     role: str | None = None
+    page_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def test_dims_are_fasas_dims_unioned_per_kv_head():
 
 
 @given(
-    page=st.integers(16, 64),
+    page=st.sampled_from([16, 32, 64]),
     batch=st.integers(1, 3),
     chunks=st.lists(st.integers(1, 40), min_size=1, max_size=3),
     steps=st.integers(0, 20),
@@ -136,6 +136,11 @@ def test_layers_keep_what_the_policy_reads():
     assert all(layer.dims_global is None for layer in lessismore.layers)
     dense = SparseCache(tiny_config(2), 64)
     assert all(layer.page_size == 0 and layer.dims_global is None for layer in dense.layers)
+    pages_only = SparseCache(tiny_config(3), 64, {"decode": {"method": "fasa", "params": {"dense_layers": [0]}}},
+                             dims_copy=False, batch_size=1, dtype=torch.float32, device="cpu")
+    assert [layer.page_size for layer in pages_only.layers] == [0, 32, 32]
+    assert all(layer.key_dims is None for layer in pages_only.layers)
+    assert pages_only.extra_bytes() == 2 * (2 * HKV * 2 * D * 4 + 64) + 64  # min/max + key_valid only
 
 
 def test_lazy_allocation_follows_the_keys_heads():
@@ -157,8 +162,8 @@ def test_lazy_allocation_follows_the_keys_heads():
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"page_size": 8}, "page_size must be an int in \\[16, 64\\]"),
-        ({"page_size": 65}, "page_size must be an int in \\[16, 64\\]"),
+        ({"page_size": 8}, "page_size must be one of \\(16, 32, 64\\)"),
+        ({"page_size": 24}, "page_size must be one of \\(16, 32, 64\\)"),
         ({"dims": [3, 16]}, "dims \\[16\\] are not head dims"),
         ({"dims": list(range(16))}, "names 16 dims >= head_dim = 16"),
         ({"dims": [[1, 2]] * 3}, "3 dim lists"),
@@ -274,7 +279,7 @@ def draw_visible(batch: int, L: int, pads: list[int], unwritten: int) -> torch.T
 
 @given(
     L=st.integers(20, 200),
-    P=st.integers(16, 64),
+    P=st.sampled_from([16, 32, 64]),
     slots=st.integers(1, 24),
     sink=st.integers(0, 3),
     recent=st.integers(0, 3),

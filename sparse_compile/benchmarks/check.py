@@ -8,6 +8,8 @@ Asserted (a failing row makes `bench` exit 1):
                (tol 2e-2 bf16, 3e-3 fp16: |ours - ref| <= tol * (1 + |ref|), no NaN; outputs poisoned first)
   nonfinite    NaN/inf planted in q/K/V: the same NaN rows as the reference and the same finite values
   sparse_decode  the split-K decode kernel (dense method's decode, index lists) incl. the non-finite contract
+  page_select  the two-stage selection kernels (page bounds, candidate scores) vs their references, the bound
+               property, FASA's two-stage selection through the kernels vs through PyTorch
   compiled     a random 2-layer Llama in bf16 compiled with every prefill method at min_seq_len 0, with and
                without mode="reduce-overhead": finite logits, and the exact methods within 0.1 of eager
   capture      every declared bench case in a phase its Method declares capturable: captured in a CUDA graph,
@@ -247,6 +249,86 @@ def check_sparse_decode() -> list[dict]:
     return rows
 
 
+def check_page_select(seed: int = 0) -> list[dict]:
+    """kernels/page_select.py on CUDA against its PyTorch references (bf16/fp16/fp32, D 64/128/256, pages
+    16/32/64, GQA 4 and 3, left padding, unwritten pages, forced keys): page bounds (every reduce mode) and
+    candidate scores equal the reference (same infinities, finite values within tol * (1 + |ref|)), every
+    visible key scores at most its page's bound, and FASA's two-stage selection through the kernels holds
+    >= 99% of the PyTorch path's tokens (a bf16 rounding may swap a key at the top-k boundary)."""
+    from sparse_compile.kernels.fasa import key_state
+    from sparse_compile.kernels.page_select import (
+        candidate_scores,
+        candidate_scores_reference,
+        page_bounds,
+        page_bounds_reference,
+    )
+    from sparse_compile.methods.two_stage import fasa_two_stage
+
+    def close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
+        inf = torch.isinf(ref)
+        if not torch.equal(torch.isinf(got), inf) or not torch.equal(got[inf], ref[inf]):
+            return False
+        return bool(((got[~inf] - ref[~inf]).abs() <= tol * (1 + ref[~inf].abs())).all())
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        tol = DECODE_TOL[dtype] if dtype != torch.float32 else 1e-4
+        for D in (64, 128, 256):
+            for P in (16, 32, 64):
+                for B, H, Hkv, L in ((2, 32, 8, 5000), (1, 12, 4, 3001)):
+                    q = torch.randn(B, H, 1, D, device="cuda", dtype=dtype, generator=g)
+                    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype, generator=g)
+                    visible = torch.ones(B, L, dtype=torch.bool, device="cuda")
+                    visible[-1, : L // 5] = False  # left padding of the last row
+                    visible[:, L - 37:] = False  # unwritten static-cache slots
+                    NP = -(-L // P)
+                    ok4 = visible[:, None, :, None]
+                    pad = NP * P - L
+                    lo = torch.nn.functional.pad(torch.where(ok4, k, float("inf")), (0, 0, 0, pad), value=float("inf"))
+                    hi = torch.nn.functional.pad(torch.where(ok4, k, -float("inf")), (0, 0, 0, pad),
+                                                 value=-float("inf"))
+                    lo, hi = lo.view(B, Hkv, NP, P, D).amin(3), hi.view(B, Hkv, NP, P, D).amax(3)
+                    state = key_state(visible, 4, 64)
+                    q_mask = (torch.rand(H, D, device="cuda", generator=g) < 0.5).float()
+                    ok = True
+                    for reduce in ("none", "sum", "max"):
+                        got = page_bounds(q, lo, hi, state, P, q_mask=q_mask, reduce=reduce)
+                        ref = page_bounds_reference(q, lo, hi, state, P, q_mask=q_mask, reduce=reduce)
+                        ok &= close(got, ref, tol)
+                    bound = page_bounds(q, lo, hi, state, P)  # every dim: bounds q . k of each visible key
+                    kx = k.float().repeat_interleave(H // Hkv, 1)
+                    exact = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kx)
+                    page_of = torch.arange(L, device="cuda") // P
+                    seen = visible[:, None, :].expand(B, H, L)
+                    limit = bound.gather(2, page_of.expand(B, H, L))[seen] + tol * (1 + exact[seen].abs())
+                    ok &= bool((exact[seen] <= limit).all())
+                    n = D // 4
+                    dims = torch.stack([torch.randperm(D, device="cuda", generator=g)[:n] for _ in range(Hkv)])
+                    member = (torch.rand(H, n, device="cuda", generator=g) < 0.7).float()
+                    key_dims = k.gather(3, dims[None, :, None, :].expand(B, Hkv, L, n)).contiguous()
+                    pages = torch.randint(-1, NP, (B, Hkv, 64), device="cuda", generator=g)
+                    head_dims = dims.repeat_interleave(H // Hkv, 0)
+                    for per_kv_head in (False, True):
+                        s1, t1 = candidate_scores(q, key_dims, head_dims, member, pages, state, P,
+                                                  per_kv_head=per_kv_head)
+                        s2, t2 = candidate_scores_reference(q, key_dims, head_dims, member, pages, state, P,
+                                                            per_kv_head=per_kv_head)
+                        ok &= torch.equal(t1, t2) and close(s1, s2, tol * 4)
+                    overlap = 1.0
+                    for per_kv_head in (False, True):
+                        args = (q, key_dims, dims, member, lo, hi, state, 256, 1024, P)
+                        kw = {"sink": 4, "recent": 64, "per_kv_head": per_kv_head}
+                        a = fasa_two_stage(*args, **kw, impl="triton")
+                        b = fasa_two_stage(*args, **kw, impl="reference")
+                        same = (a.sort(-1).values[..., :, None] == b.sort(-1).values[..., None, :]).any(-1)
+                        overlap = min(overlap, float(same.float().mean()))
+                    ok &= overlap >= 0.99
+                    rows.append({"check": "page_select", "dtype": str(dtype)[6:], "D": D, "P": P, "B": B, "H": H,
+                                 "Hkv": Hkv, "L": L, "selection_overlap": overlap, "ok": bool(ok)})
+    return rows
+
+
 def check_methods(length: int = 4096, seed: int = 0) -> list[dict]:
     """Every declared bench case on CUDA (bf16) against the CPU reference (float32) of the same method on the
     same structured inputs (B=1, H=8, Hkv=2, D=128); recorded, not asserted."""
@@ -340,7 +422,8 @@ def check_capture(length: int = 8192, seed: int = 0) -> list[dict]:
 
 
 CHECKS = {"engine": check_engine, "head_dims": check_head_dims, "nonfinite": check_nonfinite,
-          "sparse_decode": check_sparse_decode, "compiled": check_compiled, "methods": check_methods,
+          "sparse_decode": check_sparse_decode, "page_select": check_page_select,
+          "compiled": check_compiled, "methods": check_methods,
           "capture": check_capture}
 
 

@@ -125,7 +125,7 @@ def run_part(part: str, s: BenchSettings, log: Callable[[str], None]) -> tuple[d
         result = run_methods_benchmark(
             s.prefill_lengths if part != "decode" else (), s.decode_lengths if part != "prefill" else (),
             s.methods, s.heads, s.kv_heads, s.head_dim, rep_ms=s.rep_ms, with_flex=s.with_flex, device=s.device,
-            log=log)
+            log=log, batch=s.batch)
         return result, markdown_table(result)
     if part == "check":
         results = check.run_checks(log)

@@ -53,8 +53,9 @@ from sparse_compile.benchmarks.timing import (
     rel_err,
     structured_qkv,
 )
+from sparse_compile.cache import filled_layer
 from sparse_compile.kernels.block_mask import BlockList
-from sparse_compile.method import BenchCase, Method
+from sparse_compile.method import BenchCase, CacheBuffers, Method
 from sparse_compile.methods import METHODS
 from sparse_compile.params import params_from_mapping
 from sparse_compile.report import total
@@ -74,7 +75,7 @@ def case_params(method: Method, case: BenchCase) -> Any:
 
 
 def measure_sdpa(rows: list[dict], base: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 rep_ms: float, device: str) -> None:
+                 rep_ms: float, device: str, graph: bool = False) -> None:
     """Dense SDPA rows (flash, cuDNN). Prefill (Lq == Lk): causal, K/V expanded to H heads outside
     the timing (what repeat_kv feeds SDPA in HF models). Decode: `enable_gqa=True` on the Hkv heads,
     so each K/V byte is read once (the fastest dense decode; expanding would read it H/Hkv times)."""
@@ -87,19 +88,26 @@ def measure_sdpa(rows: list[dict], base: dict, q: torch.Tensor, k: torch.Tensor,
                 return torch.nn.functional.scaled_dot_product_attention(
                     q, kx, vx, is_causal=prefill, scale=scale, enable_gqa=not prefill)
 
-        measure(rows, base, impl, run_sdpa, rep_ms, device, density=1.0)
+        measure(rows, base, impl, run_sdpa, rep_ms, device, graph=graph, density=1.0)
 
 
 def case_call(method: Method, case: BenchCase, params: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: AttentionMask, site: SiteFacts, scale: float) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     """fn() -> (out, density) running the case as the fused node does. A "reuse" case first runs the method's
     "select" role once (outside the timing) for the selection it attends over."""
+    extra = {}
+    if case.page_size:  # the keys as a SparseCache layer holds them, and the buffers the node would pass
+        facts = {"num_layers": site.layer + 1, "num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads,
+                 "head_dim": site.head_dim, "rotary_dim": site.rotary_dim, "layout": site.rope}
+        layer = filled_layer(method.name, params, facts, k, v, case.page_size, site.layer)
+        extra["cache"] = CacheBuffers(layer.key_dims, layer.dims, layer.member, layer.page_min, layer.page_max,
+                                      case.page_size)
     if case.role is None:
-        return lambda: method.attention(q, k, v, mask, site, params, scale)[:2]
+        return lambda: method.attention(q, k, v, mask, site, params, scale, **extra)[:2]
     selection = None
     if case.role == "reuse":
-        selection = method.attention(q, k, v, mask, site, params, scale, "select", None)[2]
-    return lambda: method.attention(q, k, v, mask, site, params, scale, case.role, selection)[:2]
+        selection = method.attention(q, k, v, mask, site, params, scale, "select", None, **extra)[2]
+    return lambda: method.attention(q, k, v, mask, site, params, scale, case.role, selection, **extra)[:2]
 
 
 def bench_method_case(rows: list[dict], base: dict, method: Method, case: BenchCase, q: torch.Tensor,
@@ -116,7 +124,8 @@ def bench_method_case(rows: list[dict], base: dict, method: Method, case: BenchC
     except Exception as err:  # a case that cannot run here is a row with its error, not a crash
         rows.append({**base, "impl": name, "ms": None, "error": f"{type(err).__name__}: {err}"[:300]})
         return
-    measure(rows, base, name, run_method, rep_ms, device, density=achieved, first_ms=first_ms)
+    measure(rows, base, name, run_method, rep_ms, device, graph=q.shape[2] == 1, density=achieved,
+            first_ms=first_ms)
     if method.select is None or q.shape[2] == 1:
         return
     select = method.select
@@ -145,9 +154,12 @@ def bench_method_case(rows: list[dict], base: dict, method: Method, case: BenchC
 def bench_case(
     phase: str, length: int, methods: dict[str, Method], *, heads: int, kv_heads: int, head_dim: int,
     dtype: torch.dtype, rep_ms: float, device: str, with_flex: bool, flex: Any, generator: torch.Generator,
+    batch: int = 1,
 ) -> list[dict]:
-    """All rows of one (phase, length): dense SDPA, Flex causal (prefill), every declared case of the phase."""
-    B, H, Hkv, D = 1, heads, kv_heads, head_dim
+    """All rows of one (phase, length): dense SDPA, Flex causal (prefill), every declared case of the phase.
+    Decode rows also carry `graph_ms` (the call captured in a CUDA graph, as decode runs under
+    mode="reduce-overhead") and `speedup_cudnn_graph` against cuDNN's captured call."""
+    B, H, Hkv, D = batch, heads, kv_heads, head_dim
     q_len = length if phase == "prefill" else 1
     q, k, v = structured_qkv(B, H, Hkv, q_len, length, D, dtype=dtype, device=device, generator=generator)
     mask = AttentionMask(causal=True, q_offset=length - q_len)
@@ -161,7 +173,7 @@ def bench_case(
     base = {"phase": phase, "length": length, "B": B, "H": H, "Hkv": Hkv, "D": D, "dtype": str(dtype)[6:]}
     rows: list[dict] = []
 
-    measure_sdpa(rows, base, q, k, v, scale, rep_ms, device)
+    measure_sdpa(rows, base, q, k, v, scale, rep_ms, device, graph=phase == "decode")
     if with_flex and phase == "prefill":
         bm = flex_block_mask(BlockList.causal_full(B, H, q_len, length, 128, device=device), H)
         measure(rows, base, "flex_causal", lambda: flex(q, k, v, block_mask=bm, enable_gqa=True, scale=scale),
@@ -173,12 +185,15 @@ def bench_case(
                 bench_method_case(rows, base, method, case, q, k, v, mask, site, scale, rep_ms=rep_ms,
                                   device=device, with_flex=with_flex, flex=flex)
     ref = {r["impl"]: r["ms"] for r in rows if r.get("ms")}
+    ref_graph = {r["impl"]: r["graph_ms"] for r in rows if isinstance(r.get("graph_ms"), float)}
     for row in rows:
         if row.get("ms"):
             row[unit] = work / (row["ms"] / 1e3)
             for dense in ("sdpa_cudnn", "sdpa_flash"):
                 if ref.get(dense):
                     row[f"speedup_{dense.removeprefix('sdpa_')}"] = ref[dense] / row["ms"]
+        if isinstance(row.get("graph_ms"), float) and ref_graph.get("sdpa_cudnn"):
+            row["speedup_cudnn_graph"] = ref_graph["sdpa_cudnn"] / row["graph_ms"]
     return rows
 
 
@@ -195,6 +210,7 @@ def run_methods_benchmark(
     device: str = "cuda",
     seed: int = 0,
     log: Callable[[str], None] = print,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """Time every method (or those named) in both phases; returns {"env", "settings", "rows", "skipped"}.
 
@@ -214,13 +230,14 @@ def run_methods_benchmark(
     for phase, lengths in (("prefill", prefill_lengths), ("decode", decode_lengths)):
         for length in lengths:
             case = bench_case(phase, length, chosen, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-                              rep_ms=rep_ms, device=device, with_flex=with_flex, flex=flex, generator=generator)
+                              rep_ms=rep_ms, device=device, with_flex=with_flex, flex=flex, generator=generator,
+                              batch=batch)
             for row in case:
                 log(format_row(row))
             rows += case
             if device == "cuda":
                 torch.cuda.empty_cache()
-    settings = {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(dtype)[6:],
+    settings = {"batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(dtype)[6:],
                 "rep_ms": rep_ms, "seed": seed, "methods": list(chosen), "rope_theta": ROPE_THETA}
     return {"env": environment(device), "settings": settings, "rows": rows, "skipped": skipped}
 
@@ -237,6 +254,13 @@ def format_row(row: dict) -> str:
         note = f"rel_err vs method {row['rel_err_vs_method']:.1e}"
     if row.get("first_ms") is not None:  # the first call of the process: Triton JIT compile included
         note = f"first call {row['first_ms']:.0f} ms" + (f"; {note}" if note else "")
+    if isinstance(row.get("graph_ms"), float):
+        graph = f"CUDA graph {row['graph_ms']:.4f} ms"
+        if row.get("speedup_cudnn_graph"):
+            graph += f" = {row['speedup_cudnn_graph']:.2f}x cuDNN's graph"
+        note = graph + (f"; {note}" if note else "")
+    elif row.get("graph_ms"):
+        note = f"{row['graph_ms']}" + (f"; {note}" if note else "")
     length = f"{row['length'] // 1024}K" if row["length"] >= 1024 else str(row["length"])
     return (f"| {row['phase']} | {length} | {row['impl']} | {num('ms', '.3f')} | {num('density', '.3f')} | "
             f"{num('speedup_cudnn', '.2f')} | {num('speedup_flash', '.2f')} | {throughput} | {note} |")
@@ -246,7 +270,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     """The results as markdown: environment line, then one row per measurement."""
     env, st = result["env"], result["settings"]
     head = (f"{env.get('gpu', env['device'])}, torch {env['torch']}, triton {env.get('triton', '–')}, "
-            f"CUDA {env.get('cuda', '–')}, cuDNN {env.get('cudnn', '–')}, {env['date']}; B=1, H={st['heads']}, "
+            f"CUDA {env.get('cuda', '–')}, cuDNN {env.get('cudnn', '–')}, {env['date']}; B={st.get('batch', 1)}, "
+            f"H={st['heads']}, "
             f"Hkv={st['kv_heads']}, D={st['head_dim']}, {st['dtype']}, structured q/k (sinks, local, verticals)\n\n"
             "| phase | L | impl | ms | density | × vs cuDNN | × vs flash | dense-eq. TFLOP/s (prefill) or GB/s "
             "(decode) | note |\n|---|---|---|---|---|---|---|---|---|\n")

@@ -18,6 +18,10 @@ new DynamicCache per run, whose decode shapes change every step, for TTFT compar
   compile, sparse  the same without CUDA graphs (mode="default")
   sparse_ro:P, sparse:P   the sparse variants with policy P (a shipped name or a TOML file), e.g.
                    sparse_ro:lessismore, sparse_ro:fasa (decode methods: their selection runs in the graph)
+  ceiling_ro       compile_ro with attention replaced by a no-op (an attention function registered through
+                   transformers' AttentionInterface that returns q): the tok/s the run would reach if
+                   attention took no time (K/V are still written), the bound any attention method works under
+  V@C              variant V on cache C only (e.g. sparse_ro:fasa@sparse), whatever `--cache` lists
 TTFT = median time of generate(max_new_tokens=1) (prefill + one token); decode tokens/s =
 new_tokens / (median time of generate(max_new_tokens=1 + new_tokens) - TTFT). Warm-up runs
 (compilation, CUDA-graph recording) are not timed. transformers' own auto-compile is disabled.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +43,31 @@ import sparse_compile
 
 PREFILL_VARIANTS = ("eager", "compile", "sparse-dense")
 GENERATE_VARIANTS = ("eager", "compile_ro", "sparse_ro", "compile", "sparse")
+NOOP_ATTENTION = "sparse_compile_noop"  # the attention implementation of the ceiling_ro variant
+
+
+def noop_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention that costs nothing: q (B, H, L, D) returned as the output (B, L, H, D)."""
+    return query.transpose(1, 2), None
+
+
+def no_mask(*args: Any, **kwargs: Any) -> None:
+    """The mask function of the no-op attention: it reads no mask."""
+    return None
+
+
+def use_noop_attention(model: Any) -> str:
+    """Switch the model to the no-op attention (registered under NOOP_ATTENTION in transformers'
+    AttentionInterface / AttentionMaskInterface, their public extension points); returns the previous one."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NOOP_ATTENTION, noop_attention)
+    AttentionMaskInterface.register(NOOP_ATTENTION, no_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(NOOP_ATTENTION)
+    return previous
 
 
 def build_model(layers: int, max_len: int, lm_head: bool = False) -> torch.nn.Module:
@@ -151,7 +181,7 @@ def compiled_forward(variant: str, forward: Callable, report: Any) -> Callable:
     policy = policy or None
     if variant == "eager":
         return forward
-    if variant == "compile_ro":
+    if variant in ("compile_ro", "ceiling_ro"):
         compiled = torch.compile(forward, mode="reduce-overhead")
     elif variant == "sparse_ro":
         compiled = torch.compile(forward, backend=sparse_compile.backend(policy, report=report),
@@ -171,19 +201,32 @@ def compiled_forward(variant: str, forward: Callable, report: Any) -> Callable:
 
 
 CACHES = ("static", "dynamic", "sparse")
+CACHE_FORMS = "static, dynamic, sparse[16|32|64][-pages]"
+
+
+def cache_spec(kind: str) -> tuple[str, int, bool]:
+    """(cache class, page size, dims copy) of a `--cache` entry: "static", "dynamic", or "sparse" with an
+    optional page size (default 32) and "-pages" (no dims copy: pages only), e.g. "sparse16-pages"."""
+    if kind in ("static", "dynamic"):
+        return kind, 0, False
+    match = re.fullmatch(r"sparse(16|32|64)?(-pages)?", kind)
+    if match is None:
+        raise ValueError(f"unknown cache {kind!r}; choose from {CACHE_FORMS}")
+    return "sparse", int(match.group(1) or 32), match.group(2) is None
 
 
 def make_cache(kind: str, model: Any, max_cache_len: int, policy: str | None) -> Any:
-    """The cache generate() runs on: a StaticCache, a SparseCache for `policy`, or None (a DynamicCache per call)."""
+    """The cache generate() runs on: a StaticCache, a SparseCache for `policy` (`cache_spec`), or None (a
+    DynamicCache per call)."""
     from transformers import StaticCache
 
-    if kind == "static":
+    cls, page_size, dims_copy = cache_spec(kind)
+    if cls == "static":
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
-    if kind == "sparse":
-        return sparse_compile.SparseCache(model.config, max_cache_len=max_cache_len, policy=policy or "dense")
-    if kind == "dynamic":
-        return None
-    raise ValueError(f"unknown cache {kind!r}; choose from {CACHES}")
+    if cls == "sparse":
+        return sparse_compile.SparseCache(model.config, max_cache_len=max_cache_len, policy=policy or "dense",
+                                          page_size=page_size, dims_copy=dims_copy)
+    return None
 
 
 def timed_generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> tuple[float, torch.Tensor]:
@@ -209,6 +252,7 @@ def run_variant(model: Any, variant: str, ids: torch.Tensor, new_tokens: int, re
     cache = make_cache(cache_kind, model, ids.shape[1] + new_tokens + 1, variant.partition(":")[2] or None)
     timed_generate(model, ids[:, :16], cache, 2)  # eager: the cache allocates its tensors outside any graph
     report = sparse_compile.Report()
+    previous = use_noop_attention(model) if variant == "ceiling_ro" else None
     model.forward = compiled_forward(variant, forward, report)
     try:
         t0 = time.perf_counter()
@@ -228,6 +272,8 @@ def run_variant(model: Any, variant: str, ids: torch.Tensor, new_tokens: int, re
                 "tokens": tokens[0, ids.shape[1]:].tolist()}
     finally:
         model.forward = forward
+        if previous is not None:
+            model.set_attn_implementation(previous)
         torch._dynamo.reset()
 
 
@@ -239,39 +285,49 @@ def run_generate(prompt: int = 32768, new_tokens: int = 128, layers: int = 4, re
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     rows = []
-    for cache_kind in caches:
-        for variant in variants:
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                rows.append(run_variant(model, variant, ids, new_tokens, reps, cache_kind))
-                rows[-1]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            except torch.OutOfMemoryError as err:
-                rows.append({"variant": variant, "cache": cache_kind, "error": f"OOM: {err}"[:200]})
-                log(f"{variant} ({cache_kind} cache): {rows[-1]['error']}")
-                torch.cuda.empty_cache()
-                continue
-            r = rows[-1]
-            log(f"{variant} ({cache_kind} cache): TTFT {r['ttft_ms']:.1f} ms, decode {r['decode_tok_s']:.1f} tok/s "
-                f"(warm-up {r['warmup_s']:.1f} s), peak {r['peak_gib']:.1f} GiB")
+    runs = [(v.partition("@")[0], v.partition("@")[2]) if "@" in v else (v, c) for c in caches for v in variants]
+    for variant, cache_kind in dict.fromkeys(runs):  # a V@C variant once, whatever the caches
+        cache_spec(cache_kind)  # a clear error for an unknown cache before any work
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            rows.append(run_variant(model, variant, ids, new_tokens, reps, cache_kind))
+            rows[-1]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        except torch.OutOfMemoryError as err:
+            rows.append({"variant": variant, "cache": cache_kind, "error": f"OOM: {err}"[:200]})
+            log(f"{variant} ({cache_kind} cache): {rows[-1]['error']}")
+            torch.cuda.empty_cache()
+            continue
+        r = rows[-1]
+        log(f"{variant} ({cache_kind} cache): TTFT {r['ttft_ms']:.1f} ms, decode {r['decode_tok_s']:.1f} tok/s "
+            f"(warm-up {r['warmup_s']:.1f} s), peak {r['peak_gib']:.1f} GiB")
     return rows
 
 
 def generate_markdown(rows: list[dict[str, Any]], prompt: int, new_tokens: int) -> str:
-    """The generate rows as a markdown table (decode speed relative to compile_ro, tokens equal to eager)."""
+    """The generate rows as a markdown table: decode speed relative to compile_ro and to the dense policy
+    (sparse_ro on a StaticCache), the ceiling (ceiling_ro's tok/s: attention free) beside every row, and
+    whether the tokens equal eager's."""
     done = [r for r in rows if "error" not in r]
     base = {r["variant"]: r for r in done if r.get("cache", "static") == "static"}
-    ref = base.get("compile_ro")
+    ref, dense, ceiling = base.get("compile_ro"), base.get("sparse_ro"), base.get("ceiling_ro")
     lines = [f"prompt {prompt} tokens, {new_tokens} new tokens, B=1", "",
-             "| variant | cache | TTFT ms | decode tok/s | decode vs compile_ro | peak GiB | tokens equal eager |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | cache | TTFT ms | decode tok/s | vs compile_ro | vs dense policy | ceiling tok/s | "
+             "peak GiB | cache extra / K+V | tokens equal eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     eager_tokens = base["eager"]["tokens"] if "eager" in base else None
+
+    def ratio(r: dict, other: dict | None) -> str:
+        return f"{r['decode_tok_s'] / other['decode_tok_s']:.3f}x" if other else "-"
+
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['cache']} | {r['error']} | | | | |")
+            lines.append(f"| {r['variant']} | {r['cache']} | {r['error']} | | | | | | | |")
             continue
-        vs = f"{r['decode_tok_s'] / ref['decode_tok_s']:.3f}x" if ref else "-"
         same = "-" if eager_tokens is None else ("yes" if r["tokens"] == eager_tokens else "no")
         peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
+        extra = (f"{r['cache_extra_gib']:.3f} / {r['cache_kv_gib']:.3f} GiB"
+                 if r.get("cache_kv_gib") else "-")
+        top = f"{ceiling['decode_tok_s']:.1f}" if ceiling else "-"
         lines.append(f"| {r['variant']} | {r.get('cache', 'static')} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | "
-                     f"{vs} | {peak} | {same} |")
+                     f"{ratio(r, ref)} | {ratio(r, dense)} | {top} | {peak} | {extra} | {same} |")
     return "\n".join(lines)

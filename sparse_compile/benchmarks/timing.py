@@ -171,13 +171,17 @@ def flex_block_mask(blocks: BlockList, heads: int) -> Any:
 
 
 def measure(rows: list[dict], base: dict, impl: str, fn: Callable[[], Any], rep_ms: float, device: str,
-            **extra: Any) -> dict | None:
-    """Time fn into a row (ms = None and the error text when it fails, e.g. an unavailable backend)."""
+            graph: bool = False, **extra: Any) -> dict | None:
+    """Time fn into a row (ms = None and the error text when it fails, e.g. an unavailable backend); with
+    graph (CUDA) also `graph_ms`, the replay of a CUDA graph that captured fn (a string when capture fails):
+    decode steps run captured in practice, where launch overhead disappears."""
     row = {**base, "impl": impl, **extra}
     try:
         row["ms"] = time_ms(fn, rep_ms, device)
     except Exception as err:  # a backend may be unavailable for a shape: record and go on
         row["ms"], row["error"] = None, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    if graph and device == "cuda" and row["ms"] is not None:
+        row["graph_ms"] = graph_ms(fn, rep_ms)
     rows.append(row)
     return row
 

@@ -19,6 +19,8 @@ Attention over the selected tokens is the same sparse decode kernel.
 Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Parameters (`[decode.params]`):
   budget   tokens per score row (>= 1), or a fraction (< 1) of the visible keys; sink + recent count inside
            it and it is never below sink + recent. A budget that covers the cache runs exact attention.
+  max_budget  with a fraction budget, at most this many tokens per row (0: no cap): budget = 0.25 with
+           max_budget = 2048 is min(25%, 2048), one policy for an 8K chat and a 128K one.
   chunks   per layer, per head, the dominant chunk indices, best first (calibration writes them):
            chunks[layer] = [[c, ...] per query head] (or per KV head, or one list for every head);
            [] for a layer (or no chunks at all): the model-agnostic rule `default_chunks`.
@@ -93,6 +95,9 @@ class FasaParams(MethodParams):
 
     budget: float = param(256, type=(int, float), range=(0.0, 1 << 30),
                           help="tokens kept per score row (>= 1), or a fraction (< 1) of the visible keys")
+    max_budget: int = param(0, range=(0, 1 << 30),
+                            help="with a fraction budget: at most this many tokens per row (0: no cap); budget = "
+                                 "0.25 with max_budget = 2048 keeps min(25% of the visible keys, 2048)")
     chunks: tuple = param((), type=(list, tuple), convert=as_tuples,
                           help="per layer, per head: dominant frequency chunks, best first (from `calibrate "
                                "fasa`); [] = the model-agnostic rule (lowest-frequency quarter)")
@@ -120,6 +125,9 @@ class FasaParams(MethodParams):
             return f"key 'budget' = {self.budget} must be > 0 (tokens, or a fraction < 1)"
         if self.budget >= 1 and self.budget != int(self.budget):
             return f"key 'budget' = {self.budget}: a budget >= 1 counts tokens and must be a whole number"
+        if self.max_budget and self.budget >= 1:
+            return (f"key 'max_budget' = {self.max_budget} caps a fraction budget; 'budget' = {self.budget} "
+                    f"already counts tokens (set one of them)")
         return chunks_problem(self.chunks)
 
 
@@ -171,7 +179,7 @@ def unsupported(call: Any, site: SiteFacts, params: FasaParams) -> str | None:
         return f"q_len {call.q_len} (FASA selects for one decode query)"
     if in_layers(site.layer, params.dense_layers):
         return f"layer {site.layer} is in dense_layers"
-    slots = budget_slots(params.budget, call.kv_len, params.sink, params.recent)
+    slots = row_slots(params, call.kv_len)
     if slots >= call.kv_len:
         return f"budget {params.budget} covers the cache length {call.kv_len}: every token is attended"
     limit = kernel_unsupported(call.head_dim, call.dtype) if call.device_type == "cuda" else None
@@ -203,6 +211,15 @@ def site_chunk_tables(params: FasaParams, site: SiteFacts, H: int, Hkv: int, D: 
     return chunk_tables(chunks, H, Hkv, D, rotary, layout, str(device))
 
 
+def row_slots(params: FasaParams, kv_len: int) -> int:
+    """Top-k slots per score row for `kv_len` keys: kernels/fasa.py `budget_slots`, capped at `max_budget` (never
+    below sink + recent) when the budget is a fraction."""
+    slots = budget_slots(params.budget, kv_len, params.sink, params.recent)
+    if params.max_budget and params.budget < 1:
+        slots = min(slots, max(params.max_budget, params.sink + params.recent))
+    return slots
+
+
 def row_budget(params: FasaParams, mask: AttentionMask, Lk: int, S: int,
                visible: Tensor | None) -> tuple[int, Tensor | None]:
     """(top-k slots per score row, per-row counts (B, S) or None). visible: (B, Lk) bool when the mask has
@@ -211,12 +228,14 @@ def row_budget(params: FasaParams, mask: AttentionMask, Lk: int, S: int,
     if visible is None:
         lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
         n_vis = max(0, hi - lo + 1)
-        slots = budget_slots(params.budget, max(n_vis, 1) if params.budget < 1 else Lk, params.sink, params.recent)
+        slots = row_slots(params, max(n_vis, 1) if params.budget < 1 else Lk)
         return min(slots, Lk), None
-    slots = budget_slots(params.budget, Lk, params.sink, params.recent)
+    slots = row_slots(params, Lk)
     if params.budget >= 1:
         return slots, None
     want = torch.ceil(params.budget * visible.sum(-1).double()).long().clamp(min=params.sink + params.recent)
+    if params.max_budget:
+        want = want.clamp(max=max(params.max_budget, params.sink + params.recent))
     return slots, want[:, None].expand(visible.shape[0], S)
 
 
@@ -292,6 +311,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
     return out, sel.density
 
 
+# the shipped generic policy's params (policies/fasa.toml): min(25%, 2048) tokens, half the chunks by the rule,
+# 4 sink and 64 recent tokens forced; bench cases time it with and without a SparseCache (two-stage selection)
+GENERIC = (("budget", 0.25), ("max_budget", 2048), ("rule_fraction", 0.5), ("sink", 4), ("recent", 64))
+
 METHOD = Method(
     name="fasa",
     phases=("decode",),
@@ -304,6 +327,11 @@ METHOD = Method(
     capturable_phases=("decode",),  # Triton scores, torch.topk, the split-K kernel: no host sync on CUDA
     summary="decode: top tokens by a few dominant RoPE frequency chunks of q.k, exact attention over them (FASA)",
     bench_cases=(BenchCase("decode"), BenchCase("decode", "b2048", (("budget", 2048),)),
-                 BenchCase("decode", "b2048:per_kv_head", (("budget", 2048), ("gqa", "per_kv_head")))),
+                 BenchCase("decode", "b2048:per_kv_head", (("budget", 2048), ("gqa", "per_kv_head"))),
+                 BenchCase("decode", "generic", GENERIC),
+                 BenchCase("decode", "generic:cache16", GENERIC, page_size=16),
+                 BenchCase("decode", "generic:per_kv_head", GENERIC + (("gqa", "per_kv_head"),)),
+                 BenchCase("decode", "generic:per_kv_head:cache16", GENERIC + (("gqa", "per_kv_head"),), page_size=16),
+                 BenchCase("decode", "generic:per_kv_head:cache32", GENERIC + (("gqa", "per_kv_head"),), page_size=32)),
     knobs=(Knob(("chunks",), "chunks", "decode"),),
 )
