@@ -19,7 +19,7 @@ Attention over the selected tokens is the same sparse decode kernel.
 Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Parameters (`[decode.params]`):
   budget   tokens per score row (>= 1), or a fraction (< 1) of the visible keys; sink + recent count inside
            it and it is never below sink + recent. A budget that covers the cache runs exact attention.
-  max_budget  with a fraction budget, at most this many tokens per row (0: no cap): budget = 0.25 with
+  max_budget  at most this many tokens per row, whatever the budget (0: no cap): budget = 0.25 with
            max_budget = 2048 is min(25%, 2048), one policy for an 8K chat and a 128K one.
   chunks   per layer, per head, the dominant chunk indices, best first (calibration writes them):
            chunks[layer] = [[c, ...] per query head] (or per KV head, or one list for every head);
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
+from sparse_compile.attention_mask import AttentionMask, SiteFacts
 from sparse_compile.kernels.fasa import (
     budget_slots,
     chunk_tables,
@@ -54,10 +54,10 @@ from sparse_compile.kernels.fasa import (
     default_chunks,
     fasa_scores,
     fasa_scores_reference,
-    key_state,
     select_tokens,
     visible_range,
 )
+from sparse_compile.kernels.key_state import key_state_from_mask
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list  # noqa: F401 - in_layers re-exported
 from sparse_compile.method import GQA_MODES, BenchCase, CacheBuffers, Knob, Method
@@ -96,8 +96,8 @@ class FasaParams(MethodParams):
     budget: float = param(256, type=(int, float), range=(0.0, 1 << 30),
                           help="tokens kept per score row (>= 1), or a fraction (< 1) of the visible keys")
     max_budget: int = param(0, range=(0, 1 << 30),
-                            help="with a fraction budget: at most this many tokens per row (0: no cap); budget = "
-                                 "0.25 with max_budget = 2048 keeps min(25% of the visible keys, 2048)")
+                            help="at most this many tokens per row (0: no cap; never below sink + recent); budget "
+                                 "= 0.25 with max_budget = 2048 keeps min(25% of the visible keys, 2048)")
     chunks: tuple = param((), type=(list, tuple), convert=as_tuples,
                           help="per layer, per head: dominant frequency chunks, best first (from `calibrate "
                                "fasa`); [] = the model-agnostic rule (lowest-frequency quarter)")
@@ -125,9 +125,6 @@ class FasaParams(MethodParams):
             return f"key 'budget' = {self.budget} must be > 0 (tokens, or a fraction < 1)"
         if self.budget >= 1 and self.budget != int(self.budget):
             return f"key 'budget' = {self.budget}: a budget >= 1 counts tokens and must be a whole number"
-        if self.max_budget and self.budget >= 1:
-            return (f"key 'max_budget' = {self.max_budget} caps a fraction budget; 'budget' = {self.budget} "
-                    f"already counts tokens (set one of them)")
         return chunks_problem(self.chunks)
 
 
@@ -213,19 +210,19 @@ def site_chunk_tables(params: FasaParams, site: SiteFacts, H: int, Hkv: int, D: 
 
 def row_slots(params: FasaParams, kv_len: int) -> int:
     """Top-k slots per score row for `kv_len` keys: kernels/fasa.py `budget_slots`, capped at `max_budget` (never
-    below sink + recent) when the budget is a fraction."""
+    below sink + recent)."""
     slots = budget_slots(params.budget, kv_len, params.sink, params.recent)
-    if params.max_budget and params.budget < 1:
+    if params.max_budget:
         slots = min(slots, max(params.max_budget, params.sink + params.recent))
     return slots
 
 
 def row_budget(params: FasaParams, mask: AttentionMask, Lk: int, S: int,
-               visible: Tensor | None) -> tuple[int, Tensor | None]:
-    """(top-k slots per score row, per-row counts (B, S) or None). visible: (B, Lk) bool when the mask has
-    padding: a fraction budget then keeps ceil(budget * visible) per row, counted on the device; without
-    padding the visible count is known on the host and the slots hold exactly the budget."""
-    if visible is None:
+               n_visible: Tensor | None) -> tuple[int, Tensor | None]:
+    """(top-k slots per score row, per-row counts (B, S) or None). n_visible: (B,) visible keys per batch row
+    when the mask has padding: a fraction budget then keeps ceil(budget * visible) per row, counted on the
+    device; without padding the visible count is known on the host and the slots hold exactly the budget."""
+    if n_visible is None:
         lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
         n_vis = max(0, hi - lo + 1)
         slots = row_slots(params, max(n_vis, 1) if params.budget < 1 else Lk)
@@ -233,10 +230,10 @@ def row_budget(params: FasaParams, mask: AttentionMask, Lk: int, S: int,
     slots = row_slots(params, Lk)
     if params.budget >= 1:
         return slots, None
-    want = torch.ceil(params.budget * visible.sum(-1).double()).long().clamp(min=params.sink + params.recent)
+    want = torch.ceil(params.budget * n_visible.double()).long().clamp(min=params.sink + params.recent)
     if params.max_budget:
         want = want.clamp(max=max(params.max_budget, params.sink + params.recent))
-    return slots, want[:, None].expand(visible.shape[0], S)
+    return slots, want[:, None].expand(n_visible.shape[0], S)
 
 
 def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
@@ -247,18 +244,19 @@ def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: Site
     segs, member = site_chunk_tables(params, site, H, Hkv, D, q.device)
     per_kv_head = params.gqa == "per_kv_head"
     padded = mask.key_valid is not None
-    if padded or not q.is_cuda:  # visibility as a state vector (cumsum ranks for sink/recent)
-        visible = visible_keys(mask, B, 1, Lk, device=q.device)[:, 0, 0, :]
-        state = key_state(visible, params.sink, params.recent)
+    if padded or not q.is_cuda:  # visibility as a state vector (ranks for sink/recent)
+        state, n_visible = key_state_from_mask(B, Lk, q_pos=mask.q_offset, causal=mask.causal, window=mask.window,
+                                               key_valid=mask.key_valid, sink=params.sink, recent=params.recent,
+                                               device=q.device)
     if q.is_cuda:
         scores = fasa_scores(q, k, segs, member, per_kv_head=per_kv_head, causal=mask.causal, q_offset=mask.q_offset,
                              window=mask.window, state=state if padded else None, sink=params.sink,
                              recent=params.recent)
     else:
         scores = fasa_scores_reference(q, k, segs, member, state, per_kv_head=per_kv_head)
-    slots, counts = row_budget(params, mask, Lk, scores.shape[1], visible if padded else None)
+    slots, counts = row_budget(params, mask, Lk, scores.shape[1], n_visible if padded else None)
     if padded:  # visible counts on the device
-        denominator = visible.sum(-1).clamp(min=1).float()[:, None]
+        denominator = n_visible.clamp(min=1).float()[:, None]
     else:  # visible counts on the host
         lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
         n_vis = max(0, hi - lo + 1)
@@ -280,10 +278,11 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
     None (read K with this layer's own dims), page_min / page_max (B, Hkv, ceil(Lk / P), D)."""
     B, H, _, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    visible = visible_keys(mask, B, 1, Lk, device=q.device)[:, 0, 0, :]
-    state = key_state(visible, params.sink, params.recent)
+    state, n_visible = key_state_from_mask(B, Lk, q_pos=mask.q_offset, causal=mask.causal, window=mask.window,
+                                           key_valid=mask.key_valid, sink=params.sink, recent=params.recent,
+                                           device=q.device)
     S = Hkv if params.gqa == "per_kv_head" else H
-    slots, counts = row_budget(params, mask, Lk, S, None if mask.key_valid is None else visible)
+    slots, counts = row_budget(params, mask, Lk, S, None if mask.key_valid is None else n_visible)
     key_dims, dims, member = cache.key_dims, cache.dims, cache.member
     if key_dims is None:  # no dims copy: the keys themselves, each query head on its own dims
         _, member = site_chunk_tables(params, site, H, Hkv, D, q.device)
@@ -293,7 +292,7 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
                          cache.page_size, sink=params.sink, recent=params.recent,
                          per_kv_head=params.gqa == "per_kv_head", counts=counts)
     kept = (idx >= 0).sum(-1).float()  # (B, S)
-    density = (kept / visible.sum(-1).clamp(min=1).float()[:, None]).repeat_interleave(H // idx.shape[1], dim=1)
+    density = (kept / n_visible.clamp(min=1).float()[:, None]).repeat_interleave(H // idx.shape[1], dim=1)
     return Selection(idx, density.contiguous())
 
 

@@ -31,6 +31,7 @@ from sparse_compile.kernels.fasa import FORCED, INVISIBLE
 from sparse_compile.kernels.lessismore import fixed_regions, indices_of, union_by_rank
 from sparse_compile.kernels.page_select import PAGE_SIZES, candidate_scores
 from sparse_compile.kernels.page_select import page_bounds as page_bounds_triton
+from sparse_compile.kernels.topk_select import topk_indices
 
 
 def work_dtype(x: Tensor) -> torch.dtype:
@@ -91,13 +92,22 @@ def use_triton(q: Tensor, impl: str) -> bool:
     return impl == "triton" or (impl == "auto" and q.is_cuda)
 
 
-def candidate_pages(bounds: Tensor, keep: int) -> Tensor:
+def topk_impl(q: Tensor, impl: str) -> str:
+    """The `kernels.topk_select.topk_indices` impl the two-stage functions use for their impl: the Triton set
+    top-k on CUDA (torch.topk past its row limit), under the interpreter when asked for, torch.topk elsewhere."""
+    if q.is_cuda:
+        return "auto" if impl != "reference" else "reference"
+    return "triton" if use_triton(q, impl) else "reference"
+
+
+def candidate_pages(bounds: Tensor, keep: int, impl: str = "reference") -> Tensor:
     """The kept pages per KV head from page bounds (B, Hkv, G', NP) (-inf: never, +inf: always): with one
-    row per KV head (G' = 1) its top `keep` pages; with the group's rows (G' = G) the rank-by-rank union of
-    the heads' own rankings. Returns (B, Hkv, keep) int64, -1 where fewer pages are visible."""
+    row per KV head (G' = 1) its top `keep` pages (as a set: `topk_indices`, impl its impl); with the group's
+    rows (G' = G) the rank-by-rank union of the heads' own rankings. Returns (B, Hkv, keep) int64, -1 where
+    fewer pages are visible."""
     B, Hkv, rows, NP = bounds.shape
     if rows == 1:
-        return torch.topk(bounds[:, :, 0], keep, dim=-1, sorted=False).indices
+        return topk_indices(bounds[:, :, 0].contiguous(), keep, impl=impl)
     ranked = torch.topk(bounds.reshape(B * Hkv, rows, NP), keep, dim=-1, sorted=True)
     return union_by_rank(ranked.indices, ranked.values > float("-inf"), NP, keep).long().view(B, Hkv, keep)
 
@@ -123,7 +133,7 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     Stage 2: the partial scores sum_{own dims} q_d k_d of the candidates from key_dims (forced +inf, invisible
     -inf, as `fasa_scores_reference`), top `slots`.
     counts: (B, S) or None, as kernels.fasa.select_tokens: row r keeps its counts[r] best slots (a fraction
-    budget over ragged rows; the top-k is then sorted by score), the others -1.
+    budget over ragged rows), the others -1.
     impl: "auto" (the Triton kernels of kernels/page_select.py on CUDA, PyTorch elsewhere), "triton", "reference".
     Returns (B, S, slots) int64 token indices (S = Hkv if per_kv_head else H), -1 where the score is -inf."""
     B, H, _, D = q.shape
@@ -144,7 +154,7 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     if use_triton(q, impl) and page_size in PAGE_SIZES:  # the kernels tile pages by powers of two
         # 1. page bounds (visibility and forced pages applied in the kernel) -> candidate pages per KV head
         bounds = page_bounds_triton(q, page_min, page_max, state, page_size, q_mask=q_mask, reduce=reduce)
-        pages = candidate_pages(bounds.view(B, Hkv, -1, NP), keep)
+        pages = candidate_pages(bounds.view(B, Hkv, -1, NP), keep, topk_impl(q, impl))
         # 2. exact partial scores of the candidates from the contiguous dims (-1 tokens where not a key)
         scores, tokens = candidate_scores(q, key_dims, head_dims, member, pages, state, page_size,
                                           per_kv_head=per_kv_head)
@@ -158,7 +168,7 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
         visible, forced = page_state(state, page_size, NP)
         bounds = torch.where(visible[:, None, None], bounds, float("-inf"))
         bounds = torch.where((forced & visible)[:, None, None], float("inf"), bounds)
-        pages = candidate_pages(bounds, keep)
+        pages = candidate_pages(bounds, keep, topk_impl(q, impl))
         tokens, in_range = page_tokens(pages.clamp(min=0), page_size, Lk)  # (B, Hkv, C)
         in_range &= (pages >= 0).repeat_interleave(page_size, dim=-1)
         C = tokens.shape[-1]
@@ -178,15 +188,12 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     S = Hkv if per_kv_head else H
     scores = scores.reshape(B, S, C)
     take = min(slots, C)
-    values, idx = torch.topk(scores, take, dim=-1, sorted=counts is not None)
+    idx = topk_indices(scores.contiguous(), take, row_k=counts, impl=topk_impl(q, impl))  # -1: -inf or past counts
     rows = tokens.repeat_interleave(1 if per_kv_head else G, dim=1)  # (B, S, C)
-    chosen = rows.gather(-1, idx)
-    chosen = torch.where(values == float("-inf"), torch.full_like(chosen, -1), chosen)
+    chosen = rows.gather(-1, idx.clamp(min=0))
+    chosen = torch.where(idx < 0, torch.full_like(chosen, -1), chosen)
     if take < slots:
         chosen = torch.cat([chosen, chosen.new_full((B, S, slots - take), -1)], dim=-1)
-    if counts is not None:
-        slot = torch.arange(slots, device=chosen.device)
-        chosen = torch.where(slot[None, None, :] < counts[..., None], chosen, torch.full_like(chosen, -1))
     return chosen
 
 

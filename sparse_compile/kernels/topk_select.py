@@ -1,0 +1,130 @@
+"""The top-k of each row as an unordered set, in Triton: one program per row finds the k-th largest value by
+bisection over the values' order-preserving integer codes, then writes the indices of the k largest.
+
+    topk_indices(x, k, *, row_k=None, drop_neg_inf=True) -> (..., k) int64
+        x: (..., N) float32 scores; k: slots per row (k <= N); row_k: (...) int, the number of slots each row
+        fills (<= k; the others are -1), or None (every row fills k).
+        Returns the indices of each row's row_k largest values in ascending index order (ties at the k-th
+        value: the lowest indices), -1 in the unfilled slots and, with drop_neg_inf, where the value is -inf
+        (a key nothing may select). NaN ranks above +inf, as in torch.topk.
+
+Why: the decode selection ranks 8K-16K candidates per KV head and keeps 2048 every step; torch.topk costs a
+~45 us floor there on an H100 (radix sort passes, several launches) whatever the length. A set is all the
+selection needs (the sparse decode kernel sums over it in any order), so one program per row that keeps the row
+in registers (N <= MAX_N), bisects the 32-bit codes (32 reductions over registers) and compacts with a prefix
+sum is enough. Longer rows fall back to torch.topk (`topk_indices_reference`, which it must equal as a set).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_N = 16384  # the longest row one program holds in registers
+
+
+@triton.jit
+def _topk_indices_kernel(X, OUT, ROW_K, N, K, stride_x, stride_o,
+                         HAS_ROW_K: tl.constexpr, DROP_NEG_INF: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    r = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    in_row = offs < N
+    x = tl.load(X + r * stride_x + offs, mask=in_row, other=float("-inf"))
+    # order-preserving int32 code of a float: positive floats keep their bits, negative ones flip the
+    # magnitude bits (so -0.0 -> -1 sits just below +0.0 -> 0); NaN (any sign) ranks above +inf
+    bits = x.to(tl.int32, bitcast=True)
+    code = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    code = tl.where(x != x, 2147483647, code)
+    k = K
+    if HAS_ROW_K:
+        k = tl.minimum(tl.load(ROW_K + r).to(tl.int32), K)
+    k = tl.maximum(tl.minimum(k, N), 0)
+    # the largest t with count(code >= t) >= k: then count(code > t) < k <= count(code >= t)
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.sum(((code >= mid.to(tl.int32)) & in_row).to(tl.int32), axis=0)
+        ok = count >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    t = lo.to(tl.int32)
+    greater = (code > t) & in_row
+    equal = (code == t) & in_row
+    need = k - tl.sum(greater.to(tl.int32), axis=0)  # ties at the threshold: the lowest indices
+    take = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
+    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    index = offs.to(tl.int64)
+    if DROP_NEG_INF:
+        index = tl.where(x == float("-inf"), -1, index)
+    tl.store(OUT + r * stride_o + pos, index, mask=take)
+    slot = tl.arange(0, BLOCK_K)
+    tl.store(OUT + r * stride_o + slot, tl.full([BLOCK_K], -1, tl.int64), mask=(slot >= k) & (slot < K))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_topk_inputs(x: Tensor, k: int, row_k: Tensor | None) -> None:
+    """ValueError naming the problem when the inputs do not fit."""
+    if x.dim() < 1 or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"x must be (..., N) float32 (float64: the reference only), got {tuple(x.shape)} {x.dtype}")
+    if not 0 <= k <= x.shape[-1]:
+        raise ValueError(f"k = {k} must be in [0, N = {x.shape[-1]}]")
+    if row_k is not None:
+        if tuple(row_k.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"row_k must be shaped like x's rows {tuple(x.shape[:-1])}, got {tuple(row_k.shape)}")
+        if row_k.dtype.is_floating_point or row_k.dtype == torch.bool:
+            raise ValueError(f"row_k must be an integer tensor, got {row_k.dtype}")
+        if row_k.device != x.device:
+            raise ValueError(f"row_k is on {row_k.device}, x on {x.device}")
+
+
+def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, drop_neg_inf: bool = True,
+                 impl: str = "auto") -> Tensor:
+    """The k largest of each row as a set (module docstring). x: (..., N) float32. Returns (..., k) int64.
+    impl: "auto" (Triton on CUDA for rows of at most MAX_N, torch.topk otherwise), "triton" (CUDA or the
+    interpreter), "reference"."""
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    check_topk_inputs(x, k, row_k)
+    N = x.shape[-1]
+    triton_ok = N <= MAX_N and (x.is_cuda or _interpreting()) and x.dtype == torch.float32
+    if impl == "reference" or (impl == "auto" and not triton_ok):
+        return topk_indices_reference(x, k, row_k=row_k, drop_neg_inf=drop_neg_inf)
+    if not triton_ok:
+        raise ValueError(f"the Triton top-k needs float32 rows of at most {MAX_N} (got {N}, {x.dtype}) on CUDA or "
+                         f"under TRITON_INTERPRET=1 (got {x.device})")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, N)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=x.device)
+    if rows.shape[0] == 0 or k == 0:
+        return out.view(*lead, k)
+    rk = row_k.reshape(-1).contiguous() if row_k is not None else out
+    block_n = triton.next_power_of_2(N)
+    _topk_indices_kernel[(rows.shape[0],)](
+        rows, out, rk, N, k, rows.stride(0), out.stride(0),
+        HAS_ROW_K=row_k is not None, DROP_NEG_INF=drop_neg_inf,
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k),
+        num_warps=4 if block_n <= 2048 else (8 if block_n <= 8192 else 16))
+    return out.view(*lead, k)
+
+
+def topk_indices_reference(x: Tensor, k: int, *, row_k: Tensor | None = None, drop_neg_inf: bool = True) -> Tensor:
+    """`topk_indices` with torch.topk (sorted by value: with row_k, each row keeps its row_k best slots).
+    Equal to the kernel as a set per row wherever the k-th largest value is not tied."""
+    values, idx = torch.topk(x, k, dim=-1, sorted=row_k is not None)
+    if drop_neg_inf:
+        idx = torch.where(values == float("-inf"), torch.full_like(idx, -1), idx)
+    if row_k is not None:
+        slot = torch.arange(k, device=x.device)
+        idx = torch.where(slot < row_k[..., None], idx, torch.full_like(idx, -1))
+    return idx

@@ -1,0 +1,87 @@
+"""kernels/topk_select.py under the Triton interpreter: the set top-k equals torch.topk's set (untied rows),
+with -inf dropped, per-row counts, ties at the threshold taken by lowest index, NaN ranked above +inf, every
+slot written, and bad inputs raise errors that name the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis_budget import examples
+
+from sparse_compile.kernels.topk_select import topk_indices, topk_indices_reference
+
+
+def as_sets(idx: torch.Tensor, x: torch.Tensor) -> list[tuple[set[int], int]]:
+    """Per row: the chosen indices of finite values, and how many slots hold an index (the -inf values tie, so
+    which of them fill the slots is arbitrary)."""
+    rows = idx.reshape(-1, idx.shape[-1]) if idx.numel() else idx.new_empty(x[..., 0].numel(), 0)
+    values = x.reshape(rows.shape[0], -1)
+    out = []
+    for row, val in zip(rows, values, strict=True):
+        chosen = row[row >= 0]
+        out.append(({int(i) for i in chosen if torch.isfinite(val[i])}, chosen.numel()))
+    return out
+
+
+@given(
+    rows=st.integers(1, 4),
+    N=st.integers(1, 3000),
+    frac=st.floats(0.0, 1.0),
+    neg_inf=st.floats(0.0, 0.9),
+    counts=st.booleans(),
+    drop=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+@settings(max_examples=examples(20), deadline=None)
+def test_set_equals_torch_topk(rows, N, frac, neg_inf, counts, drop, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k = min(N, int(frac * N))
+    x = torch.randn(rows, 2, N, generator=gen)  # continuous: no ties
+    x[torch.rand(rows, 2, N, generator=gen) < neg_inf] = float("-inf")
+    row_k = torch.randint(0, k + 3, (rows, 2), generator=gen) if counts else None
+    got = topk_indices(x, k, row_k=row_k, drop_neg_inf=drop, impl="triton")
+    ref = topk_indices_reference(x, k, row_k=row_k, drop_neg_inf=drop)
+    assert got.shape == ref.shape == (rows, 2, k) and got.dtype == torch.int64
+    assert as_sets(got, x) == as_sets(ref, x)
+    if k:  # each row's chosen indices are distinct and in ascending order, the -1 slots last
+        for row in got.reshape(-1, k):
+            chosen = row[row >= 0]
+            if not drop:
+                assert torch.equal(chosen, row[: chosen.numel()])
+            assert torch.equal(chosen, chosen.sort().values) and chosen.unique().numel() == chosen.numel()
+
+
+def test_ties_take_the_lowest_indices_and_nan_ranks_first():
+    x = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0],
+                      [0.0, float("nan"), -0.0, float("inf"), -1.0, 0.0, 0.5]])
+    got = topk_indices(x, 3, impl="triton")
+    assert got[0].tolist() == [1, 3, 4]  # four 3.0s: the three lowest indices
+    assert got[1].tolist() == [1, 3, 6]  # NaN > +inf > 0.5
+    got = topk_indices(x, 5, impl="triton")
+    assert got[1].tolist() == [0, 1, 3, 5, 6]  # +0.0 ranks above -0.0: the two +0.0s at 0 and 5
+
+
+def test_every_slot_is_written():
+    x = torch.randn(3, 500)
+    x[1, 10:] = float("-inf")
+    row_k = torch.tensor([64, 64, 7])
+    for _ in range(2):  # the launcher allocates with torch.empty: poison what it may reuse
+        torch.full((3, 64), 12345, dtype=torch.int64)
+        got = topk_indices(x, 64, row_k=row_k, impl="triton")
+    assert ((got >= -1) & (got < 500)).all()
+    assert (got[1] >= 0).sum() == 10 and (got[2] >= 0).sum() == 7 and (got[2, 7:] == -1).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda: topk_indices(torch.randn(2, 8).half(), 2, impl="triton"), "float32"),
+    (lambda: topk_indices(torch.randn(2, 8).double(), 2, impl="triton"), "float32 rows"),
+    (lambda: topk_indices(torch.randn(2, 8), 9, impl="triton"), "k = 9"),
+    (lambda: topk_indices(torch.randn(2, 8), 2, row_k=torch.ones(3, dtype=torch.int64)), "row_k must be shaped"),
+    (lambda: topk_indices(torch.randn(2, 8), 2, row_k=torch.ones(2)), "integer"),
+    (lambda: topk_indices(torch.randn(2, 8), 2, impl="fast"), "impl"),
+])
+def test_bad_inputs_name_the_problem(bad, message):
+    with pytest.raises(ValueError, match=message):
+        bad()
