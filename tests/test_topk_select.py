@@ -32,16 +32,17 @@ def as_sets(idx: torch.Tensor, x: torch.Tensor) -> list[tuple[set[int], int]]:
     neg_inf=st.floats(0.0, 0.9),
     counts=st.booleans(),
     drop=st.booleans(),
+    algorithm=st.sampled_from(["bisect", "radix"]),
     seed=st.integers(0, 10_000),
 )
 @settings(max_examples=examples(20), deadline=None)
-def test_set_equals_torch_topk(rows, N, frac, neg_inf, counts, drop, seed):
+def test_set_equals_torch_topk(rows, N, frac, neg_inf, counts, drop, algorithm, seed):
     gen = torch.Generator().manual_seed(seed)
     k = min(N, int(frac * N))
     x = torch.randn(rows, 2, N, generator=gen)  # continuous: no ties
     x[torch.rand(rows, 2, N, generator=gen) < neg_inf] = float("-inf")
     row_k = torch.randint(0, k + 3, (rows, 2), generator=gen) if counts else None
-    got = topk_indices(x, k, row_k=row_k, drop_neg_inf=drop, impl="triton")
+    got = topk_indices(x, k, row_k=row_k, drop_neg_inf=drop, impl="triton", algorithm=algorithm)
     ref = topk_indices_reference(x, k, row_k=row_k, drop_neg_inf=drop)
     assert got.shape == ref.shape == (rows, 2, k) and got.dtype == torch.int64
     assert as_sets(got, x) == as_sets(ref, x)
@@ -53,23 +54,25 @@ def test_set_equals_torch_topk(rows, N, frac, neg_inf, counts, drop, seed):
             assert torch.equal(chosen, chosen.sort().values) and chosen.unique().numel() == chosen.numel()
 
 
-def test_ties_take_the_lowest_indices_and_nan_ranks_first():
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
+def test_ties_take_the_lowest_indices_and_nan_ranks_first(algorithm):
     x = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0],
                       [0.0, float("nan"), -0.0, float("inf"), -1.0, 0.0, 0.5]])
-    got = topk_indices(x, 3, impl="triton")
+    got = topk_indices(x, 3, impl="triton", algorithm=algorithm)
     assert got[0].tolist() == [1, 3, 4]  # four 3.0s: the three lowest indices
     assert got[1].tolist() == [1, 3, 6]  # NaN > +inf > 0.5
-    got = topk_indices(x, 5, impl="triton")
+    got = topk_indices(x, 5, impl="triton", algorithm=algorithm)
     assert got[1].tolist() == [0, 1, 3, 5, 6]  # +0.0 ranks above -0.0: the two +0.0s at 0 and 5
 
 
-def test_every_slot_is_written():
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
+def test_every_slot_is_written(algorithm):
     x = torch.randn(3, 500)
     x[1, 10:] = float("-inf")
     row_k = torch.tensor([64, 64, 7])
     for _ in range(2):  # the launcher allocates with torch.empty: poison what it may reuse
         torch.full((3, 64), 12345, dtype=torch.int64)
-        got = topk_indices(x, 64, row_k=row_k, impl="triton")
+        got = topk_indices(x, 64, row_k=row_k, impl="triton", algorithm=algorithm)
     assert ((got >= -1) & (got < 500)).all()
     assert (got[1] >= 0).sum() == 10 and (got[2] >= 0).sum() == 7 and (got[2, 7:] == -1).all()
 
@@ -81,7 +84,24 @@ def test_every_slot_is_written():
     (lambda: topk_indices(torch.randn(2, 8), 2, row_k=torch.ones(3, dtype=torch.int64)), "row_k must be shaped"),
     (lambda: topk_indices(torch.randn(2, 8), 2, row_k=torch.ones(2)), "integer"),
     (lambda: topk_indices(torch.randn(2, 8), 2, impl="fast"), "impl"),
+    (lambda: topk_indices(torch.randn(2, 8), 2, algorithm="sort"), "algorithm"),
 ])
 def test_bad_inputs_name_the_problem(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
+
+
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
+@pytest.mark.parametrize("group", [1, 4])
+def test_tokens_are_written_instead_of_indices(algorithm, group):
+    gen = torch.Generator().manual_seed(group)
+    x = torch.randn(2, 2 * group, 300, generator=gen)
+    x[0, 0, :100] = float("-inf")
+    tokens = torch.randint(0, 10_000, (2, 2, 300), generator=gen)
+    tokens[1, 1, ::7] = -1  # a padding candidate stays -1
+    got = topk_indices(x, 120, tokens=tokens, impl="triton", algorithm=algorithm)
+    ref = topk_indices_reference(x, 120, tokens=tokens)
+    idx = topk_indices(x, 120, impl="triton", algorithm=algorithm)
+    mapped = tokens.repeat_interleave(group, dim=1).gather(-1, idx.clamp(min=0))
+    assert torch.equal(got, torch.where(idx < 0, -1, mapped))
+    assert [sorted(r.tolist()) for r in got.view(-1, 120)] == [sorted(r.tolist()) for r in ref.view(-1, 120)]

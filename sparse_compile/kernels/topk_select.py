@@ -1,9 +1,12 @@
-"""The top-k of each row as an unordered set, in Triton: one program per row finds the k-th largest value by
-bisection over the values' order-preserving integer codes, then writes the indices of the k largest.
+"""The top-k of each row as an unordered set, in Triton: one program per row finds the k-th largest value over
+the values' order-preserving integer codes (32 bisection steps, or four 8-bit radix histograms), then writes the
+indices of the k largest.
 
-    topk_indices(x, k, *, row_k=None, drop_neg_inf=True) -> (..., k) int64
+    topk_indices(x, k, *, row_k=None, tokens=None, drop_neg_inf=True, algorithm="bisect") -> (..., k) int64
         x: (..., N) float32 scores; k: slots per row (k <= N); row_k: (...) int, the number of slots each row
-        fills (<= k; the others are -1), or None (every row fills k).
+        fills (<= k; the others are -1), or None (every row fills k); tokens: (R / g, N) int or None, written
+        instead of the indices (row r writes tokens[r // g, index]: the candidates' token ids, one row of them
+        per g score rows), so the caller needs no gather.
         Returns the indices of each row's row_k largest values in ascending index order (ties at the k-th
         value: the lowest indices), -1 in the unfilled slots and, with drop_neg_inf, where the value is -inf
         (a key nothing may select). NaN ranks above +inf, as in torch.topk.
@@ -28,8 +31,26 @@ MAX_N = 16384  # the longest row one program holds in registers
 
 
 @triton.jit
-def _topk_indices_kernel(X, OUT, ROW_K, N, K, stride_x, stride_o,
-                         HAS_ROW_K: tl.constexpr, DROP_NEG_INF: tl.constexpr,
+def _write_set(OUT, TOKENS, r, offs, x, greater, equal, k, K, stride_o, stride_t, GROUP,
+               HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Slots [0, k) of row r: the indices (or TOKENS' entries) of the values above the threshold and of the
+    lowest-indexed ties at it, in index order; slots [k, K): -1."""
+    need = k - tl.sum(greater.to(tl.int32), axis=0)  # ties at the threshold: the lowest indices
+    take = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
+    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    index = offs.to(tl.int64)
+    if HAS_TOKENS:
+        index = tl.load(TOKENS + (r // GROUP) * stride_t + offs, mask=take, other=-1).to(tl.int64)
+    if DROP_NEG_INF:
+        index = tl.where(x == float("-inf"), -1, index)
+    tl.store(OUT + r * stride_o + pos, index, mask=take)
+    slot = tl.arange(0, BLOCK_K)
+    tl.store(OUT + r * stride_o + slot, tl.full([BLOCK_K], -1, tl.int64), mask=(slot >= k) & (slot < K))
+
+
+@triton.jit
+def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP,
+                         HAS_ROW_K: tl.constexpr, HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
@@ -54,17 +75,46 @@ def _topk_indices_kernel(X, OUT, ROW_K, N, K, stride_x, stride_o,
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
     t = lo.to(tl.int32)
-    greater = (code > t) & in_row
-    equal = (code == t) & in_row
-    need = k - tl.sum(greater.to(tl.int32), axis=0)  # ties at the threshold: the lowest indices
-    take = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
-    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    index = offs.to(tl.int64)
-    if DROP_NEG_INF:
-        index = tl.where(x == float("-inf"), -1, index)
-    tl.store(OUT + r * stride_o + pos, index, mask=take)
-    slot = tl.arange(0, BLOCK_K)
-    tl.store(OUT + r * stride_o + slot, tl.full([BLOCK_K], -1, tl.int64), mask=(slot >= k) & (slot < K))
+    _write_set(OUT, TOKENS, r, offs, x, (code > t) & in_row, (code == t) & in_row, k, K, stride_o, stride_t,
+               GROUP, HAS_TOKENS, DROP_NEG_INF, BLOCK_K)
+
+
+@triton.jit
+def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP,
+                       HAS_ROW_K: tl.constexpr, HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same threshold as `_topk_indices_kernel`, found 8 bits at a time: four 256-bin histograms of the
+    codes that still match the threshold's high bits, instead of 32 bisection steps."""
+    r = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    in_row = offs < N
+    x = tl.load(X + r * stride_x + offs, mask=in_row, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    code = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    code = tl.where(x != x, 2147483647, code)
+    ucode = (code ^ -2147483648).to(tl.uint32, bitcast=True)  # unsigned order == signed order of code
+    k = K
+    if HAS_ROW_K:
+        k = tl.minimum(tl.load(ROW_K + r).to(tl.int32), K)
+    k = tl.maximum(tl.minimum(k, N), 0)
+    bins = tl.arange(0, 256)
+    match = in_row
+    k_rem = k
+    t = tl.zeros([], tl.uint32)
+    for p in tl.static_range(4):
+        digit = ((ucode >> (24 - 8 * p)) & 255).to(tl.int32)
+        hist = tl.histogram(digit, 256, mask=match)
+        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # matching codes with digit >= d
+        d = tl.max(tl.where(at_least >= k_rem, bins, 0), axis=0)
+        k_rem = k_rem - tl.sum(tl.where(bins > d, hist, 0), axis=0)
+        match = match & (digit == d)
+        t = t | (d.to(tl.uint32) << (24 - 8 * p))
+    t = tl.where(k > 0, t, 4294967295)  # k = 0: nothing is above the threshold (and need = 0 takes no tie)
+    _write_set(OUT, TOKENS, r, offs, x, (ucode > t) & in_row, (ucode == t) & in_row, k, K, stride_o, stride_t,
+               GROUP, HAS_TOKENS, DROP_NEG_INF, BLOCK_K)
+
+
+ALGORITHMS = ("bisect", "radix")
 
 
 def _interpreting() -> bool:
@@ -86,18 +136,33 @@ def check_topk_inputs(x: Tensor, k: int, row_k: Tensor | None) -> None:
             raise ValueError(f"row_k is on {row_k.device}, x on {x.device}")
 
 
-def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, drop_neg_inf: bool = True,
-                 impl: str = "auto") -> Tensor:
+def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tensor | None = None,
+                 drop_neg_inf: bool = True, impl: str = "auto", algorithm: str = "bisect",
+                 num_warps: int | None = None) -> Tensor:
     """The k largest of each row as a set (module docstring). x: (..., N) float32. Returns (..., k) int64.
     impl: "auto" (Triton on CUDA for rows of at most MAX_N, torch.topk otherwise), "triton" (CUDA or the
-    interpreter), "reference"."""
+    interpreter), "reference". tokens: (R / g, N) int, what to write instead of the index: row r's slots hold
+    tokens[r // g, index] (g = rows of x per row of tokens; -1 stays -1). algorithm: "bisect" (32 steps of a
+    compare and a block sum) or "radix" (four 256-bin histograms); num_warps: the launch's warps (None: by row
+    length)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     check_topk_inputs(x, k, row_k)
     N = x.shape[-1]
+    R = x.numel() // max(N, 1)
+    group = 1
+    if tokens is not None:
+        if tokens.dim() < 1 or tokens.shape[-1] != N or tokens.numel() == 0 or R % (tokens.numel() // N):
+            raise ValueError(f"tokens must be (R / g, N = {N}) with R = {R} rows of x a multiple of its rows, got "
+                             f"{tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.device != x.device:
+            raise ValueError(f"tokens must be an integer tensor on {x.device}, got {tokens.dtype} on {tokens.device}")
+        group = R // (tokens.numel() // N)
     triton_ok = N <= MAX_N and (x.is_cuda or _interpreting()) and x.dtype == torch.float32
     if impl == "reference" or (impl == "auto" and not triton_ok):
-        return topk_indices_reference(x, k, row_k=row_k, drop_neg_inf=drop_neg_inf)
+        return topk_indices_reference(x, k, row_k=row_k, tokens=tokens, drop_neg_inf=drop_neg_inf)
     if not triton_ok:
         raise ValueError(f"the Triton top-k needs float32 rows of at most {MAX_N} (got {N}, {x.dtype}) on CUDA or "
                          f"under TRITON_INTERPRET=1 (got {x.device})")
@@ -109,19 +174,29 @@ def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, drop_neg_inf
     if rows.shape[0] == 0 or k == 0:
         return out.view(*lead, k)
     rk = row_k.reshape(-1).contiguous() if row_k is not None else out
+    tok = tokens.reshape(-1, N) if tokens is not None else out
+    if tok.stride(-1) != 1:
+        tok = tok.contiguous()
     block_n = triton.next_power_of_2(N)
-    _topk_indices_kernel[(rows.shape[0],)](
-        rows, out, rk, N, k, rows.stride(0), out.stride(0),
-        HAS_ROW_K=row_k is not None, DROP_NEG_INF=drop_neg_inf,
+    kernel = _topk_indices_kernel if algorithm == "bisect" else _topk_radix_kernel
+    kernel[(rows.shape[0],)](
+        rows, out, rk, tok, N, k, rows.stride(0), out.stride(0), tok.stride(0), group,
+        HAS_ROW_K=row_k is not None, HAS_TOKENS=tokens is not None, DROP_NEG_INF=drop_neg_inf,
         BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k),
-        num_warps=4 if block_n <= 2048 else (8 if block_n <= 8192 else 16))
+        num_warps=num_warps or (4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)))
     return out.view(*lead, k)
 
 
-def topk_indices_reference(x: Tensor, k: int, *, row_k: Tensor | None = None, drop_neg_inf: bool = True) -> Tensor:
+def topk_indices_reference(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tensor | None = None,
+                           drop_neg_inf: bool = True) -> Tensor:
     """`topk_indices` with torch.topk (sorted by value: with row_k, each row keeps its row_k best slots).
     Equal to the kernel as a set per row wherever the k-th largest value is not tied."""
     values, idx = torch.topk(x, k, dim=-1, sorted=row_k is not None)
+    if tokens is not None:
+        N = x.shape[-1]
+        rows = tokens.reshape(-1, N)
+        group = (x.numel() // max(N, 1)) // rows.shape[0]
+        idx = rows.repeat_interleave(group, dim=0).gather(-1, idx.reshape(-1, k)).view(idx.shape)
     if drop_neg_inf:
         idx = torch.where(values == float("-inf"), torch.full_like(idx, -1), idx)
     if row_k is not None:

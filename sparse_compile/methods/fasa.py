@@ -61,7 +61,7 @@ from sparse_compile.kernels.key_state import key_state_from_mask
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list  # noqa: F401 - in_layers re-exported
 from sparse_compile.method import GQA_MODES, BenchCase, CacheBuffers, Knob, Method
-from sparse_compile.methods.two_stage import fasa_two_stage
+from sparse_compile.methods.two_stage import fasa_two_stage, kept_pages
 from sparse_compile.params import MethodParams, param
 
 
@@ -291,6 +291,15 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
     idx = fasa_two_stage(q, key_dims, dims, member, cache.page_min, cache.page_max, state, slots, candidates,
                          cache.page_size, sink=params.sink, recent=params.recent,
                          per_kv_head=params.gqa == "per_kv_head", counts=counts)
+    if mask.key_valid is None:  # visible keys [lo, hi]: is every slot's pick known to be finite?
+        lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
+        n_vis, P = max(0, hi - lo + 1), cache.page_size
+        n_pages = -(-Lk // P)
+        keep = kept_pages(candidates, P, n_pages, params.sink, params.recent)
+        # the kept pages are visible ones (invisible pages rank last); at most the first and the last are partial
+        if keep >= n_pages or (keep - 2) * P + 2 >= slots:
+            value = min(slots, n_vis) / max(n_vis, 1)
+            return Selection(idx, torch.full((B, H), value, dtype=torch.float32, device=q.device))
     kept = (idx >= 0).sum(-1).float()  # (B, S)
     density = (kept / n_visible.clamp(min=1).float()[:, None]).repeat_interleave(H // idx.shape[1], dim=1)
     return Selection(idx, density.contiguous())

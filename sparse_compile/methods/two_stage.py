@@ -188,10 +188,8 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     S = Hkv if per_kv_head else H
     scores = scores.reshape(B, S, C)
     take = min(slots, C)
-    idx = topk_indices(scores.contiguous(), take, row_k=counts, impl=topk_impl(q, impl))  # -1: -inf or past counts
-    rows = tokens.repeat_interleave(1 if per_kv_head else G, dim=1)  # (B, S, C)
-    chosen = rows.gather(-1, idx.clamp(min=0))
-    chosen = torch.where(idx < 0, torch.full_like(chosen, -1), chosen)
+    # the chosen candidates' token ids (score row (b, s) reads tokens[b, s // G']); -1: -inf or past counts
+    chosen = topk_indices(scores.contiguous(), take, row_k=counts, tokens=tokens, impl=topk_impl(q, impl))
     if take < slots:
         chosen = torch.cat([chosen, chosen.new_full((B, S, slots - take), -1)], dim=-1)
     return chosen
