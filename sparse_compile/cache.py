@@ -436,20 +436,21 @@ class SparseCache(Cache):
 
 
 def filled_layer(method: str, params: Any, facts: dict[str, Any], keys: Tensor, values: Tensor, page_size: int,
-                 layer: int = 0) -> SparseLayer:
+                 layer: int = 0, dims_copy: bool = True) -> SparseLayer:
     """A SparseLayer holding `keys` / `values` (B, Hkv, L, D), written by one prefill `update`, with the buffers
     a `method` ("fasa": dims copy and pages, with `params`' chunks; "lessismore": pages) layer keeps: what a
-    decode node over a SparseCache of length L receives, for benchmarks and tests that start from K."""
+    decode node over a SparseCache of length L receives, for benchmarks and tests that start from K.
+    dims_copy=False: pages only (as `SparseCache(dims_copy=False)`)."""
     dims = member = None
-    if method == "fasa":
+    if method not in ("fasa", "lessismore"):
+        raise ValueError(f"filled_layer: {method!r} keeps no SparseCache buffers (fasa and lessismore do)")
+    if method == "fasa" and dims_copy:
         per_head = fasa_head_dims(params, layer, facts)
         if per_head is None:
             raise ValueError(f"FASA does not run layer {layer} under these params (mismatch = 'dense')")
         dims, member = kv_head_dims(per_head, facts)
         if dims.shape[1] >= facts["head_dim"]:  # the union is every dim: no copy, the node reads K
             dims = member = None
-    elif method != "lessismore":
-        raise ValueError(f"filled_layer: {method!r} keeps no SparseCache buffers (fasa and lessismore do)")
     layer_obj = SparseLayer(max_cache_len=keys.shape[2], dims=dims, member=member, page_size=page_size)
     layer_obj.update(keys, values)
     return layer_obj

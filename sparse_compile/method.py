@@ -76,6 +76,8 @@ class BenchCase:
         the selection the select case made.
     page_size: > 0: the keys sit in a SparseCache layer with pages of this size (and the method's dims copy),
         and the method gets its buffers (`cache=`): the two-stage selection; 0: plain K/V.
+    dims_copy: with page_size, whether the layer keeps the method's dims copy (False: pages only, the node
+        scores the candidates from K's rows, as `SparseCache(dims_copy=False)`).
     """
 
     phase: str
@@ -83,6 +85,7 @@ class BenchCase:
     params: tuple[tuple[str, Any], ...] = ()
     role: str | None = None
     page_size: int = 0
+    dims_copy: bool = True
 
 
 @dataclass(frozen=True)

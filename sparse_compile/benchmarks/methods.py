@@ -99,7 +99,7 @@ def case_call(method: Method, case: BenchCase, params: Any, q: torch.Tensor, k: 
     if case.page_size:  # the keys as a SparseCache layer holds them, and the buffers the node would pass
         facts = {"num_layers": site.layer + 1, "num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads,
                  "head_dim": site.head_dim, "rotary_dim": site.rotary_dim, "layout": site.rope}
-        layer = filled_layer(method.name, params, facts, k, v, case.page_size, site.layer)
+        layer = filled_layer(method.name, params, facts, k, v, case.page_size, site.layer, dims_copy=case.dims_copy)
         extra["cache"] = CacheBuffers(layer.key_dims, layer.dims, layer.member, layer.page_min, layer.page_max,
                                       case.page_size)
     if case.role is None:

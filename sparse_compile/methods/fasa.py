@@ -340,6 +340,8 @@ METHOD = Method(
                  BenchCase("decode", "generic:cache16", GENERIC, page_size=16),
                  BenchCase("decode", "generic:per_kv_head", GENERIC + (("gqa", "per_kv_head"),)),
                  BenchCase("decode", "generic:per_kv_head:cache16", GENERIC + (("gqa", "per_kv_head"),), page_size=16),
-                 BenchCase("decode", "generic:per_kv_head:cache32", GENERIC + (("gqa", "per_kv_head"),), page_size=32)),
+                 BenchCase("decode", "generic:per_kv_head:cache32", GENERIC + (("gqa", "per_kv_head"),), page_size=32),
+                 BenchCase("decode", "generic:per_kv_head:pages32", GENERIC + (("gqa", "per_kv_head"),), page_size=32,
+                           dims_copy=False)),
     knobs=(Knob(("chunks",), "chunks", "decode"),),
 )
