@@ -2,20 +2,29 @@
 the exact decode attention and the spec's selection, equal to the PyTorch references (float32 / float16, GQA 1 and
 4, head_dim 64 and 128, lengths not a tile multiple, ragged left padding, short rows, the multi-block paths of the
 row kernels); every output and intermediate element is written; with tied logits the heads' rankings are valid
-rankings and the union is theirs; bad inputs raise errors that name the problem."""
+rankings and the union is theirs; bad inputs raise errors that name the problem; the method's selecting layer
+runs it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from sparse_compile.attention_mask import AttentionMask, SiteFacts
 from sparse_compile.kernels.fasa import key_state
-from sparse_compile.kernels.lessismore import decode_logits_reference, fixed_regions, union_by_rank
+from sparse_compile.kernels.lessismore import (
+    budget_split,
+    decode_logits_reference,
+    fixed_regions,
+    select_from_logits,
+    union_by_rank,
+)
 from sparse_compile.kernels.lessismore_select import (
     lessismore_select,
     lessismore_select_reference,
     select_triton,
 )
+from sparse_compile.methods import lessismore
 
 TOL = {torch.float32: {"atol": 2e-5, "rtol": 2e-5}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
 SENTINEL = -7777  # poison of the int32 selection buffer
@@ -225,3 +234,22 @@ def test_bad_inputs_raise(change, match):
     with pytest.raises(ValueError, match=match):
         lessismore_select(**args, **kw)
 
+
+def test_method_select_layer_runs_the_kernels():
+    """methods/lessismore.py role "select" without a SparseCache: impl "triton" (the fused kernels) == "reference"
+    (dense attention + decode_logits + select_tokens); the selection is what the reuse layers read."""
+    B, H, Hkv, Lk, D = 2, 8, 2, 90, 64
+    q, k, v = inputs(B, H, Hkv, Lk, D, torch.float32, seed=5)
+    key_valid = visibility(B, Lk, [0, 12])
+    mask = AttentionMask(causal=True, q_offset=Lk - 1, key_valid=key_valid)
+    params = lessismore.LessIsMoreParams(budget=32, sink=2, recent_fraction=0.25)
+    got = lessismore.attention(q, k, v, mask, SiteFacts(), params, 0.125, "select", impl="triton")
+    want = lessismore.attention(q, k, v, mask, SiteFacts(), params, 0.125, "select", impl="reference")
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    assert torch.equal(got[1], want[1])
+    assert got[2].shape == (B, 32) and as_sets(got[2]) == as_sets(want[2])
+    n_sink, middle, n_recent = budget_split(32, 2, 0.25)
+    logits = decode_logits_reference(q, k, 0.125, key_valid)
+    assert as_sets(got[2]) == as_sets(select_from_logits(logits, key_valid, n_sink, middle, n_recent))
+    with pytest.raises(ValueError, match="impl must be"):
+        lessismore.attention(q, k, v, mask, SiteFacts(), params, 0.125, "select", impl="gpu")
