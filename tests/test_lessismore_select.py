@@ -1,9 +1,9 @@
 """kernels/lessismore_select.py under the Triton interpreter: one pass over K/V gives LessIsMore's selection layer,
-the exact decode attention and the spec's selection, equal to the PyTorch references (float32 / float16, GQA 1 and
-4, head_dim 64 and 128, lengths not a tile multiple, ragged left padding, short rows, the multi-block paths of the
-row kernels); every output and intermediate element is written; with tied logits the heads' rankings are valid
-rankings and the union is theirs; bad inputs raise errors that name the problem; the method's selecting layer
-runs it."""
+the exact decode attention and the spec's selection, equal to the PyTorch references (float32 / float16, GQA 1
+and 4, head_dim 64, 80 and 128, lengths not a tile multiple, ragged left padding, short rows, the multi-block
+paths of the row kernels); every output and intermediate element is written; with tied logits the heads'
+rankings are valid rankings and the union is theirs; bad inputs raise errors that name the problem; the
+method's selecting layer runs it."""
 
 from __future__ import annotations
 
@@ -112,8 +112,9 @@ def test_tiles_blocks_and_splits(tile, block_cap, splits):
     (33, (2, 8, 3), [0, 33]),    # a row that sees no key: zeros and an empty selection
 ])
 def test_short_rows_and_edge_budgets(Lk, budget, pads):
+    """(head_dim 80: not a power of two.)"""
     n_sink, middle, n_recent = budget
-    q, k, v = inputs(2, 4, 2, Lk, 64, torch.float32, seed=Lk + middle)
+    q, k, v = inputs(2, 4, 2, Lk, 80, torch.float32, seed=Lk + middle)
     visible = visibility(2, Lk, pads)
     run = run_poisoned(q, k, v, visible, 0.125, n_sink, middle, n_recent)
     check_against_reference(run, q, k, v, visible, 0.125, n_sink, middle, n_recent)

@@ -108,8 +108,9 @@ def _row_codes(PTR, offs, n_a, a_cap, n_b, PACKED: tl.constexpr):
 
 @triton.jit
 def _kth_largest(PTR, n_a, a_cap, n_b, k, PACKED: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr):
-    """The largest code t with count(code >= t) >= k over a row of `_row_codes` (INT32_MIN when the row holds
-    fewer than k codes): 32 bisection steps over the int32 range; the row stays in registers when NBLK == 1."""
+    """(t, count(code > t)) for the largest code t with count(code >= t) >= k over a row of `_row_codes`
+    (t = INT32_MIN when the row holds fewer than k codes): 32 bisection steps over the int32 range; the row stays
+    in registers when NBLK == 1."""
     offs = tl.arange(0, BLOCK)
     if NBLK == 1:
         codes = _row_codes(PTR, offs, n_a, a_cap, n_b, PACKED)
@@ -127,7 +128,14 @@ def _kth_largest(PTR, n_a, a_cap, n_b, k, PACKED: tl.constexpr, BLOCK: tl.conste
         ok = count >= k
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
-    return lo.to(tl.int32)
+    t = lo.to(tl.int32)
+    if NBLK == 1:
+        above = tl.sum((codes > t).to(tl.int32), axis=0)
+    else:
+        above = tl.zeros([], tl.int32)
+        for j in range(NBLK):
+            above += tl.sum((_row_codes(PTR, j * BLOCK + offs, n_a, a_cap, n_b, PACKED) > t).to(tl.int32), axis=0)
+    return t, above
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +289,7 @@ def _attention_logits_kernel(
 def _bound_kernel(TMAX, BOUND, n_tiles, k_sel, stride_tr, BLOCK: tl.constexpr, NBLK: tl.constexpr):
     """BOUND[row] = the k_sel-th largest tile maximum of head row `row` (INT32_MIN with fewer tiles)."""
     row = tl.program_id(0)
-    bound = _kth_largest(TMAX + row.to(tl.int64) * stride_tr, n_tiles, n_tiles, 0, k_sel, False, BLOCK, NBLK)
+    bound, _ = _kth_largest(TMAX + row.to(tl.int64) * stride_tr, n_tiles, n_tiles, 0, k_sel, False, BLOCK, NBLK)
     tl.store(BOUND + row, bound)
 
 
@@ -336,13 +344,10 @@ def _rank_kernel(
     n_a = tl.minimum(tl.load(COUNT + row), a_cap)
     n_b = tl.minimum(tl.load(COUNT + n_rows + row), k_sel)
     # 1. T = the k-th largest candidate code; every code > T is kept, and `need` of the ties at T
-    t = _kth_largest(cand, n_a, a_cap, n_b, k_sel, True, BLOCK, NBLK)
-    offs = tl.arange(0, BLOCK)
-    n_above = tl.zeros([], tl.int32)
-    for j in range(NBLK):
-        n_above += tl.sum((_row_codes(cand, j * BLOCK + offs, n_a, a_cap, n_b, True) > t).to(tl.int32), axis=0)
+    t, n_above = _kth_largest(cand, n_a, a_cap, n_b, k_sel, True, BLOCK, NBLK)
     need = k_sel - n_above
     # 2. compact the kept candidates (packed keys) into TOP[row, :n_kept]
+    offs = tl.arange(0, BLOCK)
     n_kept = tl.zeros([], tl.int32)
     n_ties = tl.zeros([], tl.int32)
     for j in range(NBLK):
