@@ -158,6 +158,26 @@ def test_ties_give_a_valid_ranking():
     assert torch.equal(run.selection[:, :n_fixed], ref_sel[:, :n_fixed])
 
 
+def test_all_logits_tied():
+    """Zero keys: every middle logit ties, more ties at the bound than the tie slots hold (the cap). Each head
+    still ranks k distinct middle keys, and the union has `middle` distinct middle keys."""
+    B, H, Hkv, Lk, D = 2, 2, 1, 70, 16
+    q, _, v = inputs(B, H, Hkv, Lk, D, torch.float32, seed=2)
+    k = torch.zeros(B, Hkv, Lk, D)
+    visible = visibility(B, Lk, [0, 11])
+    run = run_poisoned(q, k, v, visible, 0.25, 2, 15, 3, tile=4)
+    _, ref_sel = lessismore_select_reference(q, k, v, visible, 0.25, 2, 15, 3)
+    is_sink, is_recent = fixed_regions(visible, 2, 3)
+    middle_keys = visible & ~is_sink & ~is_recent
+    for b in range(B):
+        for h in range(H):
+            ranked = run.head_top[b, h].tolist()
+            assert len(set(ranked)) == 15 and all(middle_keys[b, t] for t in ranked)
+        union = run.selection[b, 5:].tolist()
+        assert len(set(union)) == 15 and all(middle_keys[b, t] for t in union)
+    assert torch.equal(run.selection[:, :5], ref_sel[:, :5])
+
+
 def test_nonfinite_values():
     """NaN in the K/V of keys a row cannot see changes nothing; NaN in a visible key's V makes its group's heads
     NaN (as the reference) and leaves the selection alone."""

@@ -3,7 +3,7 @@ selection needs, then the selection itself without torch.topk (shared/specs/less
 the selection is kernels/lessismore.py).
 
     lessismore_select(q, k, v, visible, scale, n_sink, middle, n_recent, *, state=None, impl="auto",
-                      num_splits=None, tile=None, out=None, selection=None) -> (out, selection)
+                      num_splits=None, tile=None, out=None, selection=None, launch=None) -> (out, selection)
 
       q:        (B, H, 1, D)   float16 / bfloat16 / float32 (float64 on the reference path)
       k, v:     (B, Hkv, Lk, D) same dtype, un-expanded (H % Hkv == 0: a GQA group reads K/V once)
@@ -40,19 +40,22 @@ three: per head over all keys, over the union's order keys, over the forced keys
    T to keep; the k kept are compacted, sorted (tl.sort of the packed int64: logit descending, token ascending)
    and the sorted position is the head's rank r. Each (r, h) writes its token at position r * H + h of the
    rank-major sequence the spec's union walks, and atomically keeps, per token, its earliest position in a
-   (B, Lk) table (KEY_BASE - position, atomic max; 0: no head chose it).
+   (B, Lk) table (2^31 - 1 - position, atomic max; 0: no head chose it).
 4. `_levels_kernel` counts per rank level the entries that are their token's earliest position (the union's
    first occurrences); `_union_kernel` gives each first occurrence the slot = first occurrences before it (the
    level counts before its level + a prefix sum inside its tile), writes the tokens of slots < middle, -1 after
    the union, and the forced keys sorted by position.
 Every launch has a shape-only grid and no host synchronisation, so the selection layer captures in a CUDA graph.
 
-Cost (B = 1, H = 32, Hkv = 8, D = 128, bf16, 128K keys, budget 2048: k = 1536, TILE = 8; H100 at 3.35 TB/s):
-step 1 reads K and V (537 MB) and writes 16.8 MB of logits + 2.1 MB of tile maxima, ~167 us at peak (cuDNN's dense
-decode reaches ~2.8 TB/s: ~200 us); steps 2-4 move ~8 MB (tile maxima twice, ~1536 sectors of logits and 110 KB
-of candidates per head row, the sequence), ~3 us at peak, and are bound by their 6 launches and per-row latency
-(32 bisection steps over 16K codes in one program per row): ~15-25 us. About 0.19-0.23 ms for the whole
-selection layer against 0.19 ms for cuDNN's dense decode (0.79 ms for SDPA + decode_logits + select_tokens).
+Cost (B = 1, H = 32, Hkv = 8, D = 128, bf16, 128K keys, budget 2048: k = 1536, TILE = 8; H100, 3.35 TB/s), a
+prediction (untimed): step 1 reads K and V (537 MB) and writes 16.8 MB of logits and 2.1 MB of tile maxima:
+557 MB, 166 us at peak, ~200 us at the 2.8 TB/s cuDNN's dense decode reaches (193 us). Steps 2-4 move 10-20 MB
+(the tile maxima twice, ~1.5K logit sectors and <= 110 KB of candidates twice per head row, the sequence): ~5 us
+of bandwidth; they are bound by their launches (scratch memset, combine, bound, take, rank, levels, union:
+~2 us each in a CUDA graph) and by the 32 dependent reductions of each row program's bisections (~3-5 us each
+in bound and rank): ~25 us. About 0.2-0.23 ms for attention + selection against 0.19 ms for cuDNN's dense
+decode; today's SDPA + decode_logits + select_tokens costs 0.79 ms. Not included: the caller's per-key state
+(attention_mask.visible_keys + kernels.fasa.key_state in PyTorch, ~17 small launches at (B, Lk)).
 """
 
 from __future__ import annotations
@@ -72,7 +75,6 @@ from sparse_compile.kernels.limits import kernel_unsupported
 from sparse_compile.kernels.sparse_decode import _combine_kernel, default_splits, sparse_decode_reference
 
 LOG2E = 1.4426950408889634
-KEY_BASE = 2**31 - 1  # earliest-position table entries: KEY_BASE - position (0: no head chose the token)
 TILES = (4, 8, 16, 32)  # tile sizes of the tile maxima (powers of two dividing BLOCK_N)
 BLOCK_CAP = 16384  # codes a row program holds in registers; longer rows loop over blocks
 TAKE_TILES = 512  # tiles per `_take_kernel` program
