@@ -207,6 +207,8 @@ def test_public_entry_point():
     out_s, sel_s = lessismore_select(q, k, v, visible, 0.125, 2, 10, 3, impl="triton",
                                      state=key_state(visible, 2, 3))
     out_r, sel_r = lessismore_select(q, k, v, visible, 0.125, 2, 10, 3, impl="reference")
+    out_n, sel_n = lessismore_select(q, k, v, None, 0.125, 2, 10, 3, impl="reference", state=key_state(visible, 2, 3))
+    assert torch.equal(out_n, out_r) and torch.equal(sel_n, sel_r)
     out_a, sel_a = lessismore_select(q, k, v, visible, 0.125, 2, 10, 3)
     torch.testing.assert_close(out_t, out_r, **TOL[torch.float16])
     assert torch.equal(out_t, out_s) and torch.equal(out_a, out_r)
@@ -238,6 +240,8 @@ def _bad(**change):
     ({"k": lambda k: k.half()}, "must share one float dtype"),
     ({"q": lambda q: q.int(), "k": lambda k: k.int(), "v": lambda v: v.int()}, "must share one float dtype"),
     ({"visible": lambda m: m.to("meta")}, "must be on one device"),
+    ({"v": lambda v: v.to("meta")}, "must be on one device"),
+    ({"visible": None}, "give visible"),
     ({"visible": lambda m: m[:, :5]}, r"visible must be \(B, Lk\)"),
     ({"visible": lambda m: m.int()}, r"visible must be \(B, Lk\) = \(2, 20\) bool"),
     ({"state": torch.ones(2, 20, dtype=torch.int32)}, "state must be"),

@@ -7,9 +7,11 @@ the selection is kernels/lessismore.py).
 
       q:        (B, H, 1, D)   float16 / bfloat16 / float32 (float64 on the reference path)
       k, v:     (B, Hkv, Lk, D) same dtype, un-expanded (H % Hkv == 0: a GQA group reads K/V once)
-      visible:  (B, Lk) bool, the keys the query sees (causality, left padding, unwritten static-cache slots)
-      state:    optional (B, Lk) int8 = kernels.fasa.key_state(visible, n_sink, n_recent): 0 invisible, 1 middle
-                region, 2 forced (the first n_sink / last n_recent visible keys); computed from `visible` if None
+      visible:  (B, Lk) bool, the keys the query sees (causality, left padding, unwritten static-cache slots), or
+                None when `state` is given
+      state:    optional (B, Lk) int8 = kernels.fasa.key_state(visible, n_sink, n_recent) (or, from the mask's
+                structure, kernels.key_state.key_state_from_mask): 0 invisible, 1 middle region, 2 forced (the first
+                n_sink / last n_recent visible keys); computed from `visible` if None
       returns   out (B, H, 1, D) in q's dtype: softmax(scale * q.k) v over the visible keys (exact attention;
                   the non-finite contract of kernels/sparse_decode.py);
                 selection (B, n_sink + n_recent + middle) int32, the spec's selection shared by all heads:
@@ -55,7 +57,8 @@ of bandwidth; they are bound by their launches (scratch memset, combine, bound, 
 ~2 us each in a CUDA graph) and by the 32 dependent reductions of each row program's bisections (~3-5 us each
 in bound and rank): ~25 us. About 0.2-0.23 ms for attention + selection against 0.19 ms for cuDNN's dense
 decode; today's SDPA + decode_logits + select_tokens costs 0.79 ms. Not included: the caller's per-key state
-(attention_mask.visible_keys + kernels.fasa.key_state in PyTorch, ~17 small launches at (B, Lk)).
+(methods/lessismore.py: kernels/key_state.py from the mask's structure, two more launches; computing it here
+from `visible` with kernels.fasa.key_state costs ~15 small PyTorch launches at (B, Lk)).
 """
 
 from __future__ import annotations
@@ -466,7 +469,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, state: Tensor | None, scale: float,
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, state: Tensor | None, scale: float,
                  n_sink: int, middle: int, n_recent: int) -> None:
     """Raise ValueError naming the argument when shapes, dtypes, devices or counts do not fit (no device sync)."""
     if q.dim() != 4 or q.shape[2] != 1:
@@ -484,10 +487,14 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, state: Tensor
     if q.dtype not in _FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one float dtype (float16, bfloat16, float32, float64), got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == visible.device):
+    if visible is None and state is None:
+        raise ValueError("give visible (B, Lk) bool or state (B, Lk) int8")
+    if visible is not None and not (q.device == k.device == v.device == visible.device):
         raise ValueError(f"q, k, v, visible must be on one device, got {q.device}, {k.device}, {v.device}, "
                          f"{visible.device}")
-    if tuple(visible.shape) != (B, Lk) or visible.dtype != torch.bool:
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if visible is not None and (tuple(visible.shape) != (B, Lk) or visible.dtype != torch.bool):
         raise ValueError(f"visible must be (B, Lk) = {(B, Lk)} bool, got {tuple(visible.shape)} {visible.dtype}")
     if state is not None and (tuple(state.shape) != (B, Lk) or state.dtype != torch.int8 or state.device != q.device):
         raise ValueError(f"state must be (B, Lk) = {(B, Lk)} int8 on {q.device} (kernels.fasa.key_state), got "
@@ -636,7 +643,7 @@ def select_triton(q: Tensor, k: Tensor, v: Tensor, state: Tensor, scale: float, 
     return SelectRun(out, selection, logits, head_top)
 
 
-def lessismore_select(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float, n_sink: int, middle: int,
+def lessismore_select(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float, n_sink: int, middle: int,
                       n_recent: int, *, state: Tensor | None = None, impl: str = "auto",
                       num_splits: int | None = None, tile: int | None = None, out: Tensor | None = None,
                       selection: Tensor | None = None, launch: tuple[int, int, int] | None = None
@@ -662,6 +669,7 @@ def lessismore_select(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: f
         raise ValueError(f"selection must be a contiguous (B, n_sink + n_recent + middle) = {(B, size)} int32 "
                          f"buffer on {q.device}, got {tuple(selection.shape)} {selection.dtype} on {selection.device}")
     if impl == "reference" or (impl == "auto" and not q.is_cuda):
+        visible = state != 0 if visible is None else visible
         res_out, res_sel = lessismore_select_reference(q, k, v, visible, scale, n_sink, middle, n_recent)
         if out is not None:
             res_out = out.copy_(res_out)

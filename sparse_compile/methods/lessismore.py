@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
+from sparse_compile.kernels.key_state import key_state_from_mask
 from sparse_compile.kernels.lessismore import budget_split, decode_logits, select_tokens
 from sparse_compile.kernels.lessismore_select import lessismore_select
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
@@ -146,11 +147,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
     B, H = q.shape[:2]
     Lk = k.shape[2]
     if role == "select":
-        visible = decode_visible(mask, B, Lk, q.device)
-        if cache is None and fused_select(q, mask, impl):
+        if cache is None and fused_select(q, mask, impl):  # the per-key state from the mask's structure, in Triton
             n_sink, middle, n_recent = budget_split(params.budget, params.sink, params.recent_fraction)
-            out, made = lessismore_select(q, k, v, visible, scale, n_sink, middle, n_recent, impl="triton")
+            state, _ = key_state_from_mask(B, Lk, q_pos=mask.q_offset, causal=mask.causal, window=mask.window,
+                                           key_valid=mask.key_valid, sink=n_sink, recent=n_recent, device=q.device,
+                                           impl="auto" if q.is_cuda else "triton")
+            out, made = lessismore_select(q, k, v, None, scale, n_sink, middle, n_recent, state=state, impl="triton")
             return out, torch.ones(B, H, dtype=torch.float32, device=q.device), made
+        visible = decode_visible(mask, B, Lk, q.device)
         dense = METHODS["dense"]
         out, density = dense.attention(q, k, v, mask, site, dense.Params(), scale)
         if cache is not None:  # SparseCache: the page prefilter, then the exact logits of the candidates
