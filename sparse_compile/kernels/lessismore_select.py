@@ -305,8 +305,8 @@ def _take_kernel(
 ):
     """Candidates of head row `row` from TILES_PER tiles: logits > L into slots [0, a_cap) (COUNT[row]), and
     logits == L into slots a_cap + [0, k_sel) (COUNT[n_rows + row], extra ties dropped), packed with their token."""
-    chunk = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     bound = tl.load(BOUND + row)
     # 1. the tiles that hold a candidate: maximum >= L and above -inf (-inf never ranks: the spec drops it)
     tiles = chunk * TILES_PER + tl.arange(0, TILES_PER)
@@ -613,7 +613,7 @@ def select_triton(q: Tensor, k: Tensor, v: Tensor, state: Tensor, scale: float, 
         _bound_kernel[(rows,)](tmax, bound, n_tiles, k_sel, n_tiles, BLOCK=BLOCK_T,
                                NBLK=triton.cdiv(n_tiles, BLOCK_T), num_warps=16 if BLOCK_T >= 8192 else 8)
         TILES_PER = min(TAKE_TILES, triton.next_power_of_2(n_tiles))
-        _take_kernel[(triton.cdiv(n_tiles, TILES_PER), rows)](
+        _take_kernel[(rows, triton.cdiv(n_tiles, TILES_PER))](
             logits, tmax, bound, cand, count, Lk, n_tiles, k_sel, a_cap, rows, Lk, n_tiles, cand.stride(0),
             TILE=TILE, TILES_PER=TILES_PER, num_warps=8,
         )
