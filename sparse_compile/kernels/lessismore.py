@@ -15,6 +15,7 @@ with the smallest keys. `union_reference` is the plain loop it must equal.
     decode_logits(q, k, scale, visible)          (B, H, Lk) float32 scaled logits, -inf where invisible
                                                  (CUDA: FASA's scoring kernel with every dim kept)
     select_tokens(logits, visible, budget, ...)  (B, budget) int32 token indices, -1 padded
+    select_from_logits(logits, visible, n_sink, middle, n_recent)   the same with the budget split
 
 Attention over the selection is the shared sparse decode kernel (kernels/sparse_decode.py) with one
 index set for all heads, so K/V of each selected token are read once per KV head.
@@ -135,7 +136,12 @@ def select_tokens(logits: Tensor, visible: Tensor, budget: int, sink: int, recen
 
     logits: (B, H, Lk) float32, -inf where invisible; visible: (B, Lk) bool.
     Returns (B, budget) int32 token indices, -1 in unused slots (when fewer keys are visible)."""
-    n_sink, middle, n_recent = budget_split(budget, sink, recent_fraction)
+    return select_from_logits(logits, visible, *budget_split(budget, sink, recent_fraction))
+
+
+def select_from_logits(logits: Tensor, visible: Tensor, n_sink: int, middle: int, n_recent: int) -> Tensor:
+    """`select_tokens` with the budget already split: (B, n_sink + n_recent + middle) int32, laid out as
+    [sink and recent by position, the union by rank], -1 padded."""
     is_sink, is_recent = fixed_regions(visible, n_sink, n_recent)
     in_middle = visible & ~is_sink & ~is_recent
     ranked = logits.masked_fill(~in_middle[:, None, :], float("-inf"))

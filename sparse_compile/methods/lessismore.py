@@ -12,6 +12,10 @@ Budget split: recent = ceil(recent_fraction * budget) last tokens, `sink` first 
 the union. (The public code takes the sink out of the recency share: recent = budget - int(0.75 budget)
 - 4; here the recency share is exactly `recent_fraction`, as the issue's contract states.)
 
+Selecting layers without a SparseCache run attention and selection from one read of K/V on CUDA
+(kernels/lessismore_select.py: the logits come out of the attention pass, and the selection runs no torch.topk);
+elsewhere dense attention, then `decode_logits` and `select_tokens` (the same selection, as a set, ties aside).
+
 Two-stage selection: when the site's keys come from a `sparse_compile.SparseCache` that keeps this selection
 layer's page summaries, the node passes them (`cache=`) and the selecting layer calls methods/two_stage.py
 `lessismore_two_stage` with the same (sink, middle, recent) counts: the heads' page rankings by the bound of
@@ -32,7 +36,9 @@ import torch
 from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, visible_keys
+from sparse_compile.kernels.key_state import key_state_from_mask
 from sparse_compile.kernels.lessismore import budget_split, decode_logits, select_tokens
+from sparse_compile.kernels.lessismore_select import lessismore_select
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list
 from sparse_compile.method import BenchCase, CacheBuffers, Knob, Method
@@ -116,18 +122,38 @@ def visible_count(mask: AttentionMask, batch: int, kv_len: int, device: torch.de
     return decode_visible(mask, batch, kv_len, device).sum(dim=1).clamp(min=1).float()
 
 
+def fused_select(q: Tensor, mask: AttentionMask, impl: str) -> bool:
+    """Whether a selecting layer without a SparseCache runs kernels/lessismore_select.py (attention and selection
+    from one read of K/V): impl "auto" on CUDA, "triton" (CUDA, or the interpreter), never "reference"; only when
+    the selection sees exactly the keys attention sees (no dense mask) and the kernel takes the dtype/head_dim."""
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    wanted = impl == "triton" or (impl == "auto" and q.is_cuda)
+    return wanted and mask.dense_mask is None and kernel_unsupported(q.shape[-1], q.dtype) is None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: LessIsMoreParams,
               scale: float, role: str = "reuse", selection: Tensor | None = None,
-              cache: CacheBuffers | None = None) -> tuple[Tensor, Tensor, Tensor]:
+              cache: CacheBuffers | None = None, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """One decode step of one layer. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D); cache: a SparseCache layer's page
     summaries (role "select": two-stage selection) or None.
 
     role "select": exact attention, and the selection made from this layer's logits (B, budget) int32;
     role "reuse": attention over `selection` only. Returns (out (B, H, 1, D), density (B, H): selected
-    visible tokens / visible tokens (1.0 when selecting), selection made ((B, 0) when reusing))."""
+    visible tokens / visible tokens (1.0 when selecting), selection made ((B, 0) when reusing)).
+    impl (role "select" without a cache): "auto" (on CUDA one pass over K/V computes the attention and the
+    selection, kernels/lessismore_select.py; elsewhere dense attention + decode_logits + select_tokens),
+    "triton" (the fused kernels, also under the Triton interpreter), "reference" (the PyTorch path)."""
     B, H = q.shape[:2]
     Lk = k.shape[2]
     if role == "select":
+        if cache is None and fused_select(q, mask, impl):  # the per-key state from the mask's structure, in Triton
+            n_sink, middle, n_recent = budget_split(params.budget, params.sink, params.recent_fraction)
+            state, _ = key_state_from_mask(B, Lk, q_pos=mask.q_offset, causal=mask.causal, window=mask.window,
+                                           key_valid=mask.key_valid, sink=n_sink, recent=n_recent, device=q.device,
+                                           impl="auto" if q.is_cuda else "triton")
+            out, made = lessismore_select(q, k, v, None, scale, n_sink, middle, n_recent, state=state, impl="triton")
+            return out, torch.ones(B, H, dtype=torch.float32, device=q.device), made
         visible = decode_visible(mask, B, Lk, q.device)
         dense = METHODS["dense"]
         out, density = dense.attention(q, k, v, mask, site, dense.Params(), scale)
@@ -136,7 +162,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
             made = lessismore_two_stage(q, k, cache.page_min, cache.page_max, visible, scale, n_sink, middle, n_recent,
                                         max(1, math.ceil(params.candidates * middle)), cache.page_size)
             return out, density, made
-        logits = decode_logits(q, k, scale, visible)
+        logits = decode_logits(q, k, scale, visible, impl="reference" if impl == "reference" else "auto")
         made = select_tokens(logits, visible, params.budget, params.sink, params.recent_fraction)
         return out, density, made
     if role != "reuse" or selection is None:
