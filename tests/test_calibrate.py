@@ -153,7 +153,7 @@ def test_wrong_direction_is_caught():
 def cli(tiny_model, corpus_file, tmp_path, *extra: str) -> list[str]:
     return ["calibrate", "prism", "--model", tiny_model, "--corpus", corpus_file, "--lengths", "256",
             "--windows", "1", "--holdout-windows", "1", "--device", "cpu", "--no-progress",
-            "--cache-dir", str(tmp_path / "cache"), *extra]
+            "--cache-dir", str(tmp_path / "cache"), "--niah-lengths", "400", *extra]
 
 
 def test_calibrate_end_to_end_writes_a_policy_that_loads(tiny_model, corpus_file, base_policy, tmp_path, capsys):
@@ -243,3 +243,38 @@ def test_the_policy_writer_round_trips_every_shipped_policy():
         back = parse_toml(policy_toml(policy, "a comment\n\nover lines"), f"{name}.toml")
         assert back.to_dict() == policy.to_dict(), name
         assert (back.description, back.warning) == (policy.description, policy.warning), name
+
+
+def test_a_lost_needle_moves_to_the_next_denser_allocation():
+    """The needle check steps along the path, least dense first, until an allocation loses no needle; with none
+    left it returns the last one tried and its loss (the calibration then fails)."""
+    from sparse_compile.calibration.quality import Allocation, denser_steps, needle_search
+
+    path = [Allocation((0, 0), 1.0, 0.3), Allocation((0, 1), 0.5, 0.5), Allocation((1, 0), 0.6, 0.45),
+            Allocation((-1, 1), 0.2, 0.7), Allocation((-1, -1), 0.0, 1.0)]
+    assert denser_steps(path, 0, 3) == [2, 1, 3]
+    assert denser_steps(path, 3, 5) == [4] and denser_steps(path, 4, 5) == [] and denser_steps(path, 0, 0) == []
+    loss = {0: 2, 2: 1, 1: 0, 3: 0, 4: 0}
+    seen = []
+
+    def lost_by(i):
+        seen.append(i)
+        return loss[i]
+
+    assert needle_search(0, denser_steps(path, 0, 3), lost_by) == (1, 0, 2) and seen == [0, 2, 1]
+    assert needle_search(1, denser_steps(path, 1, 3), loss.get) == (1, 0, 0)  # the winner keeps every needle
+    assert needle_search(0, [2], loss.get) == (2, 1, 1)  # out of steps: still loses one
+
+
+def test_calibrate_writes_the_needle_check(tiny_model, corpus_file, base_policy, tmp_path, capsys):
+    import json
+
+    out, report = tmp_path / "needles.toml", tmp_path / "needles.json"
+    argv = cli(tiny_model, corpus_file, tmp_path, "--base", base_policy, "--max-dppl", "1000", "--values", "0.9",
+               "--max-probes", "1", "--uniform-probes", "0", "--niah-lengths", "420", "--report", str(report),
+               "--out", str(out))
+    assert main(argv) == 0, capsys.readouterr().err
+    needles = json.loads(report.read_text())["needles"]
+    assert needles["samples"] == 5 and needles["lengths"] == [420] and needles["lost"] == 0
+    line = f"Needles: eager finds {needles['eager_found']} of 5 (NIAH at 420 tokens); the policy loses 0"
+    assert line in out.read_text()

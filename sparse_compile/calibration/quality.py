@@ -32,6 +32,11 @@ per layer (Prism: threshold_high and threshold_low). The search, for any such me
 4. **Held-out verification.** The winner runs on held-out windows (other positions of the corpus:
    the calibration and held-out windows interleave, evenly spaced); ΔPPL above the budget at any
    length fails loudly: exit status 1, and the policy is written as `<out>.unverified.toml` only.
+4b. **Needle check** (unless `--no-niah`): the NIAH grid (eval's, at `--niah-lengths`, default the
+   calibration lengths) runs eager and through the winner; a needle eager finds and the winner loses is over
+   budget like a ΔPPL: the next denser allocations of the path are tried (`--needle-probes`, default 3, each
+   re-verified on the held-out windows), and a policy that still loses one fails loudly (exit 1,
+   `<out>.unverified.toml`). `--verify` runs the same check.
 5. **The policy**: the base policy (the shipped policy named after the method, or `--base`) with
    one `[[prefill.overrides]]` table per distinct value (compact layer ranges) and a header comment
    saying how it was made: command, model fingerprint, corpus, windows, device, achieved density and
@@ -444,6 +449,14 @@ class Context:
         torch._dynamo.reset()
         return result
 
+    def needles(self, policy: Any, baseline: dict[str, Any]) -> dict[str, Any]:
+        """The NIAH grid through `policy`: eval's result with `vs_eager` (the samples it lost and gained)."""
+        report = Report()
+        compiled = compile_with_policy(self.ev.model, policy, report, self.inner)
+        result = self.ev.policy_niah(compiled, report, baseline)
+        torch._dynamo.reset()
+        return result
+
     def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any, error: str = "value",
                     windows: dict[int, list[tuple[int, torch.Tensor]]] | None = None
                     ) -> dict[int, tuple[list, list]]:
@@ -548,6 +561,15 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                         "error and density of every candidate, the probes, calibration and held-out numbers")
     parser.add_argument("--verify", metavar="POLICY", help="no search: measure POLICY on the held-out windows and "
                         "fail (exit 1) when its dPPL exceeds --max-dppl at any length")
+    parser.add_argument("--niah-lengths", type=parse_lengths, metavar="N,...",
+                        help="needle check: prompt lengths of the NIAH grid (default: --lengths)")
+    parser.add_argument("--niah-samples", type=positive_int, metavar="K",
+                        help="needle check: samples per (length, depth) cell (default: 3 on CUDA, 1 on the CPU)")
+    parser.add_argument("--needle-probes", type=int, default=3, metavar="K",
+                        help="needle check: denser allocations tried when the winner loses a needle eager finds "
+                             "(default 3; 0: none, a lost needle fails the calibration)")
+    parser.add_argument("--no-niah", action="store_true",
+                        help="skip the needle check (the policy is then verified on perplexity only)")
     parser.add_argument("--inner", choices=("eager", "inductor"), default="eager",
                         help="inner compiler of the sparse backend (default eager)")
     parser.add_argument("--cache-dir", default=None, help="where eager baselines are cached (default: eval's)")
@@ -579,6 +601,30 @@ def interleave(n_cal: int, n_hold: int) -> list[str]:
     return tags
 
 
+def denser_steps(path: list[Allocation], winner: int, limit: int) -> list[int]:
+    """The path indices a lost needle moves to, in order: allocations predicted denser than `winner`'s, least
+    dense first, at most `limit` (the path's all-dense end included when it is among them)."""
+    denser = [i for i, a in enumerate(path) if a.predicted_density > path[winner].predicted_density]
+    return sorted(denser, key=lambda i: (path[i].predicted_density, i))[:max(0, limit)]
+
+
+def needle_search(winner: int, steps: list[int], lost_by: Any) -> tuple[int, int, int]:
+    """(index, needles lost, steps tried): `winner` if `lost_by(winner)` is 0, else the first of `steps` whose
+    `lost_by` is 0; the last one tried when none is (its loss > 0 then says the check failed)."""
+    index, lost, tried = winner, lost_by(winner), 0
+    for step in steps:
+        if lost == 0:
+            break
+        index, lost, tried = step, lost_by(step), tried + 1
+    return index, lost, tried
+
+
+def needle_line(found: int, total_samples: int, lost: int, tried: int, lengths: tuple[int, ...]) -> str:
+    return (f"Needles: eager finds {found} of {total_samples} (NIAH at {', '.join(map(str, lengths))} tokens); "
+            f"the policy loses {lost}" + (f" (after {tried} denser allocation{'s' * (tried != 1)})" if tried else "")
+            + ".")
+
+
 def run_quality(args: argparse.Namespace) -> int:
     """Run the generic search for `args.method` (see the module docstring); the exit status."""
     t_start = time.perf_counter()
@@ -595,13 +641,19 @@ def run_quality(args: argparse.Namespace) -> int:
     knob = method_knob(args.method)
     values = ladder(knob, args.values)
     base = base_policy(args.method, args.base)
+    skip_needles = getattr(args, "no_niah", False)
+    needle_probes = getattr(args, "needle_probes", 3)
+    if isinstance(needle_probes, bool) or not isinstance(needle_probes, int) or needle_probes < 0:
+        raise ValueError(f"--needle-probes {needle_probes!r}: give an int >= 0")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     config = EvalConfig(
         model=args.model, policies=(base,), corpus=args.corpus or default_corpus(), lengths=tuple(args.lengths),
-        windows=args.windows + args.holdout_windows, tasks=("ppl",),
+        windows=args.windows + args.holdout_windows, tasks=("ppl",) if skip_needles else ("ppl", "niah"),
         cache_dir=None if args.no_cache else (args.cache_dir or str(DEFAULT_CACHE_DIR)),
         progress=not args.no_progress, device=args.device, dtype=args.dtype,
+        **({} if skip_needles else {"niah_lengths": getattr(args, "niah_lengths", None) or tuple(args.lengths)}),
+        **({"niah_samples": args.niah_samples} if getattr(args, "niah_samples", None) else {}),
     )
     ev, _ = prepare(config)  # loads and checks everything (policy, corpus length, model) before any work
     cal, hold = split_windows(ev, config.lengths, args.windows, args.holdout_windows)
@@ -618,7 +670,7 @@ def run_quality(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, desc=f"calibrate {args.method}", disable=args.no_progress, dynamic_ncols=True)
     ctx = Context(ev, config.lengths, cal, hold, args.inner, bar)
     if verify is not None:
-        return verify_policy(ctx, verify, args.max_dppl)
+        return verify_policy(ctx, verify, args.max_dppl, not skip_needles)
     params = base.prefill.params if base.prefill.method == args.method else METHODS[args.method].Params()
 
     table = ctx.sensitivity(knob, values, params, args.error, sens_windows)  # 1
@@ -670,13 +722,38 @@ def run_quality(args: argparse.Namespace) -> int:
     bar.total -= 2 * n_cal * uniform_left  # uniform probes not needed
     bar.refresh()
     held = ctx.measure(policy_of(winner), hold)  # 4
-    bar.close()
     ok = held.worst() <= args.max_dppl
+    needles: dict[str, Any] = {}
+    if ok and not skip_needles:  # 4b: a needle eager finds and the winner loses is over budget too
+        baseline = ev.baseline_niah()
+        runs: dict[int, dict[str, Any]] = {}
+
+        def lost_by(index: int) -> int:
+            runs[index] = ctx.needles(policy_of(path[index]), baseline)
+            return len(runs[index]["vs_eager"]["lost"])
+
+        steps = denser_steps(path, best, needle_probes)
+        index, lost, tried = needle_search(best, steps, lost_by)
+        if index != best:  # a denser allocation: measured and verified like the winner
+            bar.total += 2 * (n_cal + n_hold)
+            best, winner = index, path[index]
+            measured.setdefault(best, ctx.measure(policy_of(winner), cal))
+            held = ctx.measure(policy_of(winner), hold)
+            ok = held.worst() <= args.max_dppl
+        found = sum(r["score"] >= 1.0 for r in baseline["samples"])
+        needles = {"eager_found": found, "samples": len(baseline["samples"]), "lost": lost, "denser_tried": tried,
+                   "lost_samples": runs[best]["vs_eager"]["lost"], "lengths": list(ev.config.needle_lengths())}
+        ok = ok and lost == 0
+    bar.close()
 
     env = environment(getattr(args, "command_argv", None), config.torch_device(), config.torch_dtype())
     choice = dict(zip(layers, winner.choice, strict=True))
     header = make_header(args, env, ev, knob, values, table, choice, cal, hold, measured[best], held, probes, path,
                          time.perf_counter() - t_start, ok)
+    if needles:
+        at = next(i for i, line in enumerate(header) if line.startswith("Held-out:")) + 1
+        header.insert(at, needle_line(needles["eager_found"], needles["samples"], needles["lost"],
+                                      needles["denser_tried"], tuple(needles["lengths"])))
     name = args.name or out.stem
     policy = tuned_policy(base, knob, values, choice, name,
                           f"{args.method} tuned per layer to dPPL <= {args.max_dppl:g}% at "
@@ -694,12 +771,19 @@ def run_quality(args: argparse.Namespace) -> int:
             "sensitivity": {str(layer): {"error": e, "density": d} for layer, (e, d) in table.items()},
             "path": [dataclasses.asdict(a) for a in path], "probes": [list(p) for p in probes],
             "probe_results": {str(i): dataclasses.asdict(m) for i, m in measured.items()}, "chosen": best,
-            "heldout": dataclasses.asdict(held), "verified": ok, "seconds": time.perf_counter() - t_start,
+            "heldout": dataclasses.asdict(held), "needles": needles, "verified": ok,
+            "seconds": time.perf_counter() - t_start,
         }, indent=1, default=str) + "\n")
     summary = (f"{args.method}: held-out dPPL {', '.join(f'{L}: {d:+.3f}%' for L, d in held.dppl_pct.items())}, "
                f"mean density {held.mean_density():.3f} (calibration: "
                f"{', '.join(f'{L}: {d:+.3f}%' for L, d in measured[best].dppl_pct.items())}); "
-               f"{time.perf_counter() - t_start:.0f} s")
+               + (f"needles lost {needles['lost']} of {needles['eager_found']} eager finds; " if needles else "")
+               + f"{time.perf_counter() - t_start:.0f} s")
+    if needles and needles["lost"]:
+        print(f"error: needle check FAILED: the policy loses {needles['lost']} needle(s) eager finds, also after "
+              f"{needles['denser_tried']} denser allocation(s) ({summary}); the policy went to {target}, not {out}",
+              file=sys.stderr)
+        return 1
     if not ok:
         print(f"error: held-out verification FAILED: dPPL {held.worst():+.3f}% > budget {args.max_dppl:g}% "
               f"({summary}); the policy went to {target}, not {out}", file=sys.stderr)
@@ -708,12 +792,21 @@ def run_quality(args: argparse.Namespace) -> int:
     return 0
 
 
-def verify_policy(ctx: Context, policy: Any, budget: float) -> int:
-    """Measure `policy` on the held-out windows: 0 when dPPL <= budget at every length, else 1 (loudly)."""
+def verify_policy(ctx: Context, policy: Any, budget: float, needles: bool = True) -> int:
+    """Measure `policy` on the held-out windows (and, with `needles`, the NIAH grid against eager): 0 when dPPL <=
+    budget at every length and no needle eager finds is lost, else 1 (loudly)."""
     held = ctx.measure(policy, ctx.holdout)
+    lost = []
+    if needles:
+        lost = ctx.needles(policy, ctx.ev.baseline_niah())["vs_eager"]["lost"]
     ctx.bar.close()
     numbers = ", ".join(f"{L}: dPPL {held.dppl_pct[L]:+.3f}% density {held.density[L]:.3f}" for L in ctx.lengths)
     windows = ", ".join(f"{L}: {[s for s, _ in ctx.holdout[L]]}" for L in ctx.lengths)
+    if lost:
+        where = ", ".join(f"L={r['length']} depth {r['depth']:g}" for r in lost)
+        print(f"error: needle check FAILED for {policy.source}: loses {len(lost)} needle(s) eager finds ({where}); "
+              f"{numbers}", file=sys.stderr)
+        return 1
     if held.worst() > budget:
         print(f"error: held-out verification FAILED for {policy.source}: {numbers} (budget {budget:g}%; "
               f"held-out window starts {windows})", file=sys.stderr)
@@ -763,5 +856,5 @@ def make_header(args: argparse.Namespace, env: dict[str, Any], ev: Any, knob: Kn
     return lines
 
 
-__all__ = ["Knob", "add_quality_arguments", "allocate", "allocation_path", "check_direction",
-           "ladder", "method_knob", "next_probe", "quality_knobs", "run_quality"]
+__all__ = ["Knob", "add_quality_arguments", "allocate", "allocation_path", "check_direction", "denser_steps",
+           "ladder", "method_knob", "needle_search", "next_probe", "quality_knobs", "run_quality"]
