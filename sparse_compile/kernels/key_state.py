@@ -5,7 +5,7 @@ sees and which of them are forced (the first `sink` and the last `recent` visibl
         -> (state (B, Lk) int8: 0 invisible, 1 visible, 2 forced; n_visible (B,) int32)
         visibility of key j: j < Lk, j <= q_pos if causal, j > q_pos - window if window, key_valid[b, j] if given.
 
-Why: the PyTorch form (`key_state_from_mask_reference`: attention_mask.visible_keys, then kernels.fasa.key_state's
+Why: the PyTorch form (`key_state_from_mask_reference`: the (B, Lk) visibility, then kernels.fasa.key_state's
 two cumulative sums and flips) costs ~45 us per layer on an H100 at 128K keys (B = 1) and ~440 us at B = 4,
 more than the rest of the two-stage selection. Here two launches: per block of keys the visible count, then per
 block the state from the counts of the blocks before it (a prefix over at most Lk / BLOCK counts, in registers).
@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparse_compile.attention_mask import AttentionMask, visible_keys
 from sparse_compile.kernels.fasa import key_state
 
 BLOCK = 1024  # keys per program
@@ -122,8 +121,15 @@ def key_state_from_mask(batch: int, kv_len: int, *, q_pos: int, causal: bool = T
 def key_state_from_mask_reference(batch: int, kv_len: int, *, q_pos: int, causal: bool = True, window: int = 0,
                                   key_valid: Tensor | None = None, sink: int = 0, recent: int = 0,
                                   device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """`key_state_from_mask` in PyTorch: attention_mask.visible_keys, then kernels.fasa.key_state."""
-    mask = AttentionMask(causal=causal, q_offset=q_pos, window=window,
-                         key_valid=None if key_valid is None else key_valid.to(torch.bool))
-    visible = visible_keys(mask, batch, 1, kv_len, device=device)[:, 0, 0, :]
+    """`key_state_from_mask` in PyTorch: the (B, Lk) visibility (attention_mask.visible_keys' rule for one query),
+    then kernels.fasa.key_state."""
+    j = torch.arange(kv_len, device=device)
+    visible = torch.ones(kv_len, dtype=torch.bool, device=device)
+    if causal:
+        visible &= j <= q_pos
+    if window:
+        visible &= j > q_pos - window
+    visible = visible[None].expand(batch, kv_len)
+    if key_valid is not None:
+        visible = visible & key_valid.to(device=visible.device, dtype=torch.bool)
     return key_state(visible, sink, recent), visible.sum(-1).to(torch.int32)
