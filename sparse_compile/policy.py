@@ -186,10 +186,42 @@ def phase_from_mapping(table: Mapping[str, Any], phase: str, source: str) -> Pha
     return PhasePolicy(method=method, params=params, min_seq_len=min_seq_len, overrides=tuple(overrides))
 
 
+LOSSY_SUFFIX = "-lossy"
+
+# Name-only policies measured to lose what eager finds on a model they were not fitted to (EVAL.md, "Safe
+# generic defaults"): shipped as `<method>-lossy`, so that the name a user types says so. The old name is
+# an error that points to the new one and to a safe choice (`load_policy`).
+RENAMED_LOSSY = {
+    "pbs": "Use 'prism' (block-sparse prefill, within the budget) or calibrate per model (`calibrate pbs`)",
+    "lessismore": "Use 'fasa' (sparse decode, within the budget) or calibrate per model (`calibrate lessismore`)",
+    "token_sparse": "Use 'prism' (block-sparse prefill, within the budget) or calibrate per model "
+                    "(`calibrate token_sparse`, e.g. token_sparse-smollm2)",
+}
+
+
 def shipped_policies() -> list[str]:
     """Names of the policies shipped inside the package."""
     folder = resources.files("sparse_compile") / "policies"
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def generic_policy_name(method: str) -> str | None:
+    """The shipped name-only policy of `method` (its generic rule, no model's calibration): `method` itself,
+    or `method-lossy` when that rule is measured to lose quality; None when neither is shipped."""
+    shipped = shipped_policies()
+    for name in (method, method + LOSSY_SUFFIX):
+        if name in shipped:
+            return name
+    return None
+
+
+def renamed_policy_error(name: str) -> PolicyError:
+    """The error for a policy name that was renamed `<name>-lossy`: the new name, why, and what to use."""
+    new = name + LOSSY_SUFFIX
+    resource = resources.files("sparse_compile") / "policies" / f"{new}.toml"
+    why = parse_toml(resource.read_text(), f"{new}.toml").warning
+    return PolicyError(f"policy {name!r} was renamed {new!r}: it {why}. {RENAMED_LOSSY[name]}; "
+                       f"or ask for {new!r} to run it as it is")
 
 
 def load_policy(policy: str | Path | Policy | Mapping[str, Any] | None = None) -> Policy:
@@ -210,6 +242,8 @@ def load_policy(policy: str | Path | Policy | Mapping[str, Any] | None = None) -
         resource = resources.files("sparse_compile") / "policies" / f"{text}.toml"
         return parse_toml(resource.read_text(), f"{text}.toml")
     path = Path(text)
+    if text in RENAMED_LOSSY:  # like a shipped name, it wins over a file of that name
+        raise renamed_policy_error(text)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise PolicyError(f"policy file {text!r} does not exist")

@@ -178,7 +178,7 @@ def test_unsupported_calls_name_the_reason(call, needle):
 
 
 def test_policy_validation():
-    policy = sparse_compile.load_policy("pbs")
+    policy = sparse_compile.load_policy("pbs-lossy")
     assert policy.prefill.method == "pbs" and policy.prefill.params == pbs.PbsParams()
     with pytest.raises(PolicyError, match="segment_size = 40 must be a multiple of block_size = 16"):
         params_from_mapping(pbs.PbsParams, {"block_size": 16, "segment_size": 40}, "t.toml: [prefill.params]")

@@ -156,15 +156,16 @@ def test_example_policy_files_validate():
 
 
 def test_name_only_policies_hold_no_model_calibration():
-    """A shipped policy named after a method holds its generic rule: no per-model layer lists or chunk
-    tables (those files carry the model's name, e.g. fasa-smollm2)."""
+    """A shipped policy named after a method (`method` or `method-lossy`) holds its generic rule: no per-model
+    layer lists or chunk tables (those files carry the model's name, e.g. fasa-smollm2)."""
     from sparse_compile.methods import METHODS
+    from sparse_compile.policy import LOSSY_SUFFIX
 
     for name in sparse_compile.shipped_policies():
         policy = sparse_compile.load_policy(name)
         params = [p for phase in (policy.prefill, policy.decode) for p in [phase.params, *(
             o.params for o in phase.overrides)]]
-        if name in METHODS:
+        if name in METHODS or name.removesuffix(LOSSY_SUFFIX) in METHODS:
             assert not any(phase.overrides for phase in (policy.prefill, policy.decode)), name
             for p in params:
                 assert not getattr(p, "chunks", ()), f"{name} carries calibrated chunks"
@@ -173,18 +174,49 @@ def test_name_only_policies_hold_no_model_calibration():
             assert name == "dense" or name.split("-")[0] in METHODS, name
 
 
+def test_lossy_name_only_policies_say_so():
+    """A name-only policy measured to lose what eager finds carries a warning and says so in its name and
+    description (`<method>-lossy`); the others carry no warning. Asking for the old name is an error naming
+    the new name, why, and a safe choice."""
+    from sparse_compile.methods import METHODS
+    from sparse_compile.policy import LOSSY_SUFFIX, RENAMED_LOSSY, generic_policy_name
+
+    shipped = sparse_compile.shipped_policies()
+    lossy = {n for n in shipped if n.endswith(LOSSY_SUFFIX)}
+    assert lossy == {"pbs-lossy", "lessismore-lossy", "token_sparse-lossy"}
+    for name in shipped:
+        policy = sparse_compile.load_policy(name)
+        if name in lossy:
+            assert policy.warning and policy.description.startswith("Lossy"), name
+        elif name in METHODS:
+            assert not policy.warning, f"{name} carries a warning but is not named {name}{LOSSY_SUFFIX}"
+    for old, advice in RENAMED_LOSSY.items():
+        assert old not in shipped
+        new = old + LOSSY_SUFFIX
+        with pytest.raises(PolicyError) as err:
+            load_policy(old)
+        message = str(err.value)
+        assert f"policy {old!r} was renamed {new!r}" in message
+        assert sparse_compile.load_policy(new).warning in message and advice in message
+        with pytest.raises(PolicyError, match=f"renamed {new!r}"):
+            sparse_compile.backend(old)
+        assert generic_policy_name(old) == new
+    assert generic_policy_name("prism") == "prism" and generic_policy_name("fasa") == "fasa"
+    assert generic_policy_name("no_such_method") is None
+
+
 def test_policy_warning_reaches_the_user():
     """A policy measured to lose quality says so: a UserWarning when the backend is made, and the first
     line of the Report after its name."""
     import warnings
 
-    pbs = sparse_compile.load_policy("pbs")
+    pbs = sparse_compile.load_policy("pbs-lossy")
     assert "needle" in pbs.warning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chosen = sparse_compile.backend("pbs")
-    assert any("pbs" in str(w.message) and "needle" in str(w.message) for w in caught)
-    chosen.report.policy, chosen.report.warning = "pbs", pbs.warning
+        chosen = sparse_compile.backend("pbs-lossy")
+    assert any("pbs-lossy" in str(w.message) and "needle" in str(w.message) for w in caught)
+    chosen.report.policy, chosen.report.warning = "pbs-lossy", pbs.warning
     assert str(chosen.report).splitlines()[1] == f"WARNING: {pbs.warning}"
     assert sparse_compile.load_policy("prism").warning == ""
     with pytest.raises(sparse_compile.PolicyError, match="'warning' must be a string"):

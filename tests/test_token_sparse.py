@@ -267,7 +267,7 @@ def test_unsupported_calls_name_the_reason(call, site, needle):
 
 
 def test_policy_and_params_validation():
-    assert sparse_compile.load_policy("token_sparse").prefill.params.layers is None  # generic: every layer
+    assert sparse_compile.load_policy("token_sparse-lossy").prefill.params.layers is None  # generic: every layer
     policy = sparse_compile.load_policy("token_sparse-smollm2")
     assert policy.prefill.method == "token_sparse" and policy.prefill.params.layers == ("3-7", "9-10", "12-17", "25-26")
     assert policy.prefill.params.runs_on(14) and not policy.prefill.params.runs_on(8)

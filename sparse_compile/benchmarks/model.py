@@ -17,7 +17,7 @@ new DynamicCache per run, whose decode shapes change every step, for TTFT compar
   sparse_ro        torch.compile(forward, backend="sparse", mode="reduce-overhead")   (dense policy)
   compile, sparse  the same without CUDA graphs (mode="default")
   sparse_ro:P, sparse:P   the sparse variants with policy P (a shipped name or a TOML file), e.g.
-                   sparse_ro:lessismore, sparse_ro:fasa (decode methods: their selection runs in the graph)
+                   sparse_ro:lessismore-lossy, sparse_ro:fasa (decode methods: their selection runs in the graph)
   ceiling_ro       compile_ro with attention replaced by a no-op (an attention function registered through
                    transformers' AttentionInterface that returns q): the tok/s the run would reach if
                    attention took no time (K/V are still written), the bound any attention method works under

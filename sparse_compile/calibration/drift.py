@@ -27,7 +27,7 @@ from sparse_compile.calibration.text import policy_toml
 from sparse_compile.evaluation.corpus import default_corpus, load_corpus, tokenize, windows
 from sparse_compile.evaluation.device import resolve_device, resolve_dtype
 from sparse_compile.evaluation.models import load_model
-from sparse_compile.policy import LayerSet, load_policy, parse_toml, replace_phase
+from sparse_compile.policy import LayerSet, generic_policy_name, load_policy, parse_toml, replace_phase
 
 
 def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,8 @@ def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantile", type=float, default=0.5,
                         help="layers whose normalised drift is at or below this quantile are sparse (default 0.5)")
     parser.add_argument("--base", default=None,
-                        help="policy whose other settings are kept (default: the shipped one named after the method)")
+                        help="policy whose other settings are kept (default: the method's shipped name-only "
+                             "policy, e.g. token_sparse-lossy)")
     parser.add_argument("--name", help="name of the written policy (default: <method>-<model>)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
 
@@ -104,7 +105,7 @@ def run_drift_layers(args: argparse.Namespace) -> int:
         raise ValueError(f"--quantile must be in [0, 1], got {args.quantile}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = load_policy(args.base or method)
+    base = load_policy(args.base or generic_policy_name(method) or method)
     if base.prefill.method != method:
         raise ValueError(f"--base {args.base!r}: its prefill method is {base.prefill.method!r}, not {method!r}")
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)

@@ -37,8 +37,8 @@ per layer (Prism: threshold_high and threshold_low). The search, for any such me
    budget like a ΔPPL: the next denser allocations of the path are tried (`--needle-probes`, default 3, each
    re-verified on the held-out windows), and a policy that still loses one fails loudly (exit 1,
    `<out>.unverified.toml`). `--verify` runs the same check.
-5. **The policy**: the base policy (the shipped policy named after the method, or `--base`) with
-   one `[[prefill.overrides]]` table per distinct value (compact layer ranges) and a header comment
+5. **The policy**: the base policy (the method's shipped name-only policy, `method` or `method-lossy`, or
+   `--base`) with one `[[prefill.overrides]]` table per distinct value (compact layer ranges) and a header comment
    saying how it was made: command, model fingerprint, corpus, windows, device, achieved density and
    ΔPPL on calibration and held-out windows, wall time.
 
@@ -75,7 +75,7 @@ from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplex
 from sparse_compile.evaluation.runner import EvalConfig, compile_with_policy, environment, prepare
 from sparse_compile.methods import METHODS
 from sparse_compile.ops import NodeCall, node_call_of
-from sparse_compile.policy import LayerSet, Policy, load_policy, parse_toml, shipped_policies
+from sparse_compile.policy import LayerSet, Policy, generic_policy_name, load_policy, parse_toml
 from sparse_compile.report import Report, total
 
 DENSE = "dense"
@@ -516,13 +516,13 @@ def tuned_policy(base: Any, knob: Knob, values: tuple[float, ...], choice: dict[
 
 
 def base_policy(method: str, spec: str | None) -> Any:
-    """The policy whose phases the tuned one keeps: `--base`, else the shipped one named after the method,
-    else prefill = method (defaults, min_seq_len 0) with dense decode."""
+    """The policy whose phases the tuned one keeps: `--base`, else the method's shipped name-only policy
+    (`method` or `method-lossy`), else prefill = method (defaults, min_seq_len 0) with dense decode."""
 
     if spec is not None:
         policy = load_policy(spec)
-    elif method in shipped_policies():
-        policy = load_policy(method)
+    elif (generic := generic_policy_name(method)) is not None:
+        policy = load_policy(generic)
     else:
         return Policy.from_mapping({"name": method, "prefill": {"method": method}}, source=f"<{method} defaults>")
     if policy.prefill.method != method:
@@ -554,8 +554,8 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                              "layer) and keep the sparsest within the budget (default 2; 0: none)")
     parser.add_argument("--max-probes", type=positive_int, default=4,
                         help="perplexity measurements of candidate allocations on the calibration windows (4)")
-    parser.add_argument("--base", help="policy whose other settings are kept (default: the shipped policy named "
-                        "after the method, else one built from the method's defaults)")
+    parser.add_argument("--base", help="policy whose other settings are kept (default: the method's shipped name-only "
+                        "policy, e.g. prism or pbs-lossy, else one built from the method's defaults)")
     parser.add_argument("--name", help="name of the written policy (default: the --out file's stem)")
     parser.add_argument("--report", metavar="FILE.json", help="also write the search's details as JSON: per-layer "
                         "error and density of every candidate, the probes, calibration and held-out numbers")
