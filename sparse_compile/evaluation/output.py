@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sparse_compile.evaluation.budget import SUMMARY, budget_table
+
 
 def fmt(value: Any, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
@@ -175,7 +177,7 @@ def site_lines(results: dict[str, Any]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The report: environment, PPL table, NIAH table, per-layer densities, site counts."""
+    """The report: environment, PPL table, NIAH table, the budget check, per-layer densities, site counts."""
     meta = results["meta"]
     out = [f"### {meta['model']['name']} on {meta['corpus']['name']}", "", *environment_lines(meta), ""]
     out += [f"- Not measured: {line}" for line in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
@@ -193,6 +195,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{cfg['niah_samples']} sample(s) per cell; found/samples):", "", *niah_table(results), "",
                 "Per depth (first s: the first sample of a length, which compiles; steady s: mean of the rest):",
                 "", *niah_depth_table(results), "", *lost_lines(results)]
+    if results["runs"]:
+        out += [f"Budget of a shipped default ({SUMMARY}):", "", *budget_table(results), ""]
     out += layer_density_lines(results)
     out += site_lines(results)
     return "\n".join(out).rstrip() + "\n"

@@ -8,6 +8,9 @@ Tasks (`EvalConfig.tasks`, `eval --tasks`):
                 top-1 agreement with eager per step, the continuation PPL and the decode density (where
                 decode methods such as FASA and LessIsMore act; prefill PPL never sees them)
 
+Every policy's results end with `budget`: PASS/FAIL against the quality budget of a shipped default (no
+needle eager finds lost, ΔPPL <= 1%, and it still does its job; `sparse_compile.evaluation.budget`).
+
     from sparse_compile.evaluation import EvalConfig, run_eval, write_outputs
     results = run_eval(EvalConfig(policies=("dense", "prism"), lengths=(2048, 4096)))
     write_outputs(results, Path("results/eval"))
@@ -39,6 +42,7 @@ from tqdm.auto import tqdm
 
 import sparse_compile
 from sparse_compile.evaluation import needle as niah
+from sparse_compile.evaluation.budget import budget_check
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR, ResultCache, ids_digest
 from sparse_compile.evaluation.corpus import DEFAULT_CORPUS, Corpus, load_corpus, tokenize, windows
 from sparse_compile.evaluation.device import (
@@ -359,7 +363,7 @@ class Evaluator:
     # -- one policy -------------------------------------------------------------------------
     def run_policy(self, run: PolicyRun, baseline: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = {"label": run.label, "base": run.base, "policy": run.policy.to_dict(),
-                                  "fingerprint": run.policy.fingerprint(),
+                                  "warning": run.policy.warning, "fingerprint": run.policy.fingerprint(),
                                   "sweep": {p: v for p, v in run.assignments}, "compile": {}}
         t0 = time.perf_counter()
         wanted = {"ppl": any(self.wants(t) for t in WINDOW_TASKS), "decode": self.wants("decode")}
@@ -486,6 +490,8 @@ def execute(ev: Evaluator, runs: list[PolicyRun], argv: list[str] | None = None)
         baseline["decode"] = {str(length): ev.baseline_decode(length) for length in config.lengths}
     baseline["wall_s"] = time.perf_counter() - t0
     results = [ev.run_policy(run, baseline) for run in tqdm(runs, desc="policies", disable=not config.progress)]
+    for result in results:
+        result["budget"] = budget_check(result, meta["config"])
     meta["notes"] = [line for run in runs for line in unmeasured_phases(run, config.tasks)]
     return {"meta": meta, "baseline": baseline, "runs": results}
 
