@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity and needle retrieval vs attention density, per policy",
                         description="Evaluate policies against the eager model: perplexity on real long text, "
-                        "RULER-style needle in a haystack, achieved density per layer, wall time. Writes "
-                        "results.json, results.md, ppl_vs_density.png and niah.png.")
+                        "RULER-style needle in a haystack, achieved density per layer, wall time, and per policy "
+                        "PASS/FAIL against the budget of a shipped default (no needle eager finds lost, dPPL <= 1%, "
+                        "density < 1 and <= 0.75 prefill / 0.5 decode). Writes results.json, results.md, "
+                        "ppl_vs_density.png and niah.png.")
     ev.add_argument("--model", default=DEFAULT_MODEL,
                     help=f"'{DEFAULT_MODEL}' (default), a .gguf file, or a local Hugging Face model dir/name")
     ev.add_argument("--policy", action="append", dest="policies", metavar="POLICY",
