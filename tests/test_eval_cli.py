@@ -152,6 +152,11 @@ def test_eval_end_to_end_dense_equals_eager(tiny_model, corpus_file, tmp_path, c
     assert "| dense | 64 | 2 |" in report and "| eager | 128 | 2 |" in report
     assert "- Device: cpu; dtype fp32" in report and "| policy | L | depth 0 | depth 1 | lost vs eager |" in report
     assert "<!-- BEGIN tiny -->" in md.read_text() and "| dense | 128 | 2 |" in md.read_text()
+    # the budget check: dense loses no needle and equals eager; it has no sparse method to check
+    assert run["budget"]["verdict"] == "PASS"
+    assert [(c["check"], c["status"]) for c in run["budget"]["checks"]] == [("needles", "PASS"), ("dppl", "PASS"),
+                                                                           ("job", "n/a")]
+    assert "| dense | **PASS** |" in report
     assert "| dense | 64 |" in capsys.readouterr().out
 
     # rerun: same numbers; the eager baseline comes from the cache (its recorded timings too)
@@ -175,6 +180,9 @@ def test_eval_prism_threshold_sweep_gives_a_curve(tiny_model, corpus_file, tmp_p
                                                                         rel=1e-5)
     assert low["mean_density"] < 1.0
     assert (tmp_path / "out" / "ppl_vs_density.png").read_bytes()[:8] == PNG_MAGIC
+    # threshold 1.0 selects every block: density 1, so the budget's job check fails: it skipped nothing
+    job = {c["check"]: c for c in res["runs"][2]["budget"]["checks"]}["job"]
+    assert job["status"] == "FAIL" and "it skipped nothing" in job["reason"]
 
 
 def test_eval_continuation_and_decode_tasks(tiny_model, corpus_file, tmp_path):
