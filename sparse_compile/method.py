@@ -4,7 +4,8 @@ A method is four files and nothing else:
 
     sparse_compile/methods/<m>.py     parameters, selection, `attention`, and `METHOD = Method(...)`
     kernels/<m>.py                    its Triton kernels + the PyTorch reference they equal
-    sparse_compile/policies/<m>.toml  a shipped policy that runs it (loadable by name)
+    sparse_compile/policies/<m>.toml  a shipped policy that runs it (loadable by name; `<m>-lossy.toml` when its
+                                      generic rule is measured to fail the quality budget)
     tests/test_<m>.py                 its tests
 
 `sparse_compile.methods.registry()` finds every module of `sparse_compile/methods/` that defines
