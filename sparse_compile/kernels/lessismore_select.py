@@ -29,8 +29,8 @@ three: per head over all keys, over the union's order keys, over the forced keys
      logits (B, H, Lk) float32: scale * q.k on middle-region keys, -inf elsewhere;
      tile maxima (B, H, Lk / TILE) int32: the largest logit code of every TILE consecutive keys;
      the forced keys (state 2): compacted with one atomic per tile that holds one (KV head 0's programs only).
-   Logits compare as order-preserving int32 codes (`_code`; NaN above +inf, as torch.topk ranks it). Splits merge
-   in kernels/sparse_decode.py's `_combine_kernel`.
+   Logits compare as order-preserving int32 codes (`topk_select.order_code`; NaN above +inf, as torch.topk ranks
+   it). Splits merge in kernels/sparse_decode.py's `_combine_kernel`.
 2. A head's top k = min(middle, Lk) without ranking its Lk keys. Let L be the k-th largest tile maximum of the head.
    The k tiles with the largest maxima each hold a logit >= L, so the head's k-th largest logit T >= L; fewer than k
    tiles have a maximum > L, so fewer than TILE * k logits are > L. The logits > L plus k of those == L therefore
@@ -75,7 +75,13 @@ from torch import Tensor
 from sparse_compile.kernels.fasa import key_state
 from sparse_compile.kernels.lessismore import decode_logits_reference, select_from_logits
 from sparse_compile.kernels.limits import kernel_unsupported
-from sparse_compile.kernels.sparse_decode import _combine_kernel, default_splits, sparse_decode_reference
+from sparse_compile.kernels.sparse_decode import (
+    _combine_kernel,
+    default_splits,
+    sparse_decode_reference,
+    store_split_result,
+)
+from sparse_compile.kernels.topk_select import order_code
 
 LOG2E = 1.4426950408889634
 TILES = (4, 8, 16, 32)  # tile sizes of the tile maxima (powers of two dividing BLOCK_N)
@@ -88,15 +94,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _code(x):
-    """Order-preserving int32 code of float32 values: positive floats keep their bits, negative ones flip their
-    magnitude bits (-0.0 -> -1, just below +0.0 -> 0), NaN -> the largest code. -inf -> -2139095041."""
-    bits = x.to(tl.int32, bitcast=True)
-    code = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return tl.where(x != x, 2147483647, code)
 
 
 @triton.jit
@@ -173,7 +170,7 @@ def _attend_tile(
     # 2. middle-region logits (-inf at invisible and forced keys) and the largest code of each TILE keys
     logit = tl.where((st == 1)[None, :], qk * scale, float("-inf"))
     tl.store(lg_base + heads[:, None] * stride_lh + keys[None, :], logit, mask=h_ok[:, None] & in_range[None, :])
-    tmax = tl.max(tl.reshape(_code(logit), (BLOCK_H, BLOCK_N // TILE, TILE)), axis=2)
+    tmax = tl.max(tl.reshape(order_code(logit), (BLOCK_H, BLOCK_N // TILE, TILE)), axis=2)
     tiles = start // TILE + tl.arange(0, BLOCK_N // TILE)
     tl.store(tm_base + heads[:, None] * stride_th + tiles[None, :], tmax,
              mask=h_ok[:, None] & (tiles < n_tiles)[None, :])
@@ -272,17 +269,9 @@ def _attention_logits_kernel(
     any_seen = tl.max(seen.to(tl.int32), axis=0)
     poison = bad | ((q_bad > 0) & (any_seen > 0))
     poison = poison | (tl.max(tl.where(tl.abs(acc) < float("inf"), 0, 1), axis=1) > 0)
-    if ONE_SPLIT:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        out = tl.where(poison[:, None], float("nan"), out)
-        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(OUT.dtype.element_ty), mask=h_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    else:
-        l_i = tl.where(poison, float("nan"), l_i)
-        tl.store(M_PART + b * stride_mb + heads * stride_mh + split * stride_ms, m_i, mask=h_ok)
-        tl.store(L_PART + b * stride_mb + heads * stride_mh + split * stride_ms, l_i, mask=h_ok)
-        tl.store(ACC_PART + b * stride_ab + heads[:, None] * stride_ah + split * stride_as
-                 + offs_d[None, :] * stride_ad, acc, mask=h_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    store_split_result(OUT, M_PART, L_PART, ACC_PART, acc, m_i, l_i, poison, b, heads, split, offs_d, h_ok,
+                       stride_ob, stride_oh, stride_od, stride_mb, stride_mh, stride_ms,
+                       stride_ab, stride_ah, stride_as, stride_ad, HEAD_DIM, ONE_SPLIT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +305,7 @@ def _take_kernel(
     keys = tiles[:, None] * TILE + tl.arange(0, TILE)[None, :]
     x = tl.load(LOGITS + row * stride_lr + keys, mask=hot[:, None] & (keys < kv_len), other=float("-inf"))
     keys = tl.reshape(keys, (TILES_PER * TILE,))
-    code = tl.reshape(_code(x), (TILES_PER * TILE,))
+    code = tl.reshape(order_code(x), (TILES_PER * TILE,))
     key = (code.to(tl.int64) << 32) | (2147483647 - keys).to(tl.int64)
     live = code > -2139095041
     above = (live & (code > bound)).to(tl.int32)

@@ -109,6 +109,26 @@ def _decode_block(
 
 
 @triton.jit
+def store_split_result(OUT, M_PART, L_PART, ACC_PART, acc, m_i, l_i, poison, b, heads, split, offs_d, h_ok,
+                       stride_ob, stride_oh, stride_od, stride_mb, stride_mh, stride_ms,
+                       stride_ab, stride_ah, stride_as, stride_ad,
+                       HEAD_DIM: tl.constexpr, ONE_SPLIT: tl.constexpr):
+    """A split-K decode program's epilogue: with one split the output rows (NaN for poisoned heads), else the
+    split's partial (max, sum, acc) for `_combine_kernel` (l = NaN marks a poisoned split)."""
+    if ONE_SPLIT:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = tl.where(poison[:, None], float("nan"), out)
+        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(OUT.dtype.element_ty), mask=h_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    else:
+        l_i = tl.where(poison, float("nan"), l_i)
+        tl.store(M_PART + b * stride_mb + heads * stride_mh + split * stride_ms, m_i, mask=h_ok)
+        tl.store(L_PART + b * stride_mb + heads * stride_mh + split * stride_ms, l_i, mask=h_ok)
+        tl.store(ACC_PART + b * stride_ab + heads[:, None] * stride_ah + split * stride_as
+                 + offs_d[None, :] * stride_ad, acc, mask=h_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
 def _sparse_decode_kernel(
     Q, K, V, IDX, COUNTS, VALID, OUT, M_PART, L_PART, ACC_PART,
     kv_len, n_slots, split_n, qk_scale,
@@ -182,17 +202,9 @@ def _sparse_decode_kernel(
     poison = (tl.max(bad.to(tl.int32), axis=1) > 0) | ((q_bad > 0) & (any_ok > 0))  # (BLOCK_H,)
     poison = poison | (tl.max(tl.where(tl.abs(acc) < float("inf"), 0, 1), axis=1) > 0)
     heads = h0 + offs_h
-    if ONE_SPLIT:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        out = tl.where(poison[:, None], float("nan"), out)
-        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(OUT.dtype.element_ty), mask=h_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    else:  # partial results: l = NaN marks a poisoned split
-        l_i = tl.where(poison, float("nan"), l_i)
-        tl.store(M_PART + b * stride_mb + heads * stride_mh + split * stride_ms, m_i, mask=h_ok)
-        tl.store(L_PART + b * stride_mb + heads * stride_mh + split * stride_ms, l_i, mask=h_ok)
-        tl.store(ACC_PART + b * stride_ab + heads[:, None] * stride_ah + split * stride_as
-                 + offs_d[None, :] * stride_ad, acc, mask=h_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    store_split_result(OUT, M_PART, L_PART, ACC_PART, acc, m_i, l_i, poison, b, heads, split, offs_d, h_ok,
+                       stride_ob, stride_oh, stride_od, stride_mb, stride_mh, stride_ms,
+                       stride_ab, stride_ah, stride_as, stride_ad, HEAD_DIM, ONE_SPLIT)
 
 
 @triton.jit

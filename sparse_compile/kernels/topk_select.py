@@ -31,6 +31,28 @@ MAX_N = 16384  # the longest row one program holds in registers
 
 
 @triton.jit
+def order_code(x):
+    """Order-preserving int32 code of float32 values: positive floats keep their bits, negative ones flip their
+    magnitude bits (-0.0 -> -1, just below +0.0 -> 0), NaN (any sign) -> the largest code, above +inf."""
+    bits = x.to(tl.int32, bitcast=True)
+    code = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(x != x, 2147483647, code)
+
+
+@triton.jit
+def _load_row(X, ROW_K, r, N, K, stride_x, HAS_ROW_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offs, in_row, x, code, k) of row r: its values (-inf past N), their codes, and the slots it fills."""
+    offs = tl.arange(0, BLOCK_N)
+    in_row = offs < N
+    x = tl.load(X + r * stride_x + offs, mask=in_row, other=float("-inf"))
+    k = K
+    if HAS_ROW_K:
+        k = tl.minimum(tl.load(ROW_K + r).to(tl.int32), K)
+    k = tl.maximum(tl.minimum(k, N), 0)
+    return offs, in_row, x, order_code(x), k
+
+
+@triton.jit
 def _write_set(OUT, TOKENS, r, offs, x, greater, equal, k, K, stride_o, stride_t, GROUP,
                HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr, BLOCK_K: tl.constexpr):
     """Slots [0, k) of row r: the indices (or TOKENS' entries) of the values above the threshold and of the
@@ -53,18 +75,7 @@ def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride
                          HAS_ROW_K: tl.constexpr, HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_N)
-    in_row = offs < N
-    x = tl.load(X + r * stride_x + offs, mask=in_row, other=float("-inf"))
-    # order-preserving int32 code of a float: positive floats keep their bits, negative ones flip the
-    # magnitude bits (so -0.0 -> -1 sits just below +0.0 -> 0); NaN (any sign) ranks above +inf
-    bits = x.to(tl.int32, bitcast=True)
-    code = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    code = tl.where(x != x, 2147483647, code)
-    k = K
-    if HAS_ROW_K:
-        k = tl.minimum(tl.load(ROW_K + r).to(tl.int32), K)
-    k = tl.maximum(tl.minimum(k, N), 0)
+    offs, in_row, x, code, k = _load_row(X, ROW_K, r, N, K, stride_x, HAS_ROW_K, BLOCK_N)
     # the largest t with count(code >= t) >= k: then count(code > t) < k <= count(code >= t)
     lo = tl.full([], -2147483648, tl.int64)
     hi = tl.full([], 2147483647, tl.int64)
@@ -86,17 +97,8 @@ def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t
     """The same threshold as `_topk_indices_kernel`, found 8 bits at a time: four 256-bin histograms of the
     codes that still match the threshold's high bits, instead of 32 bisection steps."""
     r = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_N)
-    in_row = offs < N
-    x = tl.load(X + r * stride_x + offs, mask=in_row, other=float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    code = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    code = tl.where(x != x, 2147483647, code)
+    offs, in_row, x, code, k = _load_row(X, ROW_K, r, N, K, stride_x, HAS_ROW_K, BLOCK_N)
     ucode = (code ^ -2147483648).to(tl.uint32, bitcast=True)  # unsigned order == signed order of code
-    k = K
-    if HAS_ROW_K:
-        k = tl.minimum(tl.load(ROW_K + r).to(tl.int32), K)
-    k = tl.maximum(tl.minimum(k, N), 0)
     bins = tl.arange(0, 256)
     match = in_row
     k_rem = k
