@@ -30,8 +30,8 @@ from sparse_compile.argtypes import (
     positive_int,
 )
 from sparse_compile.benchmarks.harness import PARTS, BenchSettings, run_benchmarks
-from sparse_compile.benchmarks.model import CACHE_FORMS, cache_spec
 from sparse_compile.benchmarks.timing import BenchmarkUnavailable
+from sparse_compile.cache import CACHE_FORMS, cache_form
 from sparse_compile.calibration import run_calibration
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
 from sparse_compile.evaluation.corpus import CORPORA, DEFAULT_CORPUS, CorpusError, default_corpus
@@ -44,6 +44,15 @@ from sparse_compile.evaluation.runner import TASKS, EvalConfig, execute, prepare
 
 class UsageError(Exception):
     """Bad input found before any work started: reported in one line, exit status 2."""
+
+
+def cache_kind(text: str) -> str:
+    """argparse type of `eval --cache`: a cache form `sparse_compile.cache.cache_form` parses, as given."""
+    try:
+        cache_form(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continuation: the scored tokens at the end of each window (default 128)")
     ev.add_argument("--decode-steps", type=positive_int, default=64,
                     help="decode: teacher-forced decode steps after each --lengths prompt (default 64)")
+    ev.add_argument("--cache", type=cache_kind, default="dynamic", metavar="FORM",
+                    help="KV cache of the policies' decode and niah runs, a new one per window / sample: dynamic "
+                         "(DynamicCache, the default), static (StaticCache), or sparse[16|32|64][-pages] "
+                         "(sparse_compile.SparseCache made for the run's policy: page size, default 32; -pages: no "
+                         "dims copy), on which FASA and LessIsMore select in two stages over its page summaries. "
+                         "The eager baseline always uses a DynamicCache; results record the cache")
     ev.add_argument("--niah-lengths", type=parse_lengths, help="NIAH context lengths (default: --lengths)")
     ev.add_argument("--niah-depths", type=parse_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0),
                     help="needle depths in [0, 1], comma-separated (default 0,0.25,0.5,0.75,1)")
@@ -190,7 +205,7 @@ def eval_config(args: argparse.Namespace) -> Any:
         niah_lengths=args.niah_lengths, niah_depths=args.niah_depths, niah_samples=args.niah_samples,
         niah_max_new_tokens=args.niah_max_new_tokens, seed=args.seed, inner=args.inner,
         cache_dir=None if args.no_cache else args.cache_dir, progress=not args.no_progress,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, cache=args.cache,
     )
 
 
@@ -219,7 +234,7 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     caches = tuple(c.strip() for c in args.cache.split(",") if c.strip())
     try:
         for c in caches:
-            cache_spec(c)
+            cache_form(c)
     except ValueError as err:
         print(f"bench: --cache {args.cache!r}: {err}", file=sys.stderr)
         return 2

@@ -53,11 +53,19 @@ does), so a rank holding Hkv / tp KV heads allocates that many; per-head dims ta
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, StaticLayer, StaticSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    StaticCache,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
 from sparse_compile.kernels.fasa import chunk_dims
 from sparse_compile.layers import in_layers
@@ -65,6 +73,7 @@ from sparse_compile.methods import fasa, lessismore
 from sparse_compile.policy import Policy, load_policy
 
 PAGE_SIZES = (16, 32, 64)  # allowed page sizes: the selection kernels tile pages by powers of two
+CACHE_FORMS = "static, dynamic, sparse[16|32|64][-pages]"  # the forms `cache_form` parses
 INTERLEAVED_FAMILIES = ("cohere", "cohere2", "gptj")  # model types whose RoPE pairs (2i, 2i + 1)
 
 
@@ -454,3 +463,33 @@ def filled_layer(method: str, params: Any, facts: dict[str, Any], keys: Tensor, 
     layer_obj = SparseLayer(max_cache_len=keys.shape[2], dims=dims, member=member, page_size=page_size)
     layer_obj.update(keys, values)
     return layer_obj
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache a tool runs on, by name: `bench --cache`, `eval --cache`
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_form(kind: str) -> tuple[str, int, bool]:
+    """(cache class, page size, dims copy) of a cache form: "static", "dynamic" (page size 0, no dims copy), or
+    "sparse" with an optional page size (default 32) and "-pages" (no dims copy: pages only), e.g.
+    "sparse16-pages" -> ("sparse", 16, False). ValueError naming the allowed forms for anything else."""
+    if kind in ("static", "dynamic"):
+        return kind, 0, False
+    match = re.fullmatch(r"sparse(16|32|64)?(-pages)?", kind)
+    if match is None:
+        raise ValueError(f"unknown cache {kind!r}; choose from {CACHE_FORMS}")
+    return "sparse", int(match.group(1) or 32), match.group(2) is None
+
+
+def build_cache(kind: str, config_or_model: Any, max_cache_len: int, policy: Any = "dense") -> Cache:
+    """A new, empty cache of form `kind` (`cache_form`): a DynamicCache (max_cache_len unused), a StaticCache of
+    max_cache_len slots, or a SparseCache of max_cache_len slots for `policy` (the policy the backend compiles
+    the model with: it decides which layers keep dims and pages), with the form's page size and dims copy."""
+    cls, page_size, dims_copy = cache_form(kind)
+    config = getattr(config_or_model, "config", config_or_model)
+    if cls == "dynamic":
+        return DynamicCache(config=config)
+    if cls == "static":
+        return StaticCache(config=config, max_cache_len=max_cache_len)
+    return SparseCache(config, max_cache_len=max_cache_len, policy=policy, page_size=page_size, dims_copy=dims_copy)

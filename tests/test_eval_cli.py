@@ -50,6 +50,8 @@ def test_parse_length():
         (["eval", "--niah-depths", "a,b"], "invalid number list"),
         (["eval", "--windows", "0"], "must be >= 1"),
         (["eval", "--inner", "tvm"], "invalid choice"),
+        (["eval", "--cache", "sparse8"], "argument --cache: unknown cache 'sparse8'; choose from static, dynamic, "
+                                         "sparse[16|32|64][-pages]"),
         (["explain"], "required: model"),
     ],
 )
@@ -202,3 +204,48 @@ def test_eval_continuation_and_decode_tasks(tiny_model, corpus_file, tmp_path):
     assert res["meta"]["notes"] == []  # decode is measured: FASA's phase is covered
     report = (tmp_path / "out" / "results.md").read_text()
     assert "PPL of the last 16" in report and "top-1 agreement with eager" in report and "| fasa[" in report
+
+
+def test_eval_decode_on_a_sparse_cache(tiny_model, corpus_file, tmp_path):
+    """`--cache sparse32`: the policies' decode steps run on a SparseCache made for each policy (pages of 32 over
+    a 96-token prompt + 8 steps). Dense: the same top-1 tokens and PPL as on a DynamicCache (sums over the cache's
+    unwritten, masked slots differ in float order only). FASA at a 48-token budget (layer 1; layer 0 is dense):
+    every page a candidate (candidates 4 x 48 >= 104 slots) selects as the single-stage FASA does on a
+    DynamicCache; one budget's worth of pages (candidates 1.0) prunes pages first, completes, keeps < 1 of the
+    keys. Both select in two stages (the Report's SparseCache sites), none does on a DynamicCache; the eager
+    baseline runs on a DynamicCache whatever --cache says, from the same cached entries."""
+    common = ("--tasks", "decode", "--lengths", "96", "--windows", "2", "--decode-steps", "8", "--policy", "dense",
+              "--policy", "fasa", "--sweep", "decode.min_seq_len=0", "--sweep", "budget=48", "--sweep", "recent=8")
+    cache = tmp_path / "cache"
+    dyn = run_eval_cli(tiny_model, corpus_file, tmp_path / "dyn", cache, *common)
+    entries = sorted(cache.iterdir())
+    sparse = run_eval_cli(tiny_model, corpus_file, tmp_path / "sparse", cache, *common, "--cache", "sparse32",
+                          "--sweep", "candidates=4.0,1.0")
+    assert sorted(cache.iterdir()) == entries  # the baseline's cache keys do not depend on --cache
+    assert sparse["baseline"]["decode"] == dyn["baseline"]["decode"]
+    assert sparse["baseline"]["cache"]["class"] == "DynamicCache" and sparse["meta"]["config"]["cache"] == "sparse32"
+
+    dense_dyn, fasa_dyn = (r["decode"]["96"] for r in dyn["runs"])
+    dense, fasa_all, fasa_few = (r["decode"]["96"] for r in sparse["runs"])
+    assert [r["cache"] for r in dyn["runs"]] == [{"form": "dynamic", "class": "DynamicCache"}] * 2
+    assert [r["cache"] for r in sparse["runs"]] == [
+        {"form": "sparse32", "class": "SparseCache", "page_size": 32, "dims_copy": True}] * 3
+    assert [r["top"] for r in dense["windows"]] == [r["top"] for r in dense_dyn["windows"]]
+    assert dense["ppl"] == pytest.approx(dense_dyn["ppl"], rel=1e-5) and dense["agreement"] == 1.0
+    assert dense["mean_density"] == 1.0
+
+    assert not any(r["two_stage"] for r in dyn["runs"])
+    assert [r["two_stage"] for r in sparse["runs"]] == [False, True, True]
+    assert sparse["runs"][1]["compile"]["decode"]["two_stage_sites"] == 1  # layer 1's decode node
+    assert "selects in two stages over the SparseCache's buffers" in sparse["runs"][2]["compile"]["decode"]["report"]
+    assert [r["top"] for r in fasa_all["windows"]] == [r["top"] for r in fasa_dyn["windows"]]
+    assert fasa_all["ppl"] == pytest.approx(fasa_dyn["ppl"], rel=1e-5)
+    assert fasa_all["layer_density"] == pytest.approx(fasa_dyn["layer_density"], rel=1e-6)
+    assert fasa_all["layer_density"]["1"] < 1.0 and fasa_few["layer_density"]["1"] < 1.0
+    assert fasa_few["mean_density"] < 1.0 and 0.0 <= fasa_few["agreement"] <= 1.0
+    assert len(fasa_few["windows"]) == 2 and all(len(w["top"]) == 8 for w in fasa_few["windows"])
+
+    report = (tmp_path / "sparse" / "results.md").read_text()
+    assert "| policy | cache | prompt |" in report and "| eager | DynamicCache | 96 |" in report
+    assert f"| {sparse['runs'][2]['label']} | SparseCache P=32 | 96 |" in report
+    assert "1 select in two stages over the SparseCache P=32's buffers" in report

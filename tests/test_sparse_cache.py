@@ -15,10 +15,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import sparse_compile
-from sparse_compile.cache import SparseCache, SparseLayer
+from sparse_compile.cache import SparseCache, SparseLayer, build_cache, cache_form
 from sparse_compile.kernels.fasa import (
     fasa_scores_reference,
     host_chunk_tables,
@@ -175,6 +175,33 @@ def test_bad_arguments_raise_at_construction(kwargs, needle):
     args = {"max_cache_len": 32, "policy": FASA_ALL, **kwargs}
     with pytest.raises(ValueError, match=needle):
         SparseCache(tiny_config(), **args)
+
+
+@pytest.mark.parametrize(
+    "kind, form",
+    [("dynamic", ("dynamic", 0, False)), ("static", ("static", 0, False)), ("sparse", ("sparse", 32, True)),
+     ("sparse16", ("sparse", 16, True)), ("sparse64", ("sparse", 64, True)), ("sparse-pages", ("sparse", 32, False)),
+     ("sparse32-pages", ("sparse", 32, False))],
+)
+def test_cache_forms_parse_and_build(kind, form):
+    """`cache_form` (eval --cache, bench --cache) -> (class, page size, dims copy); `build_cache` makes that
+    cache: a SparseCache with the form's page size, keeping the dims copy only without "-pages"."""
+    assert cache_form(kind) == form
+    cache = build_cache(kind, tiny_llama(2), max_cache_len=40, policy=FASA_ALL)
+    assert type(cache) is {"dynamic": DynamicCache, "static": StaticCache, "sparse": SparseCache}[form[0]]
+    if form[0] == "sparse":
+        assert [layer.page_size for layer in cache.layers] == [form[1]] * 2
+        assert all((layer.dims_global is not None) == form[2] for layer in cache.layers)  # FASA on both layers
+        assert cache.policy.name == "fasa-all" and cache.cache_len == 40
+    elif form[0] == "static":
+        assert cache.layers[0].max_cache_len == 40
+
+
+@pytest.mark.parametrize("kind", ["sparse8", "sparse32pages", "Static", "sparse-16", "", "dense"])
+def test_unknown_cache_form_names_the_forms(kind):
+    with pytest.raises(ValueError, match=f"unknown cache '{kind}'; choose from static, dynamic, "
+                                         "sparse\\[16\\|32\\|64\\]\\[-pages\\]"):
+        cache_form(kind)
 
 
 def test_prompt_longer_than_the_cache_raises_before_writing():

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 
 import sparse_compile
+from sparse_compile.cache import build_cache, cache_form
 
 PREFILL_VARIANTS = ("eager", "compile", "sparse-dense")
 GENERATE_VARIANTS = ("eager", "compile_ro", "sparse_ro", "compile", "sparse")
@@ -201,32 +201,14 @@ def compiled_forward(variant: str, forward: Callable, report: Any) -> Callable:
 
 
 CACHES = ("static", "dynamic", "sparse")
-CACHE_FORMS = "static, dynamic, sparse[16|32|64][-pages]"
-
-
-def cache_spec(kind: str) -> tuple[str, int, bool]:
-    """(cache class, page size, dims copy) of a `--cache` entry: "static", "dynamic", or "sparse" with an
-    optional page size (default 32) and "-pages" (no dims copy: pages only), e.g. "sparse16-pages"."""
-    if kind in ("static", "dynamic"):
-        return kind, 0, False
-    match = re.fullmatch(r"sparse(16|32|64)?(-pages)?", kind)
-    if match is None:
-        raise ValueError(f"unknown cache {kind!r}; choose from {CACHE_FORMS}")
-    return "sparse", int(match.group(1) or 32), match.group(2) is None
 
 
 def make_cache(kind: str, model: Any, max_cache_len: int, policy: str | None) -> Any:
-    """The cache generate() runs on: a StaticCache, a SparseCache for `policy` (`cache_spec`), or None (a
-    DynamicCache per call)."""
-    from transformers import StaticCache
-
-    cls, page_size, dims_copy = cache_spec(kind)
-    if cls == "static":
-        return StaticCache(config=model.config, max_cache_len=max_cache_len)
-    if cls == "sparse":
-        return sparse_compile.SparseCache(model.config, max_cache_len=max_cache_len, policy=policy or "dense",
-                                          page_size=page_size, dims_copy=dims_copy)
-    return None
+    """The cache generate() runs on: a StaticCache, a SparseCache for `policy` (`sparse_compile.cache.cache_form`
+    names the forms), or None (a DynamicCache per call)."""
+    if cache_form(kind)[0] == "dynamic":
+        return None
+    return build_cache(kind, model.config, max_cache_len, policy or "dense")
 
 
 def timed_generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> tuple[float, torch.Tensor]:
@@ -287,7 +269,7 @@ def run_generate(prompt: int = 32768, new_tokens: int = 128, layers: int = 4, re
     rows = []
     runs = [(v.partition("@")[0], v.partition("@")[2]) if "@" in v else (v, c) for c in caches for v in variants]
     for variant, cache_kind in dict.fromkeys(runs):  # a V@C variant once, whatever the caches
-        cache_spec(cache_kind)  # a clear error for an unknown cache before any work
+        cache_form(cache_kind)  # a clear error for an unknown cache before any work
         torch.cuda.reset_peak_memory_stats()
         try:
             rows.append(run_variant(model, variant, ids, new_tokens, reps, cache_kind))

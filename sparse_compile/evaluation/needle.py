@@ -93,16 +93,18 @@ def make_grid(
 
 def greedy_generate(
     model: Any, config: Any, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int],
-    after_prefill: Callable[[], None] | None = None,
+    after_prefill: Callable[[], None] | None = None, cache: Any = None,
 ) -> list[int]:
-    """Greedy decoding through a DynamicCache: one prefill call, then one call per new token.
+    """Greedy decoding through a KV cache: one prefill call, then one call per new token.
 
-    model: an HF causal LM or its compiled module; input_ids: (L,) int64 on the model's device. Returns
-    the new token ids (stops after an EOS id). `after_prefill` runs right after the prefill call (to read densities).
+    model: an HF causal LM or its compiled module; input_ids: (L,) int64 on the model's device. cache: an empty
+    transformers Cache with room for L + max_new_tokens - 1 tokens (a StaticCache, a sparse_compile.SparseCache),
+    or None: a new DynamicCache. Returns the new token ids (stops after an EOS id). `after_prefill` runs right
+    after the prefill call (to read densities).
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=config)
+    cache = DynamicCache(config=config) if cache is None else cache
     out_ids: list[int] = []
     with torch.no_grad():
         out = model(input_ids=input_ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)

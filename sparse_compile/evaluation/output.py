@@ -70,19 +70,29 @@ def continuation_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def cache_label(entry: dict[str, Any]) -> str:
+    """The KV cache a run's decode and niah tasks used, for a table cell: "DynamicCache", "StaticCache",
+    "SparseCache P=32", "SparseCache P=16 pages only" (results from before `eval --cache`: "DynamicCache")."""
+    cache = entry.get("cache", {"class": "DynamicCache"})
+    if cache["class"] != "SparseCache":
+        return cache["class"]
+    return f"SparseCache P={cache['page_size']}" + ("" if cache["dims_copy"] else " pages only")
+
+
 def decode_table(results: dict[str, Any]) -> list[str]:
-    """One row per (policy, prompt length): teacher-forced decode steps against the eager model."""
+    """One row per (policy, prompt length): teacher-forced decode steps against the eager model, with the cache
+    they ran on."""
     base = results["baseline"]
-    lines = ["| policy | prompt | windows | PPL of the steps | dPPL % | top-1 agreement with eager | "
-             "mean decode density | wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | cache | prompt | windows | PPL of the steps | dPPL % | top-1 agreement with eager | "
+             "mean decode density | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for length, row in base["decode"].items():
-        lines.append(f"| {base['label']} | {length} | {len(row['windows'])} | {row['ppl']:.4f} | – | 1.000 | 1.000 | "
-                     f"{sum(w['seconds'] for w in row['windows']):.1f} |")
+        lines.append(f"| {base['label']} | {cache_label(base)} | {length} | {len(row['windows'])} | {row['ppl']:.4f} | "
+                     f"– | 1.000 | 1.000 | {sum(w['seconds'] for w in row['windows']):.1f} |")
     for run in results["runs"]:
         for length, row in run.get("decode", {}).items():
-            lines.append(f"| {run['label']} | {length} | {len(row['windows'])} | {row['ppl']:.4f} | "
-                         f"{row['dppl_pct']:+.2f} | {row['agreement']:.3f} | {fmt(row['mean_density'])} | "
-                         f"{row['wall_s']:.1f} |")
+            lines.append(f"| {run['label']} | {cache_label(run)} | {length} | {len(row['windows'])} | "
+                         f"{row['ppl']:.4f} | {row['dppl_pct']:+.2f} | {row['agreement']:.3f} | "
+                         f"{fmt(row['mean_density'])} | {row['wall_s']:.1f} |")
     return lines
 
 
@@ -97,6 +107,11 @@ def niah_entries(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(results["baseline"]["label"], base)] + [(r["label"], r["niah"]) for r in results["runs"] if "niah" in r]
 
 
+def niah_caches(results: dict[str, Any]) -> list[str]:
+    """The cache label of each `niah_entries` entry, in the same order."""
+    return [cache_label(results["baseline"])] + [cache_label(r) for r in results["runs"] if "niah" in r]
+
+
 def lost_cell(niah: dict[str, Any], length: str | None = None) -> str:
     vs = niah.get("vs_eager")
     if vs is None:
@@ -107,16 +122,17 @@ def lost_cell(niah: dict[str, Any], length: str | None = None) -> str:
 
 
 def niah_table(results: dict[str, Any]) -> list[str]:
-    """Needles found per length and overall, needles lost against eager, densities, wall time."""
+    """Needles found per length and overall, needles lost against eager, densities, wall time; the cache the
+    answers were decoded on."""
     base = results["baseline"]["niah"]
     lengths = list(base["by_length"])
-    lines = ["| policy | " + " | ".join(f"L={L}" for L in lengths)
+    lines = ["| policy | cache | " + " | ".join(f"L={L}" for L in lengths)
              + " | all | lost vs eager | mean prefill density | mean decode density | wall s |",
-             "|---|" + "---|" * (len(lengths) + 5)]
-    for label, niah in niah_entries(results):
+             "|---|---|" + "---|" * (len(lengths) + 5)]
+    for (label, niah), cache in zip(niah_entries(results), niah_caches(results), strict=True):
         cells = " | ".join(found(niah["samples"], L) for L in lengths)
         wall = niah.get("wall_s", sum(s["seconds"] for s in niah["samples"]))
-        lines.append(f"| {label} | {cells} | {found(niah['samples'])} | {lost_cell(niah)} | "
+        lines.append(f"| {label} | {cache} | {cells} | {found(niah['samples'])} | {lost_cell(niah)} | "
                      f"{fmt(niah.get('mean_density', 1.0))} | {fmt(niah.get('decode_mean_density', 1.0))} | "
                      f"{wall:.1f} |")
     return lines
@@ -167,8 +183,10 @@ def site_lines(results: dict[str, Any]) -> list[str]:
     for run in results["runs"]:
         for task, info in run["compile"].items():
             note = "" if info["sites"] else "  **no site rewritten: the policy did not apply**"
+            staged = info.get("two_stage_sites", 0)
+            staged = f", {staged} select in two stages over the {cache_label(run)}'s buffers" if staged else ""
             lines.append(f"- {run['label']} ({task}): {info['sites']} attention sites rewritten, "
-                         f"{info['rejected']} left alone{note}")
+                         f"{info['rejected']} left alone{staged}{note}")
         skipped = sum(not w["ran_sites"] for row in run.get("ppl", {}).values() for w in row["windows"])
         if skipped and any(info["sites"] for info in run["compile"].values()):
             lines.append(f"- {run['label']}: **{skipped} PPL window(s) ran without a rewritten graph** "

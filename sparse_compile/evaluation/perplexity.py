@@ -8,7 +8,8 @@ Two views that whole-window PPL hides (`eval --tasks continuation,decode`):
   continuation  the last `last` predictions of the same forward: their NLL and their argmax (compared
                 with the eager model's: top-1 agreement). A method that drops tokens degrades their own
                 predictions by design; a continuation starts from the always-kept end of the prompt.
-  decode        a prompt of L tokens prefilled through a DynamicCache, then the next real tokens fed one
+  decode        a prompt of L tokens prefilled through a KV cache (a DynamicCache unless one is given), then
+                the next real tokens fed one
                 at a time (teacher forcing: every policy sees the same tokens): NLL and argmax of each
                 step's prediction. Decode methods act only here.
 """
@@ -75,13 +76,16 @@ def window_scores(forward: LogitsFn, ids: torch.Tensor, last: int) -> tuple[torc
 
 
 def decode_scores(model: Any, config: Any, ids: torch.Tensor, prompt_len: int,
-                  after_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced decode: prefill ids[:prompt_len] into a DynamicCache, then feed ids[prompt_len:-1] one
-    token per call. Returns (NLL (S,) float32, argmax (S,) int64) of the S = len(ids) - prompt_len predictions
-    of ids[prompt_len:]. `after_step` runs after every decode call (to read the Report's densities)."""
+                  after_step: Callable[[], None] | None = None, cache: Any = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced decode: prefill ids[:prompt_len] into `cache` (an empty transformers Cache with room for
+    len(ids) - 1 tokens, e.g. a StaticCache or a sparse_compile.SparseCache; None: a new DynamicCache), then
+    feed ids[prompt_len:-1] one token per call. Returns (NLL (S,) float32, argmax (S,) int64) of the
+    S = len(ids) - prompt_len predictions of ids[prompt_len:]. `after_step` runs after every decode call (to read
+    the Report's densities)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=config)
+    cache = DynamicCache(config=config) if cache is None else cache
     with torch.no_grad():
         out = model(input_ids=ids[None, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = [out.logits[0, -1].float()]

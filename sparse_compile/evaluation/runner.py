@@ -8,6 +8,12 @@ Tasks (`EvalConfig.tasks`, `eval --tasks`):
                 top-1 agreement with eager per step, the continuation PPL and the decode density (where
                 decode methods such as FASA and LessIsMore act; prefill PPL never sees them)
 
+`EvalConfig.cache` (`eval --cache`) is the KV cache the policies' decode and niah runs use, one per window /
+sample with room for the prompt and its steps: "dynamic" (a DynamicCache, the default), "static" (a
+StaticCache), or "sparse[16|32|64][-pages]" (a `sparse_compile.SparseCache` made for the run's policy, whose
+page summaries let FASA and LessIsMore select in two stages). The eager baseline always runs on a
+DynamicCache. Each run records its `cache` and whether any site selected in two stages (`two_stage`).
+
 Every policy's results end with `budget`: PASS/FAIL against the quality budget of a shipped default (no
 needle eager finds lost, ΔPPL <= 1%, and it still does its job; `sparse_compile.evaluation.budget`).
 
@@ -34,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sparse_compile
+from sparse_compile.cache import build_cache, cache_form
 from sparse_compile.evaluation import needle as niah
 from sparse_compile.evaluation.budget import budget_check
 from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR, ResultCache, ids_digest
@@ -56,11 +64,14 @@ from sparse_compile.evaluation.models import DEFAULT_MODEL, describe_model, load
 from sparse_compile.evaluation.perplexity import decode_scores, logits_fn, nll_summary, perplexity, window_scores
 from sparse_compile.evaluation.policies import PolicyRun, Sweep, expand_policies
 from sparse_compile.methods import METHODS
+from sparse_compile.policy import Policy
 from sparse_compile.report import Report
 
 TASKS = ("ppl", "continuation", "niah", "decode")
 WINDOW_TASKS = ("ppl", "continuation")  # tasks scored on the same forward of each window
 BASELINE = "eager"
+BASELINE_CACHE = "dynamic"  # the eager baseline's decode and niah runs: a DynamicCache, whatever `cache` says
+CACHE_CLASSES = {"dynamic": "DynamicCache", "static": "StaticCache", "sparse": "SparseCache"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class EvalConfig:
     progress: bool = True
     device: str | None = None  # None: cuda when available, else cpu (resolved at construction)
     dtype: str = "fp32"
+    cache: str = "dynamic"  # the policies' decode/niah KV cache: dynamic, static, sparse[16|32|64][-pages]
 
     def __post_init__(self) -> None:
         # resolved here, so that the recorded config says where the numbers came from
@@ -111,6 +123,7 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.windows is not None and self.windows < 1:
             raise ValueError(f"windows must be >= 1, got {self.windows}")
+        cache_form(self.cache)  # ValueError naming the forms
 
     def window_count(self, length: int) -> int:
         """Windows per length: `windows` if set, else tokens_per_length // length (at least 1)."""
@@ -180,6 +193,15 @@ def mean_layer_density(records: list[dict[int, float]]) -> dict[str, float]:
     layers = sorted({layer for r in records for layer in r})
     return {str(layer): sum(r[layer] for r in records if layer in r) / sum(layer in r for r in records)
             for layer in layers}
+
+
+def cache_record(kind: str) -> dict[str, Any]:
+    """What results record of a cache form: {"form", "class"} (+ "page_size", "dims_copy" for a SparseCache)."""
+    cls, page_size, dims_copy = cache_form(kind)
+    record: dict[str, Any] = {"form": kind, "class": CACHE_CLASSES[cls]}
+    if cls == "sparse":
+        record.update(page_size=page_size, dims_copy=dims_copy)
+    return record
 
 
 def overall(per_layer: dict[str, float]) -> float | None:
@@ -282,10 +304,21 @@ class Evaluator:
         """Windows of length + decode_steps tokens: the prompt, then the tokens fed as decode steps."""
         return windows(self.corpus_ids, length + self.config.decode_steps, self.config.window_count(length))
 
-    def decode_window(self, model: Any, ids: torch.Tensor, length: int, after_step: Callable[[], None] | None = None
-                      ) -> dict[str, Any]:
+    def run_cache(self, policy: Policy | None, max_cache_len: int) -> Any:
+        """A new cache of `config.cache` form for one window / sample of a policy run (None: a DynamicCache, made
+        by the caller). policy: the run's policy (a SparseCache keeps what its decode methods read)."""
+        if cache_form(self.config.cache)[0] == "dynamic":
+            return None
+        if policy is None:
+            raise ValueError(f"a {self.config.cache!r} cache needs the policy the model is compiled with")
+        return build_cache(self.config.cache, self.model.config, max_cache_len, policy)
+
+    def decode_window(self, model: Any, ids: torch.Tensor, length: int, after_step: Callable[[], None] | None = None,
+                      cache: Any = None) -> dict[str, Any]:
+        """One window's teacher-forced decode (`decode_scores`) on `cache` (None: a DynamicCache)."""
         t0 = time.perf_counter()
-        nll, top = decode_scores(model, self.model.config, ids.to(self.config.torch_device()), length, after_step)
+        nll, top = decode_scores(model, self.model.config, ids.to(self.config.torch_device()), length, after_step,
+                                 cache)
         return {**nll_summary(nll), "top": top.tolist(), "seconds": time.perf_counter() - t0}
 
     def baseline_decode(self, length: int) -> dict[str, Any]:
@@ -300,14 +333,16 @@ class Evaluator:
             rows.append({"start": start, **row})
         return {"ppl": perplexity(rows), "windows": rows}
 
-    def policy_decode(self, compiled: Any, report: Report, length: int, base: list[dict[str, Any]]
-                      ) -> dict[str, Any]:
-        """Decode steps through `compiled`: top-1 agreement with eager, continuation PPL, decode density."""
+    def policy_decode(self, compiled: Any, report: Report, length: int, base: list[dict[str, Any]],
+                      policy: Policy | None = None) -> dict[str, Any]:
+        """Decode steps through `compiled` (compiled with `policy`), each window on a new `config.cache`: top-1
+        agreement with eager, continuation PPL, decode density."""
         rows, densities = [], []
         t_all = time.perf_counter()
         for start, ids in self.bar(self.decode_windows(length), f"decode L={length}"):
+            cache = self.run_cache(policy, ids.numel())  # the prompt and the steps fed (ids[:-1]), + 1
             rows.append({"start": start, **self.decode_window(
-                compiled, ids, length, lambda: densities.append(report.layer_density("decode")))})
+                compiled, ids, length, lambda: densities.append(report.layer_density("decode")), cache)})
         same = sum(a == b for r, ref in zip(rows, base, strict=True) for a, b in zip(r["top"], ref["top"],
                                                                                     strict=True))
         per_layer = mean_layer_density([d for d in densities if d])
@@ -316,14 +351,16 @@ class Evaluator:
                 "wall_s": time.perf_counter() - t_all}
 
     # -- needle in a haystack ---------------------------------------------------------------
-    def answer(self, model: Any, sample: niah.NeedleSample, after_prefill: Callable[[], None] | None = None
-               ) -> dict[str, Any]:
+    def answer(self, model: Any, sample: niah.NeedleSample, after_prefill: Callable[[], None] | None = None,
+               cache: Any = None) -> dict[str, Any]:
+        """The greedy answer to one sample on `cache` (None: a DynamicCache) and its score."""
         device = self.config.torch_device()
         ids = torch.tensor(sample.input_ids, dtype=torch.long, device=device)
         eos = niah.eos_token_ids(self.tokenizer, self.model.config)
         synchronize(device)
         t0 = time.perf_counter()
-        new = niah.greedy_generate(model, self.model.config, ids, self.config.niah_max_new_tokens, eos, after_prefill)
+        new = niah.greedy_generate(model, self.model.config, ids, self.config.niah_max_new_tokens, eos, after_prefill,
+                                   cache)
         synchronize(device)
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return {"length": sample.length, "depth": sample.depth, "index": sample.index, "key": sample.key,
@@ -342,12 +379,15 @@ class Evaluator:
             rows.append(row)
         return summarize_niah(rows)
 
-    def policy_niah(self, compiled: Any, report: Report, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The NIAH grid through `compiled`; with the eager `baseline`, the samples it lost and gained."""
+    def policy_niah(self, compiled: Any, report: Report, baseline: dict[str, Any] | None = None,
+                    policy: Policy | None = None) -> dict[str, Any]:
+        """The NIAH grid through `compiled` (compiled with `policy`), each sample on a new `config.cache`; with the
+        eager `baseline`, the samples it lost and gained."""
         rows, prefill, decode = [], [], []
         t_all = time.perf_counter()
         for sample in self.bar(self.samples, "niah"):
-            row = self.answer(compiled, sample, lambda: prefill.append(report.layer_density("prefill")))
+            cache = self.run_cache(policy, sample.length + self.config.niah_max_new_tokens)
+            row = self.answer(compiled, sample, lambda: prefill.append(report.layer_density("prefill")), cache)
             decode.append(report.layer_density("decode"))
             rows.append(row)
         result = summarize_niah(rows)
@@ -364,10 +404,12 @@ class Evaluator:
     def run_policy(self, run: PolicyRun, baseline: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = {"label": run.label, "base": run.base, "policy": run.policy.to_dict(),
                                   "warning": run.policy.warning, "fingerprint": run.policy.fingerprint(),
-                                  "sweep": {p: v for p, v in run.assignments}, "compile": {}}
+                                  "sweep": {p: v for p, v in run.assignments}, "compile": {},
+                                  "cache": cache_record(self.config.cache)}
         t0 = time.perf_counter()
         wanted = {"ppl": any(self.wants(t) for t in WINDOW_TASKS), "decode": self.wants("decode")}
-        for task, measure in (("ppl", self.policy_ppl), ("decode", self.policy_decode)):
+        decode = partial(self.policy_decode, policy=run.policy)
+        for task, measure in (("ppl", self.policy_ppl), ("decode", decode)):
             if not wanted[task]:
                 continue
             report = Report()
@@ -385,16 +427,19 @@ class Evaluator:
         if "niah" in self.config.tasks:
             report = Report()
             compiled = compile_with_policy(self.model, run.policy, report, self.config.inner)
-            result["niah"] = self.policy_niah(compiled, report, baseline["niah"])
+            result["niah"] = self.policy_niah(compiled, report, baseline["niah"], run.policy)
             result["compile"]["niah"] = site_summary(report)
+        result["two_stage"] = any(info["two_stage_sites"] for info in result["compile"].values())
         torch._dynamo.reset()
         result["wall_s"] = time.perf_counter() - t0
         return result
 
 
 def site_summary(report: Report) -> dict[str, Any]:
-    """How many attention sites were rewritten / left alone, and the report's table."""
-    return {"sites": len(report.sites), "rejected": len(report.rejected), "report": str(report)}
+    """How many attention sites were rewritten / left alone, how many of them select in two stages over a
+    SparseCache's buffers (the node takes its page summaries), and the report's table."""
+    return {"sites": len(report.sites), "rejected": len(report.rejected),
+            "two_stage_sites": sum(bool(s.cache_buffers) for s in report.sites), "report": str(report)}
 
 
 def summarize_niah(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -478,7 +523,7 @@ def execute(ev: Evaluator, runs: list[PolicyRun], argv: list[str] | None = None)
     meta = {"env": env, "config": {**asdict(config), "sweeps": [asdict(s) for s in config.sweeps]},
             "model": {**describe_model(config.model, ev.model), "fingerprint": ev.fingerprint[:16]},
             "corpus": {**ev.corpus.describe(), "tokens": int(ev.corpus_ids.numel())}}
-    baseline: dict[str, Any] = {"label": BASELINE}
+    baseline: dict[str, Any] = {"label": BASELINE, "cache": cache_record(BASELINE_CACHE)}
     t0 = time.perf_counter()
     if any(t in config.tasks for t in WINDOW_TASKS):
         baseline["ppl"] = {str(length): ev.baseline_ppl(length) for length in config.lengths}

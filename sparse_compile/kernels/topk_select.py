@@ -1,5 +1,5 @@
 """The top-k of each row as an unordered set, in Triton: one program per row finds the k-th largest value over
-the values' order-preserving integer codes (32 bisection steps, or four 8-bit radix histograms), then writes the
+the values' order-preserving integer codes (at most 32 bisection steps, or four 8-bit radix histograms), then writes the
 indices of the k largest.
 
     topk_indices(x, k, *, row_k=None, tokens=None, drop_neg_inf=True, algorithm="bisect") -> (..., k) int64
@@ -76,15 +76,18 @@ def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0)
     offs, in_row, x, code, k = _load_row(X, ROW_K, r, N, K, stride_x, HAS_ROW_K, BLOCK_N)
-    # the largest t with count(code >= t) >= k: then count(code > t) < k <= count(code >= t)
-    lo = tl.full([], -2147483648, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    for _ in range(32):
+    # a t with count(code >= t) >= k and count(code > t) < k, searched between the row's smallest and largest
+    # codes; a step that counts exactly k codes >= mid ends the search (every t between it and the largest such t
+    # selects the same set), so rows without ties at the k-th value stop after ~log2(N) + a few steps, not 32
+    lo = tl.min(tl.where(in_row, code, 2147483647), axis=0).to(tl.int64)
+    hi = tl.max(tl.where(in_row, code, -2147483648), axis=0).to(tl.int64)
+    lo = tl.where(k == 0, hi, lo)  # k = 0: t = the largest code, and need = 0 takes no tie
+    while lo < hi:
         mid = lo + (hi - lo + 1) // 2
         count = tl.sum(((code >= mid.to(tl.int32)) & in_row).to(tl.int32), axis=0)
         ok = count >= k
         lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
+        hi = tl.where(count == k, mid, tl.where(ok, hi, mid - 1))
     t = lo.to(tl.int32)
     _write_set(OUT, TOKENS, r, offs, x, (code > t) & in_row, (code == t) & in_row, k, K, stride_o, stride_t,
                GROUP, HAS_TOKENS, DROP_NEG_INF, BLOCK_K)
