@@ -14,6 +14,7 @@ from sparse_compile.__main__ import build_parser, main
 from sparse_compile.argtypes import parse_length, parse_lengths
 from sparse_compile.benchmarks.harness import PARTS
 from sparse_compile.evaluation.models import save_tiny_llama
+from sparse_compile.methods.two_stage import kept_pages
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -207,15 +208,17 @@ def test_eval_continuation_and_decode_tasks(tiny_model, corpus_file, tmp_path):
 
 
 def test_eval_decode_on_a_sparse_cache(tiny_model, corpus_file, tmp_path):
-    """`--cache sparse32`: the policies' decode steps run on a SparseCache made for each policy (pages of 32 over
-    a 96-token prompt + 8 steps). Dense: the same top-1 tokens and PPL as on a DynamicCache (sums over the cache's
-    unwritten, masked slots differ in float order only). FASA at a 48-token budget (layer 1; layer 0 is dense):
-    every page a candidate (candidates 4 x 48 >= 104 slots) selects as the single-stage FASA does on a
-    DynamicCache; one budget's worth of pages (candidates 1.0) prunes pages first, completes, keeps < 1 of the
-    keys. Both select in two stages (the Report's SparseCache sites), none does on a DynamicCache; the eager
-    baseline runs on a DynamicCache whatever --cache says, from the same cached entries."""
-    common = ("--tasks", "decode", "--lengths", "96", "--windows", "2", "--decode-steps", "8", "--policy", "dense",
-              "--policy", "fasa", "--sweep", "decode.min_seq_len=0", "--sweep", "budget=48", "--sweep", "recent=8")
+    """`--cache sparse32`: the policies' decode steps run on a SparseCache made for each policy (9 pages of 32
+    over a 256-token prompt + 8 steps). Dense: the same top-1 tokens and PPL as on a DynamicCache (sums over the
+    cache's unwritten, masked slots differ in float order only). FASA at a 96-token budget (layer 1; layer 0 is
+    dense): with every page a candidate (candidates 4 x 96 >= 264 slots) it selects as the single-stage FASA does
+    on a DynamicCache; with one budget's worth of pages (candidates 1.0: 4 of the 9 pages) the page prefilter
+    prunes, the run completes and keeps < 1 of the keys. Both select in two stages (the Report's SparseCache
+    sites), nothing does on a DynamicCache; the eager baseline runs on a DynamicCache whatever --cache says, from
+    the same cached entries."""
+    assert kept_pages(96, 32, 9, sink=4, recent=8) == 4 and kept_pages(4 * 96, 32, 9, sink=4, recent=8) == 9
+    common = ("--tasks", "decode", "--lengths", "256", "--windows", "2", "--decode-steps", "8", "--policy", "dense",
+              "--policy", "fasa", "--sweep", "decode.min_seq_len=0", "--sweep", "budget=96", "--sweep", "recent=8")
     cache = tmp_path / "cache"
     dyn = run_eval_cli(tiny_model, corpus_file, tmp_path / "dyn", cache, *common)
     entries = sorted(cache.iterdir())
@@ -225,8 +228,8 @@ def test_eval_decode_on_a_sparse_cache(tiny_model, corpus_file, tmp_path):
     assert sparse["baseline"]["decode"] == dyn["baseline"]["decode"]
     assert sparse["baseline"]["cache"]["class"] == "DynamicCache" and sparse["meta"]["config"]["cache"] == "sparse32"
 
-    dense_dyn, fasa_dyn = (r["decode"]["96"] for r in dyn["runs"])
-    dense, fasa_all, fasa_few = (r["decode"]["96"] for r in sparse["runs"])
+    dense_dyn, fasa_dyn = (r["decode"]["256"] for r in dyn["runs"])
+    dense, fasa_all, fasa_few = (r["decode"]["256"] for r in sparse["runs"])
     assert [r["cache"] for r in dyn["runs"]] == [{"form": "dynamic", "class": "DynamicCache"}] * 2
     assert [r["cache"] for r in sparse["runs"]] == [
         {"form": "sparse32", "class": "SparseCache", "page_size": 32, "dims_copy": True}] * 3
@@ -246,6 +249,24 @@ def test_eval_decode_on_a_sparse_cache(tiny_model, corpus_file, tmp_path):
     assert len(fasa_few["windows"]) == 2 and all(len(w["top"]) == 8 for w in fasa_few["windows"])
 
     report = (tmp_path / "sparse" / "results.md").read_text()
-    assert "| policy | cache | prompt |" in report and "| eager | DynamicCache | 96 |" in report
-    assert f"| {sparse['runs'][2]['label']} | SparseCache P=32 | 96 |" in report
+    assert "| policy | cache | prompt |" in report and "| eager | DynamicCache | 256 |" in report
+    assert f"| {sparse['runs'][2]['label']} | SparseCache P=32 | 256 |" in report
     assert "1 select in two stages over the SparseCache P=32's buffers" in report
+
+
+def test_eval_niah_on_a_sparse_cache(tiny_model, corpus_file, tmp_path):
+    """`--cache sparse16-pages`: NIAH's greedy answers decode on a SparseCache (pages only, no dims copy). Dense
+    answers as eager does (which ran on a DynamicCache); FASA's decode node selects in two stages over the pages."""
+    res = run_eval_cli(tiny_model, corpus_file, tmp_path / "out", tmp_path / "cache", "--tasks", "niah", "--cache",
+                       "sparse16-pages", "--policy", "dense", "--policy", "fasa", "--sweep", "decode.min_seq_len=0",
+                       "--sweep", "recent=8")
+    dense, fasa = res["runs"]
+    eager = [s["answer"] for s in res["baseline"]["niah"]["samples"]]
+    assert [s["answer"] for s in dense["niah"]["samples"]] == eager and len(eager) == 2
+    assert dense["niah"]["vs_eager"]["lost"] == [] and not dense["two_stage"]
+    assert fasa["two_stage"] and fasa["compile"]["niah"]["two_stage_sites"] == 1
+    assert fasa["niah"]["decode_mean_density"] < 1.0 and fasa["niah"]["vs_eager"]["compared"] == 2
+    assert fasa["cache"] == {"form": "sparse16-pages", "class": "SparseCache", "page_size": 16, "dims_copy": False}
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "| policy | cache | L=400 |" in report and "| eager | DynamicCache |" in report
+    assert f"| {fasa['label']} | SparseCache P=16 pages only |" in report
