@@ -319,9 +319,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFa
     return out, sel.density
 
 
-# the shipped generic policy's params (policies/fasa.toml): min(25%, 2048) tokens, half the chunks by the rule,
+# the shipped generic policy's params (policies/fasa.toml): 2048 tokens, half the chunks by the rule,
 # 4 sink and 64 recent tokens forced; bench cases time it with and without a SparseCache (two-stage selection)
-GENERIC = (("budget", 0.25), ("max_budget", 2048), ("rule_fraction", 0.5), ("sink", 4), ("recent", 64))
+GENERIC = (("budget", 2048), ("rule_fraction", 0.5), ("sink", 4), ("recent", 64))
 
 METHOD = Method(
     name="fasa",
