@@ -7,7 +7,7 @@ host-side launch calls per step (cudaGraphLaunch: CUDA-graph replays; cudaLaunch
 kernels launched outside any graph). Run with TORCH_LOGS=perf_hints,recompiles to see skipped CUDA graphs.
 
     TORCH_LOGS=perf_hints,recompiles python scripts/profile_generate_step.py --prompt 131072 --layers 4 \
-        --runs dense@static,examples/fasa_per_kv_head.toml@sparse32-pages --out results/x.txt
+        --runs dense@static,fasa@sparse32-pages --out results/x.txt
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--runs", default="dense@static,examples/fasa_per_kv_head.toml@sparse32-pages")
+    parser.add_argument("--runs", default="dense@static,fasa@sparse32-pages")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     lines: list[str] = []
