@@ -248,7 +248,8 @@ def test_the_policy_writer_round_trips_every_shipped_policy():
 def test_a_lost_needle_moves_to_the_next_denser_allocation():
     """The needle check steps along the path, least dense first, until an allocation loses no needle; with none
     left it returns the last one tried and its loss (the calibration then fails)."""
-    from sparse_compile.calibration.quality import Allocation, denser_steps, needle_search
+    from sparse_compile.calibration.needles import needle_search
+    from sparse_compile.calibration.quality import Allocation, denser_steps
 
     path = [Allocation((0, 0), 1.0, 0.3), Allocation((0, 1), 0.5, 0.5), Allocation((1, 0), 0.6, 0.45),
             Allocation((-1, 1), 0.2, 0.7), Allocation((-1, -1), 0.0, 1.0)]

@@ -436,24 +436,40 @@ def test_report_cuts_long_parameter_values():
 
 def test_calibrate_fasa_end_to_end(tmp_path, capsys):
     """`calibrate fasa` on a tiny random model writes a policy that loads, with a full chunk ranking per
-    layer and head (a permutation of the head's chunks) and the recall summary in its header."""
+    layer and head (a permutation of the head's chunks) and the recall summary in its header; the written
+    policy ran the NIAH grid against eager (FASA answering from 0 cached tokens on), and its header and the
+    report say what eager found and the policy lost; --no-niah skips the check."""
+    import json
+
     from sparse_compile.__main__ import main
     from sparse_compile.evaluation.models import save_tiny_llama
 
     model = save_tiny_llama(tmp_path / "model", layers=2)
     corpus = tmp_path / "text.txt"
     corpus.write_text(" ".join(f"token{i % 97} attends to key{i % 13}." for i in range(400)))
-    out = tmp_path / "fasa.toml"
+    out, report = tmp_path / "fasa.toml", tmp_path / "fasa.json"
     argv = ["calibrate", "fasa", "--model", str(model), "--corpus", str(corpus), "--length", "160", "--samples", "1",
-            "--queries", "4", "--top-n", "16", "--device", "cpu", "--no-progress", "--out", str(out)]
+            "--queries", "4", "--top-n", "16", "--device", "cpu", "--no-progress", "--min-seq-len", "0",
+            "--niah-lengths", "400", "--cache-dir", str(tmp_path / "cache"), "--report", str(report),
+            "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     params = sparse_compile.load_policy(str(out)).decode.params
     assert len(params.chunks) == 2 and params.n_chunks == 2  # head_dim 16: 8 chunks, the quarter kept
     for layer in params.chunks:
         assert len(layer) == 4 and all(sorted(head) == list(range(8)) for head in layer)
-    assert "recall of the kept chunks" in out.read_text()
+    text = out.read_text()
+    assert "recall of the kept chunks" in text
+    needles = json.loads(report.read_text())["needles"]
+    assert needles["samples"] == 5 and needles["lengths"] == [400] and needles["lost"] == 0
+    assert needles["tried"] == [{"label": "n_chunks 2, budget 0.25", "lost": 0}] and needles["safer_tried"] == 0
+    line = f"# Needles: eager finds {needles['eager_found']} of 5 (NIAH at 400 tokens); the policy loses 0."
+    assert line in text and line[2:] in capsys.readouterr().out
     assert main(argv[:-2] + ["--top-n", "100"]) == 2
     assert "--top-n 100 must be at most half of --length 160" in capsys.readouterr().err
+    skipped = tmp_path / "skipped.toml"
+    assert main(argv[:-2] + ["--no-niah", "--out", str(skipped)]) == 0, capsys.readouterr().err
+    assert "Needles" not in skipped.read_text() and json.loads(report.read_text())["needles"] is None
+    assert sparse_compile.load_policy(str(skipped)).decode.params == params
 
 
 def test_report_notes_calibrated_chunks_that_do_not_fit():

@@ -295,7 +295,9 @@ def test_selection_layer_choice_is_the_best_split(n, count, dense_mask, seed):
 
 def test_calibrate_lessismore_end_to_end(tmp_path, capsys):
     """`calibrate lessismore` on a tiny random model writes a policy that loads, with the chosen layers and
-    the coverage it measured in its header; the report holds an (N, N) matrix of fractions."""
+    the coverage it measured in its header; the report holds an (N, N) matrix of fractions. The written
+    policy ran the NIAH grid against eager (LessIsMore answering from 256 cached tokens on): its header and
+    the report say what eager found and the policy lost; --no-niah skips the check."""
     import json
 
     from sparse_compile.__main__ import main
@@ -307,19 +309,28 @@ def test_calibrate_lessismore_end_to_end(tmp_path, capsys):
     out, report = tmp_path / "lim.toml", tmp_path / "cov.json"
     argv = ["calibrate", "lessismore", "--model", str(model), "--corpus", str(corpus), "--length", "160",
             "--samples", "1", "--queries", "4", "--budget", "24", "--policy-budget", "64", "--selections", "2",
-            "--dense-layers", "0", "--device", "cpu", "--no-progress", "--out", str(out), "--report", str(report)]
+            "--dense-layers", "0", "--device", "cpu", "--no-progress", "--min-seq-len", "256", "--niah-lengths",
+            "400", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--report", str(report)]
     assert main(argv) == 0, capsys.readouterr().err
     policy = sparse_compile.load_policy(str(out))
     params = policy.decode.params
     assert policy.decode.method == "lessismore" and params.budget == 64 and params.dense_layers == (0,)
     chosen = json.loads(report.read_text())
-    assert list(params.selection_layers) == chosen["chosen"]
+    assert list(params.selection_layers) == chosen["chosen"] == chosen["calibrated"]  # no needle lost: unchanged
     assert chosen["chosen"][0] == 1 and len(chosen["chosen"]) == 2
     cov = torch.tensor(chosen["coverage"])
     assert cov.shape == (4, 4) and bool(((cov >= 0) & (cov <= 1 + 1e-9)).all())
-    assert "mean attention mass of the reusing layers" in out.read_text()
+    text = out.read_text()
+    assert "mean attention mass of the reusing layers" in text
+    needles = chosen["needles"]
+    assert needles["samples"] == 5 and needles["lengths"] == [400] and needles["lost"] == 0
+    assert needles["chosen"].startswith(f"selection layers {chosen['chosen']}")
+    assert f"# Needles: eager finds {needles['eager_found']} of 5 (NIAH at 400 tokens); the policy loses 0." in text
     assert main(argv[:-4] + ["--selections", "9", "--out", str(out)]) == 2
     assert "--selections must be in [1, 3]" in capsys.readouterr().err
+    skipped = tmp_path / "skipped.toml"
+    assert main(argv[:-4] + ["--no-niah", "--out", str(skipped), "--report", str(report)]) == 0
+    assert "Needles" not in skipped.read_text() and json.loads(report.read_text())["needles"] is None
 
 
 @given(B=st.integers(1, 3), Lk=st.integers(1, 40), q_offset=st.integers(0, 50), window=st.integers(0, 12),

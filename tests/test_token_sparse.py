@@ -5,6 +5,7 @@ Dynamic Token Coverage against a plain re-implementation, stacking, fallbacks, a
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -342,16 +343,24 @@ def test_compiled_model_equals_the_method_reference():
 def test_calibration_measures_drift_and_writes_a_policy_that_loads(tmp_path):
     """`calibrate token_sparse` on a saved tiny model: the drift of each layer equals the relative residual
     update computed from output_hidden_states, the layers at or below the median are written, and the
-    written policy loads back (layers replaced, everything else from the shipped policy)."""
+    written policy loads back (layers replaced, everything else from the shipped policy). The policy ran
+    the NIAH grid against eager and its header says what eager found and the policy lost; --no-niah skips."""
     from sparse_compile.calibration import drift as cal
     from sparse_compile.calibration import run_calibration
     from sparse_compile.evaluation.models import save_tiny_llama
 
     save_tiny_llama(tmp_path / "m", layers=4)
     out = tmp_path / "p.toml"
-    assert run_calibration("token_sparse", ["--model", str(tmp_path / "m"), "--corpus", "licenses", "--lengths", "200",
-                                            "--windows", "1", "--out", str(out), "--no-progress"]) == 0
+    argv = ["--model", str(tmp_path / "m"), "--corpus", "licenses", "--lengths", "200", "--windows", "1",
+            "--no-progress", "--niah-lengths", "400", "--cache-dir", str(tmp_path / "cache")]
+    assert run_calibration("token_sparse", argv + ["--out", str(out)]) == 0
+    text = out.read_text()
+    assert re.search(r"# Needles: eager finds \d of 5 \(NIAH at 400 tokens\); the policy loses 0\.\n", text), text
+    skipped = tmp_path / "skipped.toml"
+    assert run_calibration("token_sparse", argv + ["--no-niah", "--out", str(skipped)]) == 0
+    assert "Needles" not in skipped.read_text()
     policy = sparse_compile.load_policy(str(out))
+    assert sparse_compile.load_policy(str(skipped)).to_dict() == policy.to_dict()
     shipped = sparse_compile.load_policy("token_sparse-smollm2")
     model = tiny_llama(4)
     ids = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(1))

@@ -38,6 +38,13 @@ layers, so the comparison is at equal cost. The whole matrix goes to `--report`;
 header says how it was made and the coverage of the default and of the chosen layers.
 
 Deterministic (no sampling); on CPU for SmolLM2 2 x 4096 tokens take about a minute plus the model load.
+
+## The needle check (both procedures; `--no-niah` skips it; needles.py)
+The written policy runs eval's NIAH grid (at `--niah-lengths`, default `--length`) against the eager model:
+its decode steps answer through the method. A needle eager finds and the policy loses moves to safer
+settings, at most `--needle-probes` of them, the first that loses none being written (`chunk_candidates`:
+more chunks per head and a larger budget, alternately; `selection_candidates`: one more selection layer
+each). When none keeps every needle, the one losing fewest goes to `<out>.unverified.toml`, exit status 1.
 """
 
 from __future__ import annotations
@@ -51,6 +58,14 @@ from typing import Any
 import torch
 
 from sparse_compile.argtypes import positive_int
+from sparse_compile.calibration.needles import (
+    Candidate,
+    add_needle_arguments,
+    check_candidates,
+    needle_evaluator,
+    needle_probes,
+    write_checked,
+)
 from sparse_compile.calibration.text import (
     add_window_arguments,
     check_at_least_one,
@@ -58,7 +73,6 @@ from sparse_compile.calibration.text import (
     decode_positions,
     load_calibration_text,
     record_windows,
-    write_policy,
 )
 from sparse_compile.kernels.fasa import chunk_dims, default_chunk_count, default_chunks
 from sparse_compile.kernels.lessismore import budget_split, select_tokens, selection_visible
@@ -67,12 +81,13 @@ from sparse_compile.policy import parse_layers, parse_toml
 
 
 def decode_policy_text(written_by: str, summary: str, name: str, description: str, method: str, min_seq_len: int,
-                       params: list[str]) -> str:
-    """A policy TOML with dense prefill and `method` in decode: header comment, then the decode params lines."""
+                       params: list[str], notes: tuple[str, ...] | list[str] = ()) -> str:
+    """A policy TOML with dense prefill and `method` in decode: header comment (the summary, then `notes`, e.g.
+    the needle check's lines), then the decode params lines."""
     return "\n".join([
         f"# Written by `python -m sparse_compile calibrate {written_by}` "
         "(sparse_compile/calibration/decode_attention.py).",
-        f"# {summary}", f'name = "{name}"', f'description = "{description}"', "",
+        f"# {summary}", *(f"# {line}" for line in notes), f'name = "{name}"', f'description = "{description}"', "",
         "[prefill]", 'method = "dense"', "",
         "[decode]", f'method = "{method}"', f"min_seq_len = {min_seq_len}", "",
         "[decode.params]", *params, "",
@@ -98,6 +113,7 @@ def add_chunks_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-adjacent", action="store_true",
                         help="also rank and score the authors' (2i, 2i+1) pairing (rotate-half models)")
     parser.add_argument("--report", type=Path, default=None, help="write per-layer overlaps/recalls as JSON here")
+    add_needle_arguments(parser, "--length", "safer settings (more chunks per head and a larger budget, alternately)")
 
 
 class OverlapStats:
@@ -165,10 +181,12 @@ def toml_chunks(chunks: list[list[list[int]]]) -> str:
 
 
 def chunks_policy_text(model_name: str, chunks: list[list[list[int]]], args: argparse.Namespace, summary: str,
-                       keep: int) -> str:
-    """The FASA policy: the budget and selection flags, every layer's full chunk ranking."""
-    budget = int(args.budget) if args.budget >= 1 else args.budget
-    what = f"{budget} tokens" if args.budget >= 1 else f"{args.budget:.0%} of the cache"
+                       keep: int, budget: float | None = None, notes: tuple[str, ...] | list[str] = ()) -> str:
+    """The FASA policy: the budget (default `--budget`) and selection flags, every layer's full chunk ranking,
+    `keep` of them used per head."""
+    budget = args.budget if budget is None else budget
+    budget = int(budget) if budget >= 1 else budget
+    what = f"{budget} tokens" if budget >= 1 else f"{budget:.0%} of the cache"
     description = (f"FASA decode: top {what} by the dominant RoPE frequency chunks calibrated on {model_name} "
                    "(other models: the model-agnostic rule, the lowest-frequency quarter); dense prefill.")
     return decode_policy_text("fasa", summary, "fasa", description, "fasa", args.min_seq_len, [
@@ -180,7 +198,30 @@ def chunks_policy_text(model_name: str, chunks: list[list[list[int]]], args: arg
         'mismatch = "rule"',
         f'gqa = "{args.gqa}"',
         toml_chunks(chunks),
-    ])
+    ], notes)
+
+
+def larger_budget(budget: float) -> float:
+    """The next budget of the needle search: twice the tokens, or for a fraction f of the cache min(2f, (1 + f) / 2)
+    (0.25 -> 0.5 -> 0.75 -> 0.875: always below 1)."""
+    return int(2 * budget) if budget >= 1 else min(2 * budget, (1 + budget) / 2)
+
+
+def chunk_candidates(keep: int, budget: float, all_chunks: int, count: int) -> list[tuple[int, float]]:
+    """`count` FASA settings (n_chunks, budget) for the needle check, the calibrated (keep, budget) first, then
+    each safer than the one before: n_chunks doubled (at most `all_chunks`, the head's D/2, where the partial
+    score is the exact one) and the budget raised (`larger_budget`), alternately; only the budget once every
+    chunk is used."""
+    found = [(keep, budget)]
+    chunks_turn = True
+    while len(found) < count:
+        n, b = found[-1]
+        if chunks_turn and n < all_chunks:
+            found.append((min(2 * n, all_chunks), b))
+        else:
+            found.append((n, larger_budget(b)))
+        chunks_turn = not chunks_turn
+    return found
 
 
 def run_chunks(args: argparse.Namespace) -> int:
@@ -192,6 +233,7 @@ def run_chunks(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-n {args.top_n} must be at most half of --length {args.length}")
     check_budget(args.budget)
     source = load_calibration_text(args)
+    ev = needle_evaluator(args, source.model, source.tokenizer, (args.length,))  # checks the grid before the work
     sites = source.sites
     layers = sorted(sites)
     D = sites[layers[0]].head_dim
@@ -229,17 +271,25 @@ def run_chunks(args: argparse.Namespace) -> int:
     out_chunks = chunks[layout]
     if layers != list(range(len(layers))):
         raise ValueError(f"site layers {layers} are not 0..{len(layers) - 1}: cannot index chunks by layer")
-    text = chunks_policy_text(args.model, out_chunks, args, summary, keep)
+    settings = chunk_candidates(keep, args.budget, D // 2, 1 if ev is None else needle_probes(args) + 1)
+    candidates = [Candidate(f"n_chunks {n}, budget {b:g}",
+                            text_policy(chunks_policy_text(args.model, out_chunks, args, summary, n, b)))
+                  for n, b in settings]  # each validated as it would be written
+    check = None if ev is None else check_candidates(ev, candidates, needle_probes(args))
+    n_chunks, budget = settings[check.chosen if check else 0]
+    text = chunks_policy_text(args.model, out_chunks, args, summary, n_chunks, budget,
+                              check.header() if check else ())
     text_policy(text)  # validates what is written
-    write_policy(text, args.out)
+    status = write_checked(text, args.out, check)
     if args.report is not None:
         detail: dict[str, Any] = {"summary": summary, "recall": stats.recalls, "layout": layout, "keep": keep,
                                   "top_n": args.top_n,
                                   "overlap": {f"{lay}:{layer}": (stats.sums[(lay, layer)] / stats.steps[layer]).tolist()
                                               for lay in layouts for layer in layers},
-                                  "chunks": chunks}
+                                  "chunks": chunks, "n_chunks": n_chunks, "budget": budget,
+                                  "needles": check.entry if check else None}
         args.report.write_text(json.dumps(detail))
-    return 0
+    return status
 
 
 def text_policy(text: str) -> Any:
@@ -263,6 +313,7 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recent-fraction", type=float, default=0.25, help="the policy's recent_fraction (0.25)")
     parser.add_argument("--min-seq-len", type=int, default=4096, help="the policy's decode min_seq_len (4096)")
     parser.add_argument("--report", type=Path, default=None, help="write the coverage matrix as JSON here")
+    add_needle_arguments(parser, "--length", "more selection layers (one more each)")
 
 
 class CoverageStats:
@@ -361,8 +412,16 @@ def mean_coverage(coverage: torch.Tensor, dense: set[int], selecting: list[int])
     return sum(values) / max(len(values), 1)
 
 
+def selection_candidates(coverage: torch.Tensor, dense: set[int], count: int, limit: int
+                         ) -> list[tuple[list[int], float]]:
+    """(layers, mean coverage) of the best `count` selection layers, then of the best count + 1, ... (each safer:
+    fewer layers reuse another's token set): at most `limit` entries, and no more than the non-dense layers."""
+    free = coverage.shape[0] - len(dense)
+    return [choose_selection_layers(coverage, dense, c) for c in range(count, min(free, count + limit - 1) + 1)]
+
+
 def selection_policy_text(model_name: str, layers: list[int], dense: list[int | str], args: argparse.Namespace,
-                          summary: str) -> str:
+                          summary: str, notes: tuple[str, ...] | list[str] = ()) -> str:
     """The LessIsMore policy: the chosen selection layers and the policy flags."""
     name = f"lessismore-{model_name}" if "/" not in model_name and "." not in model_name else "lessismore-calibrated"
     description = (f"LessIsMore decode above {args.min_seq_len} cached tokens with the selection layers calibrated "
@@ -374,7 +433,7 @@ def selection_policy_text(model_name: str, layers: list[int], dense: list[int | 
         f"sink = {args.sink}",
         f"selection_layers = {json.dumps(layers)}",
         f"dense_layers = {json.dumps(dense)}",
-    ])
+    ], notes)
 
 
 def run_selection_layers(args: argparse.Namespace) -> int:
@@ -387,6 +446,7 @@ def run_selection_layers(args: argparse.Namespace) -> int:
     dense_spec = parse_layers([part.strip() for part in args.dense_layers.split(",") if part.strip()],
                               "calibrate lessismore", "--dense-layers", allow_empty=True)
     source = load_calibration_text(args)
+    ev = needle_evaluator(args, source.model, source.tokenizer, (args.length,))  # checks the grid before the work
     sites = source.sites
     num_layers = len(sites)
     if sorted(sites) != list(range(num_layers)):
@@ -410,10 +470,18 @@ def run_selection_layers(args: argparse.Namespace) -> int:
                f"inside the reused set: chosen {layers} {chosen:.3f}, default {default} "
                f"{mean_coverage(coverage, dense, default):.3f}")
     print(summary)
-    text = selection_policy_text(args.model, layers, dense_spec.to_list(), args, summary)
+    dense_list = dense_spec.to_list()
+    options = selection_candidates(coverage, dense, args.selections, 1 if ev is None else needle_probes(args) + 1)
+    candidates = [Candidate(f"selection layers {found} (coverage {cov:.3f})", parse_toml(
+        selection_policy_text(args.model, found, dense_list, args, summary), "calibrate lessismore output"))
+        for found, cov in options]  # each validated as it would be written
+    check = None if ev is None else check_candidates(ev, candidates, needle_probes(args))
+    written = options[check.chosen if check else 0][0]
+    text = selection_policy_text(args.model, written, dense_list, args, summary, check.header() if check else ())
     parse_toml(text, "calibrate lessismore output")  # validates what is written
-    write_policy(text, args.out)
+    status = write_checked(text, args.out, check)
     if args.report is not None:
-        args.report.write_text(json.dumps({"summary": summary, "coverage": coverage.tolist(), "chosen": layers,
-                                           "default": default, "positions": positions}))
-    return 0
+        args.report.write_text(json.dumps({"summary": summary, "coverage": coverage.tolist(), "chosen": written,
+                                           "calibrated": layers, "default": default, "positions": positions,
+                                           "needles": check.entry if check else None}))
+    return status

@@ -9,6 +9,12 @@ is measured with forward hooks on the model's decoder layers (the model runs its
 over evenly spaced windows of the corpus, averaged over windows, normalised across layers to [0, 1];
 the layers at or below the `--quantile` of the drifts (the median by default, the authors' delta = 0.5)
 are written as the policy's `layers`. Deterministic: fixed windows, no sampling.
+
+With `--out`, the policy then runs eval's NIAH grid against the eager model (needles.py; `--niah-lengths`,
+default `--lengths`; `--no-niah` skips it): a needle eager finds and the policy loses moves to fewer sparse
+layers, the lower-drift half of them, then half of that (`fewer_layers`, at most `--needle-probes` steps),
+the first that loses none being written; when none does, the one losing fewest goes to
+`<out>.unverified.toml`, exit status 1.
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from sparse_compile.argtypes import parse_lengths, positive_int
+from sparse_compile.calibration.needles import (
+    Candidate,
+    add_needle_arguments,
+    check_candidates,
+    needle_evaluator,
+    needle_probes,
+    write_checked,
+)
 from sparse_compile.calibration.text import policy_toml
 from sparse_compile.evaluation.corpus import default_corpus, load_corpus, tokenize, windows
 from sparse_compile.evaluation.device import resolve_device, resolve_dtype
@@ -42,6 +56,7 @@ def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
                              "policy, e.g. token_sparse-lossy)")
     parser.add_argument("--name", help="name of the written policy (default: <method>-<model>)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    add_needle_arguments(parser, "--lengths", "fewer sparse layers (the lower-drift half, then half of that)")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -98,6 +113,17 @@ def sparse_layers(drift: torch.Tensor, quantile: float) -> list[int]:
     return [i for i, value in enumerate(normalised.tolist()) if value <= cut]
 
 
+def fewer_layers(layers: list[int], drift: torch.Tensor, count: int) -> list[list[int]]:
+    """Up to `count` layer lists for the needle check, `layers` first, then each the lower-drift half (rounded
+    up) of the one before, down to one layer; every list sorted."""
+    ranked = sorted(layers, key=lambda i: (float(drift[i]), i))
+    found = [sorted(layers)]
+    while len(found) < count and len(found[-1]) > 1:
+        ranked = ranked[:(len(ranked) + 1) // 2]
+        found.append(sorted(ranked))
+    return found
+
+
 def run_drift_layers(args: argparse.Namespace) -> int:
     """The drift_layers procedure: measure drift, print it, write the policy when --out is given."""
     method = args.method
@@ -112,6 +138,7 @@ def run_drift_layers(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus or default_corpus())
     model, tokenizer = load_model(args.model, dtype=dtype)
     model.to(device)
+    ev = needle_evaluator(args, model, tokenizer, tuple(args.lengths)) if args.out else None  # checks the grid now
     ids = tokenize(tokenizer, corpus.text)
     chunks = [w for length in args.lengths for _, w in windows(ids, length, args.windows)]
     drift = layer_drift(model, chunks, progress=not args.no_progress)
@@ -122,26 +149,33 @@ def run_drift_layers(args: argparse.Namespace) -> int:
     for i, d in enumerate(drift.tolist()):
         print(f"  layer {i:3d}  drift {d:.4f}  normalised {(d - float(drift.min())) / span:.3f}"
               f"{'  *' if i in chosen else ''}")
-    layers = LayerSet.of(chosen).to_list()
-    print(f"sparse layers: {layers}")
+    print(f"sparse layers: {LayerSet.of(chosen).to_list()}")
     if not args.out:
         return 0
-    params = dataclasses.replace(base.prefill.params, **{args.knob.fields[0]: tuple(layers)})
     name = args.name or f"{method}-{Path(str(args.model)).stem}"
-    description = (f"{method} prefill on layers {layers} of {args.model} (representation drift at or below its "
-                   f"{args.quantile} quantile); dense decode.")
-    # a measured warning of the base policy describes the base's settings, not the calibrated ones
-    policy = dataclasses.replace(replace_phase(base, "prefill", params=params), name=name, description=description,
-                                 warning="")
+
+    def policy_of(sparse: list[int]) -> Any:
+        layers = LayerSet.of(sparse).to_list()
+        params = dataclasses.replace(base.prefill.params, **{args.knob.fields[0]: tuple(layers)})
+        why = (f"representation drift at or below its {args.quantile} quantile" if sparse == sorted(chosen) else
+               f"the {len(sparse)} lowest-drift of the {len(chosen)} layers at or below its {args.quantile} drift "
+               "quantile: fewer for the needle check")
+        description = f"{method} prefill on layers {layers} of {args.model} ({why}); dense decode."
+        # a measured warning of the base policy describes the base's settings, not the calibrated ones
+        return dataclasses.replace(replace_phase(base, "prefill", params=params), name=name,
+                                   description=description, warning="")
+
+    options = fewer_layers(chosen, drift, 1 if ev is None else needle_probes(args) + 1)
+    candidates = [Candidate(f"layers {LayerSet.of(sparse).to_list()}", policy_of(sparse)) for sparse in options]
+    check = None if ev is None else check_candidates(ev, candidates, needle_probes(args))
+    policy = candidates[check.chosen if check else 0].policy
     command = (f"python -m sparse_compile calibrate {method} --model {args.model} --corpus {corpus.name} "
                f"--lengths {','.join(str(n) for n in args.lengths)} --windows {args.windows} "
                f"--quantile {args.quantile}")
-    comment = (f"{method} on {args.model}: sparse layers = representation drift at or below its "
-               f"{args.quantile} quantile.\nWritten by: {command}\nDrift per layer: "
-               + ", ".join(f"{d:.3f}" for d in drift.tolist()))
-    text = policy_toml(policy, comment)
+    comment = [f"{method} on {args.model}: sparse layers = representation drift at or below its "
+               f"{args.quantile} quantile.", f"Written by: {command}",
+               "Drift per layer: " + ", ".join(f"{d:.3f}" for d in drift.tolist()), *(check.header() if check else ())]
+    text = policy_toml(policy, "\n".join(comment))
     if parse_toml(text, str(args.out)).to_dict() != policy.to_dict():  # what we write loads back unchanged
         raise ValueError("internal error: the written policy does not load back to the calibrated one")
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}")
-    return 0
+    return write_checked(text, args.out, check)

@@ -68,8 +68,17 @@ from tqdm.auto import tqdm
 
 import sparse_compile
 from sparse_compile.argtypes import parse_floats, parse_length, parse_lengths, positive_int
+from sparse_compile.calibration.needles import (
+    add_needle_arguments,
+    cache_dir,
+    needle_entry,
+    needle_line,
+    needle_probes,
+    needle_search,
+    niah_fields,
+    policy_niah,
+)
 from sparse_compile.calibration.text import policy_toml
-from sparse_compile.evaluation.cache import DEFAULT_CACHE_DIR
 from sparse_compile.evaluation.corpus import default_corpus, windows
 from sparse_compile.evaluation.perplexity import logits_fn, nll_summary, perplexity, window_nll
 from sparse_compile.evaluation.runner import EvalConfig, compile_with_policy, environment, prepare
@@ -451,11 +460,7 @@ class Context:
 
     def needles(self, policy: Any, baseline: dict[str, Any]) -> dict[str, Any]:
         """The NIAH grid through `policy`: eval's result with `vs_eager` (the samples it lost and gained)."""
-        report = Report()
-        compiled = compile_with_policy(self.ev.model, policy, report, self.inner)
-        result = self.ev.policy_niah(compiled, report, baseline)
-        torch._dynamo.reset()
-        return result
+        return policy_niah(self.ev, policy, baseline, self.inner)
 
     def sensitivity(self, knob: Knob, values: tuple[float, ...], params: Any, error: str = "value",
                     windows: dict[int, list[tuple[int, torch.Tensor]]] | None = None
@@ -561,19 +566,10 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                         "error and density of every candidate, the probes, calibration and held-out numbers")
     parser.add_argument("--verify", metavar="POLICY", help="no search: measure POLICY on the held-out windows and "
                         "fail (exit 1) when its dPPL exceeds --max-dppl at any length")
-    parser.add_argument("--niah-lengths", type=parse_lengths, metavar="N,...",
-                        help="needle check: prompt lengths of the NIAH grid (default: --lengths)")
-    parser.add_argument("--niah-samples", type=positive_int, metavar="K",
-                        help="needle check: samples per (length, depth) cell (default: 3 on CUDA, 1 on the CPU)")
-    parser.add_argument("--needle-probes", type=int, default=3, metavar="K",
-                        help="needle check: denser allocations tried when the winner loses a needle eager finds "
-                             "(default 3; 0: none, a lost needle fails the calibration)")
-    parser.add_argument("--no-niah", action="store_true",
-                        help="skip the needle check (the policy is then verified on perplexity only)")
+    add_needle_arguments(parser, "--lengths", "denser allocations", "the winner",
+                         " (the policy is then verified on perplexity only)")
     parser.add_argument("--inner", choices=("eager", "inductor"), default="eager",
                         help="inner compiler of the sparse backend (default eager)")
-    parser.add_argument("--cache-dir", default=None, help="where eager baselines are cached (default: eval's)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the eager baseline, cache nothing")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
 
 
@@ -608,23 +604,6 @@ def denser_steps(path: list[Allocation], winner: int, limit: int) -> list[int]:
     return sorted(denser, key=lambda i: (path[i].predicted_density, i))[:max(0, limit)]
 
 
-def needle_search(winner: int, steps: list[int], lost_by: Any) -> tuple[int, int, int]:
-    """(index, needles lost, steps tried): `winner` if `lost_by(winner)` is 0, else the first of `steps` whose
-    `lost_by` is 0; the last one tried when none is (its loss > 0 then says the check failed)."""
-    index, lost, tried = winner, lost_by(winner), 0
-    for step in steps:
-        if lost == 0:
-            break
-        index, lost, tried = step, lost_by(step), tried + 1
-    return index, lost, tried
-
-
-def needle_line(found: int, total_samples: int, lost: int, tried: int, lengths: tuple[int, ...]) -> str:
-    return (f"Needles: eager finds {found} of {total_samples} (NIAH at {', '.join(map(str, lengths))} tokens); "
-            f"the policy loses {lost}" + (f" (after {tried} denser allocation{'s' * (tried != 1)})" if tried else "")
-            + ".")
-
-
 def run_quality(args: argparse.Namespace) -> int:
     """Run the generic search for `args.method` (see the module docstring); the exit status."""
     t_start = time.perf_counter()
@@ -642,18 +621,14 @@ def run_quality(args: argparse.Namespace) -> int:
     values = ladder(knob, args.values)
     base = base_policy(args.method, args.base)
     skip_needles = getattr(args, "no_niah", False)
-    needle_probes = getattr(args, "needle_probes", 3)
-    if isinstance(needle_probes, bool) or not isinstance(needle_probes, int) or needle_probes < 0:
-        raise ValueError(f"--needle-probes {needle_probes!r}: give an int >= 0")
+    n_needle_probes = needle_probes(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     config = EvalConfig(
         model=args.model, policies=(base,), corpus=args.corpus or default_corpus(), lengths=tuple(args.lengths),
         windows=args.windows + args.holdout_windows, tasks=("ppl",) if skip_needles else ("ppl", "niah"),
-        cache_dir=None if args.no_cache else (args.cache_dir or str(DEFAULT_CACHE_DIR)),
-        progress=not args.no_progress, device=args.device, dtype=args.dtype,
-        **({} if skip_needles else {"niah_lengths": getattr(args, "niah_lengths", None) or tuple(args.lengths)}),
-        **({"niah_samples": args.niah_samples} if getattr(args, "niah_samples", None) else {}),
+        cache_dir=cache_dir(args), progress=not args.no_progress, device=args.device, dtype=args.dtype,
+        **({} if skip_needles else niah_fields(args, tuple(args.lengths))),
     )
     ev, _ = prepare(config)  # loads and checks everything (policy, corpus length, model) before any work
     cal, hold = split_windows(ev, config.lengths, args.windows, args.holdout_windows)
@@ -732,7 +707,7 @@ def run_quality(args: argparse.Namespace) -> int:
             runs[index] = ctx.needles(policy_of(path[index]), baseline)
             return len(runs[index]["vs_eager"]["lost"])
 
-        steps = denser_steps(path, best, needle_probes)
+        steps = denser_steps(path, best, n_needle_probes)
         index, lost, tried = needle_search(best, steps, lost_by)
         if index != best:  # a denser allocation: measured and verified like the winner
             bar.total += 2 * (n_cal + n_hold)
@@ -740,9 +715,8 @@ def run_quality(args: argparse.Namespace) -> int:
             measured.setdefault(best, ctx.measure(policy_of(winner), cal))
             held = ctx.measure(policy_of(winner), hold)
             ok = held.worst() <= args.max_dppl
-        found = sum(r["score"] >= 1.0 for r in baseline["samples"])
-        needles = {"eager_found": found, "samples": len(baseline["samples"]), "lost": lost, "denser_tried": tried,
-                   "lost_samples": runs[best]["vs_eager"]["lost"], "lengths": list(ev.config.needle_lengths())}
+        needles = needle_entry(baseline, runs[best]["vs_eager"]["lost"], ev.config.needle_lengths(),
+                               denser_tried=tried)
         ok = ok and lost == 0
     bar.close()
 
@@ -857,4 +831,4 @@ def make_header(args: argparse.Namespace, env: dict[str, Any], ev: Any, knob: Kn
 
 
 __all__ = ["Knob", "add_quality_arguments", "allocate", "allocation_path", "check_direction", "denser_steps",
-           "ladder", "method_knob", "needle_search", "next_probe", "quality_knobs", "run_quality"]
+           "ladder", "method_knob", "next_probe", "quality_knobs", "run_quality"]

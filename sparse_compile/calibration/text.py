@@ -29,13 +29,15 @@ from sparse_compile.evaluation.models import load_model
 
 @dataclass
 class CalibrationText:
-    """The loaded model, its tokenized corpus windows and its prefill attention sites (by layer)."""
+    """The loaded model (and its tokenizer), its tokenized corpus windows and its prefill attention sites
+    (by layer)."""
 
     model: Any
     corpus_name: str
     windows: list[tuple[int, torch.Tensor]]
     sites: dict[int, Any]
     device: torch.device
+    tokenizer: Any = None
 
 
 def load_calibration_text(args: argparse.Namespace) -> CalibrationText:
@@ -51,7 +53,8 @@ def load_calibration_text(args: argparse.Namespace) -> CalibrationText:
     sites = {s.layer: s for s in report.sites if s.phase == "prefill"}
     if not sites:
         raise ValueError(f"no RoPE attention site found in {args.model}: nothing to calibrate")
-    return CalibrationText(model, corpus.name, windows(ids, args.length, args.samples), sites, torch.device(device))
+    return CalibrationText(model, corpus.name, windows(ids, args.length, args.samples), sites, torch.device(device),
+                           tokenizer)
 
 
 def decode_positions(length: int, queries: int) -> list[int]:
