@@ -8,7 +8,7 @@
 
 Exit status: 0 on success, 2 on a usage error (bad flag, unknown policy, missing corpus/model,
 no GPU for `bench`), with a one-line message on stderr; 1 when a `bench --what check` row fails or a
-calibrated policy fails its held-out verification.
+calibrated policy fails its held-out verification or its needle check.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ Procedures (a method names one per knob; adding a method adds a declaration, not
   selection_layers   the layers whose decode token sets cover the others' attention best (decode_attention.py)
   drift_layers       the layers whose hidden states drift least (drift.py)
 `calibrate METHOD` runs the method's first non-quality knob's procedure, or its quality knob's; `--max-dppl`
-picks the quality knob. Every procedure gets the common flags (`add_common_arguments`).
+picks the quality knob. Every procedure gets the common flags (`add_common_arguments`) and ends with the needle
+check (needles.py: eval's NIAH grid, eager vs the policy; a lost needle moves to the procedure's safer
+candidates, and a policy that still loses one is written as `<out>.unverified.toml`, exit status 1).
 
     calibratable()             {method: its knobs} of the registered methods that declare any
     calibration_parser(m)      the argparse parser of `calibrate m`

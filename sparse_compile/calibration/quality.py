@@ -36,7 +36,8 @@ per layer (Prism: threshold_high and threshold_low). The search, for any such me
    calibration lengths) runs eager and through the winner; a needle eager finds and the winner loses is over
    budget like a ΔPPL: the next denser allocations of the path are tried (`--needle-probes`, default 3, each
    re-verified on the held-out windows), and a policy that still loses one fails loudly (exit 1,
-   `<out>.unverified.toml`). `--verify` runs the same check.
+   `<out>.unverified.toml`). `--verify` runs the same check. The flags, the NIAH run and the header line are
+   shared with the other procedures' needle check (needles.py).
 5. **The policy**: the base policy (the method's shipped name-only policy, `method` or `method-lossy`, or
    `--base`) with one `[[prefill.overrides]]` table per distinct value (compact layer ranges) and a header comment
    saying how it was made: command, model fingerprint, corpus, windows, device, achieved density and
