@@ -259,7 +259,7 @@ def test_eval_niah_on_a_sparse_cache(tiny_model, corpus_file, tmp_path):
     answers as eager does (which ran on a DynamicCache); FASA's decode node selects in two stages over the pages."""
     res = run_eval_cli(tiny_model, corpus_file, tmp_path / "out", tmp_path / "cache", "--tasks", "niah", "--cache",
                        "sparse16-pages", "--policy", "dense", "--policy", "fasa", "--sweep", "decode.min_seq_len=0",
-                       "--sweep", "recent=8")
+                       "--sweep", "budget=96", "--sweep", "recent=8")
     dense, fasa = res["runs"]
     eager = [s["answer"] for s in res["baseline"]["niah"]["samples"]]
     assert [s["answer"] for s in dense["niah"]["samples"]] == eager and len(eager) == 2
