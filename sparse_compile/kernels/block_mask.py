@@ -156,10 +156,12 @@ class BlockList:
         return selected / allowed.sum(dim=(-1, -2)).clamp_min(1).float()
 
     @classmethod
-    def from_dense(cls, block_mask: Tensor, block_size: int, q_len: int, kv_len: int) -> BlockList:
+    def from_dense(cls, block_mask: Tensor, block_size: int, q_len: int, kv_len: int,
+                   max_blocks: int | None = None) -> BlockList:
         """Lists from a (B, Hm, nq, nk) bool block mask; indices come out ascending.
 
-        max_blocks is the largest row count (at least 1); this synchronises with the device once.
+        max_blocks: the lists' width; None = the largest row count (at least 1), which synchronises with the
+        device once; pass nk (or any bound >= every row's count) to build them without a sync.
         """
         if block_mask.dim() != 4 or block_mask.dtype != torch.bool:
             raise ValueError(f"block_mask must be a 4-D bool tensor (B, Hm, nq, nk), got {block_mask.dtype} "
@@ -172,7 +174,10 @@ class BlockList:
         kv_num_blocks = block_mask.sum(-1, dtype=torch.int32)
         # stable sort puts selected blocks first, in ascending order
         order = torch.sort(block_mask.to(torch.int8), dim=-1, descending=True, stable=True).indices
-        max_blocks = max(1, int(kv_num_blocks.max().item())) if kv_num_blocks.numel() else 1
+        if max_blocks is None:
+            max_blocks = max(1, int(kv_num_blocks.max().item())) if kv_num_blocks.numel() else 1
+        elif not 1 <= max_blocks <= nk:
+            raise ValueError(f"max_blocks must be in [1, nk = {nk}], got {max_blocks}")
         kv_indices = order[..., :max_blocks].to(torch.int32).contiguous()
         return cls(kv_num_blocks.contiguous(), kv_indices, block_size, q_len, kv_len)
 

@@ -34,7 +34,7 @@ from torch import Tensor
 from sparse_compile.kernels.block_mask import MaskStructure, _cdiv, allowed_blocks
 from sparse_compile.kernels.device_constants import host_constant, on_device
 
-__all__ = ["prism_select_triton", "reference", "select_blocks_reference"]
+__all__ = ["prism_select_triton", "reference", "select_blocks_reference", "vertical_blocks"]
 
 CALIBRATION_EPS = 1e-6  # clamp of the rms denominators (as the authors)
 MIN_TEMPERATURE = 1e-12  # a band with no energy gives zero logits instead of 0 / 0
@@ -655,6 +655,64 @@ def top_p_blocks(probs: Tensor, allowed: Tensor, threshold: float) -> Tensor:
     keep_sorted = before < threshold
     keep = torch.zeros_like(allowed).scatter(-1, order.indices, keep_sorted)
     return keep & allowed
+
+
+def vertical_blocks(
+    q: Tensor,
+    k: Tensor,
+    mask: MaskStructure,
+    *,
+    block_size: int,
+    threshold: float,
+    scale: float,
+    per_kv_head: bool = False,
+    heads_per_chunk: int = 8,
+) -> Tensor:
+    """Query-aware vertical coverage (FlexPrefill's vertical estimate, arXiv 2502.20766): the exact attention
+    of the prompt's last `block_size` queries, summed per key block, ranks the key blocks for every query block.
+
+    q: (B, H, Lq, D), k: (B, Hkv, Lk, D) post-RoPE; scale: the attention's softmax scale. The last
+    min(block_size, Lq) queries (padding queries excluded) attend to their visible keys (causal with the
+    offset, window, key_valid) in float32; their probabilities summed per key block give each head a mass per
+    key block. Each query block renormalises that mass over its allowed key blocks and keeps the top-p
+    (`top_p_blocks`, threshold in (0, 1)); blocks with zero mass are never kept. The scores are computed for
+    `heads_per_chunk` KV heads at a time (at 128K keys a chunk of 8 KV heads x 4 query heads x 128 queries
+    holds 2 GiB of float32 logits). No host synchronisation.
+    Returns the (B, Hm, nq, nk) bool block mask, Hm = Hkv if per_kv_head else H.
+    """
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    dev = q.device
+    n = min(block_size, Lq)
+    kv_valid = key_valid_or_ones(mask, B, Lk, dev)
+    q_ok = query_valid(mask, kv_valid, Lq)[:, Lq - n:]  # (B, n)
+    pos = torch.arange(Lq - n, Lq, device=dev)[:, None] + mask.q_offset  # (n, 1) key positions of the queries
+    j = torch.arange(Lk, device=dev)[None, :]
+    visible = torch.ones(n, Lk, dtype=torch.bool, device=dev)
+    if mask.causal:
+        visible &= j <= pos
+    if mask.window:
+        visible &= j > pos - mask.window
+    visible = visible[None] & kv_valid[:, None, :] & q_ok[:, :, None]  # (B, n, Lk)
+    nk = _cdiv(Lk, block_size)
+    mass = torch.empty(B, H, nk, dtype=torch.float32, device=dev)
+    qt = q[:, :, Lq - n:].reshape(B, Hkv, G * n, D)
+    for h0 in range(0, Hkv, heads_per_chunk):
+        h1 = min(Hkv, h0 + heads_per_chunk)
+        logits = torch.matmul(qt[:, h0:h1].float(), k[:, h0:h1].float().transpose(-1, -2)) * scale
+        logits = logits.view(B, h1 - h0, G, n, Lk).masked_fill(~visible[:, None, None], float("-inf"))
+        probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0).sum(3)  # (B, h, G, Lk)
+        probs = torch.nn.functional.pad(probs, (0, nk * block_size - Lk)).view(B, h1 - h0, G, nk, block_size)
+        mass[:, h0 * G:h1 * G] = probs.sum(-1).view(B, (h1 - h0) * G, nk)
+    allowed = allowed_blocks(Lq, Lk, block_size, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
+                             key_valid=kv_valid)[:, None]  # (B, 1, nq, nk)
+    rows = mass[:, :, None, :] * allowed  # (B, H, nq, nk)
+    rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    keep = top_p_blocks(rows, allowed.expand_as(rows), threshold) & (rows > 0)
+    if per_kv_head:
+        keep = keep.view(B, Hkv, G, *keep.shape[2:]).any(2)
+    return keep
 
 
 def select_blocks_reference(

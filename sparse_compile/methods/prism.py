@@ -25,6 +25,10 @@ Selection, step by step (b = block_size, nq = ceil(Lq / b), nk = ceil(Lk / b)):
   6. union of the bands; a query block holding no valid query keeps only forced blocks (when
      p < 1); force the sink and the recent blocks (where allowed).
   7. per_kv_head: union over each KV head's group of query heads.
+  8. vertical_threshold > 0 (ours, off by default): the union with the query-aware vertical coverage
+     (`kernels.prism.vertical_blocks`: the last query block's exact attention mass per key block, top-p per
+     query block), which restores the far blocks pooled scores miss in heads whose attention is spread out
+     (PRISM_NOTES.md "Vertical coverage").
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from sparse_compile.kernels.prism import (  # noqa: F401 - the reference's piece
     select_blocks_reference,
     sink_block,
     top_p_blocks,
+    vertical_blocks,
 )
 from sparse_compile.method import GQA_MODES, BenchCase, Knob, Method
 from sparse_compile.params import MethodParams, param
@@ -90,6 +95,11 @@ class PrismParams(MethodParams):
     temperature_low: float = param(1.0, range=(1e-6, 1e6), help="low-band temperature when calibrate = false")
     force_sink: bool = param(True, help="always keep the block of the first valid key (attention sink)")
     force_recent: bool = param(True, help="always keep the blocks holding each query's own position")
+    vertical_threshold: float = param(
+        0.0, range=(0.0, 1.0), quality="higher",
+        help="query-aware vertical coverage (0: off, the authors' Prism): every query block also keeps the top-p "
+        "of the key blocks' mass under the prompt's last block of queries' exact attention (FlexPrefill's "
+        "vertical estimate); catches the far blocks pooled scores miss in heads with spread attention")
     gqa: str = param(
         "per_head",
         choices=GQA_MODES,
@@ -215,33 +225,60 @@ def prism_select_reference(
     *,
     dtype: torch.dtype = torch.float64,
     block_size: int | None = None,
+    scale: float | None = None,
 ) -> BlockList:
     """The reference selection as a BlockList (lists ascending).
 
     q: (B, H, Lq, D), k: (B, Hkv, Lk, D). Hm = H (gqa = per_head) or Hkv (per_kv_head).
-    block_size overrides params.block_size (tests use small blocks).
+    block_size overrides params.block_size (tests use small blocks); scale: the attention's softmax scale
+    (default 1/sqrt(D)), read only by the vertical coverage.
     """
     _check_site(q, k, site)
     kw = selection_kwargs(site, params, block_size=block_size)
     dense_mask = select_blocks_reference(q, k, mask=mask, dtype=dtype, **kw)
+    if params.vertical_threshold > 0:
+        dense_mask |= vertical(q, k, mask, params, kw["block_size"], scale)
     return BlockList.from_dense(dense_mask, kw["block_size"], q.shape[2], k.shape[2])
 
 
+def vertical(q: Tensor, k: Tensor, mask: AttentionMask, params: PrismParams, block_size: int,
+             scale: float | None) -> Tensor:
+    """The vertical coverage's (B, Hm, nq, nk) bool block mask (`kernels.prism.vertical_blocks`)."""
+    return vertical_blocks(q, k, mask, block_size=block_size, threshold=params.vertical_threshold,
+                           scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                           per_kv_head=params.gqa == "per_kv_head")
+
+
 def prism_select(
-    q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts, params: PrismParams, *, block_size: int | None = None
+    q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts, params: PrismParams, *, block_size: int | None = None,
+    scale: float | None = None,
 ) -> BlockList:
     """Prism's block lists: the Triton kernels on CUDA, the reference in float32 on CPU.
 
-    q: (B, H, Lq, D), k: (B, Hkv, Lk, D) post-RoPE (fp16/bf16/fp32). Returns a BlockList with
-    kv_num_blocks (B, Hm, nq) int32 and kv_indices (B, Hm, nq, nk) int32.
+    q: (B, H, Lq, D), k: (B, Hkv, Lk, D) post-RoPE (fp16/bf16/fp32); scale: the attention's softmax scale
+    (default 1/sqrt(D), read by the vertical coverage only). Returns a BlockList with kv_num_blocks (B, Hm, nq)
+    int32 and kv_indices (B, Hm, nq, nk) int32.
     """
     if not q.is_cuda:
-        return prism_select_reference(q, k, mask, site, params, dtype=torch.float32, block_size=block_size)
+        return prism_select_reference(q, k, mask, site, params, dtype=torch.float32, block_size=block_size,
+                                      scale=scale)
     _check_site(q, k, site)
     # band dims stay on the host: checked there, copied page-locked (`kernels.prism.band_tables`)
     kw = selection_kwargs(site, params, block_size=block_size)
     kv_num_blocks, kv_indices = prism_select_triton(q, k, mask=mask, **kw)
-    return BlockList(kv_num_blocks, kv_indices, kw["block_size"], q.shape[2], k.shape[2])
+    blocks = BlockList(kv_num_blocks, kv_indices, kw["block_size"], q.shape[2], k.shape[2])
+    if params.vertical_threshold > 0:
+        blocks = add_vertical(blocks, q, k, mask, params, scale)
+    return blocks
+
+
+def add_vertical(blocks: BlockList, q: Tensor, k: Tensor, mask: AttentionMask, params: PrismParams,
+                 scale: float | None) -> BlockList:
+    """`blocks` united with the vertical coverage, as full-width lists (nk slots per row: no device sync, so
+    the selection stays capturable). The union runs in PyTorch on the (B, Hm, nq, nk) block masks."""
+    union = blocks.to_dense() | vertical(q, k, mask, params, blocks.block_size, scale)
+    return BlockList.from_dense(union, blocks.block_size, blocks.q_len, blocks.kv_len,
+                                max_blocks=blocks.num_kv_blocks)
 
 
 def selection_density(blocks: BlockList, mask: AttentionMask, num_heads: int) -> Tensor:
@@ -292,7 +329,7 @@ def attention(
     decides the fallback; there is no second gate here). Device dispatch: `prism_select` and the
     engine run Triton on CUDA and their references on CPU.
     """
-    blocks = prism_select(q, k, mask, site, params, block_size=block_size)
+    blocks = prism_select(q, k, mask, site, params, block_size=block_size, scale=scale)
     # our lists are well formed: no validation (and no device sync) on CUDA
     out = block_sparse_attention(
         q, k, v, blocks.kv_num_blocks, blocks.kv_indices,
@@ -308,7 +345,7 @@ METHOD = Method(
     Params=PrismParams,
     attention=attention,
     unsupported=unsupported,
-    select=lambda q, k, v, mask, site, params, scale=None: prism_select(q, k, mask, site, params),
+    select=lambda q, k, v, mask, site, params, scale=None: prism_select(q, k, mask, site, params, scale=scale),
     # no host sync on CUDA: band tables are page-locked host constants copied asynchronously, launch sizes
     # come from shapes (KERNEL_NOTES.md: the selection and the attention captured and replayed on an H100)
     capturable_phases=("prefill",),
