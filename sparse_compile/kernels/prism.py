@@ -37,6 +37,7 @@ from sparse_compile.kernels.device_constants import host_constant, on_device
 __all__ = ["prism_select_triton", "reference", "select_blocks_reference", "vertical_blocks"]
 
 CALIBRATION_EPS = 1e-6  # clamp of the rms denominators (as the authors)
+VERTICAL_CHUNK_BYTES = 1 << 29  # float32 logits of the vertical coverage held at once (512 MiB)
 MIN_TEMPERATURE = 1e-12  # a band with no energy gives zero logits instead of 0 / 0
 
 MAX_KV_BLOCKS = 8192  # one query block's row of key-block probabilities is held by one program
@@ -666,7 +667,7 @@ def vertical_blocks(
     threshold: float,
     scale: float,
     per_kv_head: bool = False,
-    heads_per_chunk: int = 8,
+    heads_per_chunk: int | None = None,
 ) -> Tensor:
     """Query-aware vertical coverage (FlexPrefill's vertical estimate, arXiv 2502.20766): the exact attention
     of the prompt's last `block_size` queries, summed per key block, ranks the key blocks for every query block.
@@ -676,8 +677,8 @@ def vertical_blocks(
     offset, window, key_valid) in float32; their probabilities summed per key block give each head a mass per
     key block. Each query block renormalises that mass over its allowed key blocks and keeps the top-p
     (`top_p_blocks`, threshold in (0, 1)); blocks with zero mass are never kept. The scores are computed for
-    `heads_per_chunk` KV heads at a time (at 128K keys a chunk of 8 KV heads x 4 query heads x 128 queries
-    holds 2 GiB of float32 logits). No host synchronisation.
+    `heads_per_chunk` KV heads at a time (None: as many as keep the float32 logits under VERTICAL_CHUNK_BYTES;
+    one KV head of 4 query heads x 128 queries at 128K keys is 256 MiB). No host synchronisation.
     Returns the (B, Hm, nq, nk) bool block mask, Hm = Hkv if per_kv_head else H.
     """
     B, H, Lq, D = q.shape
@@ -696,6 +697,8 @@ def vertical_blocks(
         visible &= j > pos - mask.window
     visible = visible[None] & kv_valid[:, None, :] & q_ok[:, :, None]  # (B, n, Lk)
     nk = _cdiv(Lk, block_size)
+    if heads_per_chunk is None:
+        heads_per_chunk = max(1, VERTICAL_CHUNK_BYTES // (4 * B * G * n * Lk))
     mass = torch.empty(B, H, nk, dtype=torch.float32, device=dev)
     qt = q[:, :, Lq - n:].reshape(B, Hkv, G * n, D)
     for h0 in range(0, Hkv, heads_per_chunk):
