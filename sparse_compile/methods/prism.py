@@ -96,7 +96,7 @@ class PrismParams(MethodParams):
     force_sink: bool = param(True, help="always keep the block of the first valid key (attention sink)")
     force_recent: bool = param(True, help="always keep the blocks holding each query's own position")
     vertical_threshold: float = param(
-        0.0, range=(0.0, 1.0), quality="higher",
+        0.0, range=(0.0, 1.0),
         help="query-aware vertical coverage (0: off, the authors' Prism): every query block also keeps the top-p "
         "of the key blocks' mass under the prompt's last block of queries' exact attention (FlexPrefill's "
         "vertical estimate); catches the far blocks pooled scores miss in heads with spread attention")
@@ -350,6 +350,8 @@ METHOD = Method(
     # come from shapes (KERNEL_NOTES.md: the selection and the attention captured and replayed on an H100)
     capturable_phases=("prefill",),
     summary="spectral block scoring (dual RoPE-frequency bands, calibrated temperatures, top-p) -> block-sparse",
-    bench_cases=(BenchCase("prefill"), BenchCase("prefill", "p0.9", (("threshold_high", 0.9), ("threshold_low", 0.9)))),
+    bench_cases=(BenchCase("prefill"), BenchCase("prefill", "p0.9", (("threshold_high", 0.9), ("threshold_low", 0.9))),
+                 BenchCase("prefill", "p0.97+vertical0.8", (("threshold_high", 0.97), ("threshold_low", 0.97),
+                                                            ("vertical_threshold", 0.8)))),
     knobs=(Knob(("threshold_high", "threshold_low"), "quality", "prefill"),),
 )
