@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis_budget import examples
+from test_prism import _key_valid
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.kernels.block_mask import BlockList, allowed_blocks
@@ -26,17 +27,6 @@ def _qk(B, H, Hkv, Lq, Lk, D, seed):
     kk = k.repeat_interleave(H // Hkv, dim=1)
     q = 0.5 * torch.randn(B, H, Lq, D, generator=g) + 1.5 * kk.gather(2, pick[..., None].expand(-1, -1, -1, D))
     return q, k
-
-
-def _key_valid(B, Lk, pad, side):
-    if pad == 0:
-        return None
-    kv = torch.ones(B, Lk, dtype=torch.bool)
-    if side == "left":
-        kv[-1, :pad] = False
-    else:
-        kv[-1, Lk - pad:] = False
-    return kv
 
 
 def vertical_definition(q, k, mask, b, p, scale):
