@@ -1,6 +1,6 @@
 """Prism's query-aware vertical coverage (`vertical_threshold`): `kernels.prism.vertical_blocks` equals its
 definition written out in float64 over `visible_keys`, the union with the pooled selection is what Prism
-attends to (also through `add_vertical`, the CUDA path's full-width lists), and bad values are refused."""
+attends to (also through `add_coverage`, the CUDA path's full-width lists), and bad values are refused."""
 
 import pytest
 import torch
@@ -120,7 +120,7 @@ def test_prism_with_vertical_attends_to_the_union(gqa, pad):
     assert torch.equal(union.to_dense(), base.to_dense() | extra)
     assert not torch.equal(union.to_dense(), base.to_dense()), "the coverage added nothing: a vacuous test"
     # the CUDA path's union: full-width lists, the same blocks
-    added = prism.add_vertical(base, q, k, mask, with_vertical, 0.25)
+    added = prism.add_coverage(base, q, k, mask, with_vertical, 0.25)
     assert added.kv_indices.shape[-1] == base.num_kv_blocks
     assert torch.equal(added.to_dense(), union.to_dense())
     # attention: exact attention on the union's blocks, density counted on the union

@@ -718,6 +718,86 @@ def vertical_blocks(
     return keep
 
 
+def sample_positions(q_len: int, block_size: int, samples: int, device=None) -> tuple[Tensor, Tensor]:
+    """The queries that estimate each query block's attention: (positions (nq, samples) int64, used (nq, samples)
+    bool). Sample j of block m sits at m * b + b - 1 - (j * b) // samples (evenly spaced, the block's last query
+    first); in the last, partial block sample 0 is the last query and samples at or past it are unused."""
+    nq = _cdiv(q_len, block_size)
+    offsets = block_size - 1 - (torch.arange(samples, device=device) * block_size) // samples
+    pos = torch.arange(nq, device=device)[:, None] * block_size + offsets[None]  # (nq, s)
+    first = pos[:, :1].clamp(max=q_len - 1)
+    used = torch.ones_like(pos, dtype=torch.bool)
+    used[:, 1:] = pos[:, 1:] < first
+    return torch.cat([first, pos[:, 1:].clamp(max=q_len - 1)], 1), used
+
+
+def sampled_blocks(
+    q: Tensor,
+    k: Tensor,
+    mask: MaskStructure,
+    *,
+    block_size: int,
+    samples: int,
+    threshold: float,
+    scale: float,
+    per_kv_head: bool = False,
+    chunk_bytes: int = VERTICAL_CHUNK_BYTES,
+) -> Tensor:
+    """Query-aware sampled coverage: each query block keeps the top-p of its key blocks' mass under the exact
+    attention of `samples` of its own queries (`sample_positions`).
+
+    q: (B, H, Lq, D), k: (B, Hkv, Lk, D) post-RoPE; scale: the attention's softmax scale; samples in
+    [1, block_size] (block_size: every query, the exact block mass). Each used, non-padding sample with a
+    visible key attends to its visible keys (causal with the offset, window, key_valid) in float32; its
+    probabilities summed per key block and over the block's samples give the block's mass row, which is
+    renormalised over the block's allowed key blocks; the top-p (`top_p_blocks`, threshold in (0, 1)) is kept,
+    never a zero-mass block. The logits of one KV head's group are computed for as many query blocks at a time as
+    keep them under `chunk_bytes` (causal: only the keys up to the chunk's last sample). No host synchronisation.
+    Returns the (B, Hm, nq, nk) bool block mask, Hm = Hkv if per_kv_head else H.
+    """
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    dev = q.device
+    nq, nk = _cdiv(Lq, block_size), _cdiv(Lk, block_size)
+    kv_valid = key_valid_or_ones(mask, B, Lk, dev)
+    q_ok = query_valid(mask, kv_valid, Lq)
+    pos, used = sample_positions(Lq, block_size, samples, dev)
+    take = (used[None] & q_ok[:, pos]).to(torch.float32)  # (B, nq, s) weight of each sample
+    mass = torch.zeros(B, H, nq, nk, dtype=torch.float32, device=dev)
+    per_block = max(1, chunk_bytes // (4 * B * G * samples * Lk))
+    j = torch.arange(Lk, device=dev)
+    for m0 in range(0, nq, per_block):
+        m1 = min(nq, m0 + per_block)
+        rows = pos[m0:m1].reshape(-1)  # (R,) query indices
+        key_pos = rows[:, None] + mask.q_offset
+        hi = Lk
+        if mask.causal:  # keys past the chunk's last sample are never visible: skip them
+            hi = max(1, min(Lk, (min(m1 * block_size, Lq) - 1) + mask.q_offset + 1))
+        visible = torch.ones(rows.numel(), hi, dtype=torch.bool, device=dev)
+        if mask.causal:
+            visible &= j[None, :hi] <= key_pos
+        if mask.window:
+            visible &= j[None, :hi] > key_pos - mask.window
+        visible = visible[None] & kv_valid[:, None, :hi]  # (B, R, hi)
+        qs = q[:, :, rows].reshape(B, Hkv, G * rows.numel(), D).float()
+        for h in range(Hkv):
+            logits = torch.matmul(qs[:, h], k[:, h, :hi].float().transpose(-1, -2)) * scale  # (B, G*R, hi)
+            logits = logits.view(B, G, rows.numel(), hi).masked_fill(~visible[:, None], float("-inf"))
+            probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+            probs = torch.nn.functional.pad(probs, (0, nk * block_size - hi)).view(B, G, rows.numel(), nk, block_size)
+            per_row = probs.sum(-1).view(B, G, m1 - m0, samples, nk) * take[:, None, m0:m1, :, None]
+            mass[:, h * G:(h + 1) * G, m0:m1] = per_row.sum(3)
+    allowed = allowed_blocks(Lq, Lk, block_size, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
+                             key_valid=kv_valid)[:, None]  # (B, 1, nq, nk)
+    rows = mass * allowed
+    rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    keep = top_p_blocks(rows, allowed.expand_as(rows), threshold) & (rows > 0)
+    if per_kv_head:
+        keep = keep.view(B, Hkv, G, nq, nk).any(2)
+    return keep
+
+
 def select_blocks_reference(
     q: Tensor,
     k: Tensor,

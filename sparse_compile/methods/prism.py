@@ -29,6 +29,9 @@ Selection, step by step (b = block_size, nq = ceil(Lq / b), nk = ceil(Lk / b)):
      (`kernels.prism.vertical_blocks`: the last query block's exact attention mass per key block, top-p per
      query block), which restores the far blocks pooled scores miss in heads whose attention is spread out
      (PRISM_NOTES.md "Vertical coverage").
+  9. sampled_threshold > 0 (ours, off by default): the union with the query-aware sampled coverage
+     (`kernels.prism.sampled_blocks`: per query block, the exact attention mass per key block of
+     `sampled_queries` of its own queries, top-p), an affordable estimate of each block's true mass.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from sparse_compile.kernels.prism import (  # noqa: F401 - the reference's piece
     prism_select_triton,
     query_valid,
     recent_blocks,
+    sampled_blocks,
     select_blocks_reference,
     sink_block,
     top_p_blocks,
@@ -100,6 +104,12 @@ class PrismParams(MethodParams):
         help="query-aware vertical coverage (0: off, the authors' Prism): every query block also keeps the top-p "
         "of the key blocks' mass under the prompt's last block of queries' exact attention (FlexPrefill's "
         "vertical estimate); catches the far blocks pooled scores miss in heads with spread attention")
+    sampled_threshold: float = param(
+        0.0, range=(0.0, 1.0),
+        help="query-aware sampled coverage (0: off): every query block also keeps the top-p of its key blocks' mass "
+        "under the exact attention of `sampled_queries` of its own queries")
+    sampled_queries: int = param(8, range=(1, 128), help="queries per block whose exact attention the sampled "
+                                 "coverage reads (evenly spaced, the block's last first; block_size: all of them)")
     gqa: str = param(
         "per_head",
         choices=GQA_MODES,
@@ -114,6 +124,8 @@ class PrismParams(MethodParams):
                 "keys 'temperature_high'/'temperature_low' are only used when 'calibrate' = false; "
                 "remove them or set calibrate = false"
             )
+        if self.sampled_queries > self.block_size:
+            return f"sampled_queries = {self.sampled_queries} exceeds block_size = {self.block_size}"
         if self.threshold_high == 0.0 and self.threshold_low == 0.0 and not (self.force_sink or self.force_recent):
             return (
                 "threshold_high = threshold_low = 0 with force_sink = force_recent = false selects no "
@@ -238,6 +250,8 @@ def prism_select_reference(
     dense_mask = select_blocks_reference(q, k, mask=mask, dtype=dtype, **kw)
     if params.vertical_threshold > 0:
         dense_mask |= vertical(q, k, mask, params, kw["block_size"], scale)
+    if params.sampled_threshold > 0:
+        dense_mask |= sampled(q, k, mask, params, kw["block_size"], scale)
     return BlockList.from_dense(dense_mask, kw["block_size"], q.shape[2], k.shape[2])
 
 
@@ -247,6 +261,14 @@ def vertical(q: Tensor, k: Tensor, mask: AttentionMask, params: PrismParams, blo
     return vertical_blocks(q, k, mask, block_size=block_size, threshold=params.vertical_threshold,
                            scale=q.shape[-1] ** -0.5 if scale is None else scale,
                            per_kv_head=params.gqa == "per_kv_head")
+
+
+def sampled(q: Tensor, k: Tensor, mask: AttentionMask, params: PrismParams, block_size: int,
+            scale: float | None) -> Tensor:
+    """The sampled coverage's (B, Hm, nq, nk) bool block mask (`kernels.prism.sampled_blocks`)."""
+    return sampled_blocks(q, k, mask, block_size=block_size, samples=min(params.sampled_queries, block_size),
+                          threshold=params.sampled_threshold, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                          per_kv_head=params.gqa == "per_kv_head")
 
 
 def prism_select(
@@ -267,16 +289,21 @@ def prism_select(
     kw = selection_kwargs(site, params, block_size=block_size)
     kv_num_blocks, kv_indices = prism_select_triton(q, k, mask=mask, **kw)
     blocks = BlockList(kv_num_blocks, kv_indices, kw["block_size"], q.shape[2], k.shape[2])
-    if params.vertical_threshold > 0:
-        blocks = add_vertical(blocks, q, k, mask, params, scale)
+    if params.vertical_threshold > 0 or params.sampled_threshold > 0:
+        blocks = add_coverage(blocks, q, k, mask, params, scale)
     return blocks
 
 
-def add_vertical(blocks: BlockList, q: Tensor, k: Tensor, mask: AttentionMask, params: PrismParams,
+def add_coverage(blocks: BlockList, q: Tensor, k: Tensor, mask: AttentionMask, params: PrismParams,
                  scale: float | None) -> BlockList:
-    """`blocks` united with the vertical coverage, as full-width lists (nk slots per row: no device sync, so
-    the selection stays capturable). The union runs in PyTorch on the (B, Hm, nq, nk) block masks."""
-    union = blocks.to_dense() | vertical(q, k, mask, params, blocks.block_size, scale)
+    """`blocks` united with the vertical and sampled coverage the params turn on, as full-width lists (nk slots
+    per row: no device sync, so the selection stays capturable). The union runs in PyTorch on the
+    (B, Hm, nq, nk) block masks."""
+    union = blocks.to_dense()
+    if params.vertical_threshold > 0:
+        union |= vertical(q, k, mask, params, blocks.block_size, scale)
+    if params.sampled_threshold > 0:
+        union |= sampled(q, k, mask, params, blocks.block_size, scale)
     return BlockList.from_dense(union, blocks.block_size, blocks.q_len, blocks.kv_len,
                                 max_blocks=blocks.num_kv_blocks)
 

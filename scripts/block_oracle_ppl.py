@@ -1,0 +1,150 @@
+"""The best a block selector can do: whole-window perplexity when every head keeps, per query block, the top-p of its
+*true* attention mass over key blocks (plus the sink block and the diagonal), at block size b.
+
+No estimate can beat this rule at its own density by much (it drops only the blocks the exact attention weights
+least), so its (density, dPPL) curve says what block density a prefill method could reach on a model at a given
+perplexity budget, and which layers hold the density that cannot be cut. Runs the model with a registered
+attention function (transformers' AttentionInterface) that computes each layer's exact attention probabilities,
+picks the oracle blocks, and attends over them; CPU float32, all heads of a layer at once.
+
+    python scripts/block_oracle_ppl.py --p 0.9,0.95,0.97 --out results/x.txt
+    python scripts/block_oracle_ppl.py --p 0.95 --layers 12-29      # oracle in layers 12-29 only, exact elsewhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from sparse_compile.evaluation.corpus import load_corpus, tokenize, windows
+from sparse_compile.evaluation.models import load_model
+from sparse_compile.evaluation.perplexity import logits_fn, window_nll
+from sparse_compile.kernels.prism import top_p_blocks
+
+
+def sample_rows(L: int, block: int, samples: int) -> torch.Tensor:
+    """Query positions whose attention estimates their block's mass: `samples` evenly spaced per block of `block`
+    queries, the block's last query always among them (0: every query, the oracle)."""
+    if samples <= 0 or samples >= block:
+        return torch.arange(L)
+    offsets = torch.tensor([block - 1 - (i * block) // samples for i in range(samples)])
+    rows = (torch.arange(0, L, block)[:, None] + offsets[None]).flatten()
+    return torch.cat([rows[rows < L], torch.tensor([L - 1])]).unique()
+
+
+def oracle_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, p: float,
+                           scale: float, samples: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over each head's oracle blocks: the top-p of the block mass of its queries' exact
+    attention (samples > 0: of `sample_rows` only, an estimate a method could afford).
+
+    q: (H, L, D); k, v: (H, L, D) (already expanded to the query heads). Returns (out (H, L, D), density (H,) = kept
+    causal block pairs / causal block pairs)."""
+    H, L, _ = q.shape
+    n = -(-L // block)
+    causal_tokens = torch.ones(L, L, dtype=torch.bool).tril()
+    logits = (q @ k.transpose(1, 2)) * scale
+    logits.masked_fill_(~causal_tokens, float("-inf"))
+    rows = sample_rows(L, block, samples)
+    probs = torch.softmax(logits[:, rows], -1)
+    padded = torch.nn.functional.pad(probs, (0, n * block - L)).view(H, rows.numel(), n, block).sum(-1)
+    mass = torch.zeros(H, n, n).index_add_(1, rows // block, padded)  # (H, nq, nk)
+    del padded, probs
+    causal_blocks = torch.ones(n, n, dtype=torch.bool).tril().expand(H, n, n)
+    keep = top_p_blocks(mass / mass.sum(-1, keepdim=True), causal_blocks, p)
+    keep[:, :, 0] = True
+    keep[:, torch.arange(n), torch.arange(n)] = True
+    density = keep.sum((1, 2)).float() / (n * (n + 1) / 2)
+    tokens = keep.repeat_interleave(block, 1)[:, :L].repeat_interleave(block, 2)[:, :, :L] & causal_tokens
+    out = torch.softmax(logits.masked_fill_(~tokens, float("-inf")), -1) @ v
+    return out, density
+
+
+def make_attention(p: float, block: int, layers: set[int] | None, densities: dict[int, list[float]],
+                   samples: int = 0):
+    """An AttentionInterface function: the oracle rule in `layers` (None: every layer), SDPA elsewhere; appends each
+    oracle layer's mean head density to densities[layer]."""
+
+    def attend(module, query, key, value, attention_mask, scaling=None, **kw):
+        layer = module.layer_idx
+        if (layers is not None and layer not in layers) or query.shape[2] < 2 * block:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+        B, H, L, D = query.shape
+        group = H // key.shape[1]
+        scale = D ** -0.5 if scaling is None else scaling
+        outs = []
+        for b in range(B):
+            k = key[b].repeat_interleave(group, 0).float()
+            v = value[b].repeat_interleave(group, 0).float()
+            out, density = oracle_block_attention(query[b].float(), k, v, block, p, scale, samples)
+            outs.append(out.to(query.dtype))
+            densities.setdefault(layer, []).append(density.mean().item())
+        return torch.stack(outs).transpose(1, 2).contiguous(), None
+
+    return attend
+
+
+def parse_layers(text: str | None) -> set[int] | None:
+    if not text:
+        return None
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--corpus", default="jargon")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--p", default="0.95", help="comma-separated top-p values of the true block mass")
+    ap.add_argument("--layers", help="layers that run the oracle (e.g. 12-29 or 3,5,9); default every layer; "
+                                     "the others run exact attention (density 1)")
+    ap.add_argument("--samples", type=int, default=0, help="estimate each query block's mass from this many of its "
+                                                             "queries (0: all of them, the oracle)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    model, tok = load_model(args.model)
+    num_layers = model.config.num_hidden_layers
+    wins = windows(tokenize(tok, load_corpus(args.corpus).text), args.length, args.windows)
+    forward = logits_fn(model)
+    eager = [window_nll(forward, ids).double() for _, ids in wins]
+    eager_ppl = math.exp(sum(n.sum() for n in eager) / sum(n.numel() for n in eager))
+    layers = parse_layers(args.layers)
+    lines = [f"# {args.model}, {args.corpus}, {args.windows} windows of {args.length} (starts "
+             f"{[s for s, _ in wins]}), block {args.block_size}, oracle layers {args.layers or 'all'}, "
+             f"samples per block {args.samples or 'all'}; eager PPL {eager_ppl:.5f}",
+             "p  density(mean over all layers, exact layers = 1)  PPL  dPPL%  per-window dPPL%  per-layer density"]
+    print(lines[0], flush=True)
+    previous = model.config._attn_implementation
+    for p in (float(x) for x in args.p.split(",")):
+        densities: dict[int, list[float]] = {}
+        AttentionInterface.register("block_oracle", make_attention(p, args.block_size, layers, densities,
+                                                                                args.samples))
+        model.set_attn_implementation("block_oracle")
+        try:
+            nlls = [window_nll(forward, ids).double() for _, ids in wins]
+        finally:
+            model.set_attn_implementation(previous)
+        ppl = math.exp(sum(n.sum() for n in nlls) / sum(n.numel() for n in nlls))
+        per_window = [100 * (math.exp(a.mean()) / math.exp(e.mean()) - 1) for a, e in zip(nlls, eager, strict=True)]
+        per_layer = [sum(densities[i]) / len(densities[i]) if i in densities else 1.0 for i in range(num_layers)]
+        mean_density = sum(per_layer) / num_layers
+        lines.append(f"{p} {mean_density:.4f} {ppl:.5f} {100 * (ppl / eager_ppl - 1):+.3f} "
+                     f"{' '.join(f'{x:+.3f}' for x in per_window)}  {' '.join(f'{x:.3f}' for x in per_layer)}")
+        print(lines[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
