@@ -6,7 +6,7 @@ per kernel name, the GPU time and launches per decode step (profile of 1 + N min
 host-side launch calls per step (cudaGraphLaunch: CUDA-graph replays; cudaLaunchKernel / cuLaunchKernel(Ex):
 kernels launched outside any graph). Run with TORCH_LOGS=perf_hints,recompiles to see skipped CUDA graphs.
 
-    TORCH_LOGS=perf_hints,recompiles python scripts/profile_generate_step.py --prompt 131072 --layers 4 \
+    TORCH_LOGS=perf_hints,recompiles python scripts/profile_generate_step.py --prompt 131072 --layers 4 --ops \
         --runs dense@static,fasa@sparse32-pages --out results/x.txt
 """
 
@@ -39,6 +39,47 @@ def kernel_table(prof: profile) -> tuple[dict[str, list[float]], dict[str, int]]
         elif event.name in HOST_LAUNCHES:
             host[event.name] += 1
     return kernels, host
+
+
+def op_table(prof: profile) -> dict[tuple[str, str], list[float]]:
+    """{(op name, input shapes): [count, self device us]} of a profile recorded with record_shapes."""
+    table: dict[tuple[str, str], list[float]] = {}
+    for avg in prof.key_averages(group_by_input_shape=True):
+        table[(avg.key, str(avg.input_shapes)[:80])] = [avg.count, avg.self_device_time_total]
+    return table
+
+
+def profile_ops(run: str, model, ids: torch.Tensor, new_tokens: int, log) -> None:
+    """The decode step's ops without CUDA graphs (backend="sparse", no reduce-overhead), per (op, input shapes):
+    self GPU time and calls per step, so each kernel of the captured step can be traced to the op that launches
+    it (inside a CUDA graph replay the profiler sees kernels but no ops)."""
+    policy, _, cache_kind = run.partition("@")
+    cache = make_cache(cache_kind or "static", model, ids.shape[1] + new_tokens + 1, policy)
+    timed_generate(model, ids[:, :16], cache, 2)
+    forward = model.forward
+    model.forward = compiled_forward(f"sparse:{policy}", forward, sparse_compile.Report())
+    try:
+        timed_generate(model, ids, cache, 1 + new_tokens)
+        tables = []
+        for n in (1, 1 + new_tokens):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+                timed_generate(model, ids, cache, n)
+            tables.append(op_table(prof))
+        first, whole = tables
+        rows = []
+        for key, (count, us) in whole.items():
+            c0, u0 = first.get(key, (0, 0.0))
+            if count - c0 > 0:
+                rows.append(((us - u0) / new_tokens, (count - c0) / new_tokens, key))
+        rows.sort(reverse=True)
+        log(f"\n## {run} without CUDA graphs: ops by self GPU time per decode step")
+        log("| us/step | calls/step | op | input shapes |")
+        log("|---|---|---|---|")
+        for us, count, (name, shapes) in rows[:60]:
+            log(f"| {us:.1f} | {count:.1f} | `{name}` | `{shapes}` |")
+    finally:
+        model.forward = forward
+        torch._dynamo.reset()
 
 
 def profile_run(run: str, model, ids: torch.Tensor, new_tokens: int, reps: int, log) -> None:
@@ -88,6 +129,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--runs", default="dense@static,fasa@sparse32-pages")
+    parser.add_argument("--ops", action="store_true", help="also profile each run without CUDA graphs, per op and "
+                        "input shapes (which op launches which kernel)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     lines: list[str] = []
@@ -102,6 +145,8 @@ def main() -> None:
                         generator=torch.Generator("cuda").manual_seed(0))
     for run in args.runs.split(","):
         profile_run(run, model, ids, args.new_tokens, args.reps, log)
+        if args.ops:
+            profile_ops(run, model, ids, args.new_tokens, log)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")

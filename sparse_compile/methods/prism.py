@@ -379,6 +379,8 @@ METHOD = Method(
     summary="spectral block scoring (dual RoPE-frequency bands, calibrated temperatures, top-p) -> block-sparse",
     bench_cases=(BenchCase("prefill"), BenchCase("prefill", "p0.9", (("threshold_high", 0.9), ("threshold_low", 0.9))),
                  BenchCase("prefill", "p0.97+vertical0.8", (("threshold_high", 0.97), ("threshold_low", 0.97),
-                                                            ("vertical_threshold", 0.8)))),
+                                                            ("vertical_threshold", 0.8))),
+                 BenchCase("prefill", "sampled8p0.98", (("threshold_high", 0.0), ("threshold_low", 0.0),
+                                                        ("sampled_threshold", 0.98), ("sampled_queries", 8)))),
     knobs=(Knob(("threshold_high", "threshold_low"), "quality", "prefill"),),
 )
