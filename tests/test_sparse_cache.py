@@ -346,6 +346,15 @@ def test_page_bound_and_fasa_two_stage_all_candidates(L, P, slots, sink, recent,
                          per_kv_head=per_kv_head, group=group)
     assert got.shape == ref.shape
     assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
+    # a pages-only cache: K itself as the dims copy, member already on the full head dim (all_dims)
+    every = torch.arange(D).expand(HKV, D)
+    via_k = fasa_two_stage(q, k, every, member_full.double(), lo, hi, state, slots, candidates=L, page_size=P,
+                           per_kv_head=per_kv_head, group=group, all_dims=True)
+    assert torch.equal(via_k.sort(-1).values, ref.sort(-1).values)
+    # ... and with few candidates it equals the general path, which builds the full-dim mask by a scatter
+    kw = dict(candidates=slots, page_size=P, sink=sink, recent=recent, per_kv_head=per_kv_head, group=group)
+    assert torch.equal(fasa_two_stage(q, k, every, member_full.double(), lo, hi, state, slots, all_dims=True, **kw),
+                       fasa_two_stage(q, k, every, member_full.double(), lo, hi, state, slots, **kw))
     # fewer candidates: still only visible keys, every forced key kept
     few = fasa_two_stage(q, key_dims, dims, member, lo, hi, state, slots, candidates=slots, page_size=P,
                          sink=sink, recent=recent, per_kv_head=per_kv_head, group=group)

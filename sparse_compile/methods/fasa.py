@@ -284,13 +284,14 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
     S = Hkv if params.gqa == "per_kv_head" else H
     slots, counts = row_budget(params, mask, Lk, S, None if mask.key_valid is None else n_visible)
     key_dims, dims, member = cache.key_dims, cache.dims, cache.member
-    if key_dims is None:  # no dims copy: the keys themselves, each query head on its own dims
+    all_dims = key_dims is None
+    if all_dims:  # no dims copy: the keys themselves, each query head on its own dims
         _, member = site_chunk_tables(params, site, H, Hkv, D, q.device)
         key_dims, dims = k, torch.arange(D, device=q.device).expand(Hkv, D)
     candidates = max(slots, math.ceil(params.candidates * slots))
     idx = fasa_two_stage(q, key_dims, dims, member, cache.page_min, cache.page_max, state, slots, candidates,
                          cache.page_size, sink=params.sink, recent=params.recent,
-                         per_kv_head=params.gqa == "per_kv_head", counts=counts)
+                         per_kv_head=params.gqa == "per_kv_head", counts=counts, all_dims=all_dims)
     if mask.key_valid is None:  # visible keys [lo, hi]: is every slot's pick known to be finite?
         lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
         n_vis, P = max(0, hi - lo + 1), cache.page_size

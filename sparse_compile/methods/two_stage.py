@@ -115,7 +115,7 @@ def candidate_pages(bounds: Tensor, keep: int, impl: str = "reference") -> Tenso
 def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, page_min: Tensor, page_max: Tensor,
                    state: Tensor, slots: int, candidates: int, page_size: int, *, sink: int = 0, recent: int = 0,
                    per_kv_head: bool = False, bound_dims: str = "dominant", group: str = "union",
-                   counts: Tensor | None = None, impl: str = "auto") -> Tensor:
+                   counts: Tensor | None = None, impl: str = "auto", all_dims: bool = False) -> Tensor:
     """FASA's selection with a page prefilter.
 
     q: (B, H, 1, D) post-RoPE; key_dims: (B, Hkv, Lk, n) K's dominant dims of each KV head (SparseCache);
@@ -135,6 +135,8 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     counts: (B, S) or None, as kernels.fasa.select_tokens: row r keeps its counts[r] best slots (a fraction
     budget over ragged rows), the others -1.
     impl: "auto" (the Triton kernels of kernels/page_select.py on CUDA, PyTorch elsewhere), "triton", "reference".
+    all_dims: the caller promises dims[g] = 0..D-1 for every KV head (key_dims is K itself: a pages-only cache), so
+    member (H, D) already is each head's mask on the full head dim: no per-call scatter builds it.
     Returns (B, S, slots) int64 token indices (S = Hkv if per_kv_head else H), -1 where the score is -inf."""
     B, H, _, D = q.shape
     Hkv, Lk, n = key_dims.shape[1], key_dims.shape[2], key_dims.shape[3]
@@ -145,9 +147,17 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
         raise ValueError(f"group must be 'union' or 'max', got {group!r}")
     if slots > candidates:
         raise ValueError(f"candidates {candidates} < slots {slots}: the candidate set must hold the selection")
-    head_dims = dims.repeat_interleave(G, dim=0)  # (H, n): the dims of each query head's KV head
+    if all_dims:  # K itself: every head scores columns 0..D-1, member is already on the full head dim
+        if n != D or member.shape != (H, D):
+            raise ValueError(f"all_dims needs key_dims with all {D} dims and member (H, D), got {n} and "
+                             f"{tuple(member.shape)}")
+        head_dims = dims[:1].expand(H, n)
+    else:
+        head_dims = dims.repeat_interleave(G, dim=0)  # (H, n): the dims of each query head's KV head
     q_mask = None
-    if bound_dims == "dominant":  # member back on the full head dim (padding columns repeat a dim: amax)
+    if bound_dims == "dominant" and all_dims:
+        q_mask = member
+    elif bound_dims == "dominant":  # member back on the full head dim (padding columns repeat a dim: amax)
         q_mask = torch.zeros(H, D, dtype=member.dtype, device=q.device).scatter_reduce_(1, head_dims, member, "amax")
     keep = kept_pages(candidates, page_size, NP, sink, recent)
     reduce = "sum" if per_kv_head else ("max" if group == "max" else "none")
