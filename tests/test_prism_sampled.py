@@ -20,10 +20,11 @@ from sparse_compile.params import PolicyError, params_from_mapping
 
 def sampled_definition(q, k, mask, b, s, p, scale):
     """(B, H, nq, nk) bool, float64, one query at a time: for query block m, its samples j = 0..s-1 sit at
-    m*b + b-1 - (j*b)//s; in a partial last block sample 0 is the last query and the samples at or past it are
-    skipped. Each non-padding sample with a visible key adds its exact probabilities, summed per key block, to
-    the block's mass; the block keeps the top-p of that mass over its allowed key blocks (rank by mass, ties to
-    the lower block; keep while the mass before is < p; never a zero-mass block)."""
+    m*b + b-1 - (j*(b-1))//(s-1) (s = 1: the last query only); in a partial last block sample 0 is the last
+    query and the samples at or past it are skipped. Each non-padding sample with a visible key adds its exact
+    probabilities, summed per key block, to the block's mass; the block keeps the top-p of that mass over its
+    allowed key blocks (rank by mass, ties to the lower block; keep while the mass before is < p; never a
+    zero-mass block)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     vis = visible_keys(mask, B, Lq, Lk)[:, 0]  # (B, Lq, Lk)
@@ -40,7 +41,7 @@ def sampled_definition(q, k, mask, b, s, p, scale):
                 first = min(m * b + b - 1, Lq - 1)
                 mass = torch.zeros(nk, dtype=torch.float64)
                 for j in range(s):
-                    i = first if j == 0 else m * b + b - 1 - (j * b) // s
+                    i = first if j == 0 else m * b + b - 1 - (j * (b - 1)) // (s - 1)
                     if (j > 0 and i >= first) or not q_ok[bi, i] or not vis[bi, i].any():
                         continue
                     probs = torch.softmax(((kh @ q[bi, h, i].double()) * scale).masked_fill(~vis[bi, i], -torch.inf), 0)
@@ -63,11 +64,14 @@ def sampled_definition(q, k, mask, b, s, p, scale):
 def test_sample_positions(Lq, b, s):
     pos, used = sample_positions(Lq, b, s)
     for m in range(-(-Lq // b)):
-        want = sorted({min(m * b + b - 1, Lq - 1)} | {m * b + b - 1 - (j * b) // s for j in range(1, s)
-                                                       if m * b + b - 1 - (j * b) // s < min(m * b + b - 1, Lq - 1)})
+        last = min(m * b + b - 1, Lq - 1)
+        spaced = [m * b + b - 1 - (j * (b - 1)) // (s - 1) for j in range(1, s)]
+        want = sorted({last} | {i for i in spaced if i < last})
         got = sorted(pos[m][used[m]].tolist())
         assert got == want
         assert all(m * b <= i < min((m + 1) * b, Lq) for i in got)
+        if s > 1 and m * b + b <= Lq:  # a whole block: its first and last queries are both samples
+            assert got[0] == m * b and got[-1] == m * b + b - 1
 
 
 @given(seed=st.integers(0, 2**16), Lk=st.integers(3, 40), chunk=st.sampled_from([1.0, 0.5]),

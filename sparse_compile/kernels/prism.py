@@ -720,10 +720,13 @@ def vertical_blocks(
 
 def sample_positions(q_len: int, block_size: int, samples: int, device=None) -> tuple[Tensor, Tensor]:
     """The queries that estimate each query block's attention: (positions (nq, samples) int64, used (nq, samples)
-    bool). Sample j of block m sits at m * b + b - 1 - (j * b) // samples (evenly spaced, the block's last query
-    first); in the last, partial block sample 0 is the last query and samples at or past it are unused."""
+    bool). Sample j of block m sits at m * b + b - 1 - (j * (b - 1)) // (samples - 1) (evenly spaced from the
+    block's last query to its first, both included; one sample: the last query); in the last, partial block sample 0
+    is the last query and samples at or past it are unused. The first query matters: it reads the previous block
+    most (a local head's recent keys), which no later query of the block shows."""
     nq = _cdiv(q_len, block_size)
-    offsets = block_size - 1 - (torch.arange(samples, device=device) * block_size) // samples
+    j = torch.arange(samples, device=device)
+    offsets = block_size - 1 - (j * (block_size - 1)) // max(samples - 1, 1)
     pos = torch.arange(nq, device=device)[:, None] * block_size + offsets[None]  # (nq, s)
     first = pos[:, :1].clamp(max=q_len - 1)
     used = torch.ones_like(pos, dtype=torch.bool)
