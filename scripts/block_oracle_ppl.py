@@ -24,17 +24,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from sparse_compile.evaluation.corpus import load_corpus, tokenize, windows
 from sparse_compile.evaluation.models import load_model
 from sparse_compile.evaluation.perplexity import logits_fn, window_nll
-from sparse_compile.kernels.prism import top_p_blocks
+from sparse_compile.kernels.prism import sample_positions, top_p_blocks
 
 
 def sample_rows(L: int, block: int, samples: int) -> torch.Tensor:
-    """Query positions whose attention estimates their block's mass: `samples` evenly spaced per block of `block`
-    queries, the block's last query always among them (0: every query, the oracle)."""
+    """Query positions whose attention estimates their block's mass: Prism's sampled coverage's
+    (`kernels.prism.sample_positions`), or every query (samples = 0: the oracle)."""
     if samples <= 0 or samples >= block:
         return torch.arange(L)
-    offsets = torch.tensor([block - 1 - (i * block) // samples for i in range(samples)])
-    rows = (torch.arange(0, L, block)[:, None] + offsets[None]).flatten()
-    return torch.cat([rows[rows < L], torch.tensor([L - 1])]).unique()
+    pos, used = sample_positions(L, block, samples)
+    return pos[used].unique()
 
 
 def oracle_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, p: float,
