@@ -109,7 +109,8 @@ class PrismParams(MethodParams):
         help="query-aware sampled coverage (0: off): every query block also keeps the top-p of its key blocks' mass "
         "under the exact attention of `sampled_queries` of its own queries")
     sampled_queries: int = param(8, range=(1, 128), help="queries per block whose exact attention the sampled "
-                                 "coverage reads (evenly spaced, the block's last first; block_size: all of them)")
+                                 "coverage reads (evenly spaced from the block's last query to its first; "
+                                 "block_size: all of them)")
     gqa: str = param(
         "per_head",
         choices=GQA_MODES,
