@@ -68,6 +68,7 @@ from transformers.cache_utils import (
 )
 
 from sparse_compile.kernels.fasa import chunk_dims
+from sparse_compile.kernels.page_summary import update_page_summaries, update_page_summaries_reference
 from sparse_compile.layers import in_layers
 from sparse_compile.methods import fasa, lessismore
 from sparse_compile.policy import Policy, load_policy
@@ -182,22 +183,24 @@ def cache_update(key_dims: Tensor | None, page_min: Tensor | None, page_max: Ten
     """Write the dims copy and merge the page summaries of n new keys, in place.
 
     key_dims: (B, Hkv, L, n) or None; page_min, page_max: (B, Hkv, NP, D) or None (both or neither);
-    key_valid: (B, L) bool; dims: (Hkv, n) int64 (with key_dims); pos: (n_new,) int64 slots; k: (B, Hkv, n_new,
-    D) the new keys; page_size: P; member: (H, n) float32 (with key_dims; not read here: an argument so that the
-    graph names it for the attention node, which scores query head h on its own dims).
+    key_valid: (B, L) bool; dims: (Hkv, n) int64 (with key_dims); pos: (n_new,) int64 consecutive slots (every
+    SparseLayer write is); k: (B, Hkv, n_new, D) the new keys; page_size: P; member: (H, n) float32 (with
+    key_dims; not read here: an argument so that the graph names it for the attention node, which scores query
+    head h on its own dims).
     key_dims[:, g, pos, j] = k[:, g, :, dims[g, j]]; page_min / page_max of the pages pos // P take the
     element-wise min / max with the new keys whose slot is valid (include_self).
-    Plain tensor ops (index_copy_, scatter_reduce_): no host sync. In a compiled graph the call is one node
+    index_copy_ for the dims; the pages by kernels/page_summary.py (one Triton launch on CUDA, scatter_reduce_
+    elsewhere): no host sync. In a compiled graph the call is one node
     whose arguments name the layer's buffers and the new keys (the same k_new StaticLayer's index_copy_
     writes into `keys`): DECODE_NOTES.md, "Wiring the node to the cache"."""
     B, Hkv, n, D = k.shape
     if key_dims is not None and dims is not None:
         key_dims.index_copy_(2, pos, k.gather(3, dims[None, :, None, :].expand(B, Hkv, n, dims.shape[1])))
     if page_min is not None and page_max is not None:
-        valid = key_valid.index_select(1, pos)[:, None, :, None]  # (B, 1, n, 1)
-        page = (pos // page_size)[None, None, :, None].expand(B, Hkv, n, D)
-        page_min.scatter_reduce_(2, page, torch.where(valid, k, float("inf")), reduce="amin")
-        page_max.scatter_reduce_(2, page, torch.where(valid, k, float("-inf")), reduce="amax")
+        if k.is_cuda:  # one Triton launch instead of five (kernels/page_summary.py)
+            update_page_summaries(page_min, page_max, key_valid, pos, k, page_size)
+        else:
+            update_page_summaries_reference(page_min, page_max, key_valid, pos, k, page_size)
 
 
 @cache_update.register_fake
