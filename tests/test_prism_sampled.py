@@ -12,7 +12,7 @@ from test_prism_vertical import BOUNDARY, _qk
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts, exact_attention_reference, visible_keys
 from sparse_compile.kernels.block_mask import allowed_blocks
-from sparse_compile.kernels.prism import query_valid, sample_positions, sampled_blocks
+from sparse_compile.kernels.prism import local_blocks, query_valid, sample_positions, sampled_blocks
 from sparse_compile.methods import prism
 from sparse_compile.methods.prism import PrismParams
 from sparse_compile.params import PolicyError, params_from_mapping
@@ -169,3 +169,54 @@ def test_more_samples_than_a_block_is_refused():
     with pytest.raises(PolicyError, match="sampled_queries = 100 exceeds block_size = 64"):
         params_from_mapping(PrismParams, {"block_size": 64, "sampled_queries": 100, "sampled_threshold": 0.9},
                             "prefill.params")
+
+
+def local_definition(mask, B, Lq, Lk, b, window):
+    """(B, nq, nk) bool, one position at a time: key block n is kept for query block m iff some key position j
+    with first(m) - window <= j < first(m) (first(m) = q_offset + m*b, j >= 0) lies in block n and the block is
+    allowed for m."""
+    kv_valid = mask.key_valid if mask.key_valid is not None else torch.ones(B, Lk, dtype=torch.bool)
+    allowed = allowed_blocks(Lq, Lk, b, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
+                             key_valid=kv_valid)
+    nq, nk = -(-Lq // b), -(-Lk // b)
+    out = torch.zeros(B, nq, nk, dtype=torch.bool)
+    for m in range(nq):
+        first = mask.q_offset + m * b
+        for j in range(max(0, first - window), first):
+            out[:, m, j // b] = True
+    return out & allowed
+
+
+@given(Lk=st.integers(1, 60), chunk=st.sampled_from([1.0, 0.5]), pad=st.integers(0, 9),
+       window=st.sampled_from([0, 13]), b=st.sampled_from([4, 8]), local=st.integers(0, 20))
+@settings(max_examples=examples(40), deadline=None)
+def test_local_blocks_equal_the_definition(Lk, chunk, pad, window, b, local):
+    B, Lq = 2, max(1, int(Lk * chunk))
+    mask = AttentionMask(q_offset=Lk - Lq, window=window, key_valid=_key_valid(B, Lk, min(pad, Lk - 1), "left"))
+    allowed = allowed_blocks(Lq, Lk, b, causal=True, q_offset=mask.q_offset, window=window,
+                             key_valid=mask.key_valid).expand(B, -1, -1)
+    got = local_blocks(mask, allowed, Lq, b, local)
+    assert torch.equal(got, local_definition(mask, B, Lq, Lk, b, local))
+
+
+@pytest.mark.parametrize("gqa", ["per_head", "per_kv_head"])
+def test_prism_with_local_window_attends_to_the_previous_blocks(gqa):
+    """local_window = b keeps each query block's previous key block (where it is allowed) on top of the rest."""
+    B, H, Hkv, D, b, L = 2, 4, 2, 16, 16, 117
+    q, k = _qk(B, H, Hkv, L, L, D, seed=7)
+    mask = AttentionMask(key_valid=_key_valid(B, L, 5, "left"))
+    site = SiteFacts(rotary_dim=D, head_dim=D, num_heads=H, num_kv_heads=Hkv)
+    plain = PrismParams(threshold_high=0.1, threshold_low=0.1, gqa=gqa, sampled_threshold=0.5, sampled_queries=2)
+    with_local = PrismParams(threshold_high=0.1, threshold_low=0.1, gqa=gqa, sampled_threshold=0.5,
+                             sampled_queries=2, local_window=b)
+    base = prism.prism_select(q, k, mask, site, plain, block_size=b, scale=0.25).to_dense()
+    union = prism.prism_select(q, k, mask, site, with_local, block_size=b, scale=0.25).to_dense()
+    near = local_definition(mask, B, L, L, b, b)[:, None]
+    assert torch.equal(union, base | near)
+    assert not torch.equal(union, base), "the local window added nothing: a vacuous test"
+    assert near[:, 0, torch.arange(1, near.shape[2]), torch.arange(near.shape[2] - 1)].all()
+
+
+def test_local_window_out_of_range_is_refused():
+    with pytest.raises(PolicyError, match="local_window"):
+        params_from_mapping(PrismParams, {"local_window": -1}, "prefill.params")

@@ -610,6 +610,22 @@ def recent_blocks(mask: MaskStructure, allowed: Tensor, q_len: int, block_size: 
     return allowed & (own[None] | (n == last))
 
 
+def local_blocks(mask: MaskStructure, allowed: Tensor, q_len: int, block_size: int, window: int) -> Tensor:
+    """(B, nq, nk) bool: the key blocks holding the `window` positions before each query block's first query
+    (the previous token, a digit's neighbours: what a query at the start of a block reads most and what
+    block-level estimates weigh by 1/b), restricted to allowed blocks. window 0: none."""
+    B, nq, nk = allowed.shape
+    if window <= 0:
+        return torch.zeros_like(allowed)
+    dev = allowed.device
+    p0 = mask.q_offset + torch.arange(nq, device=dev) * block_size  # first query position of each block
+    lo = torch.div((p0 - window).clamp(min=0), block_size, rounding_mode="floor")
+    hi = torch.div((p0 - 1).clamp(min=0), block_size, rounding_mode="floor")
+    n = torch.arange(nk, device=dev)
+    near = (n[None, :] >= lo[:, None]) & (n[None, :] <= hi[:, None]) & (p0 > 0)[:, None]
+    return allowed & near[None]
+
+
 def pool_blocks(x: Tensor, valid: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
     """Mean over the valid tokens of each block.
 

@@ -32,6 +32,8 @@ Selection, step by step (b = block_size, nq = ceil(Lq / b), nk = ceil(Lk / b)):
   9. sampled_threshold > 0 (ours, off by default): the union with the query-aware sampled coverage
      (`kernels.prism.sampled_blocks`: per query block, the exact attention mass per key block of
      `sampled_queries` of its own queries, top-p), an affordable estimate of each block's true mass.
+ 10. local_window > 0 (ours, off by default): the key blocks holding the `local_window` positions before each
+     query block's first query (`kernels.prism.local_blocks`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from sparse_compile.kernels.prism import (  # noqa: F401 - the reference's piece
     MIN_TEMPERATURE,
     band_temperature,
     key_valid_or_ones,
+    local_blocks,
     pool_blocks,
     prism_select_triton,
     query_valid,
@@ -108,6 +111,11 @@ class PrismParams(MethodParams):
         0.0, range=(0.0, 1.0),
         help="query-aware sampled coverage (0: off): every query block also keeps the top-p of its key blocks' mass "
         "under the exact attention of `sampled_queries` of its own queries")
+    local_window: int = param(
+        0, range=(0, 1 << 20),
+        help="keys within this many positions before each query block's first query are always kept (the blocks "
+        "holding them; 0: off): a query at the start of a block reads its predecessors most, which block-level "
+        "estimates weigh by 1/block_size (copying a number digit by digit needs them)")
     sampled_queries: int = param(8, range=(1, 128), help="queries per block whose exact attention the sampled "
                                  "coverage reads (evenly spaced from the block's last query to its first; "
                                  "block_size: all of them)")
@@ -253,6 +261,8 @@ def prism_select_reference(
         dense_mask |= vertical(q, k, mask, params, kw["block_size"], scale)
     if params.sampled_threshold > 0:
         dense_mask |= sampled(q, k, mask, params, kw["block_size"], scale)
+    if params.local_window > 0:
+        dense_mask |= local(k, mask, params, kw["block_size"], q.shape[2], dense_mask.shape[1])
     return BlockList.from_dense(dense_mask, kw["block_size"], q.shape[2], k.shape[2])
 
 
@@ -270,6 +280,17 @@ def sampled(q: Tensor, k: Tensor, mask: AttentionMask, params: PrismParams, bloc
     return sampled_blocks(q, k, mask, block_size=block_size, samples=min(params.sampled_queries, block_size),
                           threshold=params.sampled_threshold, scale=q.shape[-1] ** -0.5 if scale is None else scale,
                           per_kv_head=params.gqa == "per_kv_head")
+
+
+def local(k: Tensor, mask: AttentionMask, params: PrismParams, block_size: int, q_len: int, heads: int) -> Tensor:
+    """The local coverage's (B, heads, nq, nk) bool block mask (`kernels.prism.local_blocks`, the same for every
+    head)."""
+    B, Lk = k.shape[0], k.shape[2]
+    kv_valid = key_valid_or_ones(mask, B, Lk, k.device)
+    allowed = allowed_blocks(q_len, Lk, block_size, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
+                             key_valid=kv_valid)
+    near = local_blocks(mask, allowed, q_len, block_size, params.local_window)
+    return near[:, None].expand(B, heads, *near.shape[1:])
 
 
 def prism_select(
@@ -290,7 +311,7 @@ def prism_select(
     kw = selection_kwargs(site, params, block_size=block_size)
     kv_num_blocks, kv_indices = prism_select_triton(q, k, mask=mask, **kw)
     blocks = BlockList(kv_num_blocks, kv_indices, kw["block_size"], q.shape[2], k.shape[2])
-    if params.vertical_threshold > 0 or params.sampled_threshold > 0:
+    if params.vertical_threshold > 0 or params.sampled_threshold > 0 or params.local_window > 0:
         blocks = add_coverage(blocks, q, k, mask, params, scale)
     return blocks
 
@@ -305,6 +326,8 @@ def add_coverage(blocks: BlockList, q: Tensor, k: Tensor, mask: AttentionMask, p
         union |= vertical(q, k, mask, params, blocks.block_size, scale)
     if params.sampled_threshold > 0:
         union |= sampled(q, k, mask, params, blocks.block_size, scale)
+    if params.local_window > 0:
+        union |= local(k, mask, params, blocks.block_size, q.shape[2], union.shape[1])
     return BlockList.from_dense(union, blocks.block_size, blocks.q_len, blocks.kv_len,
                                 max_blocks=blocks.num_kv_blocks)
 
