@@ -57,6 +57,7 @@ from sparse_compile.kernels.fasa import (
     select_tokens,
     visible_range,
 )
+from sparse_compile.kernels.kept_density import kept_density
 from sparse_compile.kernels.key_state import key_state_from_mask
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list  # noqa: F401 - in_layers re-exported
@@ -255,18 +256,13 @@ def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: Site
     else:
         scores = fasa_scores_reference(q, k, segs, member, state, per_kv_head=per_kv_head)
     slots, counts = row_budget(params, mask, Lk, scores.shape[1], n_visible if padded else None)
+    idx = select_tokens(scores, slots, counts)
     if padded:  # visible counts on the device
-        denominator = n_visible.clamp(min=1).float()[:, None]
-    else:  # visible counts on the host
+        density = kept_density(idx, n_visible, H)  # one launch on CUDA
+    else:  # every visible key scores finite, so min(slots, visible) slots hold one: known on the host
         lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
         n_vis = max(0, hi - lo + 1)
-        denominator = float(max(n_vis, 1))
-    idx = select_tokens(scores, slots, counts)
-    if padded:
-        kept = (idx >= 0).sum(-1).float()  # (B, S)
-        density = (kept / denominator).repeat_interleave(H // idx.shape[1], dim=1).contiguous()
-    else:  # every visible key scores finite, so min(slots, visible) slots hold one: known on the host
-        density = torch.full((B, H), min(slots, n_vis) / denominator, dtype=torch.float32, device=q.device)
+        density = torch.full((B, H), min(slots, n_vis) / max(n_vis, 1), dtype=torch.float32, device=q.device)
     return Selection(idx, density)
 
 
@@ -301,9 +297,7 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
         if keep >= n_pages or (keep - 2) * P + 2 >= slots:
             value = min(slots, n_vis) / max(n_vis, 1)
             return Selection(idx, torch.full((B, H), value, dtype=torch.float32, device=q.device))
-    kept = (idx >= 0).sum(-1).float()  # (B, S)
-    density = (kept / n_visible.clamp(min=1).float()[:, None]).repeat_interleave(H // idx.shape[1], dim=1)
-    return Selection(idx, density.contiguous())
+    return Selection(idx, kept_density(idx, n_visible, H))  # one launch on CUDA
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
