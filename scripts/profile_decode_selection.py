@@ -7,8 +7,7 @@ Pieces (FASA generic rule: 64 dims per KV head, budget 2048 tokens, 4x candidate
   key_state:torch / key_state:triton    per-key state from the mask (visible_keys + cumsums vs kernels/key_state.py)
   bounds:sum                             page bounds, one row per KV head (kernels/page_select.page_bounds)
   page_topk:torch / :triton / :radix     the kept pages per KV head (torch.topk vs kernels/topk_select.py's
-                                         bisection and radix kernels; :multisectW its W-way search; :wN another
-                                         warp count)
+                                         bisection and radix kernels; :wN another warp count)
   cand_scores                            exact partial scores of the candidates (kernels/page_select)
   final_topk:torch / :triton / :radix    2048 of the candidates per row (per KV head)
   density:torch / :triton                the selection's decode density (kernels/kept_density.py)
@@ -77,7 +76,7 @@ def pieces(L: int, B: int, P: int, H: int = 32, Hkv: int = 8, D: int = 128, n: i
     chosen = topk_indices(scores, take).view(B, Hkv, take)
     sets = torch.topk(scores, take, dim=-1, sorted=False).indices.sort(-1).values
     overlap = min(float((topk_indices(scores, take, algorithm=a).sort(-1).values == sets).float().mean())
-                  for a in ("bisect", "radix", "multisect"))
+                  for a in ("bisect", "radix"))
 
     add("key_state:torch", state_torch)
     add("key_state:triton", state_triton)
@@ -92,12 +91,6 @@ def pieces(L: int, B: int, P: int, H: int = 32, Hkv: int = 8, D: int = 128, n: i
     for warps in (4, 16):
         add(f"final_topk:triton:w{warps}", lambda w=warps: topk_indices(scores, take, num_warps=w))
         add(f"final_topk:radix:w{warps}", lambda w=warps: topk_indices(scores, take, algorithm="radix", num_warps=w))
-    for ways in (4, 8, 16, 32):
-        add(f"page_topk:multisect{ways}", lambda w=ways: topk_indices(bounds, keep, algorithm="multisect", ways=w))
-        add(f"final_topk:multisect{ways}", lambda w=ways: topk_indices(scores, take, algorithm="multisect", ways=w))
-    for ways, warps in ((8, 4), (16, 4), (8, 8)):
-        add(f"final_topk:multisect{ways}:w{warps}",
-            lambda w=ways, nw=warps: topk_indices(scores, take, algorithm="multisect", ways=w, num_warps=nw))
     n_vis = torch.full((B,), L, dtype=torch.int32, device=dev)
     add("density:torch", lambda: kept_density_reference(chosen, n_vis, H))
     add("density:triton", lambda: kept_density(chosen, n_vis, H))

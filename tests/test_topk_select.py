@@ -32,7 +32,7 @@ def as_sets(idx: torch.Tensor, x: torch.Tensor) -> list[tuple[set[int], int]]:
     neg_inf=st.floats(0.0, 0.9),
     counts=st.booleans(),
     drop=st.booleans(),
-    algorithm=st.sampled_from(["bisect", "radix", "multisect"]),
+    algorithm=st.sampled_from(["bisect", "radix"]),
     seed=st.integers(0, 10_000),
 )
 @settings(max_examples=examples(20), deadline=None)
@@ -54,7 +54,7 @@ def test_set_equals_torch_topk(rows, N, frac, neg_inf, counts, drop, algorithm, 
             assert torch.equal(chosen, chosen.sort().values) and chosen.unique().numel() == chosen.numel()
 
 
-@pytest.mark.parametrize("algorithm", ["bisect", "radix", "multisect"])
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
 def test_ties_take_the_lowest_indices_and_nan_ranks_first(algorithm):
     x = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0],
                       [0.0, float("nan"), -0.0, float("inf"), -1.0, 0.0, 0.5]])
@@ -65,7 +65,7 @@ def test_ties_take_the_lowest_indices_and_nan_ranks_first(algorithm):
     assert got[1].tolist() == [0, 1, 3, 5, 6]  # +0.0 ranks above -0.0: the two +0.0s at 0 and 5
 
 
-@pytest.mark.parametrize("algorithm", ["bisect", "radix", "multisect"])
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
 def test_every_slot_is_written(algorithm):
     x = torch.randn(3, 500)
     x[1, 10:] = float("-inf")
@@ -91,7 +91,7 @@ def test_bad_inputs_name_the_problem(bad, message):
         bad()
 
 
-@pytest.mark.parametrize("algorithm", ["bisect", "radix", "multisect"])
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
 @pytest.mark.parametrize("group", [1, 4])
 def test_tokens_are_written_instead_of_indices(algorithm, group):
     gen = torch.Generator().manual_seed(group)
@@ -106,22 +106,3 @@ def test_tokens_are_written_instead_of_indices(algorithm, group):
     assert torch.equal(got, torch.where(idx < 0, -1, mapped))
     assert [sorted(r.tolist()) for r in got.view(-1, 120)] == [sorted(r.tolist()) for r in ref.view(-1, 120)]
 
-
-@given(N=st.integers(1, 600), frac=st.floats(0.0, 1.0), levels=st.integers(1, 12), ways=st.sampled_from([2, 4, 32]),
-       counts=st.booleans(), seed=st.integers(0, 10_000))
-@settings(max_examples=examples(20), deadline=None)
-def test_multisect_equals_bisect_with_ties(N, frac, levels, ways, counts, seed):
-    """Any number of ways finds the bisection's threshold: the same slots, ties (few distinct values) included."""
-    gen = torch.Generator().manual_seed(seed)
-    k = min(N, int(frac * N))
-    x = torch.randint(-levels, levels + 1, (3, N), generator=gen).float() * 0.37
-    x[0, : N // 3] = float("-inf")
-    row_k = torch.randint(0, k + 2, (3,), generator=gen) if counts else None
-    want = topk_indices(x, k, row_k=row_k, impl="triton", algorithm="bisect")
-    got = topk_indices(x, k, row_k=row_k, impl="triton", algorithm="multisect", ways=ways)
-    assert torch.equal(got, want)
-
-
-def test_ways_must_be_a_power_of_two():
-    with pytest.raises(ValueError, match="ways must be a power of two"):
-        topk_indices(torch.randn(2, 8), 2, algorithm="multisect", ways=3)

@@ -94,37 +94,6 @@ def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride
 
 
 @triton.jit
-def _topk_multisect_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP,
-                           HAS_ROW_K: tl.constexpr, HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WAYS: tl.constexpr):
-    """The same threshold as `_topk_indices_kernel`, searched WAYS ways at a time: each step counts the codes
-    >= each of WAYS thresholds spread over (lo, hi] in one block reduction and keeps the sub-interval where the
-    count crosses k, so the interval shrinks WAYS-fold per reduction (32 / log2(WAYS) steps at most)."""
-    r = tl.program_id(0)
-    offs, in_row, x, code, k = _load_row(X, ROW_K, r, N, K, stride_x, HAS_ROW_K, BLOCK_N)
-    lo = tl.min(tl.where(in_row, code, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(tl.where(in_row, code, -2147483648), axis=0).to(tl.int64)
-    lo = tl.where(k == 0, hi, lo)  # k = 0: t = the largest code, and need = 0 takes no tie
-    j = tl.arange(0, WAYS)
-    # invariant: count(code >= lo) >= k and count(code >= hi + 1) < k
-    while lo < hi:
-        span = hi - lo
-        t = lo + ((j + 1).to(tl.int64) * span + WAYS - 1) // WAYS  # in (lo, hi], non-decreasing, t[-1] = hi
-        ge = (code[:, None] >= t[None, :].to(tl.int32)) & in_row[:, None]
-        count = tl.sum(ge.to(tl.int32), axis=0)  # (WAYS,) non-increasing
-        below = tl.max(tl.where(count >= k, j, -1), axis=0)  # the last threshold still counting >= k
-        new_lo = tl.where(below >= 0, tl.max(tl.where(j == below, t, -(1 << 40)), axis=0), lo)
-        new_hi = tl.where(below + 1 < WAYS, tl.max(tl.where(j == below + 1, t, -(1 << 40)), axis=0) - 1, hi)
-        # a threshold counting exactly k codes selects the same set as every t up to the largest such: stop
-        exact = tl.max(tl.where(count == k, t, -(1 << 40)), axis=0)
-        lo = tl.where(exact > -(1 << 40), exact, new_lo)
-        hi = tl.where(exact > -(1 << 40), exact, new_hi)
-    t = lo.to(tl.int32)
-    _write_set(OUT, TOKENS, r, offs, x, (code > t) & in_row, (code == t) & in_row, k, K, stride_o, stride_t,
-               GROUP, HAS_TOKENS, DROP_NEG_INF, BLOCK_K)
-
-
-@triton.jit
 def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP,
                        HAS_ROW_K: tl.constexpr, HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -150,7 +119,7 @@ def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t
                GROUP, HAS_TOKENS, DROP_NEG_INF, BLOCK_K)
 
 
-ALGORITHMS = ("bisect", "radix", "multisect")
+ALGORITHMS = ("bisect", "radix")
 
 
 def _interpreting() -> bool:
@@ -174,17 +143,15 @@ def check_topk_inputs(x: Tensor, k: int, row_k: Tensor | None) -> None:
 
 def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tensor | None = None,
                  drop_neg_inf: bool = True, impl: str = "auto", algorithm: str = "bisect",
-                 num_warps: int | None = None, ways: int = 16) -> Tensor:
+                 num_warps: int | None = None) -> Tensor:
     """The k largest of each row as a set (module docstring). x: (..., N) float32. Returns (..., k) int64.
     impl: "auto" (Triton on CUDA for rows of at most MAX_N, torch.topk otherwise), "triton" (CUDA or the
     interpreter), "reference". tokens: (R / g, N) int, what to write instead of the index: row r's slots hold
     tokens[r // g, index] (g = rows of x per row of tokens; -1 stays -1). algorithm: "bisect" (32 steps of a
-    compare and a block sum), "radix" (four 256-bin histograms) or "multisect" (`ways` thresholds per block sum:
-    32 / log2(ways) steps at most); num_warps: the launch's warps (None: by row length)."""
+    compare and a block sum) or "radix" (four 256-bin histograms); num_warps: the launch's warps (None: by row
+    length). (A W-way search, W thresholds per block sum, was measured slower than both: KERNEL_NOTES.md.)"""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if ways < 2 or ways & (ways - 1):
-        raise ValueError(f"ways must be a power of two >= 2, got {ways}")
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     check_topk_inputs(x, k, row_k)
@@ -216,14 +183,12 @@ def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tens
     if tok.stride(-1) != 1:
         tok = tok.contiguous()
     block_n = triton.next_power_of_2(N)
-    kernels = {"bisect": _topk_indices_kernel, "radix": _topk_radix_kernel, "multisect": _topk_multisect_kernel}
-    kernel = kernels[algorithm]
-    extra = {"WAYS": ways} if algorithm == "multisect" else {}
+    kernel = _topk_indices_kernel if algorithm == "bisect" else _topk_radix_kernel
     kernel[(rows.shape[0],)](
         rows, out, rk, tok, N, k, rows.stride(0), out.stride(0), tok.stride(0), group,
         HAS_ROW_K=row_k is not None, HAS_TOKENS=tokens is not None, DROP_NEG_INF=drop_neg_inf,
         BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k),
-        num_warps=num_warps or (4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)), **extra)
+        num_warps=num_warps or (4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)))
     return out.view(*lead, k)
 
 
