@@ -160,7 +160,10 @@ def test_eval_end_to_end_dense_equals_eager(tiny_model, corpus_file, tmp_path, c
     assert [(c["check"], c["status"]) for c in run["budget"]["checks"]] == [("needles", "PASS"), ("dppl", "PASS"),
                                                                            ("job", "n/a")]
     assert "| dense | **PASS** |" in report
-    assert "| dense | 64 |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| dense | 64 |" in captured.out
+    # --no-progress: one status line per finished run on stderr instead of progress bars
+    assert "eval: eager: " in captured.err and "eval: policy 1/1 dense: " in captured.err
 
     # rerun: same numbers; the eager baseline comes from the cache (its recorded timings too)
     again = run_eval_cli(tiny_model, corpus_file, tmp_path / "b", tmp_path / "cache", "--tasks", "ppl",

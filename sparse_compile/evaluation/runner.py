@@ -516,6 +516,13 @@ def prepare(config: EvalConfig, model: Any = None, tokenizer: Any = None) -> tup
     return ev, runs
 
 
+def quiet_status(config: EvalConfig, line: str) -> None:
+    """With progress bars off (--no-progress), one line on stderr per finished baseline and policy run, so a long
+    evaluation still shows that it advances (and how fast)."""
+    if not config.progress:
+        print(f"eval: {line}", file=sys.stderr, flush=True)
+
+
 def execute(ev: Evaluator, runs: list[PolicyRun], argv: list[str] | None = None) -> dict[str, Any]:
     """The eager baseline (cached), then every policy run; returns the results dict."""
     config = ev.config
@@ -534,7 +541,11 @@ def execute(ev: Evaluator, runs: list[PolicyRun], argv: list[str] | None = None)
     if "decode" in config.tasks:
         baseline["decode"] = {str(length): ev.baseline_decode(length) for length in config.lengths}
     baseline["wall_s"] = time.perf_counter() - t0
-    results = [ev.run_policy(run, baseline) for run in tqdm(runs, desc="policies", disable=not config.progress)]
+    quiet_status(config, f"{BASELINE}: {baseline['wall_s']:.1f} s")
+    results = []
+    for i, run in enumerate(tqdm(runs, desc="policies", disable=not config.progress)):
+        results.append(ev.run_policy(run, baseline))
+        quiet_status(config, f"policy {i + 1}/{len(runs)} {results[-1]['label']}: {results[-1]['wall_s']:.1f} s")
     for result in results:
         result["budget"] = budget_check(result, meta["config"])
     meta["notes"] = [line for run in runs for line in unmeasured_phases(run, config.tasks)]
