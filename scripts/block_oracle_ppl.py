@@ -9,6 +9,8 @@ picks the oracle blocks, and attends over them; CPU float32, all heads of a laye
 
     python scripts/block_oracle_ppl.py --p 0.9,0.95,0.97 --out results/x.txt
     python scripts/block_oracle_ppl.py --p 0.95 --layers 12-29      # oracle in layers 12-29 only, exact elsewhere
+    python scripts/block_oracle_ppl.py --p 0.97 --niah 8192:1.0:2   # a NIAH sample's answer (eval's grid, seed 0)
+                                                                      # with the oracle prefill, dense decode
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from sparse_compile.evaluation import needle as niah
 from sparse_compile.evaluation.corpus import load_corpus, tokenize, windows
 from sparse_compile.evaluation.models import load_model
 from sparse_compile.evaluation.perplexity import logits_fn, window_nll
@@ -109,8 +112,13 @@ def main() -> None:
                                      "the others run exact attention (density 1)")
     ap.add_argument("--samples", type=int, default=0, help="estimate each query block's mass from this many of its "
                                                              "queries (0: all of them, the oracle)")
+    ap.add_argument("--niah", help="instead of perplexity: NIAH samples LENGTH:DEPTH:INDEX,... of `eval`'s grid "
+                                   "(seed 0, the corpus as haystack), answered greedily with the oracle prefill and "
+                                   "exact decode")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.niah:
+        return niah_answers(args)
 
     model, tok = load_model(args.model)
     num_layers = model.config.num_hidden_layers
@@ -141,6 +149,39 @@ def main() -> None:
         lines.append(f"{p} {mean_density:.4f} {ppl:.5f} {100 * (ppl / eager_ppl - 1):+.3f} "
                      f"{' '.join(f'{x:+.3f}' for x in per_window)}  {' '.join(f'{x:.3f}' for x in per_layer)}")
         print(lines[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+def niah_answers(args: argparse.Namespace) -> None:
+    """Eager's and the oracle's answers to the given NIAH samples (the prefill runs the oracle rule, decode steps
+    are exact: `make_attention` hands queries shorter than two blocks to SDPA)."""
+    model, tok = load_model(args.model)
+    ids = tokenize(tok, load_corpus(args.corpus).text)
+    eos = niah.eos_token_ids(tok, model.config)
+    previous = model.config._attn_implementation
+    lines = [f"# {args.model}, {args.corpus} haystack, block {args.block_size}, oracle layers {args.layers or 'all'}, "
+             f"samples per block {args.samples or 'all'}; NIAH samples {args.niah}"]
+    for spec in args.niah.split(","):
+        length, depth, index = spec.split(":")
+        sample = niah.make_sample(tok, ids, int(length), float(depth), int(index), seed=0)
+        prompt = torch.tensor(sample.input_ids)
+        answer = tok.decode(niah.greedy_generate(model, model.config, prompt, 12, eos), skip_special_tokens=True)
+        lines.append(f"{spec} value {sample.value} needle at {sample.needle_start}: eager {answer!r}")
+        print(lines[-1], flush=True)
+        for p in (float(x) for x in args.p.split(",")):
+            densities: dict[int, list[float]] = {}
+            AttentionInterface.register("block_oracle", make_attention(p, args.block_size, parse_layers(args.layers),
+                                                                       densities, args.samples))
+            model.set_attn_implementation("block_oracle")
+            try:
+                new = niah.greedy_generate(model, model.config, prompt, 12, eos)
+                answer = tok.decode(new, skip_special_tokens=True)
+            finally:
+                model.set_attn_implementation(previous)
+            mean = sum(sum(d) / len(d) for d in densities.values()) / model.config.num_hidden_layers
+            lines.append(f"{spec} p {p}: {answer!r} (hit {niah.score(answer, sample.value):.0f}, density {mean:.3f})")
+            print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

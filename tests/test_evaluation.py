@@ -3,6 +3,8 @@ and the methods benchmark's CPU path (synthetic structured q/k, Flex block masks
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -179,6 +181,8 @@ def test_bench_harness_cpu_path_writes_each_part(tmp_path):
     assert failed == 0 and {p.name for p in written} >= {"bench_prefill.json", "bench_decode.md", "bench.md"}
     text = (tmp_path / "out" / "bench.md").read_text()
     assert "| prefill | 256 | dense |" in text and "| decode | 256 | lessismore:reuse |" in text
+    assert f"torch {torch.__version__}" in text and "transformers " in text  # the machine line beside the numbers
+    assert json.loads((tmp_path / "out" / "bench_decode.json").read_text())["env"]["device"] == "cpu"
     assert "lessismore" not in (tmp_path / "out" / "bench_prefill.md").read_text()  # a decode-only method
 
 

@@ -34,7 +34,7 @@ import torch
 
 from sparse_compile.benchmarks import check, engine, model
 from sparse_compile.benchmarks.methods import DECODE_LENGTHS, PREFILL_LENGTHS, markdown_table, run_methods_benchmark
-from sparse_compile.benchmarks.timing import BenchmarkUnavailable, check_cuda
+from sparse_compile.benchmarks.timing import BenchmarkUnavailable, check_cuda, environment
 from sparse_compile.evaluation.output import update_markdown_section
 
 PARTS = ("engine", "engine-tiles", "engine-dense-tiles", "engine-padding", "engine-gqa", "methods", "prefill",
@@ -155,6 +155,16 @@ def run_part(part: str, s: BenchSettings, log: Callable[[str], None]) -> tuple[d
     return {"rows": rows}, rows_table(rows)
 
 
+def machine(device: str) -> dict[str, Any]:
+    """What a benchmark number needs beside it: `timing.environment` (torch, date, GPU, triton, CUDA, cuDNN) plus
+    the transformers and sparse_compile versions."""
+    import transformers
+
+    from sparse_compile.evaluation.runner import source_revision
+
+    return {**environment(device), "transformers": transformers.__version__, "sparse_compile": source_revision()}
+
+
 def run_benchmarks(out_dir: Path, *, what: tuple[str, ...] = ("engine", "methods"),
                    settings: BenchSettings | None = None, md_file: Path | None = None, command: str = "",
                    log: Callable[[str], None] = print) -> tuple[list[Path], int]:
@@ -172,10 +182,12 @@ def run_benchmarks(out_dir: Path, *, what: tuple[str, ...] = ("engine", "methods
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     failed = 0
-    sections = [f"Command: `{command}`", ""]
+    env = machine(s.device)
+    sections = [f"Command: `{command}`", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     for part in what:
         t0 = time.perf_counter()
         result, table = run_part(part, s, log)
+        result.setdefault("env", env)
         result.update(wall_s=time.perf_counter() - t0, settings=asdict(s), command=command)
         failed += len(result.get("failures", ()))
         stem = out_dir / f"bench_{part}"

@@ -160,19 +160,21 @@ def compile_with_policy(model: Any, policy: Any, report: Report, inner: str = "e
     return torch.compile(model, backend="sparse", options={"policy": policy, "inner": inner, "report": report})
 
 
+def source_revision() -> str:
+    """The first 10 hex digits of the commit the package's checkout is at (its .git/HEAD), or "unknown"."""
+    head = Path(sparse_compile.__file__).resolve().parent.parent / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        return (head.parent / ref[5:]).read_text().strip()[:10] if ref.startswith("ref: ") else ref[:10]
+    except OSError:
+        return "unknown"
+
+
 def environment(argv: list[str] | None = None, device: torch.device | None = None,
                 dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Command, machine, device, dtype, versions and date: what EVAL.md must state next to the numbers."""
     import transformers
 
-
-    revision = "unknown"
-    head = Path(sparse_compile.__file__).resolve().parent.parent / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        revision = (head.parent / ref[5:]).read_text().strip()[:10] if ref.startswith("ref: ") else ref[:10]
-    except OSError:
-        pass
     return {
         "command": "python -m sparse_compile " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -182,7 +184,7 @@ def environment(argv: list[str] | None = None, device: torch.device | None = Non
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "sparse_compile_revision": revision,
+        "sparse_compile_revision": source_revision(),
         **device_description(device if device is not None else torch.device("cpu")),
         "dtype": dtype_name(dtype if dtype is not None else torch.float32),
     }
