@@ -40,12 +40,14 @@ def sample_rows(L: int, block: int, samples: int) -> torch.Tensor:
 
 
 def oracle_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, p: float,
-                           scale: float, samples: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                           scale: float, samples: int = 0,
+                           extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over each head's oracle blocks: the top-p of the block mass of its queries' exact
     attention (samples > 0: of `sample_rows` only, an estimate a method could afford).
 
-    q: (H, L, D); k, v: (H, L, D) (already expanded to the query heads). Returns (out (H, L, D), density (H,) = kept
-    causal block pairs / causal block pairs)."""
+    q: (H, L, D); k, v: (H, L, D) (already expanded to the query heads); extra: (H, nq, nk) bool blocks kept on top
+    (Prism's pooled bands: `--bands`) or None. Returns (out (H, L, D), density (H,) = kept causal block pairs /
+    causal block pairs)."""
     H, L, _ = q.shape
     n = -(-L // block)
     causal_tokens = torch.ones(L, L, dtype=torch.bool).tril()
@@ -60,14 +62,31 @@ def oracle_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     keep = top_p_blocks(mass / mass.sum(-1, keepdim=True), causal_blocks, p)
     keep[:, :, 0] = True
     keep[:, torch.arange(n), torch.arange(n)] = True
+    if extra is not None:
+        keep |= extra & causal_blocks
     density = keep.sum((1, 2)).float() / (n * (n + 1) / 2)
     tokens = keep.repeat_interleave(block, 1)[:, :L].repeat_interleave(block, 2)[:, :, :L] & causal_tokens
     out = torch.softmax(logits.masked_fill_(~tokens, float("-inf")), -1) @ v
     return out, density
 
 
+def prism_bands(query: torch.Tensor, key: torch.Tensor, block: int, threshold: float) -> torch.Tensor:
+    """Prism's pooled two-band selection (calibrated temperatures, both bands at `threshold`, rotate-half RoPE over
+    the whole head dim, sink and diagonal forced): (B, H, nq, nk) bool for query (B, H, L, D), key (B, Hkv, L, D)."""
+    from sparse_compile.attention_mask import AttentionMask, SiteFacts
+    from sparse_compile.kernels.prism import select_blocks_reference
+    from sparse_compile.methods.prism import PrismParams, band_dims
+
+    D = query.shape[-1]
+    site = SiteFacts(rotary_dim=D, head_dim=D, num_heads=query.shape[1], num_kv_heads=key.shape[1])
+    high, low = band_dims(site, PrismParams(block_size=block))
+    return select_blocks_reference(query.float(), key.float(), high, low, AttentionMask(), block_size=block,
+                                   threshold_high=threshold, threshold_low=threshold, temperature_high=None,
+                                   temperature_low=None, dtype=torch.float32)
+
+
 def make_attention(p: float, block: int, layers: set[int] | None, densities: dict[int, list[float]],
-                   samples: int = 0):
+                   samples: int = 0, bands: float = 0.0):
     """An AttentionInterface function: the oracle rule in `layers` (None: every layer), SDPA elsewhere; appends each
     oracle layer's mean head density to densities[layer]."""
 
@@ -79,10 +98,12 @@ def make_attention(p: float, block: int, layers: set[int] | None, densities: dic
         group = H // key.shape[1]
         scale = D ** -0.5 if scaling is None else scaling
         outs = []
+        extra = prism_bands(query, key, block, bands) if bands > 0 else None
         for b in range(B):
             k = key[b].repeat_interleave(group, 0).float()
             v = value[b].repeat_interleave(group, 0).float()
-            out, density = oracle_block_attention(query[b].float(), k, v, block, p, scale, samples)
+            out, density = oracle_block_attention(query[b].float(), k, v, block, p, scale, samples,
+                                                  None if extra is None else extra[b])
             outs.append(out.to(query.dtype))
             densities.setdefault(layer, []).append(density.mean().item())
         return torch.stack(outs).transpose(1, 2).contiguous(), None
@@ -112,6 +133,8 @@ def main() -> None:
                                      "the others run exact attention (density 1)")
     ap.add_argument("--samples", type=int, default=0, help="estimate each query block's mass from this many of its "
                                                              "queries (0: all of them, the oracle)")
+    ap.add_argument("--bands", type=float, default=0.0, help="also keep Prism's pooled two-band selection at this "
+                                                             "top-p (0: off)")
     ap.add_argument("--niah", help="instead of perplexity: NIAH samples LENGTH:DEPTH:INDEX,... of `eval`'s grid "
                                    "(seed 0, the corpus as haystack), answered greedily with the oracle prefill and "
                                    "exact decode")
@@ -129,14 +152,14 @@ def main() -> None:
     layers = parse_layers(args.layers)
     lines = [f"# {args.model}, {args.corpus}, {args.windows} windows of {args.length} (starts "
              f"{[s for s, _ in wins]}), block {args.block_size}, oracle layers {args.layers or 'all'}, "
-             f"samples per block {args.samples or 'all'}; eager PPL {eager_ppl:.5f}",
+             f"samples per block {args.samples or 'all'}, Prism bands {args.bands or 'off'}; eager PPL {eager_ppl:.5f}",
              "p  density(mean over all layers, exact layers = 1)  PPL  dPPL%  per-window dPPL%  per-layer density"]
     print(lines[0], flush=True)
     previous = model.config._attn_implementation
     for p in (float(x) for x in args.p.split(",")):
         densities: dict[int, list[float]] = {}
         AttentionInterface.register("block_oracle", make_attention(p, args.block_size, layers, densities,
-                                                                                args.samples))
+                                                                                args.samples, args.bands))
         model.set_attn_implementation("block_oracle")
         try:
             nlls = [window_nll(forward, ids).double() for _, ids in wins]
@@ -161,7 +184,7 @@ def niah_answers(args: argparse.Namespace) -> None:
     eos = niah.eos_token_ids(tok, model.config)
     previous = model.config._attn_implementation
     lines = [f"# {args.model}, {args.corpus} haystack, block {args.block_size}, oracle layers {args.layers or 'all'}, "
-             f"samples per block {args.samples or 'all'}; NIAH samples {args.niah}"]
+             f"samples per block {args.samples or 'all'}, Prism bands {args.bands or 'off'}; NIAH samples {args.niah}"]
     for spec in args.niah.split(","):
         length, depth, index = spec.split(":")
         sample = niah.make_sample(tok, ids, int(length), float(depth), int(index), seed=0)
@@ -172,7 +195,7 @@ def niah_answers(args: argparse.Namespace) -> None:
         for p in (float(x) for x in args.p.split(",")):
             densities: dict[int, list[float]] = {}
             AttentionInterface.register("block_oracle", make_attention(p, args.block_size, parse_layers(args.layers),
-                                                                       densities, args.samples))
+                                                                       densities, args.samples, args.bands))
             model.set_attn_implementation("block_oracle")
             try:
                 new = niah.greedy_generate(model, model.config, prompt, 12, eos)
