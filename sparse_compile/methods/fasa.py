@@ -47,13 +47,14 @@ import torch
 from torch import Tensor
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
+from sparse_compile.kernels.device_constants import on_device
 from sparse_compile.kernels.fasa import (
     budget_slots,
-    chunk_tables,
     default_chunk_count,
     default_chunks,
     fasa_scores,
     fasa_scores_reference,
+    host_chunk_tables,
     select_tokens,
     visible_range,
 )
@@ -197,16 +198,28 @@ class Selection:
     density: Tensor
 
 
-def site_chunk_tables(params: FasaParams, site: SiteFacts, H: int, Hkv: int, D: int,
-                      device: torch.device) -> tuple[Tensor, Tensor]:
-    """`chunk_tables` (segments, member (H, n)) of the chunks this site's layer scores; ValueError when the
-    layer cannot run FASA (`unsupported` rules such calls out before the method runs)."""
+def site_host_tables(params: FasaParams, site: SiteFacts, H: int, Hkv: int, D: int) -> tuple[Tensor, Tensor]:
+    """The host (memoised, page-locked) `chunk_tables` (segments, member (H, D)) of the chunks this site's layer
+    scores; ValueError when the layer cannot run FASA (`unsupported` rules such calls out before the method runs)."""
     rotary = min(site.rotary_dim, D)
     chunks, problem = layer_chunks(params, site.layer, H, Hkv, D, rotary)
     if chunks is None:
         raise ValueError(f"FASA cannot run layer {site.layer}: {problem}")
     layout = "interleaved" if site.rope == "interleaved" else "rotate_half"
-    return chunk_tables(chunks, H, Hkv, D, rotary, layout, str(device))
+    return host_chunk_tables(chunks, H, Hkv, D, rotary, layout)
+
+
+def site_chunk_tables(params: FasaParams, site: SiteFacts, H: int, Hkv: int, D: int,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """`site_host_tables` on `device` (`kernels.fasa.chunk_tables`: a capturable copy per call)."""
+    segs, member = site_host_tables(params, site, H, Hkv, D)
+    return on_device(segs, device), on_device(member, device)
+
+
+def site_member(params: FasaParams, site: SiteFacts, H: int, Hkv: int, D: int, device: torch.device) -> Tensor:
+    """The member table (H, D) float32 alone on `device`: the two-stage selection over a pages-only cache reads
+    no segment table, so one host-to-device copy per call instead of two."""
+    return on_device(site_host_tables(params, site, H, Hkv, D)[1], device)
 
 
 def row_slots(params: FasaParams, kv_len: int) -> int:
@@ -281,8 +294,8 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
     slots, counts = row_budget(params, mask, Lk, S, None if mask.key_valid is None else n_visible)
     key_dims, dims, member = cache.key_dims, cache.dims, cache.member
     all_dims = key_dims is None
-    if all_dims:  # no dims copy: the keys themselves, each query head on its own dims
-        _, member = site_chunk_tables(params, site, H, Hkv, D, q.device)
+    if all_dims:  # no dims copy: the keys themselves, each query head on its own dims (one host-to-device copy)
+        member = site_member(params, site, H, Hkv, D, q.device)
         key_dims, dims = k, torch.arange(D, device=q.device).expand(Hkv, D)
     candidates = max(slots, math.ceil(params.candidates * slots))
     idx = fasa_two_stage(q, key_dims, dims, member, cache.page_min, cache.page_max, state, slots, candidates,
