@@ -612,8 +612,8 @@ def recent_blocks(mask: MaskStructure, allowed: Tensor, q_len: int, block_size: 
 
 def local_blocks(mask: MaskStructure, allowed: Tensor, q_len: int, block_size: int, window: int) -> Tensor:
     """(B, nq, nk) bool: the key blocks holding the `window` positions before each query block's first query
-    (the previous token, a digit's neighbours: what a query at the start of a block reads most and what
-    block-level estimates weigh by 1/b), restricted to allowed blocks. window 0: none."""
+    (what a query at the start of a block reads most and block-level estimates weigh by 1/b), restricted to
+    allowed blocks. window 0: none."""
     B, nq, nk = allowed.shape
     if window <= 0:
         return torch.zeros_like(allowed)

@@ -115,7 +115,7 @@ class PrismParams(MethodParams):
         0, range=(0, 1 << 20),
         help="keys within this many positions before each query block's first query are always kept (the blocks "
         "holding them; 0: off): a query at the start of a block reads its predecessors most, which block-level "
-        "estimates weigh by 1/block_size (copying a number digit by digit needs them)")
+        "estimates weigh by 1/block_size")
     sampled_queries: int = param(8, range=(1, 128), help="queries per block whose exact attention the sampled "
                                  "coverage reads (evenly spaced from the block's last query to its first; "
                                  "block_size: all of them)")
