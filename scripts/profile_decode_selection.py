@@ -3,13 +3,14 @@ mode="reduce-overhead"), beside cuDNN's dense decode: the numbers KERNEL_NOTES.m
 
     python scripts/profile_decode_selection.py --lengths 32768,131072 --batches 1,4 --out results/x.json
 
-Pieces (FASA generic rule: 64 dims per KV head, budget 2048 tokens, 4x candidates, sink 4, recent 64):
+Pieces (FASA generic rule: 64 dims per KV head, budget 2048 tokens, --factors x the budget in candidates, sink 4,
+recent 64):
   key_state:torch / key_state:triton    per-key state from the mask (visible_keys + cumsums vs kernels/key_state.py)
   bounds:sum                             page bounds, one row per KV head (kernels/page_select.page_bounds)
-  page_topk:torch / :triton / :radix     the kept pages per KV head (torch.topk vs kernels/topk_select.py's
-                                         bisection and radix kernels; :wN another warp count)
+  page_topk:torch / :triton / :radix / :packed   the kept pages per KV head (torch.topk vs kernels/topk_select.py's
+                                         bisection, radix and packed five-way kernels; :wN another warp count)
   cand_scores                            exact partial scores of the candidates (kernels/page_select)
-  final_topk:torch / :triton / :radix    2048 of the candidates per row (per KV head)
+  final_topk:torch / :triton / :radix / :packed   2048 of the candidates per row (per KV head)
   density:torch / :triton                the selection's decode density (kernels/kept_density.py)
   sparse_decode                          attention over 2048 tokens per KV head (kernels/sparse_decode)
   sdpa_cudnn                             dense decode over every key
@@ -76,7 +77,7 @@ def pieces(L: int, B: int, P: int, H: int = 32, Hkv: int = 8, D: int = 128, n: i
     chosen = topk_indices(scores, take).view(B, Hkv, take)
     sets = torch.topk(scores, take, dim=-1, sorted=False).indices.sort(-1).values
     overlap = min(float((topk_indices(scores, take, algorithm=a).sort(-1).values == sets).float().mean())
-                  for a in ("bisect", "radix"))
+                  for a in ("bisect", "radix", "packed"))
 
     add("key_state:torch", state_torch)
     add("key_state:triton", state_triton)
@@ -85,9 +86,13 @@ def pieces(L: int, B: int, P: int, H: int = 32, Hkv: int = 8, D: int = 128, n: i
     add("page_topk:triton", lambda: topk_indices(bounds, keep))
     add("cand_scores", lambda: candidate_scores(q, key_dims, head_dims, member, pages, state, P, per_kv_head=True))
     add("page_topk:radix", lambda: topk_indices(bounds, keep, algorithm="radix"))
+    add("page_topk:packed", lambda: topk_indices(bounds, keep, algorithm="packed"))
     add("final_topk:torch", lambda: torch.topk(scores, take, dim=-1, sorted=False).indices)
     add("final_topk:triton", lambda: topk_indices(scores, take))
     add("final_topk:radix", lambda: topk_indices(scores, take, algorithm="radix"))
+    add("final_topk:packed", lambda: topk_indices(scores, take, algorithm="packed"))
+    for warps in (4, 16):
+        add(f"final_topk:packed:w{warps}", lambda w=warps: topk_indices(scores, take, algorithm="packed", num_warps=w))
     for warps in (4, 16):
         add(f"final_topk:triton:w{warps}", lambda w=warps: topk_indices(scores, take, num_warps=w))
         add(f"final_topk:radix:w{warps}", lambda w=warps: topk_indices(scores, take, algorithm="radix", num_warps=w))
@@ -110,16 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--pages", default="16,32")
+    ap.add_argument("--factors", default="4", help="candidate tokens per KV head, multiples of the budget")
     ap.add_argument("--out", default="results/profile_decode_selection.json")
     args = ap.parse_args(argv)
     rows = []
     for L in map(int, args.lengths.split(",")):
         for B in map(int, args.batches.split(",")):
             for P in map(int, args.pages.split(",")):
-                got = pieces(L, B, P)
-                rows += got
-                for r in got:
-                    print(f"L={L:>6} B={B} P={P:>2} {r['piece']:<20} {r['graph_us']} us", flush=True)
+                for factor in map(float, args.factors.split(",")):
+                    got = pieces(L, B, P, factor=factor)
+                    rows += got
+                    for r in got:
+                        r["factor"] = factor
+                        print(f"L={L:>6} B={B} P={P:>2} x{factor:g} {r['piece']:<22} {r['graph_us']} us", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"environment": environment("cuda"), "rows": rows}, indent=1))
     return 0
