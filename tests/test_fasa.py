@@ -256,13 +256,21 @@ def test_unsupported_and_params():
     assert fasa.unsupported(call, site, fasa.FasaParams(chunks=[[], [[1, 2]] * 4])) is None  # mismatch = "rule"
     assert "chunk of layer 1 is >= head_dim / 2" in fasa.unsupported(
         call, site, fasa.FasaParams(chunks=[[], [[40]]], mismatch="dense"))
+    # the speed gate: 1 x 3 KV heads x 4096 keys x 2 x 64 dims x 4 bytes = 6 MiB of K+V (bf16 on CUDA: 3 MiB)
+    assert fasa.cache_mib(call) == 6.0
+    assert fasa.unsupported(call, site, fasa.FasaParams(min_cache_mib=6)) is None
+    assert "K+V of this layer 6.0 MiB < min_cache_mib 6.5" in fasa.unsupported(
+        call, site, fasa.FasaParams(min_cache_mib=6.5))
+    assert "3.0 MiB < min_cache_mib 4" in fasa.unsupported(
+        CallShape(1, 9, 3, 1, 4096, 64, torch.bfloat16, "cuda"), site, fasa.FasaParams(min_cache_mib=4))
     where = "t.toml: [decode.params]"
     assert params_from_mapping(fasa.FasaParams, {"chunks": [[[1, 2], [3, 4]]]}, where).chunks == (((1, 2), (3, 4)),)
     for bad, needle in [({"budget": 0}, "must be > 0"), ({"budget": 2.5}, "whole number"),
                         ({"chunks": [[[1, 1]]]}, "repeats a chunk"), ({"chunks": [[[1], [2, 3]]]}, "different chunk"),
                         ({"chunks": [[[]]]}, "non-empty list"), ({"chunks": [[["a"]]]}, "not a chunk index"),
                         ({"chunks": [3]}, "layer 0 must be a list"), ({"gqa": "x"}, "gqa"),
-                        ({"dense_layers": ["x"]}, "dense_layers"), ({"budgets": 3}, "unknown key 'budgets'")]:
+                        ({"dense_layers": ["x"]}, "dense_layers"), ({"budgets": 3}, "unknown key 'budgets'"),
+                        ({"min_cache_mib": -1}, "min_cache_mib")]:
         with pytest.raises(PolicyError, match=needle):
             params_from_mapping(fasa.FasaParams, bad, where)
     policy = sparse_compile.load_policy("fasa")

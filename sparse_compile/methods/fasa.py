@@ -32,6 +32,10 @@ Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Paramet
            predicted scores summed, one set per KV head: each selected K/V row is read once per group).
   candidates  with a SparseCache (two-stage selection, below): candidate tokens per KV head as a multiple of
            the slots kept (default 4; whole pages, so rounded up; at least the slots).
+  min_cache_mib  a speed gate: FASA runs only where this layer's K and V (the whole batch, at the cache's
+           capacity) hold at least this many MiB; below it the selection's fixed cost (~60-80 us a layer on an
+           H100) exceeds what dense decode spends reading K/V, so exact attention runs, with the reason in the
+           Report (0: no gate, the default; BENCHMARKS.md gives the measured crossover).
   mismatch "rule": a layer whose calibrated chunks do not fit the site (another model: layer count, head
            count, chunk index >= D/2) uses the model-agnostic rule, so a policy calibrated on one model runs
            on any; "dense": such a layer runs exact attention, with the reason in the Report.
@@ -115,6 +119,9 @@ class FasaParams(MethodParams):
     candidates: float = param(4.0, type=(int, float), range=(1.0, 1 << 20),
                               help="SparseCache two-stage selection: candidate tokens per KV head, a multiple "
                                    "of the slots kept (whole pages)")
+    min_cache_mib: float = param(0.0, type=(int, float), range=(0.0, float(1 << 30)),
+                                 help="speed gate: run only where the layer's K+V (batch, cache capacity) hold "
+                                      ">= this many MiB (0: always; smaller caches decode faster dense)")
     mismatch: str = param("rule", choices=("rule", "dense"),
                           help="a layer whose calibrated chunks do not fit the site (another model): the "
                                "model-agnostic rule, or exact attention with the reason in the Report")
@@ -172,12 +179,22 @@ def notes(site: SiteFacts, params: FasaParams) -> str | None:
     return f"{misfit}: the model-agnostic chunk rule runs instead (run `calibrate fasa` for this model)"
 
 
+def cache_mib(call: Any) -> float:
+    """MiB of K and V one decode call's dense attention reads: B x Hkv x Lk x 2 D elements of the call's dtype."""
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    return call.batch * call.num_kv_heads * call.kv_len * 2 * call.head_dim * itemsize / 2 ** 20
+
+
 def unsupported(call: Any, site: SiteFacts, params: FasaParams) -> str | None:
     """Why FASA does not run this call (the node then runs exact attention), or None."""
     if call.q_len != 1:
         return f"q_len {call.q_len} (FASA selects for one decode query)"
     if in_layers(site.layer, params.dense_layers):
         return f"layer {site.layer} is in dense_layers"
+    mib = cache_mib(call)
+    if mib < params.min_cache_mib:
+        return (f"K+V of this layer {mib:.1f} MiB < min_cache_mib {params.min_cache_mib:g}: "
+                "dense decode reads them faster than FASA selects")
     slots = row_slots(params, call.kv_len)
     if slots >= call.kv_len:
         return f"budget {params.budget} covers the cache length {call.kv_len}: every token is attended"
@@ -350,6 +367,9 @@ METHOD = Method(
                  BenchCase("decode", "generic:per_kv_head:cache16", GENERIC + (("gqa", "per_kv_head"),), page_size=16),
                  BenchCase("decode", "generic:per_kv_head:cache32", GENERIC + (("gqa", "per_kv_head"),), page_size=32),
                  BenchCase("decode", "generic:per_kv_head:pages32", GENERIC + (("gqa", "per_kv_head"),), page_size=32,
-                           dims_copy=False)),
+                           dims_copy=False),
+                 BenchCase("decode", "generic:per_kv_head:pages32:cand2", GENERIC + (("gqa", "per_kv_head"),
+                                                                                  ("candidates", 2.0)),
+                           page_size=32, dims_copy=False)),
     knobs=(Knob(("chunks",), "chunks", "decode"),),
 )
