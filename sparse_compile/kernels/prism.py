@@ -33,6 +33,11 @@ from torch import Tensor
 
 from sparse_compile.kernels.block_mask import MaskStructure, _cdiv, allowed_blocks
 from sparse_compile.kernels.device_constants import host_constant, on_device
+from sparse_compile.kernels.sampled_mass import (
+    sampled_block_mass,
+    sampled_block_mass_reference,
+    sampled_mass_unsupported,
+)
 
 __all__ = ["prism_select_triton", "reference", "select_blocks_reference", "vertical_blocks"]
 
@@ -770,8 +775,10 @@ def sampled_blocks(
     visible key attends to its visible keys (causal with the offset, window, key_valid) in float32; its
     probabilities summed per key block and over the block's samples give the block's mass row, which is
     renormalised over the block's allowed key blocks; the top-p (`top_p_blocks`, threshold in (0, 1)) is kept,
-    never a zero-mass block. The logits of one KV head's group are computed for as many query blocks at a time as
-    keep them under `chunk_bytes` (causal: only the keys up to the chunk's last sample). No host synchronisation.
+    never a zero-mass block. The mass is `kernels.sampled_mass`'s: its Triton kernel on CUDA (where it takes the
+    inputs), else its PyTorch reference, which computes the logits of one KV head's group for as many query blocks at
+    a time as keep them under `chunk_bytes` (causal: only the keys up to the chunk's last sample). No host
+    synchronisation.
     Returns the (B, Hm, nq, nk) bool block mask, Hm = Hkv if per_kv_head else H.
     """
     B, H, Lq, D = q.shape
@@ -783,30 +790,12 @@ def sampled_blocks(
     q_ok = query_valid(mask, kv_valid, Lq)
     pos, used = sample_positions(Lq, block_size, samples, dev)
     take = (used[None] & q_ok[:, pos]).to(torch.float32)  # (B, nq, s) weight of each sample
-    mass = torch.zeros(B, H, nq, nk, dtype=torch.float32, device=dev)
-    per_block = max(1, chunk_bytes // (4 * B * G * samples * Lk))
-    j = torch.arange(Lk, device=dev)
-    for m0 in range(0, nq, per_block):
-        m1 = min(nq, m0 + per_block)
-        rows = pos[m0:m1].reshape(-1)  # (R,) query indices
-        key_pos = rows[:, None] + mask.q_offset
-        hi = Lk
-        if mask.causal:  # keys past the chunk's last sample are never visible: skip them
-            hi = max(1, min(Lk, (min(m1 * block_size, Lq) - 1) + mask.q_offset + 1))
-        visible = torch.ones(rows.numel(), hi, dtype=torch.bool, device=dev)
-        if mask.causal:
-            visible &= j[None, :hi] <= key_pos
-        if mask.window:
-            visible &= j[None, :hi] > key_pos - mask.window
-        visible = visible[None] & kv_valid[:, None, :hi]  # (B, R, hi)
-        qs = q[:, :, rows].reshape(B, Hkv, G * rows.numel(), D).float()
-        for h in range(Hkv):
-            logits = torch.matmul(qs[:, h], k[:, h, :hi].float().transpose(-1, -2)) * scale  # (B, G*R, hi)
-            logits = logits.view(B, G, rows.numel(), hi).masked_fill(~visible[:, None], float("-inf"))
-            probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
-            probs = torch.nn.functional.pad(probs, (0, nk * block_size - hi)).view(B, G, rows.numel(), nk, block_size)
-            per_row = probs.sum(-1).view(B, G, m1 - m0, samples, nk) * take[:, None, m0:m1, :, None]
-            mass[:, h * G:(h + 1) * G, m0:m1] = per_row.sum(3)
+    kw = dict(block_size=block_size, scale=scale, q_offset=mask.q_offset, causal=mask.causal, window=mask.window,
+              key_valid=None if mask.key_valid is None else kv_valid)
+    if q.is_cuda and sampled_mass_unsupported(q, k, block_size) is None:
+        mass = sampled_block_mass(q, k, pos, take, **kw)  # (B, H, nq, nk) float32
+    else:
+        mass = sampled_block_mass_reference(q, k, pos, take, chunk_bytes=chunk_bytes, **kw)
     allowed = allowed_blocks(Lq, Lk, block_size, causal=mask.causal, q_offset=mask.q_offset, window=mask.window,
                              key_valid=kv_valid)[:, None]  # (B, 1, nq, nk)
     rows = mass * allowed
