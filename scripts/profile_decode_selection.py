@@ -7,10 +7,10 @@ Pieces (FASA generic rule: 64 dims per KV head, budget 2048 tokens, --factors x 
 recent 64):
   key_state:torch / key_state:triton    per-key state from the mask (visible_keys + cumsums vs kernels/key_state.py)
   bounds:sum                             page bounds, one row per KV head (kernels/page_select.page_bounds)
-  page_topk:torch / :triton / :radix / :packed   the kept pages per KV head (torch.topk vs kernels/topk_select.py's
-                                         bisection, radix and packed five-way kernels; :wN another warp count)
+  page_topk:torch / :triton / :radix     the kept pages per KV head (torch.topk vs kernels/topk_select.py's
+                                         bisection and radix kernels; :wN another warp count)
   cand_scores                            exact partial scores of the candidates (kernels/page_select)
-  final_topk:torch / :triton / :radix / :packed   2048 of the candidates per row (per KV head)
+  final_topk:torch / :triton / :radix    2048 of the candidates per row (per KV head)
   density:torch / :triton                the selection's decode density (kernels/kept_density.py)
   sparse_decode                          attention over 2048 tokens per KV head (kernels/sparse_decode)
   sdpa_cudnn                             dense decode over every key
@@ -77,7 +77,7 @@ def pieces(L: int, B: int, P: int, H: int = 32, Hkv: int = 8, D: int = 128, n: i
     chosen = topk_indices(scores, take).view(B, Hkv, take)
     sets = torch.topk(scores, take, dim=-1, sorted=False).indices.sort(-1).values
     overlap = min(float((topk_indices(scores, take, algorithm=a).sort(-1).values == sets).float().mean())
-                  for a in ("bisect", "radix", "packed"))
+                  for a in ("bisect", "radix"))
 
     add("key_state:torch", state_torch)
     add("key_state:triton", state_triton)
@@ -86,13 +86,9 @@ def pieces(L: int, B: int, P: int, H: int = 32, Hkv: int = 8, D: int = 128, n: i
     add("page_topk:triton", lambda: topk_indices(bounds, keep))
     add("cand_scores", lambda: candidate_scores(q, key_dims, head_dims, member, pages, state, P, per_kv_head=True))
     add("page_topk:radix", lambda: topk_indices(bounds, keep, algorithm="radix"))
-    add("page_topk:packed", lambda: topk_indices(bounds, keep, algorithm="packed"))
     add("final_topk:torch", lambda: torch.topk(scores, take, dim=-1, sorted=False).indices)
     add("final_topk:triton", lambda: topk_indices(scores, take))
     add("final_topk:radix", lambda: topk_indices(scores, take, algorithm="radix"))
-    add("final_topk:packed", lambda: topk_indices(scores, take, algorithm="packed"))
-    for warps in (4, 16):
-        add(f"final_topk:packed:w{warps}", lambda w=warps: topk_indices(scores, take, algorithm="packed", num_warps=w))
     for warps in (4, 16):
         add(f"final_topk:triton:w{warps}", lambda w=warps: topk_indices(scores, take, num_warps=w))
         add(f"final_topk:radix:w{warps}", lambda w=warps: topk_indices(scores, take, algorithm="radix", num_warps=w))

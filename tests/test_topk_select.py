@@ -32,7 +32,7 @@ def as_sets(idx: torch.Tensor, x: torch.Tensor) -> list[tuple[set[int], int]]:
     neg_inf=st.floats(0.0, 0.9),
     counts=st.booleans(),
     drop=st.booleans(),
-    algorithm=st.sampled_from(["bisect", "radix", "packed"]),
+    algorithm=st.sampled_from(["bisect", "radix"]),
     seed=st.integers(0, 10_000),
 )
 @settings(max_examples=examples(20), deadline=None)
@@ -54,7 +54,7 @@ def test_set_equals_torch_topk(rows, N, frac, neg_inf, counts, drop, algorithm, 
             assert torch.equal(chosen, chosen.sort().values) and chosen.unique().numel() == chosen.numel()
 
 
-@pytest.mark.parametrize("algorithm", ["bisect", "radix", "packed"])
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
 def test_ties_take_the_lowest_indices_and_nan_ranks_first(algorithm):
     x = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0],
                       [0.0, float("nan"), -0.0, float("inf"), -1.0, 0.0, 0.5]])
@@ -65,10 +65,10 @@ def test_ties_take_the_lowest_indices_and_nan_ranks_first(algorithm):
     assert got[1].tolist() == [0, 1, 3, 5, 6]  # +0.0 ranks above -0.0: the two +0.0s at 0 and 5
 
 
-@pytest.mark.parametrize("algorithm", ["bisect", "radix", "packed"])
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
 def test_longest_rows_with_ties_at_the_threshold(algorithm):
-    """Rows of MAX_N values drawn from few levels: counts reach MAX_N (the packed search's 16-bit fields must not
-    carry) and the k-th value is tied hundreds of times (the lowest indices of the tie are taken)."""
+    """Rows of MAX_N values drawn from few levels: counts reach MAX_N and the k-th value is tied hundreds of
+    times (the lowest indices of the tie are taken)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randint(-3, 4, (2, MAX_N), generator=gen).float()
     x[1] = 2.0  # one level: every count is MAX_N until the last step
@@ -81,7 +81,7 @@ def test_longest_rows_with_ties_at_the_threshold(algorithm):
             assert torch.equal(got[row], torch.cat([above, ties]).sort().values)
 
 
-@pytest.mark.parametrize("algorithm", ["bisect", "radix", "packed"])
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
 def test_every_slot_is_written(algorithm):
     x = torch.randn(3, 500)
     x[1, 10:] = float("-inf")
@@ -107,7 +107,7 @@ def test_bad_inputs_name_the_problem(bad, message):
         bad()
 
 
-@pytest.mark.parametrize("algorithm", ["bisect", "radix", "packed"])
+@pytest.mark.parametrize("algorithm", ["bisect", "radix"])
 @pytest.mark.parametrize("group", [1, 4])
 def test_tokens_are_written_instead_of_indices(algorithm, group):
     gen = torch.Generator().manual_seed(group)

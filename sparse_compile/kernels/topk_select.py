@@ -94,50 +94,6 @@ def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride
 
 
 @triton.jit
-def _topk_packed_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP,
-                        HAS_ROW_K: tl.constexpr, HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The same threshold as `_topk_indices_kernel`, searched five ways at a time: each step counts the codes >=
-    each of four thresholds spread over (lo, hi] in ONE block reduction (the four 0/1 indicators of an element
-    packed into 16-bit fields of one int64: a count is at most MAX_N = 2**14, so no field carries into the next)
-    and keeps the fifth of the interval where the count crosses k. The W-way search that held a (BLOCK_N, W)
-    comparison tensor spilled (KERNEL_NOTES.md); here every thread keeps one int64 per element."""
-    r = tl.program_id(0)
-    offs, in_row, x, code, k = _load_row(X, ROW_K, r, N, K, stride_x, HAS_ROW_K, BLOCK_N)
-    lo = tl.min(tl.where(in_row, code, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(tl.where(in_row, code, -2147483648), axis=0).to(tl.int64)
-    lo = tl.where(k == 0, hi, lo)  # k = 0: t = the largest code, and need = 0 takes no tie
-    # invariant: count(code >= lo) >= k and count(code >= hi + 1) < k; t0 <= t1 <= t2 <= t3 in (lo, hi]
-    while lo < hi:
-        span = hi - lo
-        t0 = lo + (span + 4) // 5
-        t1 = lo + (2 * span + 4) // 5
-        t2 = lo + (3 * span + 4) // 5
-        t3 = lo + (4 * span + 4) // 5
-        packed = (((code >= t0.to(tl.int32)).to(tl.int64)
-                   | ((code >= t1.to(tl.int32)).to(tl.int64) << 16)
-                   | ((code >= t2.to(tl.int32)).to(tl.int64) << 32)
-                   | ((code >= t3.to(tl.int32)).to(tl.int64) << 48)) * in_row.to(tl.int64))
-        total = tl.sum(packed, axis=0)
-        c0 = total & 0xFFFF
-        c1 = (total >> 16) & 0xFFFF
-        c2 = (total >> 32) & 0xFFFF
-        c3 = (total >> 48) & 0xFFFF
-        # the largest threshold still counting >= k raises lo; the smallest counting < k lowers hi
-        new_lo = tl.where(c3 >= k, t3, tl.where(c2 >= k, t2, tl.where(c1 >= k, t1, tl.where(c0 >= k, t0, lo))))
-        new_hi = tl.where(c0 < k, t0 - 1, tl.where(c1 < k, t1 - 1, tl.where(c2 < k, t2 - 1,
-                                                                           tl.where(c3 < k, t3 - 1, hi))))
-        # a threshold counting exactly k codes selects the same set as every t up to the largest such: stop there
-        found = (c0 == k) | (c1 == k) | (c2 == k) | (c3 == k)
-        exact = tl.where(c3 == k, t3, tl.where(c2 == k, t2, tl.where(c1 == k, t1, t0)))
-        lo = tl.where(found, exact, new_lo)
-        hi = tl.where(found, exact, new_hi)
-    t = lo.to(tl.int32)
-    _write_set(OUT, TOKENS, r, offs, x, (code > t) & in_row, (code == t) & in_row, k, K, stride_o, stride_t,
-               GROUP, HAS_TOKENS, DROP_NEG_INF, BLOCK_K)
-
-
-@triton.jit
 def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP,
                        HAS_ROW_K: tl.constexpr, HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -163,7 +119,7 @@ def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t
                GROUP, HAS_TOKENS, DROP_NEG_INF, BLOCK_K)
 
 
-ALGORITHMS = ("bisect", "radix", "packed")
+ALGORITHMS = ("bisect", "radix")
 
 
 def _interpreting() -> bool:
@@ -192,9 +148,8 @@ def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tens
     impl: "auto" (Triton on CUDA for rows of at most MAX_N, torch.topk otherwise), "triton" (CUDA or the
     interpreter), "reference". tokens: (R / g, N) int, what to write instead of the index: row r's slots hold
     tokens[r // g, index] (g = rows of x per row of tokens; -1 stays -1). algorithm: "bisect" (32 steps of a
-    compare and a block sum), "radix" (four 256-bin histograms) or "packed" (four thresholds per block sum, their
-    counts packed in one int64: ~log5 steps); num_warps: the launch's warps (None: by row length). (A W-way search
-    holding a (BLOCK_N, W) comparison tensor was measured slower than both: KERNEL_NOTES.md.)"""
+    compare and a block sum) or "radix" (four 256-bin histograms); num_warps: the launch's warps (None: by row
+    length). (A W-way search, W thresholds per block sum, was measured slower than both: KERNEL_NOTES.md.)"""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if impl not in ("auto", "triton", "reference"):
@@ -228,7 +183,7 @@ def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tens
     if tok.stride(-1) != 1:
         tok = tok.contiguous()
     block_n = triton.next_power_of_2(N)
-    kernel = {"bisect": _topk_indices_kernel, "radix": _topk_radix_kernel, "packed": _topk_packed_kernel}[algorithm]
+    kernel = _topk_indices_kernel if algorithm == "bisect" else _topk_radix_kernel
     kernel[(rows.shape[0],)](
         rows, out, rk, tok, N, k, rows.stride(0), out.stride(0), tok.stride(0), group,
         HAS_ROW_K=row_k is not None, HAS_TOKENS=tokens is not None, DROP_NEG_INF=drop_neg_inf,
