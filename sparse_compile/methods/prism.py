@@ -405,6 +405,9 @@ METHOD = Method(
                  BenchCase("prefill", "p0.97+vertical0.8", (("threshold_high", 0.97), ("threshold_low", 0.97),
                                                             ("vertical_threshold", 0.8))),
                  BenchCase("prefill", "sampled8p0.98", (("threshold_high", 0.0), ("threshold_low", 0.0),
-                                                        ("sampled_threshold", 0.98), ("sampled_queries", 8)))),
+                                                        ("sampled_threshold", 0.98), ("sampled_queries", 8))),
+                 # examples/prism_sampled.toml: 0.39 density at +0.26% on SmolLM2 8K (EVAL.md)
+                 BenchCase("prefill", "p0.9+sampled32p0.965", (("threshold_high", 0.9), ("threshold_low", 0.9),
+                                                               ("sampled_threshold", 0.965), ("sampled_queries", 32)))),
     knobs=(Knob(("threshold_high", "threshold_low"), "quality", "prefill"),),
 )
