@@ -35,7 +35,7 @@ Chunks, the scoring rule, ties and the CUDA path are in kernels/fasa.py. Paramet
   min_cache_mib  a speed gate: FASA runs only where this layer's K and V (the whole batch, at the cache's
            capacity) hold at least this many MiB; below it the selection's fixed cost (~60-80 us a layer on an
            H100) exceeds what dense decode spends reading K/V, so exact attention runs, with the reason in the
-           Report (0: no gate, the default; BENCHMARKS.md gives the measured crossover).
+           Report (0: no gate, the default; the crossover on an H100 is not measured yet, DECODE_NOTES.md).
   mismatch "rule": a layer whose calibrated chunks do not fit the site (another model: layer count, head
            count, chunk index >= D/2) uses the model-agnostic rule, so a policy calibrated on one model runs
            on any; "dense": such a layer runs exact attention, with the reason in the Report.
@@ -194,7 +194,7 @@ def unsupported(call: Any, site: SiteFacts, params: FasaParams) -> str | None:
     mib = cache_mib(call)
     if mib < params.min_cache_mib:
         return (f"K+V of this layer {mib:.1f} MiB < min_cache_mib {params.min_cache_mib:g}: "
-                "dense decode reads them faster than FASA selects")
+                "the policy's speed gate")
     slots = row_slots(params, call.kv_len)
     if slots >= call.kv_len:
         return f"budget {params.budget} covers the cache length {call.kv_len}: every token is attended"
