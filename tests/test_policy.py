@@ -148,8 +148,9 @@ def test_example_policy_files_validate():
     assert files, "examples/ ships at least one policy file"
     for path in files:
         policy = load_policy(path)
-        assert policy.prefill.method in ("dense", "prism")
-        assert policy.prefill.for_layer(0)[0] == "dense"  # the example keeps the first layers dense
+        assert policy.prefill.method in ("dense", "prism"), path.name
+    first_dense = load_policy(files[0].parent / "prism_dense_first_layers.toml")
+    assert first_dense.prefill.for_layer(0)[0] == "dense" and first_dense.prefill.for_layer(8)[0] == "prism"
 
 
 # --- shipped policies say what they are ----------------------------------------------------------
