@@ -370,6 +370,9 @@ METHOD = Method(
                            dims_copy=False),
                  BenchCase("decode", "generic:per_kv_head:pages32:cand2", GENERIC + (("gqa", "per_kv_head"),
                                                                                   ("candidates", 2.0)),
+                           page_size=32, dims_copy=False),
+                 BenchCase("decode", "generic:per_kv_head:pages32:cand3", GENERIC + (("gqa", "per_kv_head"),
+                                                                                  ("candidates", 3.0)),
                            page_size=32, dims_copy=False)),
     knobs=(Knob(("chunks",), "chunks", "decode"),),
 )
