@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import torch
 import triton
@@ -57,7 +56,7 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 from sparse_compile.kernels.block_mask import BlockList, _cdiv
-from sparse_compile.kernels.limits import KERNEL_DTYPES
+from sparse_compile.kernels.limits import KERNEL_DTYPES, triton_interpreting
 
 _SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max init: fully masked chunks then give p = 0, alpha = 1, no NaN
@@ -455,10 +454,6 @@ def nonfinite_keys(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return bad, any_bad
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "NONFINITE", "GQA_PACK")
 _MAX_SHARED_MEM: dict[int, int] = {}  # CUDA device index -> opt-in shared memory per block, bytes
 
@@ -699,7 +694,7 @@ def block_sparse_attention(
     Hm, q_off = _check_inputs(q, k, v, kv_num_blocks, kv_indices, block_size, q_offset, window, key_valid,
                               kv_order, validate)
     use_triton = impl == "triton" or (impl == "auto" and q.is_cuda)
-    if use_triton and not (q.is_cuda or _interpreting()):
+    if use_triton and not (q.is_cuda or triton_interpreting()):
         raise ValueError("impl='triton' needs CUDA tensors or TRITON_INTERPRET=1")
     if use_triton and q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the Triton kernel takes float16/bfloat16/float32, got {q.dtype}")

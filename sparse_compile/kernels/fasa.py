@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -42,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparse_compile.kernels.device_constants import host_constant, on_device
+from sparse_compile.kernels.limits import triton_interpreting
 
 LAYOUTS = ("rotate_half", "interleaved", "adjacent")
 INVISIBLE, VISIBLE, FORCED = 0, 1, 2  # the per-key state vector
@@ -193,10 +193,6 @@ def _fasa_scores_kernel(
                  mask=n_ok[:, None] & g_ok[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def visible_range(kv_len: int, causal: bool, q_offset: int, window: int) -> tuple[int, int]:
     """(first, last) visible key of the one decode query without padding (last < first: none)."""
     hi = min(kv_len - 1, q_offset) if causal else kv_len - 1
@@ -220,7 +216,7 @@ def fasa_scores(q: Tensor, k: Tensor, segs: Tensor, member: Tensor, *, per_kv_he
         raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)}: expected (B, H, 1, D) / (B, Hkv, Lk, D)")
     if tuple(segs.shape[:1]) != (Hkv,) or tuple(member.shape) != (H, D):
         raise ValueError(f"segs {tuple(segs.shape)} / member {tuple(member.shape)} do not fit H={H}, Hkv={Hkv}, D={D}")
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or triton_interpreting()):
         raise ValueError("fasa_scores needs CUDA tensors or TRITON_INTERPRET=1 (use fasa_scores_reference)")
     q_offset = Lk - 1 if q_offset is None else int(q_offset)
     S = Hkv if per_kv_head else H

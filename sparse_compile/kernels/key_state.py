@@ -13,14 +13,13 @@ block the state from the counts of the blocks before it (a prefix over at most L
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from sparse_compile.kernels.fasa import key_state
+from sparse_compile.kernels.limits import triton_interpreting
 
 BLOCK = 1024  # keys per program
 MAX_BLOCKS = 4096  # 4M keys: the counts of a row fit one program's registers
@@ -66,10 +65,6 @@ def _key_state_kernel(VALID, COUNTS, STATE, NVIS, Lk, q_pos, window, sink, recen
         tl.store(NVIS + b, total)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def key_state_from_mask(batch: int, kv_len: int, *, q_pos: int, causal: bool = True, window: int = 0,
                         key_valid: Tensor | None = None, sink: int = 0, recent: int = 0,
                         device: torch.device | str | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
@@ -94,7 +89,7 @@ def key_state_from_mask(batch: int, kv_len: int, *, q_pos: int, causal: bool = T
             raise ValueError(f"kv_len {kv_len} exceeds the kernel's {MAX_BLOCKS * BLOCK} keys")
         return key_state_from_mask_reference(batch, kv_len, q_pos=q_pos, causal=causal, window=window,
                                              key_valid=key_valid, sink=sink, recent=recent, device=device)
-    if not (device.type == "cuda" or _interpreting()):
+    if not (device.type == "cuda" or triton_interpreting()):
         raise ValueError(f"the Triton key state needs CUDA or TRITON_INTERPRET=1, got {device}")
     state = torch.empty(batch, kv_len, dtype=torch.int8, device=device)
     n_visible = torch.empty(batch, dtype=torch.int32, device=device)

@@ -64,7 +64,6 @@ from `visible` with kernels.fasa.key_state costs ~15 small PyTorch launches at (
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -74,7 +73,7 @@ from torch import Tensor
 
 from sparse_compile.kernels.fasa import key_state
 from sparse_compile.kernels.lessismore import decode_logits_reference, select_from_logits
-from sparse_compile.kernels.limits import kernel_unsupported
+from sparse_compile.kernels.limits import kernel_unsupported, triton_interpreting
 from sparse_compile.kernels.sparse_decode import (
     _combine_kernel,
     default_splits,
@@ -454,10 +453,6 @@ class SelectRun(NamedTuple):
     head_top: Tensor
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, state: Tensor | None, scale: float,
                  n_sink: int, middle: int, n_recent: int) -> None:
     """Raise ValueError naming the argument when shapes, dtypes, devices or counts do not fit (no device sync)."""
@@ -519,7 +514,7 @@ def select_triton(q: Tensor, k: Tensor, v: Tensor, state: Tensor, scale: float, 
     once (a power of two; smaller values exercise the multi-block loops); launch: optional (BLOCK_N, num_warps,
     num_stages) of the attention pass (benchmarks); poison: fill every intermediate buffer with garbage first
     (tests)."""
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or triton_interpreting()):
         raise ValueError("the Triton path needs CUDA tensors or TRITON_INTERPRET=1")
     B, H, _, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]

@@ -28,12 +28,12 @@ same math in float32 or float64) are what the kernels must equal.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from sparse_compile.kernels.limits import triton_interpreting
 
 REDUCE_MODES = ("none", "sum", "max")
 PAGE_SIZES = (16, 32, 64)
@@ -114,16 +114,12 @@ def _page_bounds_kernel(
         tl.store(OUT + b * stride_ob + hkv * stride_oh + offs_p * stride_op, total, mask=p_ok)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check_device(*tensors: Tensor, what: str) -> None:
     device = tensors[0].device
     for t in tensors:
         if t.device != device:
             raise ValueError(f"{what}: every tensor must be on {device}, got one on {t.device}")
-    if not (device.type == "cuda" or _interpreting()):
+    if not (device.type == "cuda" or triton_interpreting()):
         raise ValueError(f"{what} needs CUDA tensors or TRITON_INTERPRET=1 (the PyTorch path is "
                          f"methods/two_stage.py); got {device}")
 

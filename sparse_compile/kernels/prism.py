@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -33,6 +32,7 @@ from torch import Tensor
 
 from sparse_compile.kernels.block_mask import MaskStructure, _cdiv, allowed_blocks
 from sparse_compile.kernels.device_constants import host_constant, on_device
+from sparse_compile.kernels.limits import triton_interpreting
 from sparse_compile.kernels.sampled_mass import (
     sampled_block_mass,
     sampled_block_mass_reference,
@@ -372,7 +372,7 @@ def _check_inputs(q: Tensor, k: Tensor, high_idx: Tensor, low_idx: Tensor, mask:
         raise ValueError(f"q/k dtype must be one of float16/bfloat16/float32 and equal; got {q.dtype}/{k.dtype}")
     if k.device != q.device:
         raise ValueError(f"q is on {q.device} but k is on {k.device}")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not triton_interpreting():
         raise ValueError(f"prism_select_triton needs CUDA tensors (got {q.device}); use the reference on CPU")
     if block_size < 2 or block_size & (block_size - 1) or block_size > 256:
         raise ValueError(f"block_size must be a power of two in [2, 256], got {block_size}")

@@ -27,7 +27,6 @@ same math in PyTorch, float32, a chunk of query blocks at a time. Prediction and
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -35,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparse_compile.kernels.block_mask import _cdiv
-from sparse_compile.kernels.limits import MAX_HEAD_DIM
+from sparse_compile.kernels.limits import MAX_HEAD_DIM, triton_interpreting
 
 __all__ = ["sampled_block_mass", "sampled_block_mass_reference", "sampled_mass_unsupported"]
 
@@ -181,10 +180,6 @@ def _sampled_mass_kernel(
         z0 += ZB
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def sampled_mass_unsupported(q: Tensor, k: Tensor, block_size: int) -> str | None:
     """Why `sampled_block_mass` cannot take q, k and block_size (the caller then runs the reference), or None.
     Looks at shapes, dtypes and devices only (no host sync)."""
@@ -204,7 +199,7 @@ def sampled_mass_unsupported(q: Tensor, k: Tensor, block_size: int) -> str | Non
         return f"q/k dtype must be one of float16/bfloat16/float32 and equal; got {q.dtype}/{k.dtype}"
     if k.device != q.device:
         return f"q is on {q.device} but k is on {k.device}"
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not triton_interpreting():
         return f"the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1 (got {q.device})"
     if block_size not in BLOCK_SIZES:
         return f"block_size must be one of {BLOCK_SIZES}, got {block_size}"

@@ -45,14 +45,13 @@ otherwise it writes a partial (max, sum, acc) and `_combine_kernel` merges the s
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparse_compile.kernels.limits import MAX_HEAD_DIM, kernel_unsupported  # noqa: F401 - re-exported
+from sparse_compile.kernels.limits import MAX_HEAD_DIM, kernel_unsupported, triton_interpreting  # noqa: F401 - re-exported
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 LOG2E = 1.4426950408889634
@@ -243,10 +242,6 @@ def _combine_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -338,7 +333,7 @@ def sparse_decode_attention(
     if not use_triton:
         res = sparse_decode_reference(q, k, v, indices, counts, scale=scale, key_valid=key_valid)
         return res if out is None else out.copy_(res)
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or triton_interpreting()):
         raise ValueError("impl='triton' needs CUDA tensors or TRITON_INTERPRET=1")
     limit = kernel_unsupported(D, q.dtype)
     if limit:

@@ -20,12 +20,12 @@ sum is enough. Longer rows fall back to torch.topk (`topk_indices_reference`, wh
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from sparse_compile.kernels.limits import triton_interpreting
 
 MAX_N = 16384  # the longest row one program holds in registers
 
@@ -122,10 +122,6 @@ def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t
 ALGORITHMS = ("bisect", "radix")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def check_topk_inputs(x: Tensor, k: int, row_k: Tensor | None) -> None:
     """ValueError naming the problem when the inputs do not fit."""
     if x.dim() < 1 or x.dtype not in (torch.float32, torch.float64):
@@ -165,7 +161,7 @@ def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tens
         if tokens.dtype.is_floating_point or tokens.device != x.device:
             raise ValueError(f"tokens must be an integer tensor on {x.device}, got {tokens.dtype} on {tokens.device}")
         group = R // (tokens.numel() // N)
-    triton_ok = N <= MAX_N and (x.is_cuda or _interpreting()) and x.dtype == torch.float32
+    triton_ok = N <= MAX_N and (x.is_cuda or triton_interpreting()) and x.dtype == torch.float32
     if impl == "reference" or (impl == "auto" and not triton_ok):
         return topk_indices_reference(x, k, row_k=row_k, tokens=tokens, drop_neg_inf=drop_neg_inf)
     if not triton_ok:
