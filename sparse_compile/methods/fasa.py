@@ -181,8 +181,7 @@ def notes(site: SiteFacts, params: FasaParams) -> str | None:
 
 def cache_mib(call: Any) -> float:
     """MiB of K and V one decode call's dense attention reads: B x Hkv x Lk x 2 D elements of the call's dtype."""
-    itemsize = torch.empty((), dtype=call.dtype).element_size()
-    return call.batch * call.num_kv_heads * call.kv_len * 2 * call.head_dim * itemsize / 2 ** 20
+    return call.batch * call.num_kv_heads * call.kv_len * 2 * call.head_dim * call.dtype.itemsize / 2 ** 20
 
 
 def unsupported(call: Any, site: SiteFacts, params: FasaParams) -> str | None:
