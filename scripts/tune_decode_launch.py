@@ -46,10 +46,11 @@ def sweep_decode(L: int, B: int, rep_ms: float, H: int = 32, Hkv: int = 8, D: in
     ref = sparse_decode_reference(q, k, v, idx).float()
     rows = [{"piece": "sparse_decode", "setting": "default", "us": per_call_us(
         lambda: sparse_decode_attention(q, k, v, idx), rep_ms)}]
-    for block_n, warps, stages, splits in itertools.product((32, 64, 128), (2, 4, 8), (1, 2), (8, 16, 32, 64)):
+    for block_n, warps, stages, early, splits in itertools.product((32, 64, 128), (2, 4, 8), (1, 2), (0, 1),
+                                                                    (8, 16, 32, 64)):
         if budget // splits < block_n:
             continue
-        launch = (block_n, warps, stages)
+        launch = (block_n, warps, stages, early)
         try:
             out = sparse_decode_attention(q, k, v, idx, launch=launch, num_splits=splits)
         except Exception as err:
@@ -59,7 +60,7 @@ def sweep_decode(L: int, B: int, rep_ms: float, H: int = 32, Hkv: int = 8, D: in
         if not err < 2e-2:
             rows.append({"piece": "sparse_decode", "setting": f"{launch} s{splits}", "us": f"wrong: max err {err}"})
             continue
-        rows.append({"piece": "sparse_decode", "setting": f"bn{block_n} w{warps} st{stages} s{splits}",
+        rows.append({"piece": "sparse_decode", "setting": f"bn{block_n} w{warps} st{stages} ev{early} s{splits}",
                      "us": per_call_us(lambda la=launch, s=splits: sparse_decode_attention(
                          q, k, v, idx, launch=la, num_splits=s), rep_ms), "max_err": err})
 

@@ -102,6 +102,18 @@ def test_gqa_layouts_agree_when_the_sets_agree():
     torch.testing.assert_close(c, d, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("early_v", [False, True])
+def test_launch_override_and_early_v_gather_give_the_same_output(early_v):
+    """The launch override (benchmarks sweep it) with V gathered right after K, or after the scores, equals the
+    reference: the order of the two gathers changes only when the loads are issued."""
+    B, H, Hkv, D, Lk, N = 2, 8, 2, 64, 90, 40
+    q, k, v, idx, counts, key_valid = make(B, H, Hkv, Hkv, D, Lk, N, True, 30, torch.float32, 11)
+    want = sparse_decode_reference(q, k, v, idx, counts, key_valid=key_valid)
+    got = sparse_decode_attention(q, k, v, idx, counts, key_valid=key_valid, impl="triton", num_splits=2,
+                                  launch=(16, 4, 1, early_v))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_every_key_listed_equals_dense_decode():
     B, H, Hkv, D, Lk = 1, 4, 1, 128, 77
     q, k, v, _, _, _ = make(B, H, Hkv, 1, D, Lk, 1, False, 0, torch.float32, 3)

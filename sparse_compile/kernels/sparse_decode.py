@@ -62,6 +62,7 @@ def _decode_block(
     start, acc, l_i, m_i, seen, bad, q, offs_n, offs_d, idx_base, split_end, n_listed,
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, valid_base, stride_vln, qk_scale, kv_len,
     HEAD_DIM: tl.constexpr, HAS_VALID: tl.constexpr, IEEE_DOT: tl.constexpr, EVERY_KEY: tl.constexpr,
+    EARLY_V: tl.constexpr,
 ):
     """One BLOCK_N chunk of slots: returns the updated (acc, l_i, m_i, seen, bad).
 
@@ -82,6 +83,8 @@ def _decode_block(
     load_mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     # 2. gather K rows; S = q K^T for the program's heads (uncounted slots load as zeros, masked to -inf)
     k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=load_mask, other=0.0)
+    if EARLY_V:  # both gathers in flight before the dot waits on K (a loop of one chunk cannot pipeline them)
+        v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=load_mask, other=0.0)
     if IEEE_DOT:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -96,7 +99,8 @@ def _decode_block(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     # 4. gather V rows, acc = acc * alpha + P V
-    v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=load_mask, other=0.0)
+    if not EARLY_V:
+        v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=load_mask, other=0.0)
     if IEEE_DOT:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     else:
@@ -143,7 +147,7 @@ def _sparse_decode_kernel(
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_COUNTS: tl.constexpr, HAS_VALID: tl.constexpr, ONE_SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr,
-    EVERY_KEY: tl.constexpr, INTERPRET: tl.constexpr,
+    EVERY_KEY: tl.constexpr, EARLY_V: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     split = tl.program_id(0)
     p = tl.program_id(1)
@@ -186,14 +190,14 @@ def _sparse_decode_kernel(
             acc, l_i, m_i, seen, bad = _decode_block(
                 start, acc, l_i, m_i, seen, bad, q, offs_n, offs_d, idx_base, split_end, n_listed,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, valid_base, stride_vln, qk_scale,
-                kv_len, HEAD_DIM, HAS_VALID, IEEE_DOT, EVERY_KEY)
+                kv_len, HEAD_DIM, HAS_VALID, IEEE_DOT, EVERY_KEY, EARLY_V)
             start += BLOCK_N
     else:
         for start in range(split_start, stop, BLOCK_N):
             acc, l_i, m_i, seen, bad = _decode_block(
                 start, acc, l_i, m_i, seen, bad, q, offs_n, offs_d, idx_base, split_end, n_listed,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, valid_base, stride_vln, qk_scale,
-                kv_len, HEAD_DIM, HAS_VALID, IEEE_DOT, EVERY_KEY)
+                kv_len, HEAD_DIM, HAS_VALID, IEEE_DOT, EVERY_KEY, EARLY_V)
 
     # 3. poisoned heads: a counted non-finite key (K via its logit, V via acc), or a non-finite q that sees
     # some key
@@ -309,12 +313,13 @@ def sparse_decode_attention(
     impl: str = "auto",
     num_splits: int | None = None,
     out: Tensor | None = None,
-    launch: tuple[int, int, int] | None = None,
+    launch: tuple[int, ...] | None = None,
 ) -> Tensor:
     """Attention of one query token per head over the listed keys (module docstring: shapes, semantics).
 
     out: optional (B, H, 1, D) buffer in q's dtype on q's device (written and returned).
-    launch: optional (BLOCK_N, num_warps, num_stages) override of the launch config (benchmarks).
+    launch: optional (BLOCK_N, num_warps, num_stages[, early_v]) override of the launch config (benchmarks;
+    early_v: gather a chunk's V rows right after its K rows instead of after the scores).
     Returns (B, H, 1, D) in q's dtype."""
     every_key = indices is None
     if every_key:
@@ -353,8 +358,10 @@ def sparse_decode_attention(
         BLOCK_N, num_stages, per_sm = 128, 2, 4
     if not q.is_cuda:
         BLOCK_N = 16
+    early_v = False
     if launch is not None:
-        BLOCK_N, num_warps, num_stages = launch
+        BLOCK_N, num_warps, num_stages = launch[:3]
+        early_v = bool(launch[3]) if len(launch) > 3 else False
     if num_splits is None:
         num_splits = default_splits(B, P, N, BLOCK_N, q.device, per_sm)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
@@ -387,7 +394,8 @@ def sparse_decode_attention(
         *m_part.stride(), *acc_part.stride(),
         H=H, HKV=Hkv, G=G, P=P, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
         HAS_COUNTS=counts is not None, HAS_VALID=key_valid is not None, ONE_SPLIT=one,
-        IEEE_DOT=q.dtype == torch.float32, EVERY_KEY=every_key, INTERPRET=not q.is_cuda, num_warps=num_warps,
+        IEEE_DOT=q.dtype == torch.float32, EVERY_KEY=every_key, EARLY_V=early_v, INTERPRET=not q.is_cuda,
+        num_warps=num_warps,
         num_stages=num_stages,
     )
     if not one:
