@@ -122,3 +122,51 @@ def test_tokens_are_written_instead_of_indices(algorithm, group):
     assert torch.equal(got, torch.where(idx < 0, -1, mapped))
     assert [sorted(r.tolist()) for r in got.view(-1, 120)] == [sorted(r.tolist()) for r in ref.view(-1, 120)]
 
+
+
+@given(
+    B=st.integers(1, 3),
+    S=st.sampled_from([1, 2, 4]),
+    heads_per_row=st.sampled_from([1, 3, 4]),
+    N=st.integers(1, 300),
+    frac=st.floats(0.0, 1.0),
+    neg_inf=st.floats(0.0, 0.9),
+    counts=st.booleans(),
+    use_tokens=st.booleans(),
+    algorithm=st.sampled_from(["bisect", "radix"]),
+    seed=st.integers(0, 10_000),
+)
+@settings(max_examples=examples(12), deadline=None)
+def test_fused_density_equals_kept_density_of_the_result(B, S, heads_per_row, N, frac, neg_inf, counts, use_tokens,
+                                                         algorithm, seed):
+    """The density the top-k writes in its own launch is kernels.kept_density of the indices it returns: filled
+    slots (index >= 0, -1 tokens included) over the batch row's visible keys, for each query head of the row."""
+    from sparse_compile.kernels.kept_density import kept_density_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    k = min(N, int(frac * N))
+    x = torch.randn(B, S, N, generator=gen)
+    x[torch.rand(B, S, N, generator=gen) < neg_inf] = float("-inf")
+    row_k = torch.randint(0, k + 3, (B, S), generator=gen) if counts else None
+    tokens = None
+    if use_tokens:  # candidates' token ids per score row, some -1 (a candidate past the cache)
+        tokens = torch.randint(-1, 5 * N, (B * S, N), generator=gen)
+    n_visible = torch.randint(0, 2 * N, (B,), generator=gen, dtype=torch.int32)
+    H = S * heads_per_row
+    for impl in ("triton", "reference"):
+        density = torch.full((B, H), float("nan"))
+        idx = topk_indices(x, k, row_k=row_k, tokens=tokens, impl=impl, algorithm=algorithm,
+                           density_out=density, n_visible=n_visible)
+        assert torch.equal(density, kept_density_reference(idx, n_visible, H)), impl
+
+
+def test_fused_density_bad_inputs_name_the_problem():
+    x = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match="both or neither"):
+        topk_indices(x, 4, impl="triton", density_out=torch.empty(2, 8))
+    with pytest.raises(ValueError, match="batch rows"):
+        topk_indices(x, 4, impl="triton", density_out=torch.empty(3, 8), n_visible=torch.ones(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="density_out must be"):
+        topk_indices(x, 4, impl="triton", density_out=torch.empty(2, 6), n_visible=torch.ones(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="n_visible must be"):
+        topk_indices(x, 4, impl="triton", density_out=torch.empty(2, 8), n_visible=torch.ones(2))

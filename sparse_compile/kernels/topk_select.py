@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sparse_compile.kernels.kept_density import kept_density_reference
 from sparse_compile.kernels.limits import triton_interpreting
 
 MAX_N = 16384  # the longest row one program holds in registers
@@ -53,10 +54,12 @@ def _load_row(X, ROW_K, r, N, K, stride_x, HAS_ROW_K: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _write_set(OUT, TOKENS, r, offs, x, greater, equal, k, K, stride_o, stride_t, GROUP,
-               HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr, BLOCK_K: tl.constexpr):
+def _write_set(OUT, TOKENS, DENS, NVIS, r, offs, x, greater, equal, k, K, stride_o, stride_t, GROUP, ROWS_PER_B,
+               HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr, BLOCK_K: tl.constexpr,
+               HAS_DENSITY: tl.constexpr, HEADS_PER_ROW: tl.constexpr, BLOCK_HR: tl.constexpr):
     """Slots [0, k) of row r: the indices (or TOKENS' entries) of the values above the threshold and of the
-    lowest-indexed ties at it, in index order; slots [k, K): -1."""
+    lowest-indexed ties at it, in index order; slots [k, K): -1. With HAS_DENSITY, also the row's filled slots
+    (index >= 0) over its batch row's visible keys, for each of the HEADS_PER_ROW query heads sharing the row."""
     need = k - tl.sum(greater.to(tl.int32), axis=0)  # ties at the threshold: the lowest indices
     take = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
@@ -68,12 +71,19 @@ def _write_set(OUT, TOKENS, r, offs, x, greater, equal, k, K, stride_o, stride_t
     tl.store(OUT + r * stride_o + pos, index, mask=take)
     slot = tl.arange(0, BLOCK_K)
     tl.store(OUT + r * stride_o + slot, tl.full([BLOCK_K], -1, tl.int64), mask=(slot >= k) & (slot < K))
+    if HAS_DENSITY:
+        filled = tl.sum((take & (index >= 0)).to(tl.float32), axis=0)
+        density = filled / tl.maximum(tl.load(NVIS + r // ROWS_PER_B).to(tl.float32), 1.0)
+        heads = tl.arange(0, BLOCK_HR)
+        tl.store(DENS + r * HEADS_PER_ROW + heads, tl.full([BLOCK_HR], 0.0, tl.float32) + density,
+                 mask=heads < HEADS_PER_ROW)
 
 
 @triton.jit
-def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP,
+def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP, DENS, NVIS, ROWS_PER_B,
                          HAS_ROW_K: tl.constexpr, HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         HAS_DENSITY: tl.constexpr, HEADS_PER_ROW: tl.constexpr, BLOCK_HR: tl.constexpr):
     r = tl.program_id(0)
     offs, in_row, x, code, k = _load_row(X, ROW_K, r, N, K, stride_x, HAS_ROW_K, BLOCK_N)
     # a t with count(code >= t) >= k and count(code > t) < k, searched between the row's smallest and largest
@@ -89,14 +99,15 @@ def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride
         lo = tl.where(ok, mid, lo)
         hi = tl.where(count == k, mid, tl.where(ok, hi, mid - 1))
     t = lo.to(tl.int32)
-    _write_set(OUT, TOKENS, r, offs, x, (code > t) & in_row, (code == t) & in_row, k, K, stride_o, stride_t,
-               GROUP, HAS_TOKENS, DROP_NEG_INF, BLOCK_K)
+    _write_set(OUT, TOKENS, DENS, NVIS, r, offs, x, (code > t) & in_row, (code == t) & in_row, k, K, stride_o,
+               stride_t, GROUP, ROWS_PER_B, HAS_TOKENS, DROP_NEG_INF, BLOCK_K, HAS_DENSITY, HEADS_PER_ROW, BLOCK_HR)
 
 
 @triton.jit
-def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP,
+def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t, GROUP, DENS, NVIS, ROWS_PER_B,
                        HAS_ROW_K: tl.constexpr, HAS_TOKENS: tl.constexpr, DROP_NEG_INF: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HAS_DENSITY: tl.constexpr, HEADS_PER_ROW: tl.constexpr, BLOCK_HR: tl.constexpr):
     """The same threshold as `_topk_indices_kernel`, found 8 bits at a time: four 256-bin histograms of the
     codes that still match the threshold's high bits, instead of 32 bisection steps."""
     r = tl.program_id(0)
@@ -115,8 +126,8 @@ def _topk_radix_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride_t
         match = match & (digit == d)
         t = t | (d.to(tl.uint32) << (24 - 8 * p))
     t = tl.where(k > 0, t, 4294967295)  # k = 0: nothing is above the threshold (and need = 0 takes no tie)
-    _write_set(OUT, TOKENS, r, offs, x, (ucode > t) & in_row, (ucode == t) & in_row, k, K, stride_o, stride_t,
-               GROUP, HAS_TOKENS, DROP_NEG_INF, BLOCK_K)
+    _write_set(OUT, TOKENS, DENS, NVIS, r, offs, x, (ucode > t) & in_row, (ucode == t) & in_row, k, K, stride_o,
+               stride_t, GROUP, ROWS_PER_B, HAS_TOKENS, DROP_NEG_INF, BLOCK_K, HAS_DENSITY, HEADS_PER_ROW, BLOCK_HR)
 
 
 ALGORITHMS = ("bisect", "radix")
@@ -137,15 +148,44 @@ def check_topk_inputs(x: Tensor, k: int, row_k: Tensor | None) -> None:
             raise ValueError(f"row_k is on {row_k.device}, x on {x.device}")
 
 
+def check_density_inputs(x: Tensor, density_out: Tensor | None, n_visible: Tensor | None) -> int:
+    """The query heads per score row of `topk_indices`' fused density (1 without one); ValueError naming the
+    problem when density_out / n_visible do not fit x's rows."""
+    if density_out is None and n_visible is None:
+        return 1
+    if density_out is None or n_visible is None:
+        raise ValueError("density_out and n_visible go together: give both or neither")
+    R = x.numel() // max(x.shape[-1], 1)
+    if n_visible.dim() != 1 or n_visible.dtype.is_floating_point or n_visible.dtype == torch.bool:
+        raise ValueError(f"n_visible must be (B,) int, got {tuple(n_visible.shape)} {n_visible.dtype}")
+    B = n_visible.shape[0]
+    if B == 0 or R % B:
+        raise ValueError(f"x's {R} rows are not B = {B} batch rows of equally many score rows")
+    S = R // B
+    if (density_out.dim() != 2 or density_out.shape[0] != B or density_out.shape[1] % max(S, 1)
+            or density_out.dtype != torch.float32 or not density_out.is_contiguous()):
+        raise ValueError(f"density_out must be a contiguous (B={B}, H) float32 tensor with H a multiple of the "
+                         f"{S} score rows per batch row, got {tuple(density_out.shape)} {density_out.dtype}")
+    if not (density_out.device == n_visible.device == x.device):
+        raise ValueError(f"density_out ({density_out.device}), n_visible ({n_visible.device}) and x ({x.device}) "
+                         "must share a device")
+    return max(1, density_out.shape[1] // max(S, 1))
+
+
 def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tensor | None = None,
                  drop_neg_inf: bool = True, impl: str = "auto", algorithm: str = "bisect",
-                 num_warps: int | None = None) -> Tensor:
+                 num_warps: int | None = None, density_out: Tensor | None = None,
+                 n_visible: Tensor | None = None) -> Tensor:
     """The k largest of each row as a set (module docstring). x: (..., N) float32. Returns (..., k) int64.
     impl: "auto" (Triton on CUDA for rows of at most MAX_N, torch.topk otherwise), "triton" (CUDA or the
     interpreter), "reference". tokens: (R / g, N) int, what to write instead of the index: row r's slots hold
     tokens[r // g, index] (g = rows of x per row of tokens; -1 stays -1). algorithm: "bisect" (32 steps of a
     compare and a block sum) or "radix" (four 256-bin histograms); num_warps: the launch's warps (None: by row
-    length). (A W-way search, W thresholds per block sum, was measured slower than both: KERNEL_NOTES.md.)"""
+    length). (A W-way search, W thresholds per block sum, was measured slower than both: KERNEL_NOTES.md.)
+    density_out, n_visible: (B, H) float32 and (B,) int, both or neither: x's rows are B batch rows of S = R / B
+    score rows each, row s shared by query heads [s * H / S, (s + 1) * H / S); density_out[b, h] is written with
+    the filled slots (index >= 0) of h's row over max(n_visible[b], 1) - `kernels.kept_density` of the result,
+    in the same launch (the decode selection's density without a launch of its own)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if impl not in ("auto", "triton", "reference"):
@@ -161,9 +201,14 @@ def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tens
         if tokens.dtype.is_floating_point or tokens.device != x.device:
             raise ValueError(f"tokens must be an integer tensor on {x.device}, got {tokens.dtype} on {tokens.device}")
         group = R // (tokens.numel() // N)
+    heads_per_row = check_density_inputs(x, density_out, n_visible)
     triton_ok = N <= MAX_N and (x.is_cuda or triton_interpreting()) and x.dtype == torch.float32
     if impl == "reference" or (impl == "auto" and not triton_ok):
-        return topk_indices_reference(x, k, row_k=row_k, tokens=tokens, drop_neg_inf=drop_neg_inf)
+        idx = topk_indices_reference(x, k, row_k=row_k, tokens=tokens, drop_neg_inf=drop_neg_inf)
+        if density_out is not None:
+            B = n_visible.shape[0]
+            density_out.copy_(kept_density_reference(idx.reshape(B, R // B, k), n_visible, density_out.shape[1]))
+        return idx
     if not triton_ok:
         raise ValueError(f"the Triton top-k needs float32 rows of at most {MAX_N} (got {N}, {x.dtype}) on CUDA or "
                          f"under TRITON_INTERPRET=1 (got {x.device})")
@@ -172,7 +217,11 @@ def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tens
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=x.device)
-    if rows.shape[0] == 0 or k == 0:
+    if rows.shape[0] == 0:
+        return out.view(*lead, k)
+    if k == 0:
+        if density_out is not None:
+            density_out.zero_()
         return out.view(*lead, k)
     rk = row_k.reshape(-1).contiguous() if row_k is not None else out
     tok = tokens.reshape(-1, N) if tokens is not None else out
@@ -180,10 +229,14 @@ def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tens
         tok = tok.contiguous()
     block_n = triton.next_power_of_2(N)
     kernel = _topk_indices_kernel if algorithm == "bisect" else _topk_radix_kernel
+    dens = density_out if density_out is not None else out
+    nvis = n_visible.contiguous() if n_visible is not None else out
+    rows_per_b = rows.shape[0] // n_visible.shape[0] if n_visible is not None else 1
     kernel[(rows.shape[0],)](
-        rows, out, rk, tok, N, k, rows.stride(0), out.stride(0), tok.stride(0), group,
+        rows, out, rk, tok, N, k, rows.stride(0), out.stride(0), tok.stride(0), group, dens, nvis, rows_per_b,
         HAS_ROW_K=row_k is not None, HAS_TOKENS=tokens is not None, DROP_NEG_INF=drop_neg_inf,
-        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k),
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), HAS_DENSITY=density_out is not None,
+        HEADS_PER_ROW=heads_per_row, BLOCK_HR=triton.next_power_of_2(heads_per_row),
         num_warps=num_warps or (4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)))
     return out.view(*lead, k)
 
@@ -197,7 +250,7 @@ def topk_indices_reference(x: Tensor, k: int, *, row_k: Tensor | None = None, to
         N = x.shape[-1]
         rows = tokens.reshape(-1, N)
         group = (x.numel() // max(N, 1)) // rows.shape[0]
-        idx = rows.repeat_interleave(group, dim=0).gather(-1, idx.reshape(-1, k)).view(idx.shape)
+        idx = rows.repeat_interleave(group, dim=0).gather(-1, idx.reshape(rows.shape[0] * group, k)).view(idx.shape)
     if drop_neg_inf:
         idx = torch.where(values == float("-inf"), torch.full_like(idx, -1), idx)
     if row_k is not None:

@@ -314,9 +314,7 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
         member = site_member(params, site, H, Hkv, D, q.device)
         key_dims, dims = k, torch.arange(D, device=q.device).expand(Hkv, D)
     candidates = max(slots, math.ceil(params.candidates * slots))
-    idx = fasa_two_stage(q, key_dims, dims, member, cache.page_min, cache.page_max, state, slots, candidates,
-                         cache.page_size, sink=params.sink, recent=params.recent,
-                         per_kv_head=params.gqa == "per_kv_head", counts=counts, all_dims=all_dims)
+    host_density = None
     if mask.key_valid is None:  # visible keys [lo, hi]: is every slot's pick known to be finite?
         lo, hi = visible_range(Lk, mask.causal, mask.q_offset, mask.window)
         n_vis, P = max(0, hi - lo + 1), cache.page_size
@@ -324,9 +322,15 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
         keep = kept_pages(candidates, P, n_pages, params.sink, params.recent)
         # the kept pages are visible ones (invisible pages rank last); at most the first and the last are partial
         if keep >= n_pages or (keep - 2) * P + 2 >= slots:
-            value = min(slots, n_vis) / max(n_vis, 1)
-            return Selection(idx, torch.full((B, H), value, dtype=torch.float32, device=q.device))
-    return Selection(idx, kept_density(idx, n_visible, H))  # one launch on CUDA
+            host_density = min(slots, n_vis) / max(n_vis, 1)
+    density = None if host_density is not None else torch.empty(B, H, dtype=torch.float32, device=q.device)
+    idx = fasa_two_stage(q, key_dims, dims, member, cache.page_min, cache.page_max, state, slots, candidates,
+                         cache.page_size, sink=params.sink, recent=params.recent,
+                         per_kv_head=params.gqa == "per_kv_head", counts=counts, all_dims=all_dims,
+                         density_out=density, n_visible=None if density is None else n_visible)
+    if density is None:
+        density = torch.full((B, H), host_density, dtype=torch.float32, device=q.device)
+    return Selection(idx, density)  # the density from the final top-k's launch on CUDA
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,

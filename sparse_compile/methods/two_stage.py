@@ -115,7 +115,8 @@ def candidate_pages(bounds: Tensor, keep: int, impl: str = "reference") -> Tenso
 def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, page_min: Tensor, page_max: Tensor,
                    state: Tensor, slots: int, candidates: int, page_size: int, *, sink: int = 0, recent: int = 0,
                    per_kv_head: bool = False, bound_dims: str = "dominant", group: str = "union",
-                   counts: Tensor | None = None, impl: str = "auto", all_dims: bool = False) -> Tensor:
+                   counts: Tensor | None = None, impl: str = "auto", all_dims: bool = False,
+                   density_out: Tensor | None = None, n_visible: Tensor | None = None) -> Tensor:
     """FASA's selection with a page prefilter.
 
     q: (B, H, 1, D) post-RoPE; key_dims: (B, Hkv, Lk, n) K's dominant dims of each KV head (SparseCache);
@@ -137,6 +138,8 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     impl: "auto" (the Triton kernels of kernels/page_select.py on CUDA, PyTorch elsewhere), "triton", "reference".
     all_dims: the caller promises dims[g] = 0..D-1 for every KV head (key_dims is K itself: a pages-only cache), so
     member (H, D) already is each head's mask on the full head dim: no per-call scatter builds it.
+    density_out, n_visible: (B, H) float32 and (B,) int, or None: the final top-k also writes each query head's
+    kept / visible keys into density_out (`kernels.kept_density` of the result, no launch of its own on CUDA).
     Returns (B, S, slots) int64 token indices (S = Hkv if per_kv_head else H), -1 where the score is -inf."""
     B, H, _, D = q.shape
     Hkv, Lk, n = key_dims.shape[1], key_dims.shape[2], key_dims.shape[3]
@@ -199,7 +202,8 @@ def fasa_two_stage(q: Tensor, key_dims: Tensor, dims: Tensor, member: Tensor, pa
     scores = scores.reshape(B, S, C)
     take = min(slots, C)
     # the chosen candidates' token ids (score row (b, s) reads tokens[b, s // G']); -1: -inf or past counts
-    chosen = topk_indices(scores.contiguous(), take, row_k=counts, tokens=tokens, impl=topk_impl(q, impl))
+    chosen = topk_indices(scores.contiguous(), take, row_k=counts, tokens=tokens, impl=topk_impl(q, impl),
+                          density_out=density_out, n_visible=n_visible)
     if take < slots:
         chosen = torch.cat([chosen, chosen.new_full((B, S, slots - take), -1)], dim=-1)
     return chosen
