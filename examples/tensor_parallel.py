@@ -34,6 +34,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import sparse_compile
+from sparse_compile.cache import cache_kwargs, returned_cache
 
 # Each method with min_seq_len 0 and small blocks, so that it runs on the tiny model's short prompt.
 DEMO = {
@@ -128,7 +129,7 @@ def score(model, ids: torch.Tensor, prompt_len: int) -> tuple[list[torch.Tensor]
         # a fresh contiguous tensor, as generate() passes: a view's storage offset or stride would become a
         # symbolic input of the decode graph, which DTensor's sharding propagation cannot hash (torch 2.13)
         token = ids[:, t:t + 1].clone(memory_format=torch.contiguous_format)
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        out = model(token, **cache_kwargs(model, returned_cache(out)), use_cache=True)
         logits.append(out.logits[:, -1])
         nll.append(torch.nn.functional.cross_entropy(out.logits[0, -1:].float(), ids[0, t + 1:t + 2]))
     return logits, float(prompt_nll.exp()), float(torch.stack(nll).mean().exp())

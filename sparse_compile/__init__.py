@@ -4,7 +4,8 @@
     fast = torch.compile(model, backend=sparse_compile.backend(policy="prism"), mode="reduce-overhead")
     fast = sparse_compile.compile(model, "prism")                  # fast.sparse_report: what ran
     report = sparse_compile.explain(model, input_ids, policy="prism")
-    cache = sparse_compile.SparseCache(model, max_cache_len=8192, policy="fasa")  # past_key_values= of generate
+    cache = sparse_compile.SparseCache(model, max_cache_len=8192, policy="fasa")
+    model.generate(**inputs, **sparse_compile.cache_kwargs(model, cache))  # cache= / past_key_values=
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _PUBLIC = {
     "Report": "sparse_compile.report",
     "Site": "sparse_compile.report",
     "SparseCache": "sparse_compile.cache",
+    "cache_kwargs": "sparse_compile.cache",
 }
 
 __all__ = sorted(_PUBLIC)

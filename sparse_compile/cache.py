@@ -6,7 +6,8 @@ still runs:
 
     cache = SparseCache(model, max_cache_len=8192, policy="fasa", page_size=32)
     cache.set_padding(inputs.attention_mask)      # only for left-padded batches (see "Padding")
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+    model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=256)
+    # cache_kwargs: `cache=` on transformers that renamed `past_key_values` (5.25 warns), `past_key_values=` before
 
 Per full-attention layer, beside K and V (B, Hkv, max_cache_len, D) as StaticLayer keeps them:
 
@@ -76,6 +77,31 @@ from sparse_compile.policy import Policy, load_policy
 PAGE_SIZES = (16, 32, 64)  # allowed page sizes: the selection kernels tile pages by powers of two
 CACHE_FORMS = "static, dynamic, sparse[16|32|64][-pages]"  # the forms `cache_form` parses
 INTERLEAVED_FAMILIES = ("cohere", "cohere2", "gptj")  # model types whose RoPE pairs (2i, 2i + 1)
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword this transformers' model takes its KV cache by: "cache" (newer transformers renamed it; 5.25
+    warns that `past_key_values` goes away) or "past_key_values" (5.17 and before). Read from the model class's
+    forward signature (of the module a torch.compile wrapper holds), so a compiled `model.forward` does not hide
+    it."""
+    import inspect
+
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: the model it wraps
+    forward = type(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: Any, cache: Cache | None) -> dict[str, Any]:
+    """{keyword: cache} for `model(...)` and `model.generate(...)` under either name (`cache_argument`):
+    `model.generate(**inputs, **sparse_compile.cache_kwargs(model, cache))` runs warning-free on old and new
+    transformers."""
+    return {cache_argument(model): cache}
+
+
+def returned_cache(output: Any) -> Cache | None:
+    """The cache a forward call returned: `output.cache` (newer transformers) or `output.past_key_values`."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    return output.cache if "cache" in fields else output.past_key_values
 
 
 def _compiling() -> bool:

@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import sparse_compile
-from sparse_compile.cache import SparseCache, SparseLayer, build_cache, cache_form
+from sparse_compile.cache import (
+    SparseCache,
+    SparseLayer,
+    build_cache,
+    cache_argument,
+    cache_form,
+    cache_kwargs,
+    returned_cache,
+)
 from sparse_compile.kernels.fasa import (
     fasa_scores_reference,
     host_chunk_tables,
@@ -230,12 +238,30 @@ def run_generate(model, ids, mask, cache, backend=None):
     if backend is not None:
         model.forward = torch.compile(forward, backend=backend)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers 5.25 renames past_key_values -> cache
-            return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6,
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=6,
                                   do_sample=False)
     finally:
         model.forward = forward
+
+
+def test_cache_kwargs_name_the_cache_as_this_transformers_takes_it():
+    """`cache=` where the model's forward takes it (transformers 5.25 warns about `past_key_values`),
+    `past_key_values=` before; the compiled module's wrapper does not hide the name; generate and forward run
+    without the deprecation warning and the forward returns the cache it was given."""
+    import inspect
+
+    model = tiny_llama(1)
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assert cache_argument(model) == name == cache_argument(torch.compile(model, backend="eager"))
+    cache = SparseCache(model, max_cache_len=16, policy="dense")
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecation warning would fail the call
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+        assert returned_cache(out) is cache
+        model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=2,
+                       do_sample=False)
 
 
 def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:

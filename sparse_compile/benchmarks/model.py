@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 import sparse_compile
-from sparse_compile.cache import build_cache, cache_form
+from sparse_compile.cache import build_cache, cache_form, cache_kwargs
 
 PREFILL_VARIANTS = ("eager", "compile", "sparse-dense")
 GENERATE_VARIANTS = ("eager", "compile_ro", "sparse_ro", "compile", "sparse")
@@ -222,7 +222,7 @@ def timed_generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -
     torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, disable_compile=True, attention_mask=torch.ones_like(ids))
     torch.cuda.synchronize()
     return time.perf_counter() - start, out

@@ -161,9 +161,10 @@ def explain_model(name_or_path: str, policy: str, length: int, decode: bool = Fa
     ids = (torch.arange(length, dtype=torch.long) * 7919 % model.config.vocab_size)[None]  # nothing is computed
     cache = DynamicCache(config=model.config)
     parts = [f"model(input_ids) with {length} tokens (prefill, as generate() runs it):",
-             str(sparse_compile.explain(model, input_ids=ids, past_key_values=cache, use_cache=True, policy=policy))]
+             str(sparse_compile.explain(model, input_ids=ids, **sparse_compile.cache_kwargs(model, cache),
+                                                use_cache=True, policy=policy))]
     if decode:
         parts += ["", "one decode step on that cache:",
-                  str(sparse_compile.explain(model, input_ids=ids[:, :1], past_key_values=cache, use_cache=True,
-                                             policy=policy))]
+                  str(sparse_compile.explain(model, input_ids=ids[:, :1], **sparse_compile.cache_kwargs(model, cache),
+                                             use_cache=True, policy=policy))]
     return "\n".join(parts)

@@ -104,10 +104,12 @@ def greedy_generate(
     """
     from transformers import DynamicCache
 
+    from sparse_compile.cache import cache_kwargs, returned_cache
+
     cache = DynamicCache(config=config) if cache is None else cache
     out_ids: list[int] = []
     with torch.no_grad():
-        out = model(input_ids=input_ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids[None], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         if after_prefill is not None:
             after_prefill()
         for step in range(max_new_tokens):
@@ -115,8 +117,8 @@ def greedy_generate(
             out_ids.append(token)
             if token in eos_ids or step == max_new_tokens - 1:
                 break
-            out = model(input_ids=torch.tensor([[token]], device=input_ids.device), past_key_values=out.past_key_values,
-                        use_cache=True)
+            out = model(input_ids=torch.tensor([[token]], device=input_ids.device),
+                        **cache_kwargs(model, returned_cache(out)), use_cache=True)
     return out_ids
 
 

@@ -85,12 +85,14 @@ def decode_scores(model: Any, config: Any, ids: torch.Tensor, prompt_len: int,
     the Report's densities)."""
     from transformers import DynamicCache
 
+    from sparse_compile.cache import cache_kwargs, returned_cache
+
     cache = DynamicCache(config=config) if cache is None else cache
     with torch.no_grad():
-        out = model(input_ids=ids[None, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids[None, :prompt_len], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         logits = [out.logits[0, -1].float()]
         for t in range(prompt_len, ids.numel() - 1):
-            out = model(input_ids=ids[None, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=ids[None, t:t + 1], **cache_kwargs(model, returned_cache(out)), use_cache=True)
             logits.append(out.logits[0, -1].float())
             if after_step is not None:
                 after_step()
