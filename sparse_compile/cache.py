@@ -80,14 +80,14 @@ INTERLEAVED_FAMILIES = ("cohere", "cohere2", "gptj")  # model types whose RoPE p
 
 
 def cache_argument(model: Any) -> str:
-    """The keyword this transformers' model takes its KV cache by: "cache" (newer transformers renamed it; 5.25
-    warns that `past_key_values` goes away) or "past_key_values" (5.17 and before). Read from the model class's
-    forward signature (of the module a torch.compile wrapper holds), so a compiled `model.forward` does not hide
-    it."""
+    """The keyword this transformers' model (or model class) takes its KV cache by: "cache" (newer transformers
+    renamed it; 5.25 warns that `past_key_values` goes away) or "past_key_values" (5.17 and before). Read from the
+    model class's forward signature (of the module a torch.compile wrapper holds), so a compiled `model.forward`
+    does not hide it."""
     import inspect
 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: the model it wraps
-    forward = type(model).forward
+    forward = (model if isinstance(model, type) else type(model)).forward  # a model or its class
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 

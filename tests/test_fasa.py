@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cache_keyword import CACHE_ARG
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis_budget import examples
@@ -490,8 +491,8 @@ def test_report_notes_calibrated_chunks_that_do_not_fit():
     model = tiny_llama(3)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.randint(0, 100, (1, 40)), past_key_values=cache, use_cache=True)
-    step = {"input_ids": torch.randint(0, 100, (1, 1)), "past_key_values": cache, "use_cache": True}
+        model(torch.randint(0, 100, (1, 40)), **{CACHE_ARG: cache}, use_cache=True)
+    step = {"input_ids": torch.randint(0, 100, (1, 1)), CACHE_ARG: cache, "use_cache": True}
     policy = sparse_compile.load_policy("fasa-smollm2").to_dict()
     policy["decode"]["min_seq_len"] = 0  # a 41-token cache: FASA must run for the note to matter
     report = sparse_compile.explain(model, policy=policy, **step)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cache_keyword import CACHE_ARG
 from hypothesis import given
 from hypothesis import strategies as st
 from test_backend import peaked_llama
@@ -139,7 +140,7 @@ def rewritten_decode_graph(model, ids, mask, policy) -> torch.fx.GraphModule:
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(ids, attention_mask=mask, **{CACHE_ARG: cache}, use_cache=True)
     graphs = []
 
     def backend(gm, example_inputs):
@@ -150,7 +151,7 @@ def rewritten_decode_graph(model, ids, mask, policy) -> torch.fx.GraphModule:
 
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     with torch.no_grad():
-        torch.compile(model, backend=backend)(ids[:, :1], attention_mask=step_mask, past_key_values=cache,
+        torch.compile(model, backend=backend)(ids[:, :1], attention_mask=step_mask, **{CACHE_ARG: cache},
                                               use_cache=True)
     return graphs[0]
 
@@ -399,10 +400,10 @@ def test_compiled_needle_path_equals_the_authors_formulation():
 
     def greedy(forward, steps=6):
         cache = DynamicCache(config=model.config)
-        out = forward(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = forward(input_ids=ids, **{CACHE_ARG: cache}, use_cache=True)
         tokens, logits = [int(out.logits[0, -1].argmax())], []
         for _ in range(steps):
-            out = forward(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+            out = forward(input_ids=torch.tensor([[tokens[-1]]]), **{CACHE_ARG: cache}, use_cache=True)
             logits.append(out.logits[0, -1])
             tokens.append(int(out.logits[0, -1].argmax()))
         return tokens, torch.stack(logits)

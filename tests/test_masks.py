@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cache_keyword import CACHE_ARG
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis_budget import examples
@@ -155,8 +156,8 @@ def chunked(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, first: int,
     run = model if report is None else compile_dense(model, report)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        a = run(input_ids=ids[:, :first], attention_mask=mask[:, :first], past_key_values=cache).logits
-        b = run(input_ids=ids[:, first:], attention_mask=mask, past_key_values=cache).logits
+        a = run(input_ids=ids[:, :first], attention_mask=mask[:, :first], **{CACHE_ARG: cache}).logits
+        b = run(input_ids=ids[:, first:], attention_mask=mask, **{CACHE_ARG: cache}).logits
     return [a, b]
 
 

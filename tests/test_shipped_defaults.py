@@ -26,6 +26,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cache_keyword import CACHE_ARG
 
 import sparse_compile
 from sparse_compile.evaluation import needle as niah
@@ -68,7 +69,7 @@ def layer_mean(report: Report, phase: str) -> float | None:
 
 
 def decode_step(model, token: int, cache):
-    return model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+    return model(input_ids=torch.tensor([[token]]), **{CACHE_ARG: cache}, use_cache=True)
 
 
 def prefill(model, config, ids: torch.Tensor):
@@ -77,7 +78,7 @@ def prefill(model, config, ids: torch.Tensor):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
-    out = model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids[None], **{CACHE_ARG: cache}, use_cache=True)
     nll = F.cross_entropy(out.logits[0, :-1].float(), ids[1:], reduction="none")
     for layer in cache.layers:
         torch._dynamo.maybe_mark_dynamic(layer.keys, 2)

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from cache_keyword import CACHE_ARG
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
@@ -224,7 +225,7 @@ def test_prompt_longer_than_the_cache_raises_before_writing():
     assert torch.equal(cache.layers[0].keys, before) and int(cache.layers[0].cumulative_length) == 6
     model = tiny_llama(1)
     with pytest.raises(ValueError, match="do not fit max_cache_len"), torch.no_grad():
-        model(torch.randint(0, 128, (1, 12)), past_key_values=SparseCache(model, 10, FASA_ALL, page_size=16))
+        model(torch.randint(0, 128, (1, 12)), **{CACHE_ARG: SparseCache(model, 10, FASA_ALL, page_size=16)})
     small = SparseCache(model, 12, FASA_ALL, page_size=16)  # generate past the end: a clear error, not IndexError
     with pytest.raises(ValueError, match="12 cached \\+ 1 new tokens exceed max_cache_len = 12"):
         run_generate(model, torch.randint(0, 128, (1, 10)), None, small)
@@ -453,9 +454,9 @@ def test_update_traces_without_graph_breaks():
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        forward(ids, past_key_values=cache, use_cache=True)
+        forward(ids, **{CACHE_ARG: cache}, use_cache=True)
         for _ in range(2):
-            forward(ids[:, :1], past_key_values=cache, use_cache=True)
+            forward(ids[:, :1], **{CACHE_ARG: cache}, use_cache=True)
     assert int(cache.layers[0].cumulative_length) == 11
     assert_buffers(cache)
 
@@ -474,7 +475,7 @@ def test_graph_names_each_layers_buffers_in_one_cache_update_node():
     forward = torch.compile(model.forward, backend=keep, fullgraph=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        forward(torch.randint(0, 128, (1, 5)), past_key_values=cache, use_cache=True)
+        forward(torch.randint(0, 128, (1, 5)), **{CACHE_ARG: cache}, use_cache=True)
     nodes = list(graphs[0].graph.nodes)
     updates = [n for n in nodes if n.target is torch.ops.sparse_compile.cache_update.default]
     writes = [n for n in nodes if n.op == "call_method" and n.target == "index_copy_"]

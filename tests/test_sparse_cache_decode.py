@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from cache_keyword import CACHE_ARG
 from test_sparse_cache import padded_batch, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import StaticCache
@@ -62,8 +63,8 @@ def decode_graph(model, cache) -> torch.fx.GraphModule:
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        model(ids, past_key_values=cache, use_cache=True)
-        torch.compile(model.forward, backend=keep, fullgraph=True)(ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids, **{CACHE_ARG: cache}, use_cache=True)
+        torch.compile(model.forward, backend=keep, fullgraph=True)(ids[:, :1], **{CACHE_ARG: cache}, use_cache=True)
     torch._dynamo.reset()
     return graphs[0]
 
@@ -178,7 +179,7 @@ def generate(model, ids, mask, cache, policy, checker: NodeChecker | None = None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            result = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6,
+            result = model.generate(ids, attention_mask=mask, **{CACHE_ARG: cache}, max_new_tokens=6,
                                     do_sample=False, output_logits=True, return_dict_in_generate=True)
     finally:
         model.forward = forward

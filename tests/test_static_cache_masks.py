@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cache_keyword import CACHE_ARG
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis_budget import examples
@@ -45,7 +46,7 @@ def static_steps(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
     with torch.no_grad():
         for n, (a, b) in enumerate(chunks):
             kw = {} if mask is None else {"attention_mask": mask[:, :b]}
-            outs.append(run(input_ids=ids[:, a:b], past_key_values=cache, **kw).logits)
+            outs.append(run(input_ids=ids[:, a:b], **{CACHE_ARG: cache}, **kw).logits)
             if n == reset_after:
                 cache.reset()
     return outs
@@ -119,8 +120,8 @@ def test_inductor_compiles_the_tensor_offset() -> None:
     for run in (model, compiled):
         cache = StaticCache(config=model.config, max_cache_len=12)
         with torch.no_grad():
-            model(input_ids=ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache)
-            outs.append(run(input_ids=ids[:, 4:], attention_mask=mask, past_key_values=cache).logits)
+            model(input_ids=ids[:, :4], attention_mask=mask[:, :4], **{CACHE_ARG: cache})
+            outs.append(run(input_ids=ids[:, 4:], attention_mask=mask, **{CACHE_ARG: cache}).logits)
     torch.testing.assert_close(outs[1][mask[:, 4:].bool()], outs[0][mask[:, 4:].bool()], atol=1e-4, rtol=1e-4)
     assert [s.mask[:len(TENSOR_OFFSET)] for s in report.sites] == [TENSOR_OFFSET], str(report)
     assert report.rejected == [], str(report)

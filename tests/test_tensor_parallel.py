@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cache_keyword import CACHE_ARG, returned_cache
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -93,7 +94,7 @@ def run_steps(model, ids: torch.Tensor) -> list[torch.Tensor]:
     out = model(ids, use_cache=True)
     logits = [out.logits]
     for token in DECODE_TOKENS:
-        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[token]]), **{CACHE_ARG: returned_cache(out)}, use_cache=True)
         logits.append(out.logits)
     return logits
 
