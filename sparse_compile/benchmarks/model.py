@@ -22,9 +22,13 @@ new DynamicCache per run, whose decode shapes change every step, for TTFT compar
                    transformers' AttentionInterface that returns q): the tok/s the run would reach if
                    attention took no time (K/V are still written), the bound any attention method works under
   V@C              variant V on cache C only (e.g. sparse_ro:fasa@sparse), whatever `--cache` lists
-TTFT = median time of generate(max_new_tokens=1) (prefill + one token); decode tokens/s =
-new_tokens / (median time of generate(max_new_tokens=1 + new_tokens) - TTFT). Warm-up runs
-(compilation, CUDA-graph recording) are not timed. transformers' own auto-compile is disabled.
+TTFT = median time of generate(max_new_tokens=1) (prefill + one token); decode tokens/s = new_tokens / the median
+time of the new_tokens decode steps of generate(max_new_tokens=1 + new_tokens), from the step after the prefill's
+token to the last (`StepMarks`: CUDA events recorded by a stopping criterion, no synchronisation between steps).
+Until 2026-12-07 it was new_tokens / (median total - median TTFT), two separately timed runs whose prefill spread
+(tens of ms at 32K, hundreds at 128K) entered the decode rate; the rows keep that number as
+`decode_tok_s_from_totals`. Warm-up runs (compilation, CUDA-graph recording) are not timed. transformers' own
+auto-compile is disabled.
 """
 
 from __future__ import annotations
@@ -211,20 +215,55 @@ def make_cache(kind: str, model: Any, max_cache_len: int, policy: str | None) ->
     return build_cache(kind, model.config, max_cache_len, policy or "dense")
 
 
-def timed_generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> tuple[float, torch.Tensor]:
-    """(seconds, tokens) of one greedy generate() on `cache` (reset first; None: a new DynamicCache)."""
+class StepMarks:
+    """A generate() stopping criterion that never stops and marks when each step's token is appended: a CUDA event
+    recorded on the current stream (no synchronisation, so the steps run as they would unobserved), or the host
+    clock on the CPU. The first mark follows the prefill's token, so `decode_seconds` (first mark to last) is the
+    decode steps' time alone, host work between steps included, without the prefill's run-to-run spread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list[Any] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def decode_seconds(self) -> float:
+        """Seconds from the first mark to the last (0.0 with fewer than two marks); synchronises on CUDA."""
+        if len(self.marks) < 2:
+            return 0.0
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return self.marks[0].elapsed_time(self.marks[-1]) / 1000
+        return self.marks[-1] - self.marks[0]
+
+
+def timed_generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int,
+                   marks: StepMarks | None = None) -> tuple[float, torch.Tensor]:
+    """(seconds, tokens) of one greedy generate() on `cache` (reset first; None: a new DynamicCache). marks: a
+    `StepMarks` that records every step's end (passed as a stopping criterion)."""
+    from transformers import StoppingCriteriaList
+
     if cache is None:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
     else:
         cache.reset()
-    torch.cuda.synchronize()
+    synchronize = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    synchronize()
     start = time.perf_counter()
+    extra = {} if marks is None else {"stopping_criteria": StoppingCriteriaList([marks])}
     with torch.no_grad():
         out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, disable_compile=True, attention_mask=torch.ones_like(ids))
-    torch.cuda.synchronize()
+                             do_sample=False, disable_compile=True, attention_mask=torch.ones_like(ids), **extra)
+    synchronize()
     return time.perf_counter() - start, out
 
 
@@ -242,15 +281,18 @@ def run_variant(model: Any, variant: str, ids: torch.Tensor, new_tokens: int, re
             timed_generate(model, ids, cache, 1 + new_tokens)
         warm_s = time.perf_counter() - t0
         ttft = statistics.median(timed_generate(model, ids, cache, 1)[0] for _ in range(reps))
-        totals, tokens = [], None
+        totals, steps, tokens = [], [], None
         for _ in range(reps):
-            seconds, tokens = timed_generate(model, ids, cache, 1 + new_tokens)
+            marks = StepMarks(ids.device)
+            seconds, tokens = timed_generate(model, ids, cache, 1 + new_tokens, marks)
             totals.append(seconds)
-        total = statistics.median(totals)
+            steps.append(marks.decode_seconds())
+        total, decode = statistics.median(totals), statistics.median(steps)
         extra = {} if cache is None or not hasattr(cache, "extra_bytes") else {
             "cache_extra_gib": cache.extra_bytes() / 2**30, "cache_kv_gib": cache.kv_bytes() / 2**30}
         return {"variant": variant, "cache": cache_kind, **extra, "ttft_ms": 1000 * ttft, "total_ms": 1000 * total,
-                "decode_tok_s": new_tokens / max(total - ttft, 1e-9), "warmup_s": warm_s,
+                "decode_tok_s": new_tokens / max(decode, 1e-9), "decode_ms": [1000 * t for t in steps],
+                "decode_tok_s_from_totals": new_tokens / max(total - ttft, 1e-9), "warmup_s": warm_s,
                 "tokens": tokens[0, ids.shape[1]:].tolist()}
     finally:
         model.forward = forward
