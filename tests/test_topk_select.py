@@ -170,3 +170,11 @@ def test_fused_density_bad_inputs_name_the_problem():
         topk_indices(x, 4, impl="triton", density_out=torch.empty(2, 6), n_visible=torch.ones(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="n_visible must be"):
         topk_indices(x, 4, impl="triton", density_out=torch.empty(2, 8), n_visible=torch.ones(2))
+
+
+def test_fused_density_with_an_empty_batch_returns_empty():
+    x = torch.randn(0, 4, 16)
+    for impl in ("triton", "reference"):
+        idx = topk_indices(x, 3, impl=impl, density_out=torch.empty(0, 8),
+                           n_visible=torch.empty(0, dtype=torch.int32))
+        assert idx.shape == (0, 4, 3)

@@ -159,9 +159,9 @@ def check_density_inputs(x: Tensor, density_out: Tensor | None, n_visible: Tenso
     if n_visible.dim() != 1 or n_visible.dtype.is_floating_point or n_visible.dtype == torch.bool:
         raise ValueError(f"n_visible must be (B,) int, got {tuple(n_visible.shape)} {n_visible.dtype}")
     B = n_visible.shape[0]
-    if B == 0 or R % B:
+    if (B == 0 and R) or (B and R % B):
         raise ValueError(f"x's {R} rows are not B = {B} batch rows of equally many score rows")
-    S = R // B
+    S = R // B if B else 0
     if (density_out.dim() != 2 or density_out.shape[0] != B or density_out.shape[1] % max(S, 1)
             or density_out.dtype != torch.float32 or not density_out.is_contiguous()):
         raise ValueError(f"density_out must be a contiguous (B={B}, H) float32 tensor with H a multiple of the "
@@ -205,7 +205,7 @@ def topk_indices(x: Tensor, k: int, *, row_k: Tensor | None = None, tokens: Tens
     triton_ok = N <= MAX_N and (x.is_cuda or triton_interpreting()) and x.dtype == torch.float32
     if impl == "reference" or (impl == "auto" and not triton_ok):
         idx = topk_indices_reference(x, k, row_k=row_k, tokens=tokens, drop_neg_inf=drop_neg_inf)
-        if density_out is not None:
+        if density_out is not None and n_visible.shape[0]:
             B = n_visible.shape[0]
             density_out.copy_(kept_density_reference(idx.reshape(B, R // B, k), n_visible, density_out.shape[1]))
         return idx
