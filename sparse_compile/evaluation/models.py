@@ -162,7 +162,7 @@ def explain_model(name_or_path: str, policy: str, length: int, decode: bool = Fa
     cache = DynamicCache(config=model.config)
     parts = [f"model(input_ids) with {length} tokens (prefill, as generate() runs it):",
              str(sparse_compile.explain(model, input_ids=ids, **sparse_compile.cache_kwargs(model, cache),
-                                                use_cache=True, policy=policy))]
+                                        use_cache=True, policy=policy))]
     if decode:
         parts += ["", "one decode step on that cache:",
                   str(sparse_compile.explain(model, input_ids=ids[:, :1], **sparse_compile.cache_kwargs(model, cache),
