@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sparse_compile.benchmarks.timing import capture, do_bench, environment
+from sparse_compile.benchmarks.timing import environment, graph_ms
 from sparse_compile.kernels.sparse_decode import sparse_decode_attention, sparse_decode_reference
 from sparse_compile.kernels.topk_select import topk_indices, topk_indices_reference
 
@@ -27,12 +27,10 @@ REPEAT = 20
 
 
 def per_call_us(fn, rep_ms: float) -> float | str:
-    """µs per call of fn, from a CUDA graph holding REPEAT calls."""
-    try:
-        graph, _ = capture(lambda: [fn() for _ in range(REPEAT)])
-        return round(1e3 * do_bench(graph.replay, rep_ms) / REPEAT, 2)
-    except Exception as err:  # a setting the compiler rejects (shared memory, registers)
-        return f"failed: {type(err).__name__}: {str(err)[:100]}"
+    """µs per call of fn, from a CUDA graph holding REPEAT calls (`graph_ms`: the reason as a string when the
+    capture fails, e.g. a setting the compiler rejects)."""
+    ms = graph_ms(lambda: [fn() for _ in range(REPEAT)], rep_ms)
+    return round(1e3 * ms / REPEAT, 2) if isinstance(ms, float) else ms
 
 
 def sweep_decode(L: int, B: int, rep_ms: float, H: int = 32, Hkv: int = 8, D: int = 128,

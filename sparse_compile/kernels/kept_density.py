@@ -16,6 +16,15 @@ from torch import Tensor
 
 
 @triton.jit
+def store_row_density(DST, kept, n_visible, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+    """kept / max(n_visible, 1) into DST[0:GROUP]: the density of the GROUP query heads sharing one score row
+    (also called by kernels/topk_select.py, whose top-k writes the density of the set it selects)."""
+    density = kept / tl.maximum(n_visible.to(tl.float32), 1.0)
+    heads = tl.arange(0, BLOCK_G)
+    tl.store(DST + heads, tl.full([BLOCK_G], 0.0, tl.float32) + density, mask=heads < GROUP)
+
+
+@triton.jit
 def _kept_density_kernel(IDX, NVIS, OUT, SLOTS, stride_ib, stride_is, stride_ob,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -23,10 +32,7 @@ def _kept_density_kernel(IDX, NVIS, OUT, SLOTS, stride_ib, stride_is, stride_ob,
     slot = tl.arange(0, BLOCK_K)
     idx = tl.load(IDX + b * stride_ib + row * stride_is + slot, mask=slot < SLOTS, other=-1)
     kept = tl.sum((idx >= 0).to(tl.float32), axis=0)
-    density = kept / tl.maximum(tl.load(NVIS + b).to(tl.float32), 1.0)
-    heads = tl.arange(0, BLOCK_G)
-    tl.store(OUT + b * stride_ob + row * GROUP + heads, tl.full([BLOCK_G], 0.0, tl.float32) + density,
-             mask=heads < GROUP)
+    store_row_density(OUT + b * stride_ob + row * GROUP, kept, tl.load(NVIS + b), GROUP, BLOCK_G)
 
 
 def kept_density(indices: Tensor, n_visible: Tensor, num_heads: int, impl: str = "auto") -> Tensor:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparse_compile.kernels.kept_density import kept_density_reference
+from sparse_compile.kernels.kept_density import kept_density_reference, store_row_density
 from sparse_compile.kernels.limits import triton_interpreting
 
 MAX_N = 16384  # the longest row one program holds in registers
@@ -73,10 +73,8 @@ def _write_set(OUT, TOKENS, DENS, NVIS, r, offs, x, greater, equal, k, K, stride
     tl.store(OUT + r * stride_o + slot, tl.full([BLOCK_K], -1, tl.int64), mask=(slot >= k) & (slot < K))
     if HAS_DENSITY:
         filled = tl.sum((take & (index >= 0)).to(tl.float32), axis=0)
-        density = filled / tl.maximum(tl.load(NVIS + r // ROWS_PER_B).to(tl.float32), 1.0)
-        heads = tl.arange(0, BLOCK_HR)
-        tl.store(DENS + r * HEADS_PER_ROW + heads, tl.full([BLOCK_HR], 0.0, tl.float32) + density,
-                 mask=heads < HEADS_PER_ROW)
+        store_row_density(DENS + r * HEADS_PER_ROW, filled, tl.load(NVIS + r // ROWS_PER_B), HEADS_PER_ROW,
+                          BLOCK_HR)
 
 
 @triton.jit
