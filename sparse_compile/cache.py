@@ -16,8 +16,10 @@ Per full-attention layer, beside K and V (B, Hkv, max_cache_len, D) as StaticLay
              dims are the ones FASA scores (methods/fasa.py `layer_chunks` -> kernels/fasa.py `chunk_dims`),
              unioned over the query heads of each KV head's group and padded to one count n by repeating
              the group's first dim (`member` (H, n) float32 says which column belongs to which query head: 0
-             on the padding). Absent (None) where FASA does not run, and where the union is every dim
-             (the copy would be K itself: read K).
+             on the padding). Absent (None) where FASA does not run, where the union is every dim (the copy
+             would be K itself) and with `dims_copy=False`: the node then reads K, and the layer keeps only the
+             tables dims (Hkv, D) = 0..D-1 and member (H, D) (`full_dim_tables`, a few KB), so that the node
+             gets them as graph inputs instead of copying them to the device at every call.
   page_min, page_max  (B, Hkv, n_pages, D), n_pages = ceil(max_cache_len / P): per page of P consecutive
              slots, the element-wise min / max of its keys over the head dim (Quest, specs/quest_pages.md),
              in K's dtype. A page (or part of one) with no valid key written holds +inf / -inf, the neutral
@@ -148,6 +150,34 @@ def kv_head_dims(per_head: tuple[tuple[int, ...], ...], facts: dict[str, Any]) -
     return dims, member
 
 
+def full_dim_tables(per_head: tuple[tuple[int, ...], ...], facts: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(dims (Hkv, D) int64, member (H, D) float32) of a layer that keeps no dims copy: dims[g] = 0..D-1 (the node
+    scores K's own rows) and member[h, d] = 1 iff d is one of query head h's dims (per_head as `kv_head_dims`).
+    Kept by the layer so that the decode node reads them as graph inputs instead of building them per call."""
+    H, Hkv, D = facts["num_heads"], facts["num_kv_heads"], facts["head_dim"]
+    group = H // Hkv
+    member = torch.zeros(H, D, dtype=torch.float32)
+    for h in range(H):
+        own = per_head[0 if len(per_head) == 1 else (h if len(per_head) == H else h // group)]
+        member[h, list(own)] = 1.0
+    return torch.arange(D, dtype=torch.int64).repeat(Hkv, 1), member
+
+
+def layer_tables(per_head: tuple[tuple[int, ...], ...] | None, facts: dict[str, Any],
+                 dims_copy: bool) -> tuple[Tensor | None, Tensor | None, bool]:
+    """(dims, member, keep a dims copy) of one layer: `kv_head_dims` with a copy of K's dominant dims where the
+    layer asks for one and the union is fewer than all D dims, else `full_dim_tables` (the node reads K);
+    (None, None, False) where FASA does not run the layer."""
+    if per_head is None:
+        return None, None, False
+    if dims_copy:
+        dims, member = kv_head_dims(per_head, facts)
+        if dims.shape[1] < facts["head_dim"]:
+            return dims, member, True
+    dims, member = full_dim_tables(per_head, facts)
+    return dims, member, False
+
+
 def check_dims(dims: Any, facts: dict[str, Any], where: str) -> tuple[tuple[int, ...], ...]:
     """Validate user dims (a list of head dims, or one list per query head / KV head) as per-head tuples."""
     D, H, Hkv = facts["head_dim"], facts["num_heads"], facts["num_kv_heads"]
@@ -244,13 +274,17 @@ def _cache_update_fake(key_dims: Tensor | None, page_min: Tensor | None, page_ma
 class SparseLayer(StaticLayer):
     """A StaticLayer that also keeps the dominant dims of K and per-page key summaries (module docstring).
 
-    dims: (Hkv_global, n) int64 and member (H_global, n) float32 (`kv_head_dims`), or None: no dims copy.
-    page_size: P, or 0: no page summaries."""
+    dims: (Hkv_global, n) int64 and member (H_global, n) float32 (`layer_tables`), or None (not a FASA layer).
+    dims_copy: keep key_dims, K's columns `dims` (else dims lists all D head dims and the node reads K itself;
+    the tables still go to the node). page_size: P, or 0: no page summaries."""
 
     def __init__(self, max_cache_len: int, dims: Tensor | None = None, member: Tensor | None = None,
-                 page_size: int = 0, kv_head_offset: int = 0, **kwargs: Any) -> None:
+                 page_size: int = 0, kv_head_offset: int = 0, dims_copy: bool = True, **kwargs: Any) -> None:
         super().__init__(max_cache_len=max_cache_len)
+        if (dims is None) != (member is None):
+            raise ValueError("SparseLayer: dims and member come together (or neither)")
         self.dims_global, self.member_global = dims, member
+        self.dims_copy = dims_copy and dims is not None
         self.page_size = page_size
         self.n_pages = math.ceil(max_cache_len / page_size) if page_size else 0
         self.kv_head_offset = kv_head_offset
@@ -274,6 +308,7 @@ class SparseLayer(StaticLayer):
             group = self.member_global.shape[0] // total
             self.dims = self.dims_global[lo:lo + Hkv].to(self.device)
             self.member = self.member_global[lo * group:(lo + Hkv) * group].to(self.device)
+        if self.dims_copy:
             self.key_dims = torch.zeros(B, Hkv, self.max_cache_len, self.dims.shape[1], dtype=key_states.dtype,
                                         device=self.device)
         if self.page_size:
@@ -409,12 +444,9 @@ class SparseCache(Cache):
             if kind != "full_attention":
                 raise ValueError(f"SparseCache: layer {i} is a {kind!r} layer; only attention layers are supported")
             per_head, pages = layer_plan(self.policy, i, self.facts, dims)
-            table = member = None
-            if per_head is not None and dims_copy:
-                table, member = kv_head_dims(per_head, self.facts)
-                if table.shape[1] >= self.facts["head_dim"]:  # the union is every dim: read K instead
-                    table = member = None
-            layers.append(SparseLayer(max_cache_len, table, member, page_size if pages else 0, kv_head_offset))
+            table, member, copy = layer_tables(per_head, self.facts, dims_copy)
+            layers.append(SparseLayer(max_cache_len, table, member, page_size if pages else 0, kv_head_offset,
+                                      dims_copy=copy))
         super().__init__(layers=layers)
         self.first_sparse = next((i for i, x in enumerate(layers) if isinstance(x, SparseLayer)), None)
         if (batch_size, dtype, device) != (None, None, None):
@@ -468,7 +500,7 @@ class SparseCache(Cache):
         parts = []
         for i, layer in enumerate(self.layers):
             if isinstance(layer, SparseLayer):
-                n = 0 if layer.dims_global is None else layer.dims_global.shape[1]
+                n = layer.dims_global.shape[1] if layer.dims_copy else 0
                 parts.append(f"{i}:dims={n},P={layer.page_size}")
         return f"SparseCache(max_cache_len={self.cache_len}, policy={self.policy.name!r}, {' '.join(parts)})"
 
@@ -479,17 +511,16 @@ def filled_layer(method: str, params: Any, facts: dict[str, Any], keys: Tensor, 
     a `method` ("fasa": dims copy and pages, with `params`' chunks; "lessismore": pages) layer keeps: what a
     decode node over a SparseCache of length L receives, for benchmarks and tests that start from K.
     dims_copy=False: pages only (as `SparseCache(dims_copy=False)`)."""
-    dims = member = None
     if method not in ("fasa", "lessismore"):
         raise ValueError(f"filled_layer: {method!r} keeps no SparseCache buffers (fasa and lessismore do)")
-    if method == "fasa" and dims_copy:
+    per_head = None
+    if method == "fasa":
         per_head = fasa_head_dims(params, layer, facts)
         if per_head is None:
             raise ValueError(f"FASA does not run layer {layer} under these params (mismatch = 'dense')")
-        dims, member = kv_head_dims(per_head, facts)
-        if dims.shape[1] >= facts["head_dim"]:  # the union is every dim: no copy, the node reads K
-            dims = member = None
-    layer_obj = SparseLayer(max_cache_len=keys.shape[2], dims=dims, member=member, page_size=page_size)
+    dims, member, copy = layer_tables(per_head, facts, dims_copy)
+    layer_obj = SparseLayer(max_cache_len=keys.shape[2], dims=dims, member=member, page_size=page_size,
+                            dims_copy=copy)
     layer_obj.update(keys, values)
     return layer_obj
 

@@ -127,7 +127,8 @@ class CacheBuffers:
     """A SparseCache layer's selection buffers as one node receives them (DECODE_NOTES.md, "Wiring").
 
     key_dims: (B, Hkv, Lk, n) K's dominant dims per KV head, or None (not kept: the method reads K);
-    dims: (Hkv, n) int64 their head dims; member: (H, n) float32, 1 where column j is query head h's own dim;
+    dims: (Hkv, n) int64 their head dims; member: (H, n) float32, 1 where column j is query head h's own dim
+    (without key_dims: (Hkv, D) = 0..D-1 and (H, D), the layer's tables for reading K, or both None);
     page_min, page_max: (B, Hkv, NP, D) per-page element-wise key min / max (NP = ceil(Lk / P));
     page_size: P."""
 

@@ -156,8 +156,13 @@ def cache_buffers(q: torch.Tensor, k: torch.Tensor, key_dims: torch.Tensor | Non
     for name, t in (("page_min", page_min), ("page_max", page_max)):
         if tuple(t.shape) != (B, Hkv, n_pages, D):
             raise ValueError(f"{name} must be (B, Hkv, ceil(Lk / P), D) = {(B, Hkv, n_pages, D)}, got {tuple(t.shape)}")
+    if key_dims is None and dims is not None and member is not None:  # no dims copy: the keys are K itself
+        if tuple(dims.shape) != (Hkv, D) or tuple(member.shape) != (H, D):
+            raise ValueError(f"without key_dims, dims must be (Hkv, D) = {(Hkv, D)} and member (H, D) = {(H, D)}, "
+                             f"got {tuple(dims.shape)} and {tuple(member.shape)}")
+        return CacheBuffers(None, dims, member, page_min, page_max, page_size)
     if any(given) and not all(given):
-        raise ValueError("key_dims, dims and member come together (or none of them)")
+        raise ValueError("key_dims, dims and member come together, or dims and member alone (or none of them)")
     if key_dims is not None:
         n = dims.shape[-1]
         if (tuple(key_dims.shape) != (B, Hkv, Lk, n) or tuple(dims.shape) != (Hkv, n)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import sparse_compile
+from sparse_compile.attention_mask import SiteFacts
 from sparse_compile.cache import (
     SparseCache,
     SparseLayer,
@@ -34,6 +35,7 @@ from sparse_compile.kernels.fasa import (
     key_state,
     select_tokens,
 )
+from sparse_compile.methods.fasa import site_member
 from sparse_compile.methods.two_stage import fasa_two_stage, lessismore_two_stage, page_bounds
 
 FASA_ALL = {"name": "fasa-all", "decode": {"method": "fasa", "params": {"dense_layers": []}}}
@@ -152,6 +154,33 @@ def test_layers_keep_what_the_policy_reads():
     assert pages_only.extra_bytes() == 2 * (2 * HKV * 2 * D * 4 + 64) + 64  # min/max + key_valid only
 
 
+@pytest.mark.parametrize("chunks", [None, [[[7, 2], [0, 1], [3, 5], [1, 6]]], [[[2, 3, 4, 5, 6, 7, 0, 1]] * H]],
+                         ids=["rule", "per-head", "union-all"])
+def test_pages_only_layers_keep_the_nodes_full_dim_tables(chunks):
+    """Without a dims copy (pages only, or a union of every dim) a FASA layer keeps dims (Hkv, D) = 0..D-1 and
+    member (H, D) equal to the table the node would otherwise copy to the device at every call (methods/fasa.py
+    `site_member`); under tensor parallelism the rank's rows."""
+    params = {"dense_layers": []} | ({"chunks": chunks} if chunks else {})
+    policy = sparse_compile.load_policy({"decode": {"method": "fasa", "params": params}})
+    site = SiteFacts(layer=0, rope="rotate_half", rotary_dim=D, head_dim=D, num_heads=H, num_kv_heads=HKV)
+    expected = site_member(policy.decode.for_layer(0)[1], site, H, HKV, D, torch.device("cpu"))
+    assert expected.sum() > 0
+    for dims_copy in (False, True):
+        cache = SparseCache(tiny_config(1), 32, policy, page_size=16, dims_copy=dims_copy, batch_size=1,
+                            dtype=torch.float32, device="cpu")
+        layer = cache.layers[0]
+        if dims_copy and chunks != [[[2, 3, 4, 5, 6, 7, 0, 1]] * H]:
+            assert layer.key_dims is not None and layer.dims.shape[1] < D  # the copy's own tables
+            continue
+        assert layer.key_dims is None and not layer.dims_copy
+        assert torch.equal(layer.dims, torch.arange(D).repeat(HKV, 1))
+        assert torch.equal(layer.member, expected)
+    rank = SparseCache(tiny_config(1), 32, policy, page_size=16, dims_copy=False, kv_head_offset=1)
+    rank.update(torch.randn(1, 1, 4, D), torch.randn(1, 1, 4, D), 0)  # this rank holds KV head 1 of 2
+    assert torch.equal(rank.layers[0].member, expected[H // HKV:])
+    assert torch.equal(rank.layers[0].dims, torch.arange(D)[None])
+
+
 def test_lazy_allocation_follows_the_keys_heads():
     """Tensor parallelism: a rank whose k holds fewer KV heads than the config allocates that many, and its dims
     rows are the global table's rows from kv_head_offset."""
@@ -200,7 +229,7 @@ def test_cache_forms_parse_and_build(kind, form):
     assert type(cache) is {"dynamic": DynamicCache, "static": StaticCache, "sparse": SparseCache}[form[0]]
     if form[0] == "sparse":
         assert [layer.page_size for layer in cache.layers] == [form[1]] * 2
-        assert all((layer.dims_global is not None) == form[2] for layer in cache.layers)  # FASA on both layers
+        assert all(layer.dims_copy == form[2] for layer in cache.layers)  # FASA on both layers
         assert cache.policy.name == "fasa-all" and cache.cache_len == 40
     elif form[0] == "static":
         assert cache.layers[0].max_cache_len == 40

@@ -24,7 +24,7 @@ from sparse_compile.cache import SparseCache
 from sparse_compile.kernels.fasa import budget_slots, key_state
 from sparse_compile.kernels.lessismore import budget_split
 from sparse_compile.kernels.sparse_decode import sparse_decode_reference
-from sparse_compile.methods.fasa import FasaParams
+from sparse_compile.methods.fasa import FasaParams, layer_chunks
 from sparse_compile.methods.two_stage import fasa_two_stage, lessismore_two_stage
 from sparse_compile.ops import bind_node, node_call_of, node_config
 from sparse_compile.passes.rewrite import OP, OP_SHARING, rewrite_attention
@@ -137,10 +137,11 @@ def two_stage_reference(call) -> dict:
     if call.node.method.name == "fasa":
         slots = budget_slots(p.budget, Lk, p.sink, p.recent)
         key_dims, dims, member = c.key_dims, c.dims, c.member
-        if key_dims is None:  # UNION_ALL: the node reads K, each head on its own chunks' dims
+        if key_dims is None:  # no dims copy: the node reads K, each head on its own chunks' dims
+            chunks, _ = layer_chunks(p, call.node.site.layer, H, Hkv, D, D)  # one tuple (the rule) or one per head
             member = torch.zeros(H, D)
-            for h, chunks in enumerate(p.chunks[call.node.site.layer]):
-                for chunk in chunks:
+            for h in range(H):
+                for chunk in chunks[0 if len(chunks) == 1 else h]:
                     member[h, [chunk, chunk + D // 2]] = 1.0  # rotate_half: chunk i = dims i, i + D/2
             key_dims, dims = call.k, torch.arange(D).expand(Hkv, D)
         idx = fasa_two_stage(call.q, key_dims, dims, member, c.page_min, c.page_max,
@@ -187,11 +188,12 @@ def generate(model, ids, mask, cache, policy, checker: NodeChecker | None = None
     return result.sequences, torch.stack(result.logits), report
 
 
-CASES = {
-    "fasa": (2, lambda c: fasa_policy(c)),
-    "fasa-per-kv-head-sink-recent": (2, lambda c: fasa_policy(c, gqa="per_kv_head", sink=2, recent=2)),
-    "fasa-no-dims-copy": (2, lambda c: fasa_policy(c, chunks=UNION_ALL)),
-    "lessismore": (3, lessismore_policy),
+CASES = {  # (layers, policy for a candidates multiple, SparseCache's dims_copy)
+    "fasa": (2, lambda c: fasa_policy(c), True),
+    "fasa-per-kv-head-sink-recent": (2, lambda c: fasa_policy(c, gqa="per_kv_head", sink=2, recent=2), True),
+    "fasa-no-dims-copy": (2, lambda c: fasa_policy(c, chunks=UNION_ALL), True),
+    "fasa-pages-only": (2, lambda c: fasa_policy(c, gqa="per_kv_head", sink=2, recent=2), False),
+    "lessismore": (3, lessismore_policy, True),
 }
 
 
@@ -200,13 +202,13 @@ def test_every_page_a_candidate_generates_as_the_single_stage_method(case):
     """Candidates covering every page: a SparseCache generates the same tokens as a StaticCache under the same
     policy (single-stage selection), logits equal up to float summation order (the sparse decode kernel sums the
     selected keys in selection order), with the two-stage path running at every decode node (checked calls)."""
-    layers, policy = CASES[case]
+    layers, policy, dims_copy = CASES[case]
     model = tiny_llama(layers)
     ids, mask = padded_batch()
     ref_tokens, ref_logits, ref_report = generate(model, ids, mask, StaticCache(model.config, max_cache_len=L_CACHE),
                                                   policy(ALL_PAGES))
     checker = NodeChecker()
-    cache = SparseCache(model, max_cache_len=L_CACHE, policy=policy(ALL_PAGES), page_size=PAGE)
+    cache = SparseCache(model, max_cache_len=L_CACHE, policy=policy(ALL_PAGES), page_size=PAGE, dims_copy=dims_copy)
     tokens, logits, report = generate(model, ids, mask, cache, policy(ALL_PAGES), checker)
     assert tokens.tolist() == ref_tokens.tolist()
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
@@ -217,8 +219,9 @@ def test_every_page_a_candidate_generates_as_the_single_stage_method(case):
     assert "selects in two stages over the SparseCache's buffers" in str(report)
     assert "two stages" not in str(ref_report)
     assert len(checker.rows) == 5 * len(wired)  # 6 new tokens: 5 decode steps, each wired node ran two-stage
-    if case == "fasa-no-dims-copy":
+    if case in ("fasa-no-dims-copy", "fasa-pages-only"):  # the node reads K with the layer's full-dim tables
         assert all(layer.key_dims is None and layer.page_min is not None for layer in cache.layers)
+        assert all(s.cache_buffers == "dims, member, page_min, page_max (P=16)" for s in wired)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -227,11 +230,11 @@ def test_few_candidates_node_equals_the_two_stage_reference(case):
     what the method's two-stage function gives on the node's own inputs (selection, and for FASA the attention
     over it), and the Report's decode density is kept / visible keys: the budget's slots, or fewer where the one
     candidate page is the partly written last page (the density shows it)."""
-    layers, policy = CASES[case]
+    layers, policy, dims_copy = CASES[case]
     model = tiny_llama(layers)
     ids, mask = padded_batch()
     checker = NodeChecker()
-    cache = SparseCache(model, max_cache_len=L_CACHE, policy=policy(1.0), page_size=PAGE)
+    cache = SparseCache(model, max_cache_len=L_CACHE, policy=policy(1.0), page_size=PAGE, dims_copy=dims_copy)
     tokens, _, report = generate(model, ids, mask, cache, policy(1.0), checker)
     assert tokens.shape == (2, 27) and checker.rows
     for row in checker.rows:

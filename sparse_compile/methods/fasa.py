@@ -310,9 +310,11 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
     slots, counts = row_budget(params, mask, Lk, S, None if mask.key_valid is None else n_visible)
     key_dims, dims, member = cache.key_dims, cache.dims, cache.member
     all_dims = key_dims is None
-    if all_dims:  # no dims copy: the keys themselves, each query head on its own dims (one host-to-device copy)
+    if all_dims and member is None:  # a cache without the layer's tables: built per call (a host-to-device copy)
         member = site_member(params, site, H, Hkv, D, q.device)
-        key_dims, dims = k, torch.arange(D, device=q.device).expand(Hkv, D)
+        dims = torch.arange(D, device=q.device).expand(Hkv, D)
+    if all_dims:  # no dims copy: the keys themselves, each query head on its own dims (member (H, D))
+        key_dims = k
     candidates = max(slots, math.ceil(params.candidates * slots))
     host_density = None
     if mask.key_valid is None:  # visible keys [lo, hi]: is every slot's pick known to be finite?

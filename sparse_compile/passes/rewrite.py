@@ -110,7 +110,8 @@ def cache_kwargs(site: SiteMatch, method: str, role: str) -> dict[str, Any]:
     `cache_update` node whose method reads them (`Method.cache_buffers`; not LessIsMore's reusing or exact
     layers, which select nothing), page_min, page_max and page_size when the layer keeps pages whose count
     fits the key length, plus key_dims, dims and member when the method reads them and the layer keeps them,
-    shaped for this site ((B, Hkv, Lk, n), (Hkv, n), (H, n))."""
+    shaped for this site ((B, Hkv, Lk, n), (Hkv, n), (H, n)), or dims and member alone ((Hkv, D), (H, D)) for
+    a layer without a dims copy."""
     wanted = METHODS[method].cache_buffers
     if not wanted or site.phase != "decode" or role in ("exact", "reuse") or "page_min" not in wanted:
         return {}
@@ -128,6 +129,11 @@ def cache_kwargs(site: SiteMatch, method: str, role: str) -> dict[str, Any]:
         n = shapes[1][-1] if shapes[1] else None
         if shapes == [(pages[0], site.num_kv_heads, kv_len, n), (site.num_kv_heads, n), (site.num_heads, n)]:
             out |= {name: args[name] for name in names}  # else: pages only, the method reads K
+    elif names and args.get("key_dims") is None and all(isinstance(args.get(n), fx.Node) for n in ("dims", "member")):
+        # no dims copy: the node reads K, each query head on its own dims of the layer's full-dim tables
+        if [shape_of(args["dims"]), shape_of(args["member"])] == [(site.num_kv_heads, site.head_dim),
+                                                                  (site.num_heads, site.head_dim)]:
+            out |= {"dims": args["dims"], "member": args["member"]}
     return out
 
 
