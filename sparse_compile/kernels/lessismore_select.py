@@ -76,6 +76,7 @@ from sparse_compile.kernels.lessismore import decode_logits_reference, select_fr
 from sparse_compile.kernels.limits import kernel_unsupported, triton_interpreting
 from sparse_compile.kernels.sparse_decode import (
     _combine_kernel,
+    check_decode_shapes,
     default_splits,
     sparse_decode_reference,
     store_split_result,
@@ -456,16 +457,7 @@ class SelectRun(NamedTuple):
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, state: Tensor | None, scale: float,
                  n_sink: int, middle: int, n_recent: int) -> None:
     """Raise ValueError naming the argument when shapes, dtypes, devices or counts do not fit (no device sync)."""
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"q must be (B, H, 1, D), got {tuple(q.shape)}")
-    if k.dim() != 4 or tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"k and v must both be (B, Hkv, Lk, D), got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, H, _, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)} (batch, head_dim)")
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
+    B, H, Hkv, Lk, D = check_decode_shapes(q, k, v)
     if Lk == 0:
         raise ValueError("k holds no key (Lk = 0)")
     if q.dtype not in _FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):

@@ -256,9 +256,9 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor | None,
-                 key_valid: Tensor | None) -> None:
-    """Raise ValueError naming the argument when shapes, dtypes or devices do not fit (no device sync)."""
+def check_decode_shapes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
+    """(B, H, Hkv, Lk, D) of one decode call; ValueError naming the argument when q is not (B, H, 1, D), k and v
+    not both (B, Hkv, Lk, D) with q's batch and head_dim, or H not a multiple of Hkv."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"q must be (B, H, 1, D), got {tuple(q.shape)}")
     if k.dim() != 4 or tuple(v.shape) != tuple(k.shape):
@@ -269,6 +269,13 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tenso
         raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)} (batch, head_dim)")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
+    return B, H, Hkv, Lk, D
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor | None,
+                 key_valid: Tensor | None) -> None:
+    """Raise ValueError naming the argument when shapes, dtypes or devices do not fit (no device sync)."""
+    B, H, Hkv, Lk, D = check_decode_shapes(q, k, v)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device == indices.device):
