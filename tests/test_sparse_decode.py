@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis_budget import examples
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparse_compile.attention_mask import AttentionMask, exact_attention_reference
 from sparse_compile.kernels.sparse_decode import sparse_decode_attention, sparse_decode_reference
@@ -193,6 +194,27 @@ def test_indices_none_is_every_key_with_validity(dtype, splits):
     again = sparse_decode_attention(q, k, v, None, scale=0.2, key_valid=key_valid, impl="triton", num_splits=splits)
     assert torch.equal(again[0], got[0])
     assert bool(torch.isnan(again[1]).all()) == bool(hit)
+
+
+def test_every_key_path_builds_no_index_list():
+    """indices=None on the kernel path dispatches no tensor op that writes memory (no arange of the Lk key ids: the
+    kernel reads no index; one launch per dense decode layer in a captured step), only empty allocations."""
+    q, k, v, _, _, _ = make(1, 4, 2, 1, 64, 300, 1, False, 0, torch.float32, 3)
+    seen: list[str] = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        sparse_decode_attention(q, k, v, None, impl="triton", num_splits=1)
+    # copy_ / set_: the Triton interpreter moving the kernel's arguments to and from host buffers
+    assert "arange" not in seen and set(seen) - {"copy_", "set_"} <= {"empty", "new_empty", "expand", "view"}, seen
+    seen.clear()
+    with Ops():  # the reference path does list every key
+        sparse_decode_attention(q, k, v, None, impl="reference")
+    assert "arange" in seen
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

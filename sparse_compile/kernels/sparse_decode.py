@@ -328,12 +328,12 @@ def sparse_decode_attention(
     launch: optional (BLOCK_N, num_warps, num_stages[, early_v]) override of the launch config (benchmarks;
     early_v: gather a chunk's V rows right after its K rows instead of after the scores).
     Returns (B, H, 1, D) in q's dtype."""
-    every_key = indices is None
-    if every_key:
-        indices = every_key_indices(k)
-    check_inputs(q, k, v, indices, counts, key_valid)
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    every_key = indices is None
+    if every_key:  # the kernel reads no index (slot n is key n): a launch-free stand-in unless the reference runs
+        indices = every_key_indices(k, values=not (impl == "triton" or (impl == "auto" and q.is_cuda)))
+    check_inputs(q, k, v, indices, counts, key_valid)
     B, H, _, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -376,7 +376,7 @@ def sparse_decode_attention(
     split_n = triton.cdiv(triton.cdiv(max(N, 1), num_splits), BLOCK_N) * BLOCK_N
     num_splits = max(1, triton.cdiv(N, split_n))
 
-    idx = indices if indices.stride(-1) == 1 else indices.contiguous()
+    idx = indices if every_key or indices.stride(-1) == 1 else indices.contiguous()  # every key: never read
     if out is None:
         out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # never read (its flags are off)
@@ -432,9 +432,12 @@ def counted_slots(indices: Tensor, counts: Tensor | None, kv_len: int, key_valid
     return ok
 
 
-def every_key_indices(k: Tensor) -> Tensor:
-    """indices = None spelled out: (B, 1, Lk) int32 [0, Lk), one set for every head (an expanded view)."""
+def every_key_indices(k: Tensor, values: bool = True) -> Tensor:
+    """indices = None spelled out: (B, 1, Lk) int32 [0, Lk), one set for every head (an expanded view). values=False:
+    the same shape, dtype and device with unset values and no kernel launch (for a kernel that reads no index)."""
     B, Lk = k.shape[0], k.shape[2]
+    if not values:
+        return torch.empty(1, 1, 1, device=k.device, dtype=torch.int32).expand(B, 1, Lk)
     return torch.arange(Lk, device=k.device, dtype=torch.int32).view(1, 1, Lk).expand(B, 1, Lk)
 
 
