@@ -357,11 +357,12 @@ def sparse_decode_attention(
     HP = H // P
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_H = max(16, triton.next_power_of_2(HP))
-    # index lists, D <= 128: 128 slots a program in one stage (scripts/tune_decode_launch.py, H100, 2048 slots per
-    # KV head, B = 1: 8.1 us against 10.1 for the former 64 slots x 3 stages; KERNEL_NOTES.md, "Sparse decode v3")
-    BLOCK_N = 128 if BLOCK_D <= 128 else 32
+    # index lists, D <= 128, 16-bit K/V: 128 slots a program in one stage (scripts/tune_decode_launch.py, H100, bf16,
+    # 2048 slots per KV head, B = 1: 8.1 us against 10.1 for 64 slots x 3 stages, still used for float32: not swept)
+    wide = BLOCK_D <= 128 and q.element_size() == 2
+    BLOCK_N = 128 if wide else (64 if BLOCK_D <= 128 else 32)
     num_warps = 4 if BLOCK_D <= 128 else 8
-    num_stages = 1 if BLOCK_D <= 128 else 3
+    num_stages = 1 if wide else 3
     per_sm = 2
     if every_key and BLOCK_D <= 128:  # decode_paths.py --sweep (H100, 32K/128K, B 1/4): within 1% of SDPA
         BLOCK_N, num_stages, per_sm = 128, 2, 4
