@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
+from decode_selection_oracle import against_eager
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
@@ -85,20 +85,11 @@ def main() -> None:
              f"steps; policy {policy.name}; eager PPL of the steps {math.exp(eager_nll.mean()):.4f}",
              "refresh agreement misses dPPL% kept_fraction"]
     print(lines[0], flush=True)
-    previous = model.config._attn_implementation
     for refresh in (int(r) for r in args.refresh.split(",")):
         kept: list[float] = []
-        AttentionInterface.register("decode_refresh", make_attention(policy, refresh, kept, {}))
-        model.set_attn_implementation("decode_refresh")
-        try:
-            runs = [decode_scores(model, model.config, ids, args.length) for _, ids in wins]
-        finally:
-            model.set_attn_implementation(previous)
-        nll = torch.cat([n for n, _ in runs]).double()
-        same = sum(int((t == e).sum()) for (_, t), (_, e) in zip(runs, eager, strict=True))
-        total = sum(t.numel() for _, t in runs)
-        dppl = 100 * (math.exp(nll.mean() - eager_nll.mean()) - 1)
-        lines.append(f"{refresh} {same / total:.4f} {total - same} {dppl:+.3f} {sum(kept) / max(len(kept), 1):.3f}")
+        agreement, misses, dppl = against_eager(model, wins, args.length, eager,
+                                                make_attention(policy, refresh, kept, {}))
+        lines.append(f"{refresh} {agreement:.4f} {misses} {dppl:+.3f} {sum(kept) / max(len(kept), 1):.3f}")
         print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

@@ -69,6 +69,23 @@ def make_attention(rule: str, budget: int, sink: int, recent: int, dense_layers:
     return attend
 
 
+def against_eager(model, wins: list, length: int, eager: list, attend) -> tuple[float, int, float]:
+    """(top-1 agreement, misses, dPPL %) of the teacher-forced steps of `wins` (eval's decode windows of `length` +
+    steps tokens) with `attend` as the model's attention function, against `eager` (decode_scores per window)."""
+    previous = model.config._attn_implementation
+    AttentionInterface.register("decode_probe", attend)
+    model.set_attn_implementation("decode_probe")
+    try:
+        runs = [decode_scores(model, model.config, ids, length) for _, ids in wins]
+    finally:
+        model.set_attn_implementation(previous)
+    nll = torch.cat([n for n, _ in runs]).double()
+    eager_nll = torch.cat([n for n, _ in eager]).double()
+    same = sum(int((t == e).sum()) for (_, t), (_, e) in zip(runs, eager, strict=True))
+    total = sum(t.numel() for _, t in runs)
+    return same / total, total - same, 100 * (math.exp(nll.mean() - eager_nll.mean()) - 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -93,21 +110,11 @@ def main() -> None:
              f"exact; eager PPL of the steps {math.exp(eager_nll.mean()):.4f}",
              "rule agreement misses dPPL% kept_fraction"]
     print(lines[0], flush=True)
-    previous = model.config._attn_implementation
     for rule in args.rules.split(","):
         kept: list[float] = []
-        AttentionInterface.register("decode_oracle", make_attention(rule, args.budget, args.sink, args.recent,
-                                                                    args.dense_layers, kept))
-        model.set_attn_implementation("decode_oracle")
-        try:
-            runs = [decode_scores(model, model.config, ids, args.length) for _, ids in wins]
-        finally:
-            model.set_attn_implementation(previous)
-        nll = torch.cat([n for n, _ in runs]).double()
-        same = sum(int((t == e).sum()) for (_, t), (_, e) in zip(runs, eager, strict=True))
-        total = sum(t.numel() for _, t in runs)
-        dppl = 100 * (math.exp(nll.mean() - eager_nll.mean()) - 1)
-        lines.append(f"{rule} {same / total:.4f} {total - same} {dppl:+.3f} {sum(kept) / max(len(kept), 1):.3f}")
+        attend = make_attention(rule, args.budget, args.sink, args.recent, args.dense_layers, kept)
+        agreement, misses, dppl = against_eager(model, wins, args.length, eager, attend)
+        lines.append(f"{rule} {agreement:.4f} {misses} {dppl:+.3f} {sum(kept) / max(len(kept), 1):.3f}")
         print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

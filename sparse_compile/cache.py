@@ -130,6 +130,14 @@ def model_facts(config: Any) -> dict[str, Any]:
             "rotary_dim": rotary, "layout": layout}
 
 
+def query_head_dims(per_head: tuple[tuple[int, ...], ...], facts: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The dim tuple of each of the H query heads from per_head: one tuple per query head (len H), per KV head
+    (len Hkv: its group's heads share it) or one for all (len 1)."""
+    H, Hkv = facts["num_heads"], facts["num_kv_heads"]
+    group = H // Hkv
+    return [per_head[0 if len(per_head) == 1 else (h if len(per_head) == H else h // group)] for h in range(H)]
+
+
 def kv_head_dims(per_head: tuple[tuple[int, ...], ...], facts: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """(dims (Hkv, n) int64, member (H, n) float32) from one layer's per-head dim tuples.
 
@@ -138,7 +146,7 @@ def kv_head_dims(per_head: tuple[tuple[int, ...], ...], facts: dict[str, Any]) -
     first dim; member[h, j] = 1 iff dims[h // group, j] is one of h's dims (0 on the padding)."""
     H, Hkv = facts["num_heads"], facts["num_kv_heads"]
     group = H // Hkv
-    own = [per_head[0 if len(per_head) == 1 else (h if len(per_head) == H else h // group)] for h in range(H)]
+    own = query_head_dims(per_head, facts)
     unions = [sorted({d for h in range(g * group, (g + 1) * group) for d in own[h]}) for g in range(Hkv)]
     n = max(len(u) for u in unions)
     dims = torch.tensor([u + [u[0]] * (n - len(u)) for u in unions], dtype=torch.int64)
@@ -155,10 +163,8 @@ def full_dim_tables(per_head: tuple[tuple[int, ...], ...], facts: dict[str, Any]
     scores K's own rows) and member[h, d] = 1 iff d is one of query head h's dims (per_head as `kv_head_dims`).
     Kept by the layer so that the decode node reads them as graph inputs instead of building them per call."""
     H, Hkv, D = facts["num_heads"], facts["num_kv_heads"], facts["head_dim"]
-    group = H // Hkv
     member = torch.zeros(H, D, dtype=torch.float32)
-    for h in range(H):
-        own = per_head[0 if len(per_head) == 1 else (h if len(per_head) == H else h // group)]
+    for h, own in enumerate(query_head_dims(per_head, facts)):
         member[h, list(own)] = 1.0
     return torch.arange(D, dtype=torch.int64).repeat(Hkv, 1), member
 
