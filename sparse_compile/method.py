@@ -43,6 +43,13 @@ SparseCache layer that keeps them, the pass hands them to the node, and the meth
 keyword argument, `cache=` (ops.CacheBuffers: the buffers and the page size); with any other cache it is not
 passed and the method runs as it always did.
 
+Methods whose decode selection reads a per-key state of the mask (visible, forced sink/recent keys:
+kernels/key_state.py) declare `key_state_forced(params) -> (sink, recent)`. The state is the same for every
+layer of one decode step that shares the mask and those counts, so the pass computes it once per step (one
+`sparse_compile::key_state` node) and hands it to each such node; the method's attention then gets
+`key_state=` (KeyState) and does not recompute it. Without it (tools, a site the pass could not share it
+for) the method computes its own.
+
 What the tools need (the `bench`, `eval` and `calibrate` harnesses read these; the core never does):
     bench_cases   the configurations `bench` times: phase, Params overrides, role (BenchCase)
     knobs         what `calibrate` tunes and how: the Params fields, the procedure, the phase (Knob)
@@ -141,6 +148,17 @@ class CacheBuffers:
 
 
 @dataclass(frozen=True)
+class KeyState:
+    """The per-key state of one decode step's mask, computed once and shared by the layers that read it.
+
+    state: (B, Lk) int8, 0 invisible, 1 visible, 2 visible and forced (one of the first `sink` or the last
+    `recent` visible keys of its row; kernels/key_state.py); n_visible: (B,) int32 visible keys per row."""
+
+    state: Tensor
+    n_visible: Tensor
+
+
+@dataclass(frozen=True)
 class Method:
     """One attention method a fused node can run (see the module docstring).
 
@@ -168,6 +186,8 @@ class Method:
         (token_sparse: ("kept", "inner")); the node then returns (B, H, 1 + len(density_parts)) and the
         Report shows each factor per layer.
     cache_buffers: the SparseCache buffers its attention reads through `cache=` (module docstring); () for none.
+    key_state_forced: (params) -> (sink, recent): the forced counts of the per-key state its decode selection
+        reads through `key_state=` (module docstring), or None for a method that reads none.
     bench_cases, knobs: what the tools read (module docstring): every method declares at least one bench
         case per phase it runs in; knobs may be empty (nothing to calibrate, e.g. dense).
     """
@@ -185,6 +205,7 @@ class Method:
     notes: Callable[[Any, Any], str | None] | None = None
     density_parts: tuple[str, ...] = ()
     cache_buffers: tuple[str, ...] = ()
+    key_state_forced: Callable[[Any], tuple[int, int]] | None = None
     bench_cases: tuple[BenchCase, ...] = ()
     knobs: tuple[Knob, ...] = ()
 

@@ -3,7 +3,8 @@
 Its arguments name everything that will run, so a printed graph shows it:
 
     attention(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None,
-              key_dims=None, dims=None, member=None, page_min=None, page_max=None, page_size=0)
+              key_dims=None, dims=None, member=None, page_min=None, page_max=None, page_size=0,
+              key_state=None, n_visible=None)
       q: (B, H, Lq, D) post-RoPE queries (float16/bfloat16/float32; float64 on CPU)
       k, v: (B, Hkv, Lk, D) keys/values after the cache update, *before* GQA expansion
       key_valid: (B, Lk) bool or None — padding (False = never attend)
@@ -21,6 +22,9 @@ Its arguments name everything that will run, so a printed graph shows it:
              page_min / page_max (B, Hkv, ceil(Lk / P), D) per-page key min / max, page_size P (int).
              A method that reads them (FASA, LessIsMore's selecting layers) runs its two-stage selection
              (methods/two_stage.py): pages ranked by their bound, then its exact scoring of the candidates.
+      key_state, n_visible: (B, Lk) int8 and (B,) int32, both or neither: the decode step's per-key state
+             (`key_state` below) for a method that reads one (`Method.key_state_forced`); None: it computes
+             its own.
     returns (out (B, H, Lq, Dv) in q's dtype,
              density (B, H) float32: the fraction of the allowed key blocks that were computed,
                      1.0 for exact attention; (B, H, 1 + F) for a method with F `density_parts`
@@ -34,6 +38,11 @@ selection (`Method.selection_role`, e.g. LessIsMore): two more arguments, `selec
 output, the selection this node made ((B, N) int32 padded with -1 for role "select"; (B, 0) otherwise).
 When a call falls back, a "select" node returns an all -1 selection and its "reuse" layers fall back too
 (they see the same lengths, mask and shapes).
+
+`torch.ops.sparse_compile.key_state(key_valid, causal, q_offset, window, sink, recent, q_offset_tensor=None)`
+-> (state (B, Lk) int8, n_visible (B,) int32) is the per-key state of a decode step's mask
+(kernels/key_state.py): the pass inserts one per step and mask and hands it to every node that reads it,
+so the layers of one step share two launches instead of each making them.
 
 `torch.ops.sparse_compile.attention_outside_graphs` is the same node for methods whose CUDA path
 cannot be captured in a CUDA graph (`Method.capturable_phases` without the node's phase): it carries the
@@ -55,7 +64,8 @@ from typing import Any
 import torch
 
 from sparse_compile.attention_mask import AttentionMask, SiteFacts
-from sparse_compile.method import CacheBuffers, CallShape, Method
+from sparse_compile.kernels.key_state import key_state_from_mask
+from sparse_compile.method import CacheBuffers, CallShape, KeyState, Method
 from sparse_compile.methods import METHODS
 from sparse_compile.params import canonical_json, params_from_mapping, params_to_dict
 
@@ -190,10 +200,18 @@ class NodeCall:
     selection: torch.Tensor | None = None
     role: str = ""
     cache: CacheBuffers | None = None
+    key_state: KeyState | None = None
 
     def cache_for(self, method: Method) -> dict[str, Any]:
-        """{"cache": the buffers} for a method that reads them (`Method.cache_buffers`), else {}."""
-        return {"cache": self.cache} if self.cache is not None and method.cache_buffers else {}
+        """The keyword arguments `method`'s attention takes from this call: {"cache": the buffers} for a method
+        that reads them (`Method.cache_buffers`), {"key_state": the shared state} for one that reads it
+        (`Method.key_state_forced`)."""
+        extra: dict[str, Any] = {}
+        if self.cache is not None and method.cache_buffers:
+            extra["cache"] = self.cache
+        if self.key_state is not None and method.key_state_forced is not None:
+            extra["key_state"] = self.key_state
+        return extra
 
     @property
     def shape(self) -> CallShape:
@@ -237,7 +255,8 @@ def bind_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torc
               q_offset_tensor: torch.Tensor | None = None, key_dims: torch.Tensor | None = None,
               dims: torch.Tensor | None = None, member: torch.Tensor | None = None,
               page_min: torch.Tensor | None = None, page_max: torch.Tensor | None = None,
-              page_size: int = 0) -> NodeCall:
+              page_size: int = 0, key_state: torch.Tensor | None = None,
+              n_visible: torch.Tensor | None = None) -> NodeCall:
     """The node's arguments (either op's signature) checked and bound; ValueError names a bad one."""
     if q_offset_tensor is not None:
         if q_offset_tensor.dim() != 0 or q_offset_tensor.dtype not in (torch.int64, torch.int32):
@@ -250,7 +269,27 @@ def bind_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torc
         key_valid=None if key_valid is None else key_valid.to(torch.bool), dense_mask=dense_mask,
     )
     cache = cache_buffers(q, k, key_dims, dims, member, page_min, page_max, page_size)
-    return NodeCall(q, k, v, mask, scale, parse_config(config), selection, role, cache)
+    return NodeCall(q, k, v, mask, scale, parse_config(config), selection, role, cache,
+                    bind_key_state(q, k, key_state, n_visible))
+
+
+def bind_key_state(q: torch.Tensor, k: torch.Tensor, state: torch.Tensor | None,
+                   n_visible: torch.Tensor | None) -> KeyState | None:
+    """The node's shared key state checked and bound (None without one); ValueError names a bad one.
+    q: (B, H, Lq, D); k: (B, Hkv, Lk, D)."""
+    if state is None and n_visible is None:
+        return None
+    if state is None or n_visible is None:
+        raise ValueError("key_state and n_visible come together: give both or neither")
+    B, Lk = k.shape[0], k.shape[2]
+    if tuple(state.shape) != (B, Lk) or state.dtype != torch.int8:
+        raise ValueError(f"key_state must be (B, Lk) = {(B, Lk)} int8, got {tuple(state.shape)} {state.dtype}")
+    if tuple(n_visible.shape) != (B,) or n_visible.dtype != torch.int32:
+        raise ValueError(f"n_visible must be (B,) = ({B},) int32, got {tuple(n_visible.shape)} {n_visible.dtype}")
+    if state.device != q.device or n_visible.device != q.device:
+        raise ValueError(f"key_state ({state.device}) and n_visible ({n_visible.device}) must be on q's device "
+                         f"{q.device}")
+    return KeyState(state, n_visible)
 
 
 def node_call_of(func: Any, args: tuple, kwargs: dict | None = None) -> NodeCall | None:
@@ -266,11 +305,13 @@ def node_call_of(func: Any, args: tuple, kwargs: dict | None = None) -> NodeCall
 
 
 def run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None,
-             key_dims=None, dims=None, member=None, page_min=None, page_max=None, page_size=0):
+             key_dims=None, dims=None, member=None, page_min=None, page_max=None, page_size=0, key_state=None,
+             n_visible=None):
     """The node's computation: fallback decision, then the method (or exact attention)."""
     call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config,
                      q_offset_tensor=q_offset_tensor, key_dims=key_dims, dims=dims, member=member,
-                     page_min=page_min, page_max=page_max, page_size=page_size)
+                     page_min=page_min, page_max=page_max, page_size=page_size, key_state=key_state,
+                     n_visible=n_visible)
     plan = call.plan()
     out, density = call.run(plan)
     return out.contiguous(), with_factors(density, call.node.method), torch.full((), plan.code, dtype=torch.int32,
@@ -287,7 +328,8 @@ def with_factors(density: torch.Tensor, method) -> torch.Tensor:
 
 
 def fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor=None,
-              key_dims=None, dims=None, member=None, page_min=None, page_max=None, page_size=0):
+              key_dims=None, dims=None, member=None, page_min=None, page_max=None, page_size=0, key_state=None,
+              n_visible=None):
     B, H, Lq, _ = q.shape
     parts = len(parse_config(config).method.density_parts)
     density = q.new_empty((B, H, 1 + parts) if parts else (B, H), dtype=torch.float32)
@@ -301,10 +343,11 @@ def attention(
     dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
     q_offset_tensor: torch.Tensor | None = None, key_dims: torch.Tensor | None = None,
     dims: torch.Tensor | None = None, member: torch.Tensor | None = None, page_min: torch.Tensor | None = None,
-    page_max: torch.Tensor | None = None, page_size: int = 0,
+    page_max: torch.Tensor | None = None, page_size: int = 0, key_state: torch.Tensor | None = None,
+    n_visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor,
-                    key_dims, dims, member, page_min, page_max, page_size)
+                    key_dims, dims, member, page_min, page_max, page_size, key_state, n_visible)
 
 
 @torch.library.custom_op("sparse_compile::attention_outside_graphs", mutates_args=(),
@@ -314,10 +357,11 @@ def attention_outside_graphs(
     dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int, config: str,
     q_offset_tensor: torch.Tensor | None = None, key_dims: torch.Tensor | None = None,
     dims: torch.Tensor | None = None, member: torch.Tensor | None = None, page_min: torch.Tensor | None = None,
-    page_max: torch.Tensor | None = None, page_size: int = 0,
+    page_max: torch.Tensor | None = None, page_size: int = 0, key_state: torch.Tensor | None = None,
+    n_visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return run_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, q_offset_tensor,
-                    key_dims, dims, member, page_min, page_max, page_size)
+                    key_dims, dims, member, page_min, page_max, page_size, key_state, n_visible)
 
 
 attention.register_fake(fake_node)
@@ -328,12 +372,12 @@ ROLES = ("exact", "select", "reuse")
 
 def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
                      q_offset_tensor=None, key_dims=None, dims=None, member=None, page_min=None, page_max=None,
-                     page_size=0):
+                     page_size=0, key_state=None, n_visible=None):
     """The node of a selection-sharing method: fallback decision, then the method's role."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     call = bind_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
-                     q_offset_tensor, key_dims, dims, member, page_min, page_max, page_size)
+                     q_offset_tensor, key_dims, dims, member, page_min, page_max, page_size, key_state, n_visible)
     node = call.node
     if node.method.selection_size is None:
         raise ValueError(f"method {node.method.name!r} does not share selections")
@@ -354,7 +398,7 @@ def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, wi
 
 def fake_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
                       q_offset_tensor=None, key_dims=None, dims=None, member=None, page_min=None, page_max=None,
-                      page_size=0):
+                      page_size=0, key_state=None, n_visible=None):
     node = parse_config(config)
     width = node.method.selection_size(node.params) if role == "select" else 0
     return fake_node(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config) + (
@@ -368,10 +412,40 @@ def attention_sharing_selection(
     selection: torch.Tensor | None, role: str,
     q_offset_tensor: torch.Tensor | None = None, key_dims: torch.Tensor | None = None,
     dims: torch.Tensor | None = None, member: torch.Tensor | None = None, page_min: torch.Tensor | None = None,
-    page_max: torch.Tensor | None = None, page_size: int = 0,
+    page_max: torch.Tensor | None = None, page_size: int = 0, key_state: torch.Tensor | None = None,
+    n_visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, window, config, selection, role,
-                            q_offset_tensor, key_dims, dims, member, page_min, page_max, page_size)
+                            q_offset_tensor, key_dims, dims, member, page_min, page_max, page_size, key_state,
+                            n_visible)
 
 
 attention_sharing_selection.register_fake(fake_node_sharing)
+
+
+def run_key_state(key_valid: torch.Tensor, causal: bool, q_offset: int, window: int, sink: int, recent: int,
+                  q_offset_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(state (B, Lk) int8, n_visible (B,) int32) of one decode query whose keys' padding is key_valid (B, Lk)
+    bool (kernels/key_state.py; Triton on CUDA). q_offset_tensor: as the attention node's."""
+    if key_valid.dim() != 2:
+        raise ValueError(f"key_valid must be (B, Lk), got {tuple(key_valid.shape)}")
+    if q_offset_tensor is not None:
+        if q_offset_tensor.dim() != 0 or q_offset_tensor.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"q_offset_tensor must be a 0-d int64/int32 tensor, got "
+                             f"{tuple(q_offset_tensor.shape)} {q_offset_tensor.dtype}")
+        q_offset = q_offset + int(q_offset_tensor)
+    B, Lk = key_valid.shape
+    return key_state_from_mask(B, Lk, q_pos=q_offset, causal=causal, window=window, key_valid=key_valid.to(torch.bool),
+                               sink=sink, recent=recent, device=key_valid.device)
+
+
+@torch.library.custom_op("sparse_compile::key_state", mutates_args=())
+def key_state(key_valid: torch.Tensor, causal: bool, q_offset: int, window: int, sink: int, recent: int,
+              q_offset_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return run_key_state(key_valid, causal, q_offset, window, sink, recent, q_offset_tensor)
+
+
+@key_state.register_fake
+def _fake_key_state(key_valid, causal, q_offset, window, sink, recent, q_offset_tensor=None):
+    B, Lk = key_valid.shape
+    return (key_valid.new_empty((B, Lk), dtype=torch.int8), key_valid.new_empty((B,), dtype=torch.int32))

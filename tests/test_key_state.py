@@ -55,3 +55,26 @@ def test_forced_keys_are_the_first_and_last_visible():
 def test_bad_arguments_name_the_problem(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
+
+
+def test_shared_key_state_op_equals_the_reference_and_the_node_checks_it():
+    """`sparse_compile::key_state` (the node the pass shares across a decode step's layers) equals the reference
+    with the StaticCache's host offset added; the attention node rejects a key state that does not fit its keys."""
+    import sparse_compile.ops  # noqa: F401 - registers the ops
+    from sparse_compile.ops import bind_key_state
+
+    gen = torch.Generator().manual_seed(3)
+    key_valid = torch.rand(2, 300, generator=gen) < 0.8
+    state, n_visible = torch.ops.sparse_compile.key_state(key_valid, True, 100, 0, 4, 16,
+                                                          q_offset_tensor=torch.tensor(150))
+    ref_state, ref_n = key_state_from_mask_reference(2, 300, q_pos=250, key_valid=key_valid, sink=4, recent=16)
+    assert torch.equal(state, ref_state) and torch.equal(n_visible, ref_n.to(torch.int32))
+
+    q, k = torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 300, 8)
+    assert bind_key_state(q, k, state, n_visible).state is state
+    with pytest.raises(ValueError, match="key_state and n_visible come together"):
+        bind_key_state(q, k, state, None)
+    with pytest.raises(ValueError, match=r"key_state must be \(B, Lk\) = \(2, 300\) int8"):
+        bind_key_state(q, k, state[:, :299], n_visible)
+    with pytest.raises(ValueError, match="n_visible must be"):
+        bind_key_state(q, k, state, n_visible.long())

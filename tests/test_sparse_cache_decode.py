@@ -72,7 +72,8 @@ def decode_graph(model, cache) -> torch.fx.GraphModule:
 def test_decode_node_takes_the_buffers_of_the_cache_update_it_follows():
     """SparseCache: each FASA decode node's keyword arguments are the very nodes its layer's cache_update wrote
     (key_dims, page_min, page_max, dims, member) and the page size; the Report names them. StaticCache: the node
-    has no such argument (rewritten as before)."""
+    has no such argument (rewritten as before). Both: the step's key state comes from one `key_state` node that
+    every FASA node reads (computed once per step, before the first of them)."""
     model = tiny_llama(2)
     policy = load_policy(fasa_policy(4.0))
     gm = decode_graph(model, SparseCache(model, max_cache_len=L_CACHE, policy=policy, page_size=PAGE))
@@ -81,18 +82,34 @@ def test_decode_node_takes_the_buffers_of_the_cache_update_it_follows():
     nodes = [n for n in gm.graph.nodes if n.target is OP]
     assert len(nodes) == len(updates) == 2
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    shared = shared_key_state(gm, nodes)
     for node, update in zip(nodes, updates, strict=True):
         key_dims, page_min, page_max, _, dims, _, k_new, size, member = update.args
         assert node.kwargs == {"key_dims": key_dims, "dims": dims, "member": member, "page_min": page_min,
-                               "page_max": page_max, "page_size": PAGE}
+                               "page_max": page_max, "page_size": PAGE} | shared
         assert order[update] < order[node]  # the node reads the summaries after this step's write
     assert [s.cache_buffers for s in sites] == ["key_dims, dims, member, page_min, page_max (P=16)"] * 2
 
     gm = decode_graph(model, StaticCache(model.config, max_cache_len=L_CACHE))
     gm, sites, _, _ = rewrite_attention(gm, policy)
     nodes = [n for n in gm.graph.nodes if n.target is OP]
-    assert len(nodes) == 2 and all(set(n.kwargs) <= {"q_offset_tensor"} for n in nodes)
+    shared = shared_key_state(gm, nodes)
+    assert len(nodes) == 2 and all(set(n.kwargs) - set(shared) <= {"q_offset_tensor"} for n in nodes)
     assert [s.cache_buffers for s in sites] == ["", ""]
+
+
+def shared_key_state(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> dict[str, torch.fx.Node]:
+    """The one `key_state` node's outputs, asserted to be every node's key_state / n_visible arguments and to come
+    before the first node; returns them as the nodes' keyword arguments."""
+    made = [n for n in gm.graph.nodes if n.target is torch.ops.sparse_compile.key_state.default]
+    assert len(made) == 1
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    shared = {"key_state": nodes[0].kwargs["key_state"], "n_visible": nodes[0].kwargs["n_visible"]}
+    assert [shared["key_state"].args, shared["n_visible"].args] == [(made[0], 0), (made[0], 1)]
+    assert all(n.kwargs["key_state"] is shared["key_state"] and n.kwargs["n_visible"] is shared["n_visible"]
+               for n in nodes)
+    assert order[made[0]] < order[nodes[0]]
+    return shared
 
 
 def test_lessismore_selecting_node_takes_the_pages_only():

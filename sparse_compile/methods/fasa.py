@@ -66,7 +66,7 @@ from sparse_compile.kernels.kept_density import kept_density
 from sparse_compile.kernels.key_state import key_state_from_mask
 from sparse_compile.kernels.sparse_decode import kernel_unsupported, sparse_decode_attention
 from sparse_compile.layers import in_layers, layer_list  # noqa: F401 - in_layers re-exported
-from sparse_compile.method import GQA_MODES, BenchCase, CacheBuffers, Knob, Method
+from sparse_compile.method import GQA_MODES, BenchCase, CacheBuffers, KeyState, Knob, Method
 from sparse_compile.methods.two_stage import fasa_two_stage, kept_pages
 from sparse_compile.params import MethodParams, param
 
@@ -266,18 +266,27 @@ def row_budget(params: FasaParams, mask: AttentionMask, Lk: int, S: int,
     return slots, want[:, None].expand(n_visible.shape[0], S)
 
 
+def step_key_state(q: Tensor, k: Tensor, mask: AttentionMask, params: FasaParams,
+                   shared: KeyState | None = None) -> tuple[Tensor, Tensor]:
+    """(state (B, Lk) int8, n_visible (B,) int32) of this decode call (kernels/key_state.py): the step's shared
+    one when the pass handed it (computed once for the layers of a step), else computed here."""
+    if shared is not None:
+        return shared.state, shared.n_visible
+    return key_state_from_mask(q.shape[0], k.shape[2], q_pos=mask.q_offset, causal=mask.causal, window=mask.window,
+                               key_valid=mask.key_valid, sink=params.sink, recent=params.recent, device=q.device)
+
+
 def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
-                scale: float | None = None) -> Selection:
-    """Steps 1-3 of kernels/fasa.py for one decode call. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D)."""
+                scale: float | None = None, key_state: KeyState | None = None) -> Selection:
+    """Steps 1-3 of kernels/fasa.py for one decode call. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D); key_state: the
+    step's shared key state or None."""
     B, H, _, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     segs, member = site_chunk_tables(params, site, H, Hkv, D, q.device)
     per_kv_head = params.gqa == "per_kv_head"
     padded = mask.key_valid is not None
     if padded or not q.is_cuda:  # visibility as a state vector (ranks for sink/recent)
-        state, n_visible = key_state_from_mask(B, Lk, q_pos=mask.q_offset, causal=mask.causal, window=mask.window,
-                                               key_valid=mask.key_valid, sink=params.sink, recent=params.recent,
-                                               device=q.device)
+        state, n_visible = step_key_state(q, k, mask, params, key_state)
     if q.is_cuda:
         scores = fasa_scores(q, k, segs, member, per_kv_head=per_kv_head, causal=mask.causal, q_offset=mask.q_offset,
                              window=mask.window, state=state if padded else None, sink=params.sink,
@@ -296,16 +305,15 @@ def fasa_select(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: Site
 
 
 def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
-                     cache: CacheBuffers) -> Selection:
+                     cache: CacheBuffers, key_state: KeyState | None = None) -> Selection:
     """FASA's selection through a SparseCache's page summaries and dims copy (module docstring).
 
     q: (B, H, 1, D); k: (B, Hkv, Lk, D); cache: key_dims (B, Hkv, Lk, n) / dims (Hkv, n) / member (H, n), or
-    None (read K with this layer's own dims), page_min / page_max (B, Hkv, ceil(Lk / P), D)."""
+    None (read K with this layer's own dims), page_min / page_max (B, Hkv, ceil(Lk / P), D); key_state: the
+    step's shared key state or None (computed here)."""
     B, H, _, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    state, n_visible = key_state_from_mask(B, Lk, q_pos=mask.q_offset, causal=mask.causal, window=mask.window,
-                                           key_valid=mask.key_valid, sink=params.sink, recent=params.recent,
-                                           device=q.device)
+    state, n_visible = step_key_state(q, k, mask, params, key_state)
     S = Hkv if params.gqa == "per_kv_head" else H
     slots, counts = row_budget(params, mask, Lk, S, None if mask.key_valid is None else n_visible)
     key_dims, dims, member = cache.key_dims, cache.dims, cache.member
@@ -336,15 +344,17 @@ def two_stage_select(q: Tensor, k: Tensor, mask: AttentionMask, site: SiteFacts,
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, site: SiteFacts, params: FasaParams,
-              scale: float | None = None, cache: CacheBuffers | None = None) -> tuple[Tensor, Tensor]:
+              scale: float | None = None, cache: CacheBuffers | None = None,
+              key_state: KeyState | None = None) -> tuple[Tensor, Tensor]:
     """FASA decode. q: (B, H, 1, D); k, v: (B, Hkv, Lk, D) post-RoPE; cache: a SparseCache layer's buffers
-    (two-stage selection) or None. Returns (out (B, H, 1, D) in q's dtype, density (B, H) float32 = kept /
-    visible keys). Called only for calls `unsupported` accepts."""
+    (two-stage selection) or None; key_state: the step's per-key state for (params.sink, params.recent), shared
+    by the layers of the step (the pass's `key_state` node), or None (computed here). Returns (out (B, H, 1, D)
+    in q's dtype, density (B, H) float32 = kept / visible keys). Called only for calls `unsupported` accepts."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if cache is not None:
-        sel = two_stage_select(q, k, mask, site, params, cache)
+        sel = two_stage_select(q, k, mask, site, params, cache, key_state)
     else:
-        sel = fasa_select(q, k, v, mask, site, params, scale)
+        sel = fasa_select(q, k, v, mask, site, params, scale, key_state)
     out = sparse_decode_attention(q, k, v, sel.indices, scale=scale)
     return out, sel.density
 
@@ -362,6 +372,7 @@ METHOD = Method(
     notes=notes,
     select=fasa_select,
     cache_buffers=("key_dims", "dims", "member", "page_min", "page_max"),
+    key_state_forced=lambda params: (params.sink, params.recent),
     capturable_phases=("decode",),  # Triton scores, torch.topk, the split-K kernel: no host sync on CUDA
     summary="decode: top tokens by a few dominant RoPE frequency chunks of q.k, exact attention over them (FASA)",
     bench_cases=(BenchCase("decode"), BenchCase("decode", "b2048", (("budget", 2048),)),

@@ -15,6 +15,10 @@ method lists `Method.cache_buffers` gets those buffers as keyword arguments of i
 very nodes the `cache_update` wrote, so the node runs after the write and reads the new summaries); the
 method then runs its two-stage selection. Any other site is rewritten without them.
 
+A decode site whose method reads a per-key state of the mask (`Method.key_state_forced`: FASA) gets it from
+one `sparse_compile::key_state` node shared by every such site of the graph with the same padding mask, offsets
+and forced counts (`key_state_kwargs`): the state is computed once per decode step, not once per layer.
+
 A site whose method cannot be captured in CUDA graphs in its phase gets the tagged twin op
 `attention_outside_graphs`. Fallbacks decidable from the traced shapes are recorded on the Site
 at compile time by the same `fallback_reason` the op runs at every call.
@@ -42,6 +46,7 @@ from sparse_compile.report import Rejection, Site
 OP = torch.ops.sparse_compile.attention.default
 OP_OUTSIDE_GRAPHS = torch.ops.sparse_compile.attention_outside_graphs.default
 OP_SHARING = torch.ops.sparse_compile.attention_sharing_selection.default
+OP_KEY_STATE = torch.ops.sparse_compile.key_state.default
 
 
 def offset_argument(graph: fx.Graph, mask: MaskMatch) -> tuple[Any, fx.Node | None]:
@@ -137,6 +142,47 @@ def cache_kwargs(site: SiteMatch, method: str, role: str) -> dict[str, Any]:
     return out
 
 
+def key_state_kwargs(graph: fx.Graph, site: SiteMatch, method: str, params: Any, role: str, static: str,
+                     shared: dict[tuple, dict[str, fx.Node]]) -> dict[str, Any]:
+    """{"key_state": node, "n_visible": node} for a decode site whose method reads a key state
+    (`Method.key_state_forced`) and whose mask is structure with a padding mask of exactly Lk columns, else {}.
+    shared: the graph's key-state nodes by (padding mask, offsets, causal, window, sink, recent); a site with a
+    key already there reuses its nodes, else one `key_state` node is inserted before this site (after its mask,
+    before every later site that reads the same mask). static: the site's compile-time fallback ("" if none):
+    a site that never runs its method gets no key state."""
+    forced = METHODS[method].key_state_forced
+    mask = site.mask
+    if (forced is None or site.phase != "decode" or role in ("exact", "reuse") or static
+            or mask.dense_mask is not None or mask.key_valid is None or mask.key_valid_needs_cut):
+        return {}
+    sink, recent = forced(params)
+    key = (mask.key_valid, mask.key_valid_from_4d, mask.q_offset_terms, mask.kv_offset_terms, mask.causal,
+           int(mask.window), sink, recent)
+    if key not in shared:
+        with graph.inserting_before(site.sdpa):
+            key_valid = node_key_valid(graph, site)
+            offset, offset_tensor = offset_argument(graph, mask)
+            state = graph.call_function(
+                OP_KEY_STATE, (key_valid, mask.causal, offset, int(mask.window), sink, recent),
+                {} if offset_tensor is None else {"q_offset_tensor": offset_tensor})
+            shared[key] = {"key_state": graph.call_function(operator.getitem, (state, 0)),
+                           "n_visible": graph.call_function(operator.getitem, (state, 1))}
+    return shared[key]
+
+
+def node_key_valid(graph: fx.Graph, site: SiteMatch) -> fx.Node | None:
+    """The node's (B, Lk) padding mask argument, built at the insertion point: the mask's key_valid, its
+    [:, 0, 0] when it is a (B, 1, 1, Lk) tensor, cut to Lk columns when its width is not provably Lk."""
+    mask = site.mask
+    key_valid = mask.key_valid
+    if key_valid is not None and mask.key_valid_from_4d:
+        key_valid = graph.call_function(operator.getitem, (key_valid, (slice(None), 0, 0)))
+    if key_valid is not None and mask.key_valid_needs_cut:
+        kv_len = graph.call_method("size", (site.k, 2))
+        key_valid = graph.call_function(operator.getitem, (key_valid, (slice(None), slice(None, kv_len))))
+    return key_valid
+
+
 def describe_cache(kwargs: dict[str, Any]) -> str:
     """The Site's `cache_buffers` line: the buffer names the node takes and the page size, or ""."""
     if not kwargs:
@@ -163,15 +209,11 @@ def rewrite_site(graph: fx.Graph, site: SiteMatch, config: str, op: Any,
                  sharing: tuple[Any, str] | None = None, cache: dict[str, Any] | None = None) -> tuple[fx.Node, ...]:
     """Insert the fused node for one site, rewire SDPA's users to it; returns its (density, fallback) and,
     for a selection-sharing node (sharing = (selection node or None, role)), its selection output. cache:
-    the SparseCache keyword arguments (`cache_kwargs`), or None."""
+    the node's keyword arguments from the SparseCache (`cache_kwargs`) and the shared key state
+    (`key_state_kwargs`), or None."""
     mask = site.mask
     with graph.inserting_before(site.sdpa):
-        key_valid = mask.key_valid
-        if key_valid is not None and mask.key_valid_from_4d:
-            key_valid = graph.call_function(operator.getitem, (key_valid, (slice(None), 0, 0)))
-        if key_valid is not None and mask.key_valid_needs_cut:
-            kv_len = graph.call_method("size", (site.k, 2))
-            key_valid = graph.call_function(operator.getitem, (key_valid, (slice(None), slice(None, kv_len))))
+        key_valid = node_key_valid(graph, site)
         offset, offset_tensor = offset_argument(graph, mask)
         fused = graph.call_function(
             op,
@@ -232,6 +274,7 @@ def rewrite_attention(
     dead: set[fx.Node] = set()
     roles = selection_roles(matches, policy)
     latest_selection: dict[tuple[str, str], fx.Node] = {}
+    key_states: dict[tuple, dict[str, fx.Node]] = {}
     for index, site in enumerate(matches):
         phase = policy.phase(site.phase)
         method, params = phase.for_layer(site.layer)
@@ -246,8 +289,10 @@ def rewrite_attention(
         captured = site.phase in METHODS[method].capturable_phases and not reads_host_offset(site.mask)
         role = roles.get(index, "")
         cache = cache_kwargs(site, method, role)
-        sites.append(site_record(site, graph_index, method, params, phase.min_seq_len, static_fallback(site, config),
-                                 captured, role, describe_cache(cache)))
+        static = static_fallback(site, config)
+        sites.append(site_record(site, graph_index, method, params, phase.min_seq_len, static, captured, role,
+                                 describe_cache(cache)))
+        cache = cache | key_state_kwargs(gm.graph, site, method, params, role, static, key_states)
         dense_mask = site.sdpa.kwargs.get("attn_mask", site.sdpa.args[3] if len(site.sdpa.args) > 3 else None)
         if role:
             key = (site.phase, method)
