@@ -20,6 +20,11 @@ python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || 
   git rev-parse --short HEAD 2>/dev/null
   date -u
 } | tee "$out/machine.txt"
+# the SM / memory clocks and power every 250 ms while the measurement runs (latency-bound kernels follow the SM clock)
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 250 \
+  > "$out/clocks.csv" 2>/dev/null &
+clocks=$!
+trap 'kill $clocks 2>/dev/null' EXIT
 generate() {  # prompt, file stem, variants, seconds
   timeout "${4:-560}" python -m sparse_compile bench --what generate --layers 32 --prompt "$1" --new-tokens 128 --reps 1 \
     --variants "$3" --cache static --out "$out/$2.json" 2>&1 | tee "$out/$2.log"
