@@ -61,7 +61,10 @@ def _write_set(OUT, TOKENS, DENS, NVIS, r, offs, x, greater, equal, k, K, stride
     lowest-indexed ties at it, in index order; slots [k, K): -1. With HAS_DENSITY, also the row's filled slots
     (index >= 0) over its batch row's visible keys, for each of the HEADS_PER_ROW query heads sharing the row."""
     need = k - tl.sum(greater.to(tl.int32), axis=0)  # ties at the threshold: the lowest indices
-    take = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
+    if need < tl.sum(equal.to(tl.int32), axis=0):  # only then do the ties need ranking (a scan of the row)
+        take = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
+    else:
+        take = greater | equal
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
     index = offs.to(tl.int64)
     if HAS_TOKENS:
@@ -87,12 +90,15 @@ def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride
     # a t with count(code >= t) >= k and count(code > t) < k, searched between the row's smallest and largest
     # codes; a step that counts exactly k codes >= mid ends the search (every t between it and the largest such t
     # selects the same set), so rows without ties at the k-th value stop after ~log2(N) + a few steps, not 32
+    # slots past N get the smallest int32, below every value's code (-inf's is -2139095041): no mid (> lo >= the
+    # row's smallest code) counts them, so the search's compare needs no row mask
+    ranked = tl.where(in_row, code, -2147483648)
     lo = tl.min(tl.where(in_row, code, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(tl.where(in_row, code, -2147483648), axis=0).to(tl.int64)
+    hi = tl.max(ranked, axis=0).to(tl.int64)
     lo = tl.where(k == 0, hi, lo)  # k = 0: t = the largest code, and need = 0 takes no tie
     while lo < hi:
         mid = lo + (hi - lo + 1) // 2
-        count = tl.sum(((code >= mid.to(tl.int32)) & in_row).to(tl.int32), axis=0)
+        count = tl.sum((ranked >= mid.to(tl.int32)).to(tl.int32), axis=0)
         ok = count >= k
         lo = tl.where(ok, mid, lo)
         hi = tl.where(count == k, mid, tl.where(ok, hi, mid - 1))
