@@ -6,6 +6,7 @@
 #   bash scripts/gpu_decode_batch.sh gen32k      # 32K, the two variants in one order, then the other (~350 s)
 #   bash scripts/gpu_decode_batch.sh profile     # one 4-layer 128K decode step by kernel and op (~200 s)
 #   bash scripts/gpu_decode_batch.sh prism       # `bench --what methods --methods prism` at 8K and 32K (~200 s)
+#   bash scripts/gpu_decode_batch.sh pieces      # one FASA layer's kernels, L2 warm and cold, 128K and 32K (~120 s)
 #
 # Results go to $OUT (the device tool's folder that comes back) or ./bench_out. Nothing here is needed on a CPU.
 set -o pipefail
@@ -39,5 +40,9 @@ case "${1:-}" in
              --runs fasa@sparse32-pages,dense@static --ops --out "$out/profile_generate_step.txt" 2>&1 | tail -5 ;;
   prism) timeout 560 python -m sparse_compile bench --what methods --methods prism --prefill-lengths 8K,32K \
            --out "$out/bench_prism.json" 2>&1 | tee "$out/bench_prism.log" ;;
-  *) echo "usage: $0 tune|gen128k|gen32k|profile|prism" >&2; exit 2 ;;
+  pieces) for n in 131072 32768; do
+            timeout 270 python scripts/time_decode_pieces.py --prompt $n --out "$out/decode_pieces_$n.json" 2>&1 \
+              | tee "$out/decode_pieces_$n.log"
+          done ;;
+  *) echo "usage: $0 tune|gen128k|gen32k|profile|prism|pieces" >&2; exit 2 ;;
 esac
