@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_decode_batch.sh tune        # launch sweep of the sparse decode and the set top-k (~300 s)
 #   bash scripts/gpu_decode_batch.sh gen128k     # 32-layer generate at 128K: dense policy vs shipped fasa (~250 s)
+#   bash scripts/gpu_decode_batch.sh gen128k-p64 # the same plus fasa on 64-token pages (~400 s)
 #   bash scripts/gpu_decode_batch.sh gen32k      # 32K, the two variants in one order, then the other (~350 s)
 #   bash scripts/gpu_decode_batch.sh profile     # one 4-layer 128K decode step by kernel and op (~200 s)
 #   bash scripts/gpu_decode_batch.sh prism       # `bench --what methods --methods prism` at 8K and 32K (~200 s)
@@ -34,6 +35,8 @@ case "${1:-}" in
   tune) timeout 560 python scripts/tune_decode_launch.py --lengths 131072,32768 --out "$out/tune_decode_launch.json" \
           2>&1 | tee "$out/tune.log" ;;
   gen128k) generate 131072 generate_128k "sparse_ro,sparse_ro:fasa@sparse32-pages" ;;
+  gen128k-p64) generate 131072 generate_128k_p64 \
+                "sparse_ro,sparse_ro:fasa@sparse32-pages,sparse_ro:fasa@sparse64-pages" 575 ;;
   gen32k) generate 32768 generate_32k_a "sparse_ro,sparse_ro:fasa@sparse32-pages" 275  # each order once: a
           generate 32768 generate_32k_b "sparse_ro:fasa@sparse32-pages,sparse_ro" 275 ;;  # variant list runs once each
   profile) timeout 560 python scripts/profile_generate_step.py --prompt 131072 --layers 4 --new-tokens 16 --reps 1 \
