@@ -4,6 +4,7 @@
 #   bash scripts/gpu_decode_batch.sh tune        # launch sweep of the sparse decode and the set top-k (~300 s)
 #   bash scripts/gpu_decode_batch.sh gen128k     # 32-layer generate at 128K: dense policy vs shipped fasa (~250 s)
 #   bash scripts/gpu_decode_batch.sh gen128k-p64 # the same plus fasa on 64-token pages (~400 s)
+#   bash scripts/gpu_decode_batch.sh combo       # gen128k-p64, then `pieces` at 128K while the call has time left
 #   bash scripts/gpu_decode_batch.sh gen32k      # 32K, the two variants in one order, then the other (~350 s)
 #   bash scripts/gpu_decode_batch.sh profile     # one 4-layer 128K decode step by kernel and op (~200 s)
 #   bash scripts/gpu_decode_batch.sh prism       # `bench --what methods --methods prism` at 8K and 32K (~200 s)
@@ -37,6 +38,12 @@ case "${1:-}" in
   gen128k) generate 131072 generate_128k "sparse_ro,sparse_ro:fasa@sparse32-pages" ;;
   gen128k-p64) generate 131072 generate_128k_p64 \
                 "sparse_ro,sparse_ro:fasa@sparse32-pages,sparse_ro:fasa@sparse64-pages" 575 ;;
+  combo) generate 131072 generate_128k_p64 \
+           "sparse_ro,sparse_ro:fasa@sparse32-pages,sparse_ro:fasa@sparse64-pages" 480
+         if [ "$SECONDS" -lt 470 ]; then
+           timeout $((585 - SECONDS)) python scripts/time_decode_pieces.py --prompt 131072 \
+             --out "$out/decode_pieces_131072.json" 2>&1 | tee "$out/decode_pieces_131072.log"
+         fi ;;
   gen32k) generate 32768 generate_32k_a "sparse_ro,sparse_ro:fasa@sparse32-pages" 275  # each order once: a
           generate 32768 generate_32k_b "sparse_ro:fasa@sparse32-pages,sparse_ro" 275 ;;  # variant list runs once each
   profile) timeout 560 python scripts/profile_generate_step.py --prompt 131072 --layers 4 --new-tokens 16 --reps 1 \
