@@ -178,3 +178,35 @@ def test_fused_density_with_an_empty_batch_returns_empty():
         idx = topk_indices(x, 3, impl=impl, density_out=torch.empty(0, 8),
                            n_visible=torch.empty(0, dtype=torch.int32))
         assert idx.shape == (0, 4, 3)
+
+
+@given(
+    N=st.integers(1, 600),
+    n_pos=st.integers(0, 40),
+    n_neg=st.integers(0, 40),
+    n_nan=st.integers(0, 3),
+    spread=st.sampled_from([1e-4, 1e-2, 1.0, 100.0]),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 10_000),
+)
+@settings(max_examples=examples(25), deadline=None)
+def test_rows_of_close_values_with_forced_and_invisible_entries(N, n_pos, n_neg, n_nan, spread, frac, seed):
+    """Rows shaped like the decode selection's: values close together (page bounds, sums of many positive terms),
+    +inf (forced pages / keys), -inf (invisible ones) and NaN, at every k: the search starts from the finite range
+    when the k-th value is finite, from +inf's code when it is not (k within the +inf/NaN entries), or at -inf's.
+    The chosen indices are exactly the k largest by (NaN > +inf > finite > -inf), ties by lowest index."""
+    gen = torch.Generator().manual_seed(seed)
+    x = 300.0 + spread * torch.randn(N, generator=gen)
+    slots = torch.randperm(N, generator=gen)
+    x[slots[:n_pos]] = float("inf")
+    x[slots[n_pos:n_pos + n_neg]] = float("-inf")
+    x[slots[n_pos + n_neg:n_pos + n_neg + n_nan]] = float("nan")
+    k = min(N, int(frac * N))
+    got = topk_indices(x[None], k, drop_neg_inf=False, impl="triton")[0]
+
+    def rank(i: int) -> tuple:
+        v = float(x[i])
+        return (0, 0.0, i) if v != v else ((1, 0.0, i) if v == float("inf") else (2, -v, i))
+
+    want = sorted(sorted(range(N), key=rank)[:k])
+    assert got.tolist() == want

@@ -87,15 +87,31 @@ def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride
                          HAS_DENSITY: tl.constexpr, HEADS_PER_ROW: tl.constexpr, BLOCK_HR: tl.constexpr):
     r = tl.program_id(0)
     offs, in_row, x, code, k = _load_row(X, ROW_K, r, N, K, stride_x, HAS_ROW_K, BLOCK_N)
-    # a t with count(code >= t) >= k and count(code > t) < k, searched between the row's smallest and largest
-    # codes; a step that counts exactly k codes >= mid ends the search (every t between it and the largest such t
-    # selects the same set), so rows without ties at the k-th value stop after ~log2(N) + a few steps, not 32
-    # slots past N get the smallest int32, below every value's code (-inf's is -2139095041): no mid (> lo >= the
-    # row's smallest code) counts them, so the search's compare needs no row mask
+    # a t with count(code >= t) >= k and count(code > t) < k; a step that counts exactly k codes >= mid ends the
+    # search (every t between it and the largest such t selects the same set), so rows without ties at the k-th
+    # value stop after ~log2(code range / gap at the k-th value) steps. The search starts between the row's
+    # smallest and largest *finite* codes when the k-th value is finite: the forced (+inf) and invisible (-inf)
+    # entries would otherwise widen the range to all 2^32 codes, and a row of values close together (page bounds
+    # are sums of many positive terms) then spends ~10 more steps on exponents no value has.
+    # Slots past N get the smallest int32, below every value's code (-inf's is -2139095041): no mid (> lo >= the
+    # row's smallest code) counts them, so the search's compare needs no row mask.
     ranked = tl.where(in_row, code, -2147483648)
-    lo = tl.min(tl.where(in_row, code, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(ranked, axis=0).to(tl.int64)
-    lo = tl.where(k == 0, hi, lo)  # k = 0: t = the largest code, and need = 0 takes no tie
+    finite = in_row & (tl.abs(x) < float("inf"))
+    lo_f = tl.min(tl.where(finite, code, 2147483647), axis=0).to(tl.int64)
+    hi_f = tl.max(tl.where(finite, code, -2147483648), axis=0).to(tl.int64)
+    # +inf and NaN (codes >= +inf's, 2139095040) and -inf counted in one reduction: n_neg + n_top * 2^16 (N < 2^16)
+    packed = tl.sum(tl.where(in_row & (code >= 2139095040), 65536, 0) + tl.where(in_row & (x == float("-inf")), 1, 0),
+                    axis=0)
+    n_top, n_neg = packed // 65536, packed % 65536
+    top = tl.max(ranked, axis=0).to(tl.int64)
+    if n_top >= k:  # the k-th value is +inf or NaN (k = 0 included): t among those codes
+        lo, hi = tl.full([], 2139095040, tl.int64), top
+    elif N - n_neg >= k:  # finite: count(>= lo_f) = N - n_neg >= k and count(> hi_f) = n_top < k
+        lo, hi = lo_f, hi_f
+    else:  # fewer than k values above -inf: t = -inf's code (every -inf ties there)
+        lo, hi = tl.full([], -2139095041, tl.int64), tl.full([], -2139095041, tl.int64)
+    lo = tl.where(k == 0, top, lo)  # k = 0: t = the largest code, and need = 0 takes no tie
+    hi = tl.where(k == 0, top, hi)
     while lo < hi:
         mid = lo + (hi - lo + 1) // 2
         count = tl.sum((ranked >= mid.to(tl.int32)).to(tl.int32), axis=0)
