@@ -39,7 +39,7 @@ case "${1:-}" in
   gen128k-p64) generate 131072 generate_128k_p64 \
                 "sparse_ro,sparse_ro:fasa@sparse32-pages,sparse_ro:fasa@sparse64-pages" 575 ;;
   combo) generate 131072 generate_128k_p64 \
-           "sparse_ro,sparse_ro:fasa@sparse32-pages,sparse_ro:fasa@sparse64-pages" "${COMBO_S:-480}"
+           "${COMBO_VARIANTS:-sparse_ro,sparse_ro:fasa@sparse32-pages,sparse_ro:fasa@sparse64-pages}" "${COMBO_S:-480}"
          if [ "$SECONDS" -lt $((${COMBO_S:-480} - 60)) ]; then
            timeout $((${COMBO_S:-480} + 100 - SECONDS)) python scripts/time_decode_pieces.py --prompt 131072 \
              --out "$out/decode_pieces_131072.json" 2>&1 | tee "$out/decode_pieces_131072.log"
