@@ -76,12 +76,23 @@ def sweep_topk(B: int, rep_ms: float, Hkv: int = 8) -> list[dict]:
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(1)
     rows = []
-    # page stage at 128K, P = 32 (4096 pages) keeping 2x/3x/4x of 2048 tokens; final stage over the candidates
-    cases = [("page", 4096, 128), ("page", 4096, 192), ("final", 4096, 2048), ("final", 6144, 2048),
-             ("final", 8192, 2048)]
-    for stage, N, k in cases:
+    # page stage at 128K, P = 32 (4096 pages) keeping 2x/3x/4x of 2048 tokens; final stage over the candidates;
+    # then rows shaped as the 128K generate makes them (KERNEL_NOTES.md "Set top-k v3"): 4101 pages (capacity
+    # 131201) of close values with the forced pages at +inf and the unfilled one at -inf, and 6272 candidates
+    # (196 pages) with 68 forced keys at +inf and 32 invisible ones at -inf
+    cases = [("page", 4096, 128, "randn"), ("page", 4096, 192, "randn"), ("final", 4096, 2048, "randn"),
+             ("final", 6144, 2048, "randn"), ("final", 8192, 2048, "randn"),
+             ("page", 4101, 196, "model"), ("final", 6272, 2048, "model")]
+    for stage, N, k, shape in cases:
         x = torch.randn(B * Hkv, N, device=dev, generator=g)
+        if shape == "model" and stage == "page":
+            x = 300.0 + 6.0 * x
+            x[:, :1], x[:, N - 4:N - 1], x[:, N - 1:] = float("inf"), float("inf"), float("-inf")
+        elif shape == "model":
+            x = 13.0 * x
+            x[:, :68], x[:, N - 32:] = float("inf"), float("-inf")
         want = topk_indices_reference(x, k).sort(-1).values
+        stage = stage if shape == "randn" else f"{stage}:model-rows"
         rows.append({"piece": f"topk:{stage}", "setting": f"torch.topk N{N} k{k}",
                      "us": per_call_us(lambda x=x, k=k: torch.topk(x, k, dim=-1, sorted=False).indices, rep_ms)})
         for algorithm, warps in itertools.product(("bisect", "radix"), (4, 8, 16, 32)):
