@@ -215,15 +215,15 @@ def distributed_note() -> str | None:
 def with_call_records(compiled: Callable, n_outputs: int | None, layers: list[int], report: Report,
                       graph_index: int, copy_records: bool = False) -> Callable:
     """Wrap a compiled graph: count its calls in `report`, strip the (density, fallback) outputs the pass
-    appended for `layers` and record them. copy_records: clone them first (CUDA graphs reuse their
-    output buffers on the next replay)."""
+    appended for `layers` (per layer, or stacked: passes/rewrite.py) and record them. copy_records: clone them
+    first (CUDA graphs reuse their output buffers on the next replay)."""
 
     def run(*args: Any) -> Any:
         outs = compiled(*args)
         if not layers:
             report.calls[graph_index] = report.calls.get(graph_index, 0) + 1
             return outs
-        cut = len(outs) - 2 * len(layers)
+        cut = n_outputs if n_outputs is not None else 1  # the graph's own outputs come first
         records = [o.clone() for o in outs[cut:]] if copy_records else outs[cut:]
         report.record_call(graph_index, layers, records)
         kept = outs[:cut]

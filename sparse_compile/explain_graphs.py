@@ -24,8 +24,9 @@ from sparse_compile.policy import Policy, load_policy
 from sparse_compile.report import Report
 
 
-def run_on_fake_tensors(gm: fx.GraphModule, n_outputs: int | None, n_extra: int) -> Callable:
-    """A stand-in for a compiled graph: propagates shapes on fake tensors, returns empty tensors."""
+def run_on_fake_tensors(gm: fx.GraphModule, n_outputs: int | None) -> Callable:
+    """A stand-in for a compiled graph: propagates shapes on fake tensors, returns empty tensors for the graph's
+    own n_outputs (None: one) outputs, without the records the pass appended."""
 
     def run(*args: Any) -> Any:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -33,8 +34,7 @@ def run_on_fake_tensors(gm: fx.GraphModule, n_outputs: int | None, n_extra: int)
         with mode:
             outs = gm(*fake_args)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-        if n_extra:
-            outs = outs[:-n_extra]
+        outs = outs[: n_outputs if n_outputs is not None else 1]
         real = [
             torch.empty(o.shape, dtype=o.dtype, device=o.device) if isinstance(o, torch.Tensor) else o for o in outs
         ]
@@ -57,7 +57,7 @@ def explain(model: Any, *args: Any, policy: str | Policy | None = None, **kwargs
 
     def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
         gm, n_outputs, layers = rewrite_graph(gm, example_inputs, chosen, report)
-        return run_on_fake_tensors(gm, n_outputs, 2 * len(layers))
+        return run_on_fake_tensors(gm, n_outputs)
 
     torch._dynamo.reset()
     try:

@@ -106,14 +106,21 @@ class Report:
 
     def record_call(self, graph: int, layers: list[int], values: list[torch.Tensor] | tuple) -> None:
         """Keep the latest call's outputs of graph `graph`: per layer, in order, the node's (B, H) density
-        and its () int32 fallback code (sparse_compile.ops.FALLBACKS). No device sync."""
-        if len(values) != 2 * len(layers):
-            raise ValueError(f"expected a density and a fallback code per layer ({2 * len(layers)} values), "
-                             f"got {len(values)}")
+        and its () int32 fallback code (sparse_compile.ops.FALLBACKS), either as 2 * len(layers) tensors or, for
+        two layers or more, stacked as two (passes/rewrite.py): densities (len(layers), B, H[, 1 + F]) and codes
+        (len(layers),). No device sync."""
+        stacked = len(layers) > 1 and len(values) == 2
+        if not stacked and len(values) != 2 * len(layers):
+            raise ValueError(f"expected a density and a fallback code per layer ({2 * len(layers)} values) or the "
+                             f"two stacked, got {len(values)}")
+        if stacked and (values[0].shape[:1] != (len(layers),) or tuple(values[1].shape) != (len(layers),)):
+            raise ValueError(f"stacked records must hold {len(layers)} layers, got {tuple(values[0].shape)} and "
+                             f"{tuple(values[1].shape)}")
         self.calls[graph] = self.calls.get(graph, 0) + 1
         for i, layer in enumerate(layers):
-            self.densities[(graph, layer)] = values[2 * i].detach()
-            self.fallback_codes[(graph, layer)] = values[2 * i + 1].detach()
+            density, code = (values[0][i], values[1][i]) if stacked else (values[2 * i], values[2 * i + 1])
+            self.densities[(graph, layer)] = density.detach()
+            self.fallback_codes[(graph, layer)] = code.detach()
 
     def latest_graph(self, phase: str) -> int | None:
         """Index of the latest graph of `phase` that has run, or None."""

@@ -206,3 +206,21 @@ def test_real_model_smollm2_same_greedy_answer():
     prefill = [s for s in report.sites if s.phase == "prefill"]
     assert [s.layer for s in prefill] == list(range(30))
     assert {(s.num_heads, s.num_kv_heads, s.head_dim, s.rope) for s in prefill} == {(9, 3, 64, "rotate_half")}
+
+
+def test_records_come_stacked_or_per_layer():
+    """Report.record_call takes the pass's records either stacked (two tensors for two layers or more: one copy
+    each per call under CUDA graphs) or as a density and a code per layer; a stack of the wrong height is an
+    error that says so."""
+    from sparse_compile.report import Report
+
+    report = Report()
+    densities = torch.tensor([[[0.5, 0.25]], [[1.0, 0.75]]])  # (layers 2, B 1, H 2)
+    report.record_call(0, [3, 5], [densities, torch.tensor([0, 2], dtype=torch.int32)])
+    assert torch.equal(report.densities[(0, 5)], densities[1]) and int(report.fallback_codes[(0, 5)]) == 2
+    report.record_call(1, [3, 5], [densities[0], torch.tensor(0), densities[1], torch.tensor(1)])
+    assert torch.equal(report.densities[(1, 3)], densities[0]) and int(report.fallback_codes[(1, 5)]) == 1
+    with pytest.raises(ValueError, match="stacked records must hold 3 layers"):
+        report.record_call(0, [1, 3, 5], [densities, torch.tensor([0, 0], dtype=torch.int32)])
+    with pytest.raises(ValueError, match="a density and a fallback code per layer"):
+        report.record_call(0, [1, 3, 5], [densities[0]])

@@ -147,7 +147,7 @@ def rewritten_decode_graph(model, ids, mask, policy) -> torch.fx.GraphModule:
         gm, n_outputs, layers = rewrite_graph(gm, example_inputs, sparse_compile.load_policy(policy),
                                               sparse_compile.Report())
         graphs.append(gm)
-        return run_on_fake_tensors(gm, n_outputs, 2 * len(layers))
+        return run_on_fake_tensors(gm, n_outputs)
 
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     with torch.no_grad():

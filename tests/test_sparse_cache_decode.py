@@ -89,6 +89,11 @@ def test_decode_node_takes_the_buffers_of_the_cache_update_it_follows():
                                "page_max": page_max, "page_size": PAGE} | shared
         assert order[update] < order[node]  # the node reads the summaries after this step's write
     assert [s.cache_buffers for s in sites] == ["key_dims, dims, member, page_min, page_max (P=16)"] * 2
+    # the two layers' records leave the graph stacked: densities (2, B, H) and codes (2,), two outputs in all
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    *_, densities, codes = output.args[0]
+    assert densities.target is torch.stack and codes.target is torch.stack
+    assert [len(densities.args[0]), len(codes.args[0])] == [2, 2]
 
     gm = decode_graph(model, StaticCache(model.config, max_cache_len=L_CACHE))
     gm, sites, _, _ = rewrite_attention(gm, policy)

@@ -3,8 +3,9 @@
 `rewrite_attention(gm, policy, graph_index)` -> (gm, sites, rejections, layers). It edits only
 what it matched: the SDPA call, the GQA expansion feeding it, and the mask subgraph once no
 other node uses it. The density and fallback outputs of each node whose method is not `dense` are appended to the
-graph's outputs (density_0, fallback_0, density_1, ...) so the backend can record them per call
-(compiler.py); `layers` says which layer each pair belongs to.
+graph's outputs so the backend can record them per call (compiler.py); `layers` says which layer each belongs to:
+two stacked outputs (densities (n, B, H[, 1 + F]), codes (n,) int32) when the n >= 2 layers' densities have one
+shape (one copy each per call under CUDA graphs, not 2n), else (density_0, fallback_0, density_1, ...).
 
 Methods whose layers share one selection (`Method.selection_role`) get the op
 `attention_sharing_selection`: the selection made by a "select" site flows as a graph edge into the
@@ -275,6 +276,7 @@ def rewrite_attention(
     roles = selection_roles(matches, policy)
     latest_selection: dict[tuple[str, str], fx.Node] = {}
     key_states: dict[tuple, dict[str, fx.Node]] = {}
+    widths: set[tuple[int, int]] = set()  # (H, density factors) of the recorded layers
     for index, site in enumerate(matches):
         phase = policy.phase(site.phase)
         method, params = phase.for_layer(site.layer)
@@ -305,12 +307,17 @@ def rewrite_attention(
         if method != "dense":  # exact attention: density 1, no fallback; nothing to record per call
             outputs.extend(records)
             layers.append(site.layer)
+            widths.add((site.num_heads, len(METHODS[method].density_parts)))
         dead |= site.mask.nodes | set(site.expansion_nodes)
         if isinstance(dense_mask, fx.Node):
             dead.add(dense_mask)
     erase_unused(gm.graph, dead)
     if outputs:
         output = next(n for n in gm.graph.nodes if n.op == "output")
+        if len(layers) > 1 and len(widths) == 1:  # one shape: stack them (two outputs, two copies a call)
+            with gm.graph.inserting_before(output):
+                outputs = [gm.graph.call_function(torch.stack, (outputs[0::2],)),
+                           gm.graph.call_function(torch.stack, (outputs[1::2],))]
         results = output.args[0]
         if not isinstance(results, (tuple, list)):
             results = (results,)
