@@ -249,6 +249,16 @@ class NodePlan:
         return self.code == RAN
 
 
+def with_host_offset(q_offset: int, q_offset_tensor: torch.Tensor | None) -> int:
+    """q_offset plus the node's host offset tensor (a StaticCache's fill level, `q_offset_tensor`), checked."""
+    if q_offset_tensor is None:
+        return q_offset
+    if q_offset_tensor.dim() != 0 or q_offset_tensor.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"q_offset_tensor must be a 0-d int64/int32 tensor, got "
+                         f"{tuple(q_offset_tensor.shape)} {q_offset_tensor.dtype}")
+    return q_offset + int(q_offset_tensor)
+
+
 def bind_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
               dense_mask: torch.Tensor | None, scale: float, causal: bool, q_offset: int, window: int,
               config: str, selection: torch.Tensor | None = None, role: str = "",
@@ -258,11 +268,7 @@ def bind_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torc
               page_size: int = 0, key_state: torch.Tensor | None = None,
               n_visible: torch.Tensor | None = None) -> NodeCall:
     """The node's arguments (either op's signature) checked and bound; ValueError names a bad one."""
-    if q_offset_tensor is not None:
-        if q_offset_tensor.dim() != 0 or q_offset_tensor.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"q_offset_tensor must be a 0-d int64/int32 tensor, got "
-                             f"{tuple(q_offset_tensor.shape)} {q_offset_tensor.dtype}")
-        q_offset = q_offset + int(q_offset_tensor)
+    q_offset = with_host_offset(q_offset, q_offset_tensor)
     check_inputs(q, k, v, key_valid, scale, q_offset, window)
     mask = AttentionMask(
         causal=causal, q_offset=q_offset, window=window,
@@ -429,11 +435,7 @@ def run_key_state(key_valid: torch.Tensor, causal: bool, q_offset: int, window: 
     bool (kernels/key_state.py; Triton on CUDA). q_offset_tensor: as the attention node's."""
     if key_valid.dim() != 2:
         raise ValueError(f"key_valid must be (B, Lk), got {tuple(key_valid.shape)}")
-    if q_offset_tensor is not None:
-        if q_offset_tensor.dim() != 0 or q_offset_tensor.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"q_offset_tensor must be a 0-d int64/int32 tensor, got "
-                             f"{tuple(q_offset_tensor.shape)} {q_offset_tensor.dtype}")
-        q_offset = q_offset + int(q_offset_tensor)
+    q_offset = with_host_offset(q_offset, q_offset_tensor)
     B, Lk = key_valid.shape
     return key_state_from_mask(B, Lk, q_pos=q_offset, causal=causal, window=window, key_valid=key_valid.to(torch.bool),
                                sink=sink, recent=recent, device=key_valid.device)
