@@ -84,17 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     candidates = 3 * slots
     density = torch.empty(B, H, dtype=torch.float32, device=dev)
 
-    def layer():
+    def select():
         state, n_visible = key_state_from_mask(B, capacity, q_pos=length - 1, causal=False, key_valid=key_valid,
                                                sink=4, recent=64, device=dev)
-        idx = fasa_two_stage(q, k, dims, member, page_min, page_max, state, slots, candidates, P, sink=4, recent=64,
-                             per_kv_head=True, all_dims=True, density_out=density, n_visible=n_visible)
-        return sparse_decode_attention(q, k, v, idx, scale=1 / math.sqrt(D))
+        return fasa_two_stage(q, k, dims, member, page_min, page_max, state, slots, candidates, P, sink=4, recent=64,
+                              per_kv_head=True, all_dims=True, density_out=density, n_visible=n_visible)
 
-    state, n_visible = key_state_from_mask(B, capacity, q_pos=length - 1, causal=False, key_valid=key_valid,
-                                           sink=4, recent=64, device=dev)
-    idx = fasa_two_stage(q, k, dims, member, page_min, page_max, state, slots, candidates, P, sink=4, recent=64,
-                         per_kv_head=True, all_dims=True, density_out=density, n_visible=n_visible)
+    def layer():
+        return sparse_decode_attention(q, k, v, select(), scale=1 / math.sqrt(D))
+
+    idx = select()  # the selection the decode variants below attend over
     variants = {"default": None, "early_v": (128, 4, 1, 1), "64x3": (64, 4, 3, 0), "64x3_early_v": (64, 4, 3, 1)}
     flush = torch.empty(64 * 2**20, dtype=torch.float32, device=dev)  # 256 MB, > L2
     rows = []
