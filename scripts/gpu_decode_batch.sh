@@ -3,8 +3,8 @@
 #
 #   bash scripts/gpu_decode_batch.sh tune        # launch sweep of the sparse decode and the set top-k (~300 s)
 #   bash scripts/gpu_decode_batch.sh gen128k     # 32-layer generate at 128K: dense policy vs shipped fasa (~250 s)
-#   bash scripts/gpu_decode_batch.sh gen128k-p64 # the same plus fasa on 64-token pages (~400 s)
-#   bash scripts/gpu_decode_batch.sh combo       # gen128k-p64, then `pieces` at 128K while the call has time left
+#   bash scripts/gpu_decode_batch.sh combo       # gen128k plus fasa on 64-token pages (~400 s), then `pieces` at
+#                                                # 128K while the call has time left (COMBO_S, COMBO_VARIANTS)
 #   bash scripts/gpu_decode_batch.sh gen32k      # 32K, the two variants in one order, then the other (~350 s)
 #   bash scripts/gpu_decode_batch.sh profile     # one 4-layer 128K decode step by kernel and op (~200 s)
 #   bash scripts/gpu_decode_batch.sh prism       # `bench --what methods --methods prism` at 8K and 32K (~200 s)
@@ -36,8 +36,6 @@ case "${1:-}" in
   tune) timeout 560 python scripts/tune_decode_launch.py --lengths 131072,32768 --out "$out/tune_decode_launch.json" \
           2>&1 | tee "$out/tune.log" ;;
   gen128k) generate 131072 generate_128k "sparse_ro,sparse_ro:fasa@sparse32-pages" ;;
-  gen128k-p64) generate 131072 generate_128k_p64 \
-                "sparse_ro,sparse_ro:fasa@sparse32-pages,sparse_ro:fasa@sparse64-pages" 575 ;;
   combo) generate 131072 generate_128k_p64 \
            "${COMBO_VARIANTS:-sparse_ro,sparse_ro:fasa@sparse32-pages,sparse_ro:fasa@sparse64-pages}" "${COMBO_S:-480}"
          if [ "$SECONDS" -lt $((${COMBO_S:-480} - 60)) ]; then
@@ -54,5 +52,5 @@ case "${1:-}" in
             timeout 270 python scripts/time_decode_pieces.py --prompt $n --out "$out/decode_pieces_$n.json" 2>&1 \
               | tee "$out/decode_pieces_$n.log"
           done ;;
-  *) echo "usage: $0 tune|gen128k|gen32k|profile|prism|pieces" >&2; exit 2 ;;
+  *) echo "usage: $0 tune|gen128k|combo|gen32k|profile|prism|pieces" >&2; exit 2 ;;
 esac
