@@ -202,7 +202,7 @@ class NodeCall:
     cache: CacheBuffers | None = None
     key_state: KeyState | None = None
 
-    def cache_for(self, method: Method) -> dict[str, Any]:
+    def method_kwargs(self, method: Method) -> dict[str, Any]:
         """The keyword arguments `method`'s attention takes from this call: {"cache": the buffers} for a method
         that reads them (`Method.cache_buffers`), {"key_state": the shared state} for one that reads it
         (`Method.key_state_forced`)."""
@@ -232,7 +232,7 @@ class NodeCall:
         """(out (B, H, Lq, Dv), density (B, H) or (B, H, 1 + F)) of a plain (non-sharing) method's plan."""
         plan = self.plan() if plan is None else plan
         return plan.method.attention(self.q, self.k, self.v, self.mask, self.node.site, plan.params, self.scale,
-                                     **self.cache_for(plan.method))
+                                     **self.method_kwargs(plan.method))
 
 
 @dataclass(frozen=True)
@@ -397,7 +397,7 @@ def run_node_sharing(q, k, v, key_valid, dense_mask, scale, causal, q_offset, wi
         made = torch.full((q.shape[0], width), -1, dtype=torch.int32, device=q.device)
     else:
         out, density, made = node.method.attention(q, k, v, call.mask, node.site, node.params, scale, role, selection,
-                                                   **call.cache_for(node.method))
+                                                   **call.method_kwargs(node.method))
     return (out.contiguous(), with_factors(density, node.method), torch.full((), plan.code, dtype=torch.int32,
                                                                              device=q.device), made)
 

@@ -104,7 +104,7 @@ def _topk_indices_kernel(X, OUT, ROW_K, TOKENS, N, K, stride_x, stride_o, stride
                     axis=0)
     n_top, n_neg = packed // 65536, packed % 65536
     top = tl.max(ranked, axis=0).to(tl.int64)
-    if n_top >= k:  # the k-th value is +inf or NaN (k = 0 included): t among those codes
+    if n_top >= k:  # the k-th value is +inf or NaN: t among those codes (k = 0 is set just below)
         lo, hi = tl.full([], 2139095040, tl.int64), top
     elif N - n_neg >= k:  # finite: count(>= lo_f) = N - n_neg >= k and count(> hi_f) = n_top < k
         lo, hi = lo_f, hi_f
